@@ -1,0 +1,54 @@
+"""Every error wildreid raises on purpose.
+
+Each class also inherits the builtin it refines, so callers that only know the
+builtins still catch it. Messages say what was expected, what was found and
+what to do; the CLI prints them as one line and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class WildreidError(Exception):
+    """Base of all deliberate wildreid errors."""
+
+    exit_code = 2
+
+
+class LayoutError(WildreidError, ValueError):
+    """A dataset folder does not match the layout that was asked for."""
+
+    exit_code = 3
+
+
+class BadImageError(WildreidError, ValueError):
+    """An image is missing, empty, truncated or cannot be decoded."""
+
+    exit_code = 4
+
+
+class ShardError(WildreidError, ValueError):
+    """A shard set is incomplete, corrupted or does not match its manifest."""
+
+    exit_code = 5
+
+
+class ShardNotFoundError(ShardError, FileNotFoundError):
+    """A shard folder, manifest or split is missing."""
+
+
+class ConfigError(WildreidError, ValueError):
+    """A command-line option or config value is out of range."""
+
+    exit_code = 2
+
+
+class StoreError(WildreidError, ValueError):
+    """A Zarr store is missing arrays, has the wrong shape, or belongs to another run."""
+
+    exit_code = 6
+
+
+class ResumeError(WildreidError, ValueError):
+    """Resume state does not match the job being resumed."""
+
+    exit_code = 7

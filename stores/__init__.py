@@ -1,0 +1,1 @@
+"""Zarr feature dictionary, page cache, k-NN graph and positives (see the mining issue)."""

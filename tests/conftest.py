@@ -1,0 +1,71 @@
+"""Shared fixtures: small synthetic datasets made by wildreid's own generator, once per session."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from wildreid.shards import pack_dataset, read_dataset
+from wildreid.shards.layouts import read_veriwild
+from wildreid.shards.synth import write_synthetic
+
+SYNTH = dict(train_vehicles=16, test_vehicles=10, images_per_vehicle=5, cameras=6, image_size=(64, 64), seed=3)
+
+
+@pytest.fixture(scope="session")
+def veriwild_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("veriwild") / "data"
+    write_synthetic(root, **SYNTH)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shard_root(veriwild_root, tmp_path_factory) -> Path:
+    """Shards of the synthetic set, several per split (read only: copy before changing)."""
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    pack_dataset(read_dataset(veriwild_root), out, max_samples=12)
+    return out
+
+
+def _folder_layout(veriwild_root: Path, dest: Path, folders: dict[str, str], name) -> Path:
+    """Re-file the synthetic VeRi-Wild images under a folder layout, renamed as that layout names them."""
+    index = read_veriwild(veriwild_root)
+    for split, folder in folders.items():
+        (dest / folder).mkdir(parents=True)
+        for n, r in enumerate(index.records[split]):
+            shutil.copyfile(veriwild_root / r.path, dest / folder / name(r, n))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def veri776_root(veriwild_root, tmp_path_factory) -> Path:
+    folders = {"train": "image_train", "query-large": "image_query", "gallery-large": "image_test"}
+    return _folder_layout(
+        veriwild_root, tmp_path_factory.mktemp("veri776") / "VeRi", folders,
+        lambda r, n: f"{r.vid:04d}_c{r.camid:03d}_{n:08d}_0.jpg",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def flat_root(veriwild_root, tmp_path_factory) -> Path:
+    folders = {
+        "train": "bounding_box_train", "query-large": "query", "gallery-large": "bounding_box_test",
+        "query-small": "query_small", "gallery-small": "test_small",
+        "query-medium": "query_middle", "gallery-medium": "test_middle",
+    }  # fmt: skip
+    return _folder_layout(
+        veriwild_root, tmp_path_factory.mktemp("flat") / "VeRi-Wild", folders,
+        lambda r, n: f"{r.vid:05d}_c{r.camid}_{n:06d}.jpg",
+    )  # fmt: skip
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file below root, by relative path: equal dicts mean byte-identical trees."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
