@@ -47,6 +47,8 @@ def image_extension(data: bytes) -> str:
             fmt = image.format
             width, height = image.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if "truncat" in str(exc).lower():
+            raise BadImageError(f"truncated image ({exc})") from None
         raise BadImageError(f"not a decodable image ({exc})") from None
     if width <= 0 or height <= 0:
         raise BadImageError(f"image has no pixels ({width}x{height})")

@@ -297,8 +297,9 @@ def _draw_end(d, m: _Model, v: _Vehicle, view: str, cx: float, cy: float, width:
     lo, hi = (1 - wb) / 2, (1 - wt) / 2
     d.polygon([P(lo, top), P(hi, top + fcab), P(1 - hi, top + fcab), P(1 - lo, top)], fill=paint)
     gi = 0.03
-    g = [P(lo + gi, top + 0.01), P(hi + gi, top + fcab - gi), P(1 - hi - gi, top + fcab - gi), P(1 - lo - gi, top + 0.01)]
-    d.polygon(g, fill=GLASS_FRONT if view == "front" else GLASS_REAR)
+    glass = [P(lo + gi, top + 0.01), P(hi + gi, top + fcab - gi), P(1 - hi - gi, top + fcab - gi),
+             P(1 - lo - gi, top + 0.01)]
+    d.polygon(glass, fill=GLASS_FRONT if view == "front" else GLASS_REAR)
     for u in (lo - 0.07, 1 - lo + 0.01):
         _rect(d, P(u, top + 0.02), P(u + 0.06, top + 0.08), v.mirror)
     _rect(d, P(0.36, clr + 0.08), P(0.64, clr + 0.16), PLATE_COLORS[v.plate_color])
@@ -353,7 +354,8 @@ def _occlude(d, rng: np.random.Generator, w: int, h: int) -> None:
     x = w * (0.05 + 0.8 * r[1])
     d.rectangle((x, 0, x + pw, h), fill=((95, 98, 100), (60, 80, 60))[int(r[2] < 0.5)])
     if kind == 1:  # traffic sign on the pole
-        d.rectangle((x - pw, h * 0.05, x + 2 * pw, h * (0.2 + 0.15 * r[3])), fill=((30, 70, 170), (200, 30, 30))[int(r[3] < 0.5)])
+        sign = ((30, 70, 170), (200, 30, 30))[int(r[3] < 0.5)]
+        d.rectangle((x - pw, h * 0.05, x + 2 * pw, h * (0.2 + 0.15 * r[3])), fill=sign)
 
 
 def _render(plan: _Plan, v: _Vehicle, k: int) -> tuple[Image.Image, int]:
@@ -425,6 +427,27 @@ def _write_vehicles(job: tuple[_Plan, list[_Vehicle]]) -> int:
     return sum(len(v.cams) for v in vehicles)
 
 
+def _run_jobs(jobs: list, workers: int, progress: Callable[[int], object] | None) -> None:
+    if workers == 1:
+        for job in jobs:
+            n = _write_vehicles(job)
+            if progress is not None:
+                progress(n)
+        return
+    # spawn, not fork: the parent may hold torch/OpenMP threads.
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
+    try:
+        for n in pool.imap_unordered(_write_vehicles, jobs):
+            if progress is not None:
+                progress(n)
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.close()
+        pool.join()
+
+
 def _check_count(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ConfigError(f"{name}: expected an integer >= {minimum}, found {value!r}")
@@ -475,23 +498,9 @@ def write_synthetic(out, *, train_vehicles: int = 120, test_vehicles: int = 40, 
     (tmp / "train_test_split").mkdir(parents=True)
     plan = _make_plan(tmp, seed, image_size, images_per_vehicle, n_models, cameras)
 
-    chunk = max(1, min(32, math.ceil(n_vehicles / (4 * workers))))
-    jobs = [(plan, vehicles[i:i + chunk]) for i in range(0, n_vehicles, chunk)]
-    if workers == 1:
-        done = map(_write_vehicles, jobs)
-    else:
-        # spawn, not fork: the parent may hold torch/OpenMP threads.
-        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
-        done = pool.imap_unordered(_write_vehicles, jobs)
-    try:
-        for n in done:
-            if progress is not None:
-                progress(n)
-    finally:
-        if workers > 1:
-            pool.close()
-            pool.join()
-
+    # Chunks only batch the work; the bytes never depend on them.
+    chunk = 1 if workers == 1 else max(1, min(32, math.ceil(n_vehicles / (4 * workers))))
+    _run_jobs([(plan, vehicles[i:i + chunk]) for i in range(0, n_vehicles, chunk)], workers, progress)
     _write_split_files(tmp / "train_test_split", plan, vehicles, train_vehicles)
     if out.exists():
         out.rmdir()
@@ -513,7 +522,8 @@ def _write_split_files(folder: Path, plan: _Plan, vehicles: list[_Vehicle], n_tr
     info = [INFO_HEADER]
     for v in vehicles:
         m = plan.models[v.model]
-        info += [f"{key(v, k)};{c + 1};{v.times[k]};{m.name};{m.kind};{COLORS[v.color][0]}" for k, c in enumerate(v.cams)]
+        color = COLORS[v.color][0]
+        info += [f"{key(v, k)};{c + 1};{v.times[k]};{m.name};{m.kind};{color}" for k, c in enumerate(v.cams)]
     _write_text(folder / "vehicle_info.txt", info)
     _write_text(folder / "train_list.txt", [key(v, k) for v in vehicles[:n_train] for k in range(len(v.cams))])
     test = vehicles[n_train:]

@@ -19,6 +19,8 @@ import os
 import shutil
 import signal
 import tarfile
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -297,6 +299,28 @@ def _reusable(out: Path, plan: ShardPlan, known: dict[str, tuple[str, str]]) -> 
     return (sha, final.stat().st_size) if sha in expected else None
 
 
+# --------------------------------------------------------------------------- processes
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: a worker whose parent was killed (kill -9, OOM) exits instead of lingering."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor | None:
+    """Spawned (not forked: the parent may hold torch or OpenMP threads) worker processes, or None for 1."""
+    if workers <= 1:
+        return None
+    ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
 # --------------------------------------------------------------------------- manifest
 
 
@@ -377,8 +401,7 @@ def pack_dataset(
     out = Path(out).resolve()
     source = str(index.root)
     known = _check_out_folder(out, source, index.layout)
-    ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=ctx) if workers > 1 else None
+    pool = worker_pool(workers)
     try:
         samples, rejects = scan_records(index, pool=pool, progress=progress)
         if strict and rejects:
