@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from wildreid.errors import ConfigError, ShardNotFoundError
+from wildreid.shards.order import epoch_order, merge_lanes, schedule_from
+from wildreid.shards.reader import ShardDataset, read_split_samples
+
+CHUNK = 5
+
+
+def _batches(ds: ShardDataset, workers: int) -> list[np.ndarray]:
+    return [index.numpy() for _, index, _, _ in DataLoader(ds, batch_size=None, num_workers=workers)]
+
+
+@pytest.mark.parametrize("sizes, lanes, chunk", [([12, 12, 12, 7], 2, 5), ([3], 4, 2), ([5, 1, 9, 9, 2], 3, 4), ([], 2, 3)])
+def test_epoch_order_is_a_permutation(sizes, lanes, chunk):
+    order = epoch_order(sizes, seed=1, epoch=2, lanes=lanes, chunk=chunk)
+    assert sorted(order.tolist()) == list(range(sum(sizes)))
+    again = epoch_order(sizes, seed=1, epoch=2, lanes=lanes, chunk=chunk)
+    assert np.array_equal(order, again)
+
+
+def test_epoch_order_changes_with_epoch_and_seed():
+    sizes = [12] * 6
+    base = epoch_order(sizes, seed=0, epoch=0)
+    assert not np.array_equal(base, epoch_order(sizes, seed=0, epoch=1))
+    assert not np.array_equal(base, epoch_order(sizes, seed=1, epoch=0))
+    assert np.array_equal(epoch_order(sizes, seed=0, epoch=0, shuffle=False), np.arange(72))
+
+
+@pytest.mark.parametrize("start", [0, 1, 4, 5, 6, 13, 29, 30])
+def test_schedule_from_covers_the_rest_of_the_epoch(start):
+    lengths = [12, 7, 11]
+    full = [(lane, i) for lane, lo, hi in merge_lanes(lengths, 4) for i in range(lo, hi)]
+    rest = [(lane, i) for lane, lo, hi in schedule_from(lengths, 4, start) for i in range(lo, hi)]
+    assert rest == full[start:]
+
+
+@pytest.fixture(scope="module")
+def train_len(shard_root):
+    return sum(1 for _ in read_split_samples(shard_root, "train"))
+
+
+def test_zero_and_two_workers_give_the_same_batches(shard_root, train_len):
+    ds = ShardDataset(shard_root, "train", image_size=(32, 16), seed=7, lanes=2, chunk=CHUNK)
+    ds.set_epoch(3)
+    in_process = _batches(ds, 0)
+    with_workers = _batches(ds, 2)
+    assert [b.tolist() for b in in_process] == [b.tolist() for b in with_workers]
+    flat = np.concatenate(in_process)
+    assert sorted(flat.tolist()) == list(range(train_len))  # nothing dropped, nothing twice
+    assert np.array_equal(flat, ds.order())
+
+
+def test_samples_carry_their_labels(shard_root):
+    truth = {s["index"]: (s["vid"], s["camid"]) for s in read_split_samples(shard_root, "train")}
+    ds = ShardDataset(shard_root, "train", image_size=(32, 16), seed=1, lanes=2, chunk=CHUNK)
+    for images, index, vid, camid in DataLoader(ds, batch_size=None, num_workers=2):
+        assert images.shape == (len(index), 3, 32, 16) and images.dtype.is_floating_point is False
+        for i, v, c in zip(index.tolist(), vid.tolist(), camid.tolist()):
+            assert truth[i] == (v, c)
+
+
+def test_same_seed_and_epoch_same_order_other_epoch_other_order(shard_root):
+    ds = ShardDataset(shard_root, "train", image_size=(16, 8), seed=5, lanes=1, chunk=8)
+    ds.set_epoch(1)
+    first = np.concatenate(_batches(ds, 0))
+    second = np.concatenate(_batches(ds, 0))
+    ds.set_epoch(2)
+    other = np.concatenate(_batches(ds, 0))
+    assert np.array_equal(first, second)
+    assert not np.array_equal(first, other) and sorted(first) == sorted(other)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("start", [1, CHUNK, CHUNK + 2, 37, -1])
+def test_resume_mid_epoch(shard_root, train_len, workers, start):
+    start = train_len - 1 if start == -1 else start
+    ds = ShardDataset(shard_root, "train", image_size=(16, 8), seed=11, lanes=2, chunk=CHUNK)
+    ds.set_epoch(4)
+    full = _batches(ds, 0)
+    flat = np.concatenate(full)
+    ds.set_epoch(4, start=start)
+    resumed = _batches(ds, workers)
+    assert np.array_equal(np.concatenate(resumed), flat[start:])
+    # after the (possibly short) first batch, batch boundaries are those of the uninterrupted epoch
+    ends = np.cumsum([len(b) for b in full])
+    resumed_ends = start + np.cumsum([len(b) for b in resumed])
+    assert set(resumed_ends.tolist()) <= set(ends.tolist())
+
+
+def test_resume_at_the_end_yields_nothing(shard_root, train_len):
+    ds = ShardDataset(shard_root, "train", lanes=2, chunk=CHUNK)
+    ds.set_epoch(0, start=train_len)
+    assert _batches(ds, 2) == []
+    with pytest.raises(ConfigError, match="start position"):
+        ds.set_epoch(0, start=train_len + 1)
+
+
+def test_worker_count_must_match_lanes(shard_root):
+    ds = ShardDataset(shard_root, "train", lanes=2, chunk=CHUNK)
+    with pytest.raises(ConfigError, match="lanes=2"):
+        _batches(ds, 1)
+
+
+def test_unknown_split_and_missing_shard(shard_root, tmp_path):
+    import shutil
+
+    with pytest.raises(ShardNotFoundError, match="query-small"):
+        ShardDataset(shard_root, "query")
+    copy = tmp_path / "s"
+    shutil.copytree(shard_root, copy)
+    (copy / "train" / "train-000001.tar").unlink()
+    ds = ShardDataset(copy, "train", shuffle=False, chunk=50)
+    with pytest.raises(ShardNotFoundError, match="train-000001.tar is missing"):
+        _batches(ds, 0)
