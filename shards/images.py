@@ -38,10 +38,61 @@ def _decodes(data: bytes) -> str | None:
     return None
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Start-of-frame markers (they carry the image size); C4, C8 and CC are not frames.
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_header_ok(data: bytes) -> bool:
+    """Walk the JPEG segments up to the scan: well-formed lengths and a frame with a size."""
+    i, n, frame = 2, len(data), False
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = (data[i + 2] << 8) | data[i + 3]
+        if length < 2:
+            return False
+        if marker in _SOF:
+            if i + 9 > n or not (data[i + 5] | data[i + 6]) or not (data[i + 7] | data[i + 8]):
+                return False
+            frame = True
+        elif marker == 0xDA:  # start of scan: entropy-coded data follows
+            return frame and i + 2 + length < n
+        i += 2 + length
+    return False
+
+
+def _fast_extension(data: bytes) -> str | None:
+    """The extension when cheap structural checks prove the file whole, else None (then decode)."""
+    tail = data[-16:].rstrip(b"\x00\r\n ")
+    if data[:3] == b"\xff\xd8\xff" and tail.endswith(_JPEG_END) and _jpeg_header_ok(data):
+        return "jpg"
+    if (
+        data[:8] == _PNG_SIGNATURE
+        and data[12:16] == b"IHDR"
+        and any(data[16:20])
+        and any(data[20:24])
+        and tail.endswith(_PNG_END)
+    ):
+        return "png"
+    return None
+
+
 def image_extension(data: bytes) -> str:
-    """The true file extension of encoded image ``data``; BadImageError if it will not decode."""
+    """The true file extension of encoded image ``data``; BadImageError if it will not decode.
+
+    Healthy JPEG and PNG files are recognised from their structure (header
+    segments and end marker) in microseconds; anything else is decoded.
+    """
     if not data:
         raise BadImageError("empty file (0 bytes)")
+    fast = _fast_extension(data)
+    if fast is not None:
+        return fast
     try:
         with _open(data) as image:
             fmt = image.format

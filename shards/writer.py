@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tarfile
 import threading
 import time
@@ -72,8 +73,8 @@ class Sample:
     index: int = -1  # dense index within the split, set by planning
 
     def json_bytes(self) -> bytes:
-        meta = {"index": self.index, "vid": self.record.vid, "camid": self.record.camid, "path": self.record.path}
-        return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+        r = self.record
+        return f'{{"camid":{r.camid},"index":{self.index},"path":{json.dumps(r.path)},"vid":{r.vid}}}'.encode()
 
     def tar_bytes(self) -> int:
         return 2 * _BLOCK + _padded(self.size) + _padded(len(self.json_bytes()))
@@ -102,7 +103,7 @@ def _scan_chunk(root: str, records: Sequence[Record]) -> list[tuple[Record, str,
     out: list[tuple[Record, str, int] | Reject] = []
     for record in records:
         try:
-            data = (Path(root) / record.path).read_bytes()
+            data = _read_file(f"{root}/{record.path}")
         except FileNotFoundError:
             out.append(Reject(record.split, record.path, "missing file"))
             continue
@@ -193,32 +194,76 @@ def plan_shards(split: str, samples: Sequence[Sample], *, max_samples: int, max_
 # --------------------------------------------------------------------------- write
 
 
-class _HashingFile:
-    """Write-through wrapper that hashes and counts what goes to disk."""
+class _ShardSink:
+    """Buffers tar members and writes them in large blocks, hashing what goes to disk."""
 
-    def __init__(self, f):
-        self.f = f
+    def __init__(self, f, flush_at: int = 4 << 20):
+        self.f, self.flush_at = f, flush_at
         self.sha = hashlib.sha256()
         self.size = 0
+        self.parts: list[bytes] = []
+        self.pending = 0
 
-    def write(self, data: bytes) -> None:
-        self.f.write(data)
-        self.sha.update(data)
-        self.size += len(data)
+    def add(self, name: str, data: bytes) -> None:
+        self.parts += (_tar_header(name, len(data)), data, _ZEROS[: -len(data) % _BLOCK])
+        self.pending += _BLOCK + _padded(len(data))
+        if self.pending >= self.flush_at:
+            self.flush()
+
+    def flush(self) -> None:
+        block = b"".join(self.parts)
+        self.f.write(block)
+        self.sha.update(block)
+        self.size += len(block)
+        self.parts, self.pending = [], 0
+
+    def close(self) -> None:
+        end = 2 * _BLOCK + (-(self.size + self.pending + 2 * _BLOCK) % _RECORD)
+        self.parts.append(bytes(end))
+        self.flush()
 
 
-def _tar_member(out: _HashingFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    out.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-    out.write(data)
-    pad = _padded(len(data)) - len(data)
-    if pad:
-        out.write(b"\0" * pad)
+_ZEROS = bytes(_BLOCK)
+# A ustar header with every field this writer fixes (mode 0444, uid/gid 0, mtime 0, no user names);
+# only the name, size and checksum change from member to member.
+_TEMPLATE = bytearray(_BLOCK)
+_TEMPLATE[100:108] = b"0000444\0"
+_TEMPLATE[108:124] = b"0000000\0" * 2
+_TEMPLATE[136:148] = b"00000000000\0"
+_TEMPLATE[148:156] = b" " * 8  # the checksum counts its own field as spaces
+_TEMPLATE[156:157] = b"0"
+_TEMPLATE[257:265] = b"ustar\x0000"
+_TEMPLATE = bytes(_TEMPLATE)
+_TEMPLATE_SUM = sum(_TEMPLATE)
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 100 or not raw.isascii() or size >= 8**11:
+        info = tarfile.TarInfo(name)  # long or non-ASCII names need the general (PAX) encoder
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o444, 0, 0, "", ""
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    size_field = b"%011o\0" % size
+    checksum = _TEMPLATE_SUM + sum(raw) + sum(size_field) - sum(_TEMPLATE[124:136])
+    return b"".join((
+        raw, _TEMPLATE[len(raw) : 124], size_field, _TEMPLATE[136:148],
+        b"%06o\0 " % checksum, _TEMPLATE[156:],
+    ))  # fmt: skip
+
+
+def _read_file(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        if len(data) <= size:  # short read (or the file grew): read the rest
+            rest = [data]
+            while chunk := os.read(fd, 1 << 20):
+                rest.append(chunk)
+            data = b"".join(rest)
+        return data
+    finally:
+        os.close(fd)
 
 
 def _file_sha256(path: Path) -> str:
@@ -249,21 +294,21 @@ def write_shard(root: str, out: str, plan: ShardPlan) -> tuple[str, int]:
     partial = final.with_name(f"{final.name}.{os.getpid()}.partial")
     try:
         with partial.open("wb") as f:
-            sink = _HashingFile(f)
+            sink = _ShardSink(f)
             for i, sample in enumerate(plan.samples):
                 if i == len(plan.samples) // 2:
                     _crash_point(f"mid-shard:{plan.file}")
-                data = (Path(root) / sample.record.path).read_bytes()
+                data = _read_file(f"{root}/{sample.record.path}")
                 if len(data) != sample.size:
                     raise ShardError(
                         f"{sample.record.path} changed while packing (was {sample.size} bytes, now {len(data)}); "
                         "re-run when the source is stable"
                     )
-                _tar_member(sink, f"{sample.key}.{sample.ext}", data)
-                _tar_member(sink, f"{sample.key}.json", sample.json_bytes())
-            end = 2 * _BLOCK
-            end += -(sink.size + end) % _RECORD
-            sink.write(b"\0" * end)
+                sink.add(f"{sample.key}.{sample.ext}", data)
+                sink.add(f"{sample.key}.json", sample.json_bytes())
+            sink.close()
+        # Receipt first: a shard that exists under its final name always has one.
+        _write_receipt(Path(out), plan, sink.sha.hexdigest(), sink.size)
         os.replace(partial, final)
     except OSError as exc:
         partial.unlink(missing_ok=True)
@@ -273,9 +318,7 @@ def write_shard(root: str, out: str, plan: ShardPlan) -> tuple[str, int]:
                 "(finished shards are kept and reused)"
             ) from None
         raise
-    sha256 = sink.sha.hexdigest()
-    _write_receipt(Path(out), plan, sha256, sink.size)
-    return sha256, sink.size
+    return sink.sha.hexdigest(), sink.size
 
 
 def _reusable(out: Path, plan: ShardPlan, known: dict[str, tuple[str, str]]) -> tuple[str, int] | None:
@@ -314,10 +357,11 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def worker_pool(workers: int) -> ProcessPoolExecutor | None:
-    """Spawned (not forked: the parent may hold torch or OpenMP threads) worker processes, or None for 1."""
+    """Worker processes that die with their parent, or None for a single process."""
     if workers <= 1:
         return None
-    ctx = multiprocessing.get_context("spawn")
+    # Forking is much faster to start, but unsafe once torch (and its thread pools) is loaded.
+    ctx = multiprocessing.get_context("spawn" if "torch" in sys.modules else "fork")
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_exit_with_parent, initargs=(os.getpid(),))
 
 

@@ -117,3 +117,20 @@ def test_unknown_split_and_missing_shard(shard_root, tmp_path):
     ds = ShardDataset(copy, "train", shuffle=False, chunk=50)
     with pytest.raises(ShardNotFoundError, match="train-000001.tar is missing"):
         _batches(ds, 0)
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_webdataset_reads_the_shards(shard_root):
+    """The shards are plain WebDataset: its own reader sees every sample with image and metadata."""
+    import json
+
+    import webdataset as wds
+
+    files = sorted(str(p) for p in (shard_root / "train").glob("*.tar"))
+    samples = list(wds.WebDataset(files, shardshuffle=False, empty_check=False))
+    ours = {s["key"]: s for s in read_split_samples(shard_root, "train")}
+    assert len(samples) == len(ours)
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert s["jpg"] == ours[s["__key__"]]["image"] and meta["index"] == ours[s["__key__"]]["index"]
+    del samples  # webdataset leaves its file objects to the garbage collector
