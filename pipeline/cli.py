@@ -10,9 +10,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
-
 from wildreid.errors import WildreidError
 from wildreid.units import format_bytes, parse_bytes, parse_size
 
@@ -110,8 +115,8 @@ def shard(
     verify: bool = typer.Option(False, help="Re-check every shard of SRC against its manifest and exit."),
 ):
     """Pack a dataset into WebDataset tar shards (deterministic, resumable)."""
-    from wildreid.shards import LAYOUTS, pack_dataset, read_dataset, verify_shards
     from wildreid.errors import ShardError
+    from wildreid.shards import LAYOUTS, pack_dataset, read_dataset, verify_shards
 
     if verify:
         with RichProgress() as progress:

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-
 from wildreid.shards import read_dataset
 from wildreid.shards.reader import ShardDataset, pil_to_uint8
 from wildreid.shards.synth import write_synthetic
@@ -120,7 +119,7 @@ def main() -> None:
     t_read = timed(read_shards, args.repeats)
 
     rows = [
-        ("write", f"tar -cf (1 process)", n / t_tar, f"wildreid shard (--workers {args.workers})", n / t_shard),
+        ("write", "tar -cf (1 process)", n / t_tar, f"wildreid shard (--workers {args.workers})", n / t_shard),
         ("read", f"loose files, ImageFolder-style ({args.workers} workers)", n / t_loose,
          f"shards, ShardDataset ({args.workers} workers)", n / t_read),
     ]  # fmt: skip

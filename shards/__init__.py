@@ -4,7 +4,14 @@ Import the reader (it needs torch) from :mod:`wildreid.shards.reader`; this
 package level stays light so shard-writing worker processes start fast.
 """
 
-from wildreid.shards.layouts import LAYOUTS, DatasetIndex, Record, Reject, detect_layout, read_dataset
+from wildreid.shards.layouts import (
+    LAYOUTS,
+    DatasetIndex,
+    Record,
+    Reject,
+    detect_layout,
+    read_dataset,
+)
 from wildreid.shards.writer import load_manifest, pack_dataset, verify_shards
 
 __all__ = [

@@ -20,10 +20,10 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as tvf
-
 from wildreid.errors import ConfigError, ShardError, ShardNotFoundError
 from wildreid.shards.images import decode_rgb
 from wildreid.shards.order import Group, epoch_order, lane_groups, schedule_from
+from wildreid.shards.tario import tar_members
 from wildreid.shards.writer import load_manifest
 
 __all__ = ["ShardDataset", "collate", "decode_tensor", "pil_to_uint8", "read_split_samples", "resize_uint8"]
@@ -74,50 +74,6 @@ def read_shards(paths: Iterable[Path]) -> Iterator[tuple[str, bytes]]:
             raise ShardNotFoundError(
                 f"shard {path} is missing; run 'wildreid shard --verify' on the shard folder"
             ) from None
-
-
-def _member_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0]
-    prefix = header[345:500].split(b"\0", 1)[0]
-    return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
-
-
-def _pax_path(records: bytes) -> str | None:
-    for line in records.decode("utf-8", "surrogateescape").splitlines():
-        _, _, item = line.partition(" ")
-        if item.startswith("path="):
-            return item[len("path=") :]
-    return None
-
-
-def tar_members(url: str, data: bytes) -> Iterator[tuple[str, bytes]]:
-    """(name, content) of every regular file in an in-memory tar: the subset of tar shards use.
-
-    Parsing the 512-byte headers directly is several times faster than the
-    streaming ``tarfile`` module on many small members.
-    """
-    view, pos, long_name = memoryview(data), 0, None
-    while pos + 512 <= len(data):
-        header = data[pos : pos + 512]
-        if not header.strip(b"\0"):
-            return  # end-of-archive blocks
-        try:
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            raise ShardError(f"{url}: corrupted tar header at byte {pos}; run 'wildreid shard --verify'") from None
-        kind = header[156:157]
-        body = pos + 512
-        if body + size > len(data):
-            raise ShardError(f"{url}: truncated at byte {len(data)}; run 'wildreid shard --verify'")
-        content = view[body : body + size]
-        pos = body + -(-size // 512) * 512
-        if kind == b"x":  # PAX extended header: a long or non-ASCII name for the next member
-            long_name = _pax_path(bytes(content))
-        elif kind == b"L":  # GNU long name
-            long_name = bytes(content).rstrip(b"\0").decode("utf-8", "surrogateescape")
-        elif kind in (b"0", b"\0"):
-            yield (long_name or _member_name(header)), bytes(content)
-            long_name = None
 
 
 def tar_samples(shards: Iterable[tuple[str, bytes]]) -> Iterator[dict]:

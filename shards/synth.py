@@ -30,7 +30,6 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-
 from wildreid.errors import ConfigError
 
 __all__ = ["write_synthetic"]

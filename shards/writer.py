@@ -1,9 +1,14 @@
 """Pack a dataset index into deterministic, resumable WebDataset tar shards.
 
-Three phases: scan every image (bad ones are listed, never dropped silently),
-plan shard boundaries (a pure function of the scan), write shards in parallel.
+Every image is read once: shard boundaries are planned from file sizes, and
+each shard checks its images while writing them. A shard that meets a bad image
+(truncated, empty, undecodable, vanished) is not kept; the bad images are
+listed, the plan is redrawn without them, and only shards whose contents
+changed are written again. ``strict`` instead checks everything first and
+fails before writing anything.
+
 Each shard is written under a private ``.partial`` name and renamed when
-complete; a small receipt in ``OUT/.progress`` then records its checksum, so a
+complete, after a receipt in ``OUT/.progress`` has recorded its checksum, so a
 re-run after a crash reuses every shard whose bytes still verify. The manifest
 is written last and the receipts are removed, so an interrupted and resumed run
 ends byte-identical to an uninterrupted one.
@@ -19,7 +24,6 @@ import os
 import shutil
 import signal
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +34,7 @@ from pathlib import Path
 from wildreid.errors import BadImageError, ShardError, ShardNotFoundError
 from wildreid.shards.images import image_extension
 from wildreid.shards.layouts import DatasetIndex, Record, Reject
+from wildreid.shards.tario import BLOCK, ShardSink, file_sha256, padded, read_file
 
 __all__ = [
     "MANIFEST_NAME",
@@ -38,6 +43,7 @@ __all__ = [
     "pack_dataset",
     "plan_shards",
     "scan_records",
+    "stat_records",
     "verify_shards",
 ]
 
@@ -45,8 +51,6 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "wildreid-shards"
 FORMAT_VERSION = 1
 PROGRESS_DIR = ".progress"
-_BLOCK = 512
-_RECORD = 20 * _BLOCK  # tar files are padded to whole 10 KiB records
 
 # One call per unit of work: (phase description, units done since last call, phase total).
 ProgressFn = Callable[[str, int, int], None]
@@ -64,24 +68,16 @@ def _crash_point(name: str) -> None:
 
 @dataclass(frozen=True)
 class Sample:
-    """A record that passed the scan, with what the tar needs to know about it."""
+    """A record to pack, with its tar key and the size its file had when listed."""
 
     record: Record
     key: str
-    ext: str
     size: int
-    index: int = -1  # dense index within the split, set by planning
 
-    def json_bytes(self) -> bytes:
+    def meta(self, index: int) -> bytes:
+        """The sample's .json member (sorted keys, no spaces), built without json.dumps of a dict."""
         r = self.record
-        return f'{{"camid":{r.camid},"index":{self.index},"path":{json.dumps(r.path)},"vid":{r.vid}}}'.encode()
-
-    def tar_bytes(self) -> int:
-        return 2 * _BLOCK + _padded(self.size) + _padded(len(self.json_bytes()))
-
-
-def _padded(n: int) -> int:
-    return -(-n // _BLOCK) * _BLOCK
+        return f'{{"camid":{r.camid},"index":{index},"path":{json.dumps(r.path)},"vid":{r.vid}}}'.encode()
 
 
 def sample_key(rel_path: str) -> str:
@@ -96,57 +92,92 @@ def sample_key(rel_path: str) -> str:
     return stem.replace(".", "_")
 
 
-# --------------------------------------------------------------------------- scan
+# --------------------------------------------------------------------------- listing and checking
 
 
-def _scan_chunk(root: str, records: Sequence[Record]) -> list[tuple[Record, str, int] | Reject]:
-    out: list[tuple[Record, str, int] | Reject] = []
-    for record in records:
+def _samples(index: DatasetIndex, sizes: Callable[[str, list[Record]], list[int | str]], progress: ProgressFn):
+    """Samples per split and rejects, given a function giving each record's size or why it is bad."""
+    samples: dict[str, list[Sample]] = {}
+    rejects = list(index.rejects)
+    for split, records in index.records.items():
+        samples[split], seen = [], set()
+        for start in range(0, len(records), 512):
+            chunk = records[start : start + 512]
+            for record, size in zip(chunk, sizes(split, chunk)):
+                key = sample_key(record.path)
+                if isinstance(size, str):
+                    rejects.append(Reject(split, record.path, size))
+                elif key in seen:
+                    rejects.append(Reject(split, record.path, f"duplicate key {key!r} (same name, other extension)"))
+                else:
+                    seen.add(key)
+                    samples[split].append(Sample(record, key, size))
+            progress("listing images", len(chunk), index.count())
+    return samples, rejects
+
+
+def _stat_chunk(root: str, paths: Sequence[str]) -> list[int | str]:
+    out: list[int | str] = []
+    for path in paths:
         try:
-            data = _read_file(f"{root}/{record.path}")
+            out.append(os.stat(f"{root}/{path}").st_size)
         except FileNotFoundError:
-            out.append(Reject(record.split, record.path, "missing file"))
-            continue
+            out.append("missing file")
         except OSError as exc:
-            out.append(Reject(record.split, record.path, f"unreadable ({exc.strerror or exc})"))
-            continue
-        try:
-            out.append((record, image_extension(data), len(data)))
-        except BadImageError as exc:
-            out.append(Reject(record.split, record.path, str(exc)))
+            out.append(f"unreadable ({exc.strerror or exc})")
     return out
 
 
-def scan_records(
-    index: DatasetIndex, *, pool: ProcessPoolExecutor | None = None, progress: ProgressFn = _no_progress
-) -> tuple[dict[str, list[Sample]], list[Reject]]:
-    """Check every image; return the healthy samples per split and every reject (reader's included)."""
-    chunks: list[list[Record]] = []
-    for records in index.records.values():
-        chunks.extend(records[i : i + 256] for i in range(0, len(records), 256))
-    total = index.count()
-    results: Iterator[list]
+def _check(data: bytes) -> str:
+    """The image's true extension; BadImageError if it is not a whole, decodable image."""
+    return image_extension(data)
+
+
+def _scan_chunk(root: str, paths: Sequence[str]) -> list[int | str]:
+    """Size of each healthy image, or the reason it is bad (plain values pickle fast)."""
+    out: list[int | str] = []
+    for path in paths:
+        try:
+            data = read_file(f"{root}/{path}")
+            _check(data)
+            out.append(len(data))
+        except FileNotFoundError:
+            out.append("missing file")
+        except BadImageError as exc:
+            out.append(str(exc))
+        except OSError as exc:
+            out.append(f"unreadable ({exc.strerror or exc})")
+    return out
+
+
+def _pooled(index: DatasetIndex, pool: ProcessPoolExecutor | None, check: Callable) -> Callable:
+    """The per-chunk function for :func:`_samples`, its chunks computed ahead in the pool if there is one."""
+    root = str(index.root)
     if pool is None:
-        results = (_scan_chunk(str(index.root), chunk) for chunk in chunks)
-    else:
-        results = pool.map(_scan_chunk, [str(index.root)] * len(chunks), chunks)
-    samples: dict[str, list[Sample]] = {split: [] for split in index.records}
-    rejects = list(index.rejects)
-    keys_seen: dict[str, set[str]] = {split: set() for split in index.records}
-    for chunk_result in results:
-        for item in chunk_result:
-            if isinstance(item, Reject):
-                rejects.append(item)
-                continue
-            record, ext, size = item
-            key = sample_key(record.path)
-            if key in keys_seen[record.split]:
-                rejects.append(Reject(record.split, record.path, f"duplicate key {key!r} (same name, other extension)"))
-                continue
-            keys_seen[record.split].add(key)
-            samples[record.split].append(Sample(record, key, ext, size))
-        progress("scanning images", len(chunk_result), total)
-    return samples, sorted(rejects, key=lambda r: (r.split, r.path))
+        return lambda split, chunk: check(root, [r.path for r in chunk])
+    futures = {
+        (split, start): pool.submit(check, root, [r.path for r in records[start : start + 512]])
+        for split, records in index.records.items()
+        for start in range(0, len(records), 512)
+    }
+    positions: dict[str, int] = {}
+
+    def sizes(split: str, chunk: list[Record]) -> list[int | str]:
+        start = positions.get(split, 0)
+        positions[split] = start + len(chunk)
+        return futures[split, start].result()
+
+    return sizes
+
+
+def stat_records(index: DatasetIndex, *, pool: ProcessPoolExecutor | None = None, progress: ProgressFn = _no_progress):
+    """Samples from file sizes alone (images are checked while shards are written)."""
+    return _samples(index, _pooled(index, pool, _stat_chunk), progress)
+
+
+def scan_records(index: DatasetIndex, *, pool: ProcessPoolExecutor | None = None, progress: ProgressFn = _no_progress):
+    """Samples after reading and checking every image: what ``strict`` needs before writing anything."""
+    return _samples(index, _pooled(index, pool, _scan_chunk), progress)
 
 
 # --------------------------------------------------------------------------- plan
@@ -154,20 +185,31 @@ def scan_records(
 
 @dataclass(frozen=True)
 class ShardPlan:
+    """What one shard holds, in plain tuples (cheap to send to a worker process)."""
+
     split: str
     number: int
-    samples: tuple[Sample, ...]
+    first_index: int
+    paths: tuple[str, ...]  # source files, relative to the dataset root
+    keys: tuple[str, ...]
+    metas: tuple[bytes, ...]  # .json members
+    sizes: tuple[int, ...]  # image sizes when listed
+    digest: str  # fingerprint of all the above: a receipt is trusted only if it matches
 
     @property
     def file(self) -> str:
         return f"{self.split}/{self.split}-{self.number:06d}.tar"
 
-    def digest(self) -> str:
-        """Fingerprint of what the shard must contain; a receipt is trusted only if it matches."""
-        h = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}".encode())
-        for s in self.samples:
-            h.update(f"\n{s.key}.{s.ext}:{s.size}:".encode() + s.json_bytes())
-        return h.hexdigest()
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _make_plan(split: str, number: int, first_index: int, samples: Sequence[Sample], metas: list[bytes]) -> ShardPlan:
+    keys = tuple(s.key for s in samples)
+    sizes = tuple(s.size for s in samples)
+    fingerprint = b"\n".join(b"%s:%d:%s" % (k.encode(), n, m) for k, n, m in zip(keys, sizes, metas))
+    digest = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}\n".encode() + fingerprint).hexdigest()
+    return ShardPlan(split, number, first_index, tuple(s.record.path for s in samples), keys, tuple(metas), sizes, digest)
 
 
 def plan_shards(split: str, samples: Sequence[Sample], *, max_samples: int, max_bytes: int) -> list[ShardPlan]:
@@ -176,107 +218,26 @@ def plan_shards(split: str, samples: Sequence[Sample], *, max_samples: int, max_
     A single sample bigger than max_bytes still gets a shard of its own.
     """
     plans: list[ShardPlan] = []
-    current: list[Sample] = []
-    current_bytes = 0
+    start, current_bytes, metas = 0, 0, []
     for i, sample in enumerate(samples):
-        sample = Sample(sample.record, sample.key, sample.ext, sample.size, index=i)
-        cost = sample.tar_bytes()
-        if current and (len(current) >= max_samples or current_bytes + cost + 2 * _BLOCK > max_bytes):
-            plans.append(ShardPlan(split, len(plans), tuple(current)))
-            current, current_bytes = [], 0
-        current.append(sample)
+        meta = sample.meta(i)
+        cost = 2 * BLOCK + padded(sample.size) + padded(len(meta))
+        if i > start and (i - start >= max_samples or current_bytes + cost + 2 * BLOCK > max_bytes):
+            plans.append(_make_plan(split, len(plans), start, samples[start:i], metas))
+            start, current_bytes, metas = i, 0, []
+        metas.append(meta)
         current_bytes += cost
-    if current:
-        plans.append(ShardPlan(split, len(plans), tuple(current)))
+    if metas:
+        plans.append(_make_plan(split, len(plans), start, samples[start:], metas))
     return plans
 
 
 # --------------------------------------------------------------------------- write
 
 
-class _ShardSink:
-    """Buffers tar members and writes them in large blocks, hashing what goes to disk."""
-
-    def __init__(self, f, flush_at: int = 4 << 20):
-        self.f, self.flush_at = f, flush_at
-        self.sha = hashlib.sha256()
-        self.size = 0
-        self.parts: list[bytes] = []
-        self.pending = 0
-
-    def add(self, name: str, data: bytes) -> None:
-        self.parts += (_tar_header(name, len(data)), data, _ZEROS[: -len(data) % _BLOCK])
-        self.pending += _BLOCK + _padded(len(data))
-        if self.pending >= self.flush_at:
-            self.flush()
-
-    def flush(self) -> None:
-        block = b"".join(self.parts)
-        self.f.write(block)
-        self.sha.update(block)
-        self.size += len(block)
-        self.parts, self.pending = [], 0
-
-    def close(self) -> None:
-        end = 2 * _BLOCK + (-(self.size + self.pending + 2 * _BLOCK) % _RECORD)
-        self.parts.append(bytes(end))
-        self.flush()
-
-
-_ZEROS = bytes(_BLOCK)
-# A ustar header with every field this writer fixes (mode 0444, uid/gid 0, mtime 0, no user names);
-# only the name, size and checksum change from member to member.
-_TEMPLATE = bytearray(_BLOCK)
-_TEMPLATE[100:108] = b"0000444\0"
-_TEMPLATE[108:124] = b"0000000\0" * 2
-_TEMPLATE[136:148] = b"00000000000\0"
-_TEMPLATE[148:156] = b" " * 8  # the checksum counts its own field as spaces
-_TEMPLATE[156:157] = b"0"
-_TEMPLATE[257:265] = b"ustar\x0000"
-_TEMPLATE = bytes(_TEMPLATE)
-_TEMPLATE_SUM = sum(_TEMPLATE)
-
-
-def _tar_header(name: str, size: int) -> bytes:
-    raw = name.encode("utf-8", "surrogateescape")
-    if len(raw) > 100 or not raw.isascii() or size >= 8**11:
-        info = tarfile.TarInfo(name)  # long or non-ASCII names need the general (PAX) encoder
-        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o444, 0, 0, "", ""
-        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    size_field = b"%011o\0" % size
-    checksum = _TEMPLATE_SUM + sum(raw) + sum(size_field) - sum(_TEMPLATE[124:136])
-    return b"".join((
-        raw, _TEMPLATE[len(raw) : 124], size_field, _TEMPLATE[136:148],
-        b"%06o\0 " % checksum, _TEMPLATE[156:],
-    ))  # fmt: skip
-
-
-def _read_file(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        data = os.read(fd, size + 1)
-        if len(data) <= size:  # short read (or the file grew): read the rest
-            rest = [data]
-            while chunk := os.read(fd, 1 << 20):
-                rest.append(chunk)
-            data = b"".join(rest)
-        return data
-    finally:
-        os.close(fd)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_receipt(out: Path, plan: ShardPlan, sha256: str, nbytes: int) -> None:
     receipt = out / PROGRESS_DIR / f"{plan.split}-{plan.number:06d}.json"
-    _atomic_write_text(receipt, json.dumps({"plan": plan.digest(), "sha256": sha256, "bytes": nbytes}))
+    _atomic_write_text(receipt, json.dumps({"plan": plan.digest, "sha256": sha256, "bytes": nbytes}))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -286,27 +247,48 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(root: str, out: str, plan: ShardPlan) -> tuple[str, int]:
-    """Write one shard atomically and leave its receipt; returns (sha256, bytes)."""
+@dataclass(frozen=True)
+class ShardResult:
+    sha256: str
+    nbytes: int
+    bad: tuple[tuple[str, str], ...] = ()  # (path, reason); when not empty, no shard was kept
+
+
+def write_shard(root: str, out: str, plan: ShardPlan) -> ShardResult:
+    """Write one shard atomically, checking every image on the way."""
     final = Path(out) / plan.file
     final.parent.mkdir(parents=True, exist_ok=True)
     # The pid keeps an orphaned writer from a killed run off this run's file.
     partial = final.with_name(f"{final.name}.{os.getpid()}.partial")
+    bad: list[tuple[str, str]] = []
     try:
         with partial.open("wb") as f:
-            sink = _ShardSink(f)
-            for i, sample in enumerate(plan.samples):
-                if i == len(plan.samples) // 2:
+            sink = ShardSink(f)
+            for i, (path, key, meta, size) in enumerate(zip(plan.paths, plan.keys, plan.metas, plan.sizes)):
+                if i == len(plan) // 2:
                     _crash_point(f"mid-shard:{plan.file}")
-                data = _read_file(f"{root}/{sample.record.path}")
-                if len(data) != sample.size:
+                try:
+                    data = read_file(f"{root}/{path}", size)
+                    ext = _check(data)
+                except FileNotFoundError:
+                    bad.append((path, "missing file"))
+                    continue
+                except BadImageError as exc:
+                    bad.append((path, str(exc)))
+                    continue
+                if len(data) != size:
                     raise ShardError(
-                        f"{sample.record.path} changed while packing (was {sample.size} bytes, now {len(data)}); "
+                        f"{path} changed while packing (was {size} bytes, now {len(data)}); "
                         "re-run when the source is stable"
                     )
-                sink.add(f"{sample.key}.{sample.ext}", data)
-                sink.add(f"{sample.key}.json", sample.json_bytes())
-            sink.close()
+                if not bad:  # after the first bad image, only check the rest
+                    sink.add(f"{key}.{ext}", data)
+                    sink.add(f"{key}.json", meta)
+            if not bad:
+                sink.close()
+        if bad:
+            partial.unlink()
+            return ShardResult("", 0, tuple(bad))
         # Receipt first: a shard that exists under its final name always has one.
         _write_receipt(Path(out), plan, sink.sha.hexdigest(), sink.size)
         os.replace(partial, final)
@@ -318,11 +300,11 @@ def write_shard(root: str, out: str, plan: ShardPlan) -> tuple[str, int]:
                 "(finished shards are kept and reused)"
             ) from None
         raise
-    return sink.sha.hexdigest(), sink.size
+    return ShardResult(sink.sha.hexdigest(), sink.size)
 
 
-def _reusable(out: Path, plan: ShardPlan, known: dict[str, tuple[str, str]]) -> tuple[str, int] | None:
-    """(sha256, bytes) of an existing shard that verifies against its receipt or the old manifest."""
+def _reusable(out: Path, plan: ShardPlan, known: dict[str, tuple[str, str]]) -> ShardResult | None:
+    """An existing shard that verifies against its receipt or the old manifest."""
     final = out / plan.file
     if not final.is_file():
         return None
@@ -330,16 +312,39 @@ def _reusable(out: Path, plan: ShardPlan, known: dict[str, tuple[str, str]]) -> 
     receipt = out / PROGRESS_DIR / f"{plan.split}-{plan.number:06d}.json"
     try:
         r = json.loads(receipt.read_text())
-        if r.get("plan") == plan.digest():
+        if r.get("plan") == plan.digest:
             expected.add(r["sha256"])
     except (OSError, ValueError, KeyError):
         pass
-    if known.get(plan.file, ("", ""))[0] == plan.digest():
+    if known.get(plan.file, ("", ""))[0] == plan.digest:
         expected.add(known[plan.file][1])
     if not expected:
         return None
-    sha = _file_sha256(final)
-    return (sha, final.stat().st_size) if sha in expected else None
+    sha = file_sha256(final)
+    return ShardResult(sha, final.stat().st_size) if sha in expected else None
+
+
+def _write_all(out, source, plans, known, pool, progress) -> dict[str, ShardResult]:
+    total = sum(len(p) for p in plans)
+    results: dict[str, ShardResult] = {}
+    todo = []
+    for plan in plans:
+        reused = _reusable(out, plan, known)
+        if reused is not None:
+            results[plan.file] = reused
+            progress("writing shards", len(plan), total)
+        else:
+            todo.append(plan)
+    if pool is None:
+        done: Iterator = ((plan, write_shard(source, str(out), plan)) for plan in todo)
+    else:
+        futures = [(plan, pool.submit(write_shard, source, str(out), plan)) for plan in todo]
+        done = ((plan, future.result()) for plan, future in futures)
+    for plan, result in done:
+        results[plan.file] = result
+        progress("writing shards", len(plan), total)
+        _crash_point(f"shard:{plan.file}")
+    return results
 
 
 # --------------------------------------------------------------------------- processes
@@ -440,65 +445,52 @@ def pack_dataset(
     progress: ProgressFn = _no_progress,
 ) -> dict:
     """Shard every split of ``index`` into ``out``; returns the manifest that was written."""
-    if max_samples < 1 or max_bytes < 4 * _BLOCK:
+    if max_samples < 1 or max_bytes < 4 * BLOCK:
         raise ShardError(f"expected --max-samples >= 1 and --max-bytes >= 2048, found {max_samples} and {max_bytes}")
     out = Path(out).resolve()
     source = str(index.root)
     known = _check_out_folder(out, source, index.layout)
     pool = worker_pool(workers)
     try:
-        samples, rejects = scan_records(index, pool=pool, progress=progress)
-        if strict and rejects:
-            first = rejects[0]
-            raise BadImageError(
-                f"--strict: {len(rejects)} bad input(s), first {first.path}: {first.reason}; "
-                "nothing was written (drop --strict to skip and list them)"
-            )
-        plans = [
-            plan
-            for split, split_samples in samples.items()
-            for plan in plan_shards(split, split_samples, max_samples=max_samples, max_bytes=max_bytes)
-        ]
-        _atomic_write_text(
-            out / PROGRESS_DIR / "job.json", json.dumps({"source": source, "layout": index.layout})
-        )
+        if strict:
+            samples, rejects = scan_records(index, pool=pool, progress=progress)
+            if rejects:
+                first = rejects[0]
+                raise BadImageError(
+                    f"--strict: {len(rejects)} bad input(s), first {first.path}: {first.reason}; "
+                    "nothing was written (drop --strict to skip and list them)"
+                )
+        else:
+            samples, rejects = stat_records(index, pool=pool, progress=progress)
+        _atomic_write_text(out / PROGRESS_DIR / "job.json", json.dumps({"source": source, "layout": index.layout}))
         _crash_point("scanned")
-        results = _write_all(out, source, plans, known, pool, progress)
+        while True:
+            plans = [
+                plan
+                for split, split_samples in samples.items()
+                for plan in plan_shards(split, split_samples, max_samples=max_samples, max_bytes=max_bytes)
+            ]
+            results = _write_all(out, source, plans, known, pool, progress)
+            bad = {(plan.split, path): reason for plan in plans for path, reason in results[plan.file].bad}
+            if not bad:
+                break
+            # Every image has now been read once, so this second plan is the last.
+            rejects += [Reject(split, path, reason) for (split, path), reason in bad.items()]
+            samples = {
+                split: [s for s in split_samples if (split, s.record.path) not in bad]
+                for split, split_samples in samples.items()
+            }
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     for stale in _stale_files(out, plans, list(samples)):
         stale.unlink(missing_ok=True)
+    rejects.sort(key=lambda r: (r.split, r.path))
     manifest = _manifest(index, samples, plans, results, rejects, max_samples, max_bytes)
     _atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     _crash_point("manifest")
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     return manifest
-
-
-def _write_all(out, source, plans, known, pool, progress) -> dict[str, tuple[str, int]]:
-    total = sum(len(p.samples) for p in plans)
-    results: dict[str, tuple[str, int]] = {}
-    todo = []
-    for plan in plans:
-        reused = _reusable(out, plan, known)
-        if reused is not None:
-            results[plan.file] = reused
-            progress("writing shards", len(plan.samples), total)
-        else:
-            todo.append(plan)
-    if pool is None:
-        for plan in todo:
-            results[plan.file] = write_shard(source, str(out), plan)
-            progress("writing shards", len(plan.samples), total)
-            _crash_point(f"shard:{plan.file}")
-    else:
-        futures = {plan.file: pool.submit(write_shard, source, str(out), plan) for plan in todo}
-        for plan in todo:
-            results[plan.file] = futures[plan.file].result()
-            progress("writing shards", len(plan.samples), total)
-            _crash_point(f"shard:{plan.file}")
-    return results
 
 
 def _manifest(index, samples, plans, results, rejects, max_samples, max_bytes) -> dict:
@@ -507,11 +499,11 @@ def _manifest(index, samples, plans, results, rejects, max_samples, max_bytes) -
         shards = [
             {
                 "file": p.file,
-                "samples": len(p.samples),
-                "first_index": p.samples[0].index,
-                "bytes": results[p.file][1],
-                "sha256": results[p.file][0],
-                "plan": p.digest(),
+                "samples": len(p),
+                "first_index": p.first_index,
+                "bytes": results[p.file].nbytes,
+                "sha256": results[p.file].sha256,
+                "plan": p.digest,
             }
             for p in plans
             if p.split == split
@@ -550,7 +542,7 @@ def verify_shards(out: str | Path, *, progress: ProgressFn = _no_progress) -> li
             problems.append(f"{shard['file']}: missing")
         elif path.stat().st_size != shard["bytes"]:
             problems.append(f"{shard['file']}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
-        elif _file_sha256(path) != shard["sha256"]:
+        elif file_sha256(path) != shard["sha256"]:
             problems.append(f"{shard['file']}: sha256 differs from the manifest (corrupted)")
         progress("verifying shards", shard["samples"], total)
     return problems

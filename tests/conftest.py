@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from wildreid.shards import pack_dataset, read_dataset
 from wildreid.shards.layouts import read_veriwild
 from wildreid.shards.synth import write_synthetic

@@ -3,12 +3,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
+from conftest import SYNTH
 from wildreid.errors import LayoutError
 from wildreid.shards import detect_layout, read_dataset
 from wildreid.shards.layouts import read_veriwild
-
-from conftest import SYNTH
 
 
 def test_veriwild_official_layout(veriwild_root):

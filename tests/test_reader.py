@@ -3,7 +3,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from torch.utils.data import DataLoader
-
 from wildreid.errors import ConfigError, ShardNotFoundError
 from wildreid.shards.order import epoch_order, merge_lanes, schedule_from
 from wildreid.shards.reader import ShardDataset, read_split_samples

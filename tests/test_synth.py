@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from wildreid.errors import ConfigError
 from wildreid.shards import synth
 from wildreid.shards.synth import write_synthetic

@@ -9,16 +9,14 @@ import sys
 import tarfile
 
 import pytest
+from conftest import tree_digest
 from PIL import Image
 from typer.testing import CliRunner
-
 from wildreid.cli import app
 from wildreid.errors import BadImageError
 from wildreid.shards import pack_dataset, read_dataset, verify_shards
 from wildreid.shards.images import image_extension
 from wildreid.shards.reader import read_split_samples
-
-from conftest import tree_digest
 
 runner = CliRunner()
 
@@ -186,7 +184,6 @@ def test_bad_inputs_are_skipped_and_listed(messy_root, tmp_path):
 
 def test_unusual_images_come_out_as_rgb(messy_root, tmp_path):
     from torch.utils.data import DataLoader
-
     from wildreid.shards.reader import ShardDataset
 
     root, train = messy_root
