@@ -129,12 +129,13 @@ def shard(
         return
     if out_dir is None:
         raise typer.BadParameter("OUT is required unless --verify is given")
+    shard_bytes = parse_bytes(max_bytes)
     index = read_dataset(src, layout)
     how = "auto-detected" if layout == "auto" else "as asked"
     console.print(f"layout: {LAYOUTS[index.layout].description} ({how}), {index.count()} images listed")
     with RichProgress() as progress:
         manifest = pack_dataset(
-            index, out_dir, max_samples=max_samples, max_bytes=parse_bytes(max_bytes),
+            index, out_dir, max_samples=max_samples, max_bytes=shard_bytes,
             workers=workers, strict=strict, progress=progress,
         )  # fmt: skip
     _print_manifest(manifest)

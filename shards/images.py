@@ -96,7 +96,9 @@ def image_extension(data: bytes) -> str:
         with _open(data) as image:
             fmt = image.format
             width, height = image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise BadImageError("not a decodable image (unknown format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         if "truncat" in str(exc).lower():
             raise BadImageError(f"truncated image ({exc})") from None
         raise BadImageError(f"not a decodable image ({exc})") from None

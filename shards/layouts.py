@@ -208,7 +208,7 @@ class Layout:
 LAYOUTS: dict[str, Layout] = {
     "veriwild": Layout("veriwild", "VeRi-Wild official", "train_test_split/train_list.txt", read_veriwild),
     "veri776": Layout("veri776", "VeRi-776", "image_train", read_veri776),
-    "flat": Layout("flat", "flattened (bounding_box_train/ ...)", "bounding_box_train", read_flat),
+    "flat": Layout("flat", "flattened VeRi-Wild", "bounding_box_train", read_flat),
 }
 
 

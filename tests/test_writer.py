@@ -228,3 +228,18 @@ def test_image_extension_rejects(data, expected):
 def test_image_extension_accepts_trailing_bytes_after_eoi():
     data = _jpeg("RGB", (1, 2, 3)) + b"camera trailer"
     assert image_extension(data) == "jpg"
+
+
+def test_kill_9_with_bad_inputs_then_rerun(messy_root, tmp_path):
+    """Bad images force a second plan; a crash between the two still ends identical to a clean run."""
+    root, _ = messy_root
+    clean = runner.invoke(app, ["shard", str(root), str(tmp_path / "clean"), "--max-samples", "12"])
+    assert clean.exit_code == 0
+    _env["WILDREID_CRASH_AT"] = "shard:train/train-000003.tar"
+    try:
+        crashed = _shard(root, tmp_path / "out")
+    finally:
+        del _env["WILDREID_CRASH_AT"]
+    assert crashed.returncode == -9
+    assert _shard(root, tmp_path / "out").returncode == 0
+    assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "clean")

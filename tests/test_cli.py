@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from wildreid.cli import app
+
+from conftest import tree_digest
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_command_with_one_line():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("synth", "shard", "inspect"):
+        assert command in result.output
+
+
+def test_synth_shard_inspect_end_to_end(tmp_path):
+    data, shards = tmp_path / "data", tmp_path / "shards"
+    args = ["--train-vehicles", "6", "--test-vehicles", "4", "--images-per-vehicle", "3", "--image-size", "48x48"]
+    assert runner.invoke(app, ["synth", str(data), *args]).exit_code == 0
+    again = tmp_path / "again"
+    assert runner.invoke(app, ["synth", str(again), *args]).exit_code == 0
+    assert tree_digest(data) == tree_digest(again)
+    result = runner.invoke(app, ["shard", str(data), str(shards)])
+    assert result.exit_code == 0, result.output
+    assert "VeRi-Wild official (auto-detected)" in result.output
+    result = runner.invoke(app, ["inspect", str(shards), "--image-size", "32x16", "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["train"]["samples"] == 18 and summary["train"]["vehicles"] == 6
+    assert summary["query-large"]["samples"] == 4
+
+
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (["shard", "{tmp}/nowhere", "{tmp}/out"], 3, "does not exist"),
+        (["shard", "{tmp}", "{tmp}/out"], 3, "matches no known dataset layout"),
+        (["shard", "{tmp}", "{tmp}/out", "--max-bytes", "lots"], 2, "expected a size"),
+        (["synth", "{tmp}/d", "--cameras", "1"], 2, "cameras"),
+        (["synth", "{tmp}/d", "--image-size", "big"], 2, "HEIGHTxWIDTH"),
+        (["inspect", "{tmp}"], 5, "no manifest.json"),
+        (["shard", "--verify", "{tmp}"], 5, "no manifest.json"),
+    ],
+)
+def test_errors_are_one_line_with_an_exit_code(tmp_path, args, code, text):
+    result = runner.invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code == code, result.output
+    assert text in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:")
+
+
+@pytest.mark.slow
+def test_non_editable_wheel_installs_the_namespaced_packages(tmp_path):
+    """The package-dir mapping must hold in a built wheel, not only in the editable install."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    wheel = next(tmp_path.glob("wildreid-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+        zf.extractall(tmp_path / "site")
+    for module in ("wildreid/cli.py", "wildreid/errors.py", "wildreid/shards/writer.py", "wildreid/shards/synth.py",
+                   "wildreid/stores/__init__.py"):  # fmt: skip
+        assert module in names
+    assert not any(n.split("/")[0] in ("pipeline", "shards", "stores", "tests") for n in names)
+    assert "wildreid = wildreid.cli:app" in entry_points
+    site = tmp_path / "site"
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import wildreid, wildreid.shards.writer, wildreid.cli;"
+        "assert wildreid.__file__.startswith(sys.argv[1]), wildreid.__file__; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(site)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
