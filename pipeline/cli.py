@@ -87,6 +87,7 @@ def synth(
     image_size: str = typer.Option("96x96", help="Base crop size HEIGHTxWIDTH; cameras scale it 0.6-1.4x."),
     seed: int = typer.Option(0, help="Same seed, byte-identical dataset."),
     workers: int = typer.Option(1, help="Processes drawing images."),
+    preview: Optional[Path] = typer.Option(None, help="Also write a PNG grid: one row per vehicle."),
 ):
     """Write a synthetic vehicle Re-ID dataset in the VeRi-Wild layout."""
     from wildreid.shards.synth import write_synthetic
@@ -99,6 +100,10 @@ def synth(
             seed=seed, workers=workers, progress=lambda n: progress("drawing images", n, total),
         )  # fmt: skip
     out.print(f"wrote {total} images to {out_dir}")
+    if preview is not None:
+        from wildreid.shards.preview import identity_grid
+
+        out.print(f"preview: {identity_grid(out_dir, preview)}")
     out.print(json.dumps(summary, sort_keys=True), highlight=False, soft_wrap=True)
 
 

@@ -66,7 +66,7 @@ def timed(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20_000)
-    parser.add_argument("--image-size", type=int, default=160, help="base crop side of the synthetic vehicles")
+    parser.add_argument("--image-size", type=int, default=256, help="base crop side of the synthetic vehicles")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)

@@ -6,7 +6,8 @@ cd "$ROOT"
 OUT="${DEMO_OUT:-demo-out}"
 if [ ! -f "$OUT/data/train_test_split/train_list.txt" ]; then
   rm -rf "$OUT/data"
-  wildreid synth "$OUT/data" --train-vehicles 200 --test-vehicles 60 --images-per-vehicle 8 --seed 0 --workers 2
+  wildreid synth "$OUT/data" --train-vehicles 200 --test-vehicles 60 --images-per-vehicle 8 --seed 0 --workers 2 \
+    --preview "$OUT/synth_grid.png"
 fi
 wildreid shard "$OUT/data" "$OUT/shards" --max-samples 400 --workers 2
 wildreid shard --verify "$OUT/shards"
