@@ -26,7 +26,11 @@ def test_help_lists_every_command_with_one_line():
 def test_synth_shard_inspect_end_to_end(tmp_path):
     data, shards = tmp_path / "data", tmp_path / "shards"
     args = ["--train-vehicles", "6", "--test-vehicles", "4", "--images-per-vehicle", "3", "--image-size", "48x48"]
-    assert runner.invoke(app, ["synth", str(data), *args]).exit_code == 0
+    assert runner.invoke(app, ["synth", str(data), *args, "--preview", str(tmp_path / "grid.png")]).exit_code == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (44 + 3 * 96, 6 * 96)  # 6 vehicles, 3 images each
     again = tmp_path / "again"
     assert runner.invoke(app, ["synth", str(again), *args]).exit_code == 0
     assert tree_digest(data) == tree_digest(again)
