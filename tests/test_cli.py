@@ -30,7 +30,7 @@ def test_synth_shard_inspect_end_to_end(tmp_path):
     from PIL import Image
 
     with Image.open(tmp_path / "grid.png") as grid:
-        assert grid.size == (44 + 3 * 96, 6 * 96)  # 6 vehicles, 3 images each
+        assert grid.size == (44 + 6 * 96, 6 * 96)  # a row per vehicle, room for 6 images each
     again = tmp_path / "again"
     assert runner.invoke(app, ["synth", str(again), *args]).exit_code == 0
     assert tree_digest(data) == tree_digest(again)
