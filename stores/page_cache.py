@@ -1,0 +1,166 @@
+"""A row-page cache over a chunked 2-D Zarr array, bounded by a byte budget.
+
+A page is one Zarr chunk of rows. Two tiers: host pages (numpy, least recently
+used evicted first) and, when ``device_budget`` > 0, "device" pages held as
+torch tensors on ``device`` (the pages used most often; on a CUDA machine they
+live on the GPU, on the CPU the same code runs with CPU tensors so the tests
+cover it). A page lives in exactly one tier. Writes mark a page dirty; dirty
+pages are written back when evicted and on :meth:`flush`. Full scans read
+pages that are not resident straight from the store without caching them, so a
+scan does not flush the hot set.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import numpy as np
+
+from wildreid.errors import ConfigError
+
+__all__ = ["PageCache"]
+
+
+class PageCache:
+    def __init__(self, array, *, host_budget: int, device_budget: int = 0, device="cpu", dtype=np.float32,
+                 promote_after: int = 2):  # fmt: skip
+        self.array = array
+        self.rows_per_page = array.chunks[0]
+        self.n = array.shape[0]
+        self.width = array.shape[1]
+        self.dtype = np.dtype(dtype)
+        self.page_bytes = self.rows_per_page * self.width * self.dtype.itemsize
+        if host_budget < self.page_bytes:
+            raise ConfigError(f"page cache budget {host_budget} bytes cannot hold one page; "
+                              f"the smallest budget that works is {self.page_bytes} bytes")  # fmt: skip
+        self.host_capacity = host_budget // self.page_bytes
+        self.device_capacity = device_budget // self.page_bytes
+        self.device = device
+        self.promote_after = promote_after
+        self.host: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.on_device: dict[int, object] = {}
+        self.dirty: set[int] = set()
+        self.uses: dict[int, int] = {}
+        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "writebacks": 0}
+        self.lock = threading.RLock()
+
+    # ------------------------------------------------------------------ pages
+
+    def _bounds(self, page: int) -> tuple[int, int]:
+        start = page * self.rows_per_page
+        return start, min(start + self.rows_per_page, self.n)
+
+    def _read_page(self, page: int) -> np.ndarray:
+        start, stop = self._bounds(page)
+        return np.asarray(self.array[start:stop], dtype=self.dtype)
+
+    def _write_back(self, page: int, values: np.ndarray) -> None:
+        start, stop = self._bounds(page)
+        self.array[start:stop] = values.astype(self.array.dtype)
+        self.dirty.discard(page)
+        self.stats["writebacks"] += 1
+
+    def _page(self, page: int) -> np.ndarray:
+        """The page's rows as a host array (a view of the device tensor when it lives there)."""
+        self.uses[page] = self.uses.get(page, 0) + 1
+        if page in self.on_device:
+            self.stats["hits"] += 1
+            return self.on_device[page].cpu().numpy()
+        if page in self.host:
+            self.stats["hits"] += 1
+            self.host.move_to_end(page)
+            values = self.host[page]
+        else:
+            self.stats["misses"] += 1
+            values = self._read_page(page)
+            self._make_room()
+            self.host[page] = values
+        if self.device_capacity and self.uses[page] >= self.promote_after:
+            self._promote(page)
+        return values
+
+    def _make_room(self) -> None:
+        while len(self.host) >= self.host_capacity:
+            page, values = self.host.popitem(last=False)
+            self.stats["evictions"] += 1
+            if page in self.dirty:
+                self._write_back(page, values)
+
+    def _promote(self, page: int) -> None:
+        import torch
+
+        if len(self.on_device) >= self.device_capacity:
+            coldest = min(self.on_device, key=lambda p: self.uses.get(p, 0))
+            if self.uses.get(coldest, 0) >= self.uses[page]:
+                return
+            values = self.on_device.pop(coldest).cpu().numpy()
+            self._make_room()
+            self.host[coldest] = values  # demoted pages keep their dirty mark
+        self.on_device[page] = torch.from_numpy(self.host.pop(page)).to(self.device)
+
+    # ------------------------------------------------------------------ rows
+
+    def get_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Rows ``idx`` (any order, repeats allowed) as a (len(idx), width) array."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((len(idx), self.width), dtype=self.dtype)
+        with self.lock:
+            pages = idx // self.rows_per_page
+            for page in np.unique(pages):
+                sel = np.flatnonzero(pages == page)
+                out[sel] = self._page(int(page))[idx[sel] - page * self.rows_per_page]
+        return out
+
+    def get_rows_tensor(self, idx: np.ndarray, device=None):
+        """Rows ``idx`` as a torch tensor on ``device`` (default: the cache's device)."""
+        import torch
+
+        return torch.from_numpy(self.get_rows(idx)).to(device or self.device)
+
+    def set_rows(self, idx: np.ndarray, values: np.ndarray) -> None:
+        """Overwrite rows; the store sees them at eviction or :meth:`flush`."""
+        idx = np.asarray(idx, dtype=np.int64)
+        values = np.asarray(values, dtype=self.dtype)
+        with self.lock:
+            pages = idx // self.rows_per_page
+            for page in np.unique(pages):
+                page = int(page)
+                sel = np.flatnonzero(pages == page)
+                self._page(page)
+                local = idx[sel] - page * self.rows_per_page
+                if page in self.on_device:
+                    import torch
+
+                    self.on_device[page][torch.from_numpy(local)] = torch.from_numpy(values[sel]).to(self.device)
+                else:
+                    self.host[page][local] = values[sel]
+                self.dirty.add(page)
+
+    def scan(self, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, rows) over the whole array in order, resident (possibly dirty) pages included."""
+        block_rows = block_rows or self.rows_per_page
+        if block_rows % self.rows_per_page:
+            raise ConfigError(f"scan blocks must be whole pages of {self.rows_per_page} rows, found {block_rows}")
+        for start in range(0, self.n, block_rows):
+            stop = min(start + block_rows, self.n)
+            with self.lock:
+                block = np.asarray(self.array[start:stop], dtype=self.dtype)
+                for page in range(start // self.rows_per_page, -(-stop // self.rows_per_page)):
+                    resident = self.on_device.get(page)
+                    resident = resident.cpu().numpy() if resident is not None else self.host.get(page)
+                    if resident is not None:
+                        lo, hi = self._bounds(page)
+                        block[lo - start : hi - start] = resident
+            yield start, block
+
+    def flush(self) -> None:
+        with self.lock:
+            for page in sorted(self.dirty):
+                values = self.on_device[page].cpu().numpy() if page in self.on_device else self.host[page]
+                self._write_back(page, values)
+
+    @property
+    def resident_bytes(self) -> int:
+        return (len(self.host) + len(self.on_device)) * self.page_bytes

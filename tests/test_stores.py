@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+
+from wildreid.errors import ConfigError, StoreError
+from wildreid.stores import FeatureStore, PageCache
+
+
+def _store(tmp_path, n=100, dim=8, chunk_rows=10, dtype="float32"):
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((n, dim)).astype(dtype)
+    store = FeatureStore.create(tmp_path / "s.zarr", n, dim, dtype=dtype, ids=np.arange(n) // 4,
+                                keys=[f"k{i}" for i in range(n)], chunk_bytes=chunk_rows * dim * np.dtype(dtype).itemsize)
+    store.write_rows(0, values)
+    return store, values
+
+
+def test_store_round_trip(tmp_path):
+    store, values = _store(tmp_path, dtype="float16")
+    again = FeatureStore.open(tmp_path / "s.zarr")
+    assert (again.count(), again.dim(), again.chunk_rows) == (100, 8, 10)
+    assert np.array_equal(again.read_rows(0, 100), values.astype(np.float32))
+    assert np.array_equal(again.ids(), np.arange(100) // 4)
+    assert np.all(again.camids() == -1)
+    assert again.group["keys"][3] == "k3"
+    with pytest.raises(StoreError, match="read-only"):
+        again.write_rows(0, values[:2])
+
+
+def test_any_group_with_features_is_a_store(tmp_path):
+    group = zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
+    group.create_array("features", shape=(5, 3), chunks=(5, 3), dtype="float32")
+    store = FeatureStore.open(tmp_path / "other.zarr")
+    assert store.count() == 5 and np.all(store.ids() == -1)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda g: g.create_array("ids", shape=(5,), dtype="int64"), "no 2-D 'features'"),
+    (lambda g: g.create_array("features", shape=(5,), dtype="float32"), "no 2-D 'features'"),
+    (lambda g: (g.create_array("features", shape=(5, 3), dtype="float32"),
+                g.create_array("ids", shape=(4,), dtype="int64")), "expected \\(5,\\)"),
+])  # fmt: skip
+def test_bad_stores(tmp_path, make, message):
+    make(zarr.open_group(str(tmp_path / "bad.zarr"), mode="w"))
+    with pytest.raises(StoreError, match=message):
+        FeatureStore.open(tmp_path / "bad.zarr")
+    with pytest.raises(StoreError, match="does not exist"):
+        FeatureStore.open(tmp_path / "missing.zarr")
+
+
+@pytest.mark.parametrize("device_pages", [0, 2])
+def test_page_cache_matches_a_dense_mirror(tmp_path, device_pages):
+    store, values = _store(tmp_path)
+    page_bytes = 10 * 8 * 4
+    cache = PageCache(store.features, host_budget=3 * page_bytes, device_budget=device_pages * page_bytes)
+    mirror = values.copy()
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        idx = rng.integers(0, 100, size=rng.integers(1, 12))
+        if rng.random() < 0.4:
+            new = rng.standard_normal((len(idx), 8)).astype(np.float32)
+            cache.set_rows(idx, new)
+            mirror[idx] = new  # last write wins for repeated indices, as in numpy
+        else:
+            assert np.array_equal(cache.get_rows(idx), mirror[idx])
+        assert cache.resident_bytes <= (3 + device_pages) * page_bytes
+    assert cache.stats["evictions"] > 0 and cache.stats["writebacks"] > 0
+    if device_pages:
+        assert len(cache.on_device) == device_pages
+        assert np.array_equal(cache.get_rows_tensor(np.arange(100)).numpy(), mirror)
+    # a scan sees dirty rows before they are written back
+    assert np.array_equal(np.concatenate([b for _, b in cache.scan(20)]), mirror)
+    cache.flush()
+    assert not cache.dirty
+    assert np.array_equal(store.read_rows(0, 100), mirror)
+
+
+def test_page_cache_budget_too_small(tmp_path):
+    store, _ = _store(tmp_path)
+    with pytest.raises(ConfigError, match="smallest budget that works is 320 bytes"):
+        PageCache(store.features, host_budget=100)
