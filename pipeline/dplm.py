@@ -1,0 +1,315 @@
+"""DPLM pseudo-positive mining (SSML-FD), dense reference and blockwise form.
+
+For row i of the dictionary M (N x D), with s_ij the exact similarity of
+``wildreid.knn`` and threshold t, min candidates l, adjacency a:
+
+1. sigma_i: i first, then the other rows by descending s_ij, ties by ascending id;
+2. C_i = 1 + #{j != i : s_ij >= t};  k_i = min(max(C_i, l), N);
+3. T_i = sigma_i[0:k_i];  A_i = sigma_i[0:a];
+4. G = M[A_i] M[A_i]^T with a zero diagonal; d_p = |G[0] - G[p]|; N_i = the k_i
+   entries of A_i with the smallest d (stable);
+5. node_i = {i} if C_i == 1 else {i} + (T_i & N_i);
+6. step = 1; for j < k_i: break when rank(i in sigma_{T_i[j]}) > k_i, else
+   step = max(step, j); then step = min(step + 1, C_i);
+7. positives_i = node_i & sigma_i[0:step], ascending.
+
+Blockwise, a graph row sigma_i[0:K] with K >= a + 1 (or K >= N) is enough for
+everything except a rank check whose j does not list i while k_i >= K: such
+(j, i) pairs are "pending" and need a counting pass (``knn.exact_ranks``).
+Only the checks j < min(k_i, a) matter: node_i lies in sigma_i[0:a], so once
+those pass, min(step + 1, C_i) already covers node_i (C_i >= a) or equals C_i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from wildreid.errors import ConfigError, StoreError
+from wildreid.knn import check_features, exact_ranks, knn_graph, similarity
+
+__all__ = [
+    "RowPlan",
+    "check_dplm_args",
+    "dplm_blockwise",
+    "dplm_dense",
+    "finish_rows",
+    "pending_ranks",
+    "plan_rows",
+    "pseudo_label_quality",
+]
+
+
+def check_dplm_args(*, n: int, graph_width: int | None, threshold: float, min_candidates: int, adjacency: int):
+    """ConfigError unless t in (-1, 1], l >= 1, a >= 1 and the graph width K >= a + 1 or K >= N."""
+    if not -1.0 < threshold <= 1.0:
+        raise ConfigError(f"expected a DPLM threshold in (-1, 1], found {threshold}")
+    if int(min_candidates) != min_candidates or min_candidates < 1:
+        raise ConfigError(f"expected min_candidates >= 1, found {min_candidates}")
+    if int(adjacency) != adjacency or adjacency < 1:
+        raise ConfigError(f"expected adjacency >= 1, found {adjacency}")
+    if graph_width is not None and graph_width < min(adjacency + 1, n):
+        raise ConfigError(
+            f"expected a k-NN graph of at least adjacency + 1 = {adjacency + 1} entries per row "
+            f"(or all {n} rows), found {graph_width}: rebuild the graph with a larger k"
+        )
+
+
+def _adjacency_order(x: np.ndarray) -> np.ndarray:
+    """Positions of A_i (rows of x, row 0 = i) by ascending d_p, stable (rule 4).
+
+    Dense and blockwise both call this on the same (|A_i|, D) rows, so G comes out
+    bit-identical whatever the blocking.
+    """
+    x = x.astype(np.float64)
+    g = x @ x.T
+    np.fill_diagonal(g, 0.0)
+    d = np.sqrt(((g[0] - g) ** 2).sum(axis=1))
+    return np.argsort(d, kind="stable")
+
+
+def _csr(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    indptr = np.zeros(len(lists) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(x) for x in lists])
+    indices = np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, np.int64)
+    return indptr, indices
+
+
+def dplm_dense(features, *, threshold: float = 0.6, min_candidates: int = 10, adjacency: int = 100):
+    """Reference DPLM over the full N x N similarity (tests, small N): CSR ``(indptr, indices)``."""
+    m = np.asarray(features)
+    check_features(m)
+    n = len(m)
+    check_dplm_args(n=n, graph_width=None, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
+    s = similarity(m, m)
+    first = np.where(np.eye(n, dtype=bool), np.inf, s)
+    sigma = np.lexsort((np.broadcast_to(np.arange(n), (n, n)), -first), axis=1)
+    rank = np.empty((n, n), dtype=np.int64)
+    np.put_along_axis(rank, sigma, np.broadcast_to(np.arange(n), (n, n)), axis=1)  # rank[j, i]: i in sigma_j
+    out = []
+    for i in range(n):
+        c = 1 + int(np.count_nonzero(s[i] >= threshold)) - int(s[i, i] >= threshold)
+        k = min(max(c, min_candidates), n)
+        t_i, a_i = sigma[i, :k], sigma[i, :adjacency]
+        n_i = a_i[_adjacency_order(m[a_i])[:k]]
+        node = {i} if c == 1 else {i} | (set(t_i.tolist()) & set(n_i.tolist()))
+        step = 1
+        for j in range(k):
+            if rank[t_i[j], i] > k:
+                break
+            step = max(step, j)
+        step = min(step + 1, c)
+        out.append(np.array(sorted(node & set(sigma[i, :step].tolist())), dtype=np.int64))
+    return _csr(out)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Per-row DPLM state of one block of rows, between ``plan_rows`` and ``finish_rows``.
+
+    Positions are positions in sigma_i (0 = i itself), up to a' = min(a, N).
+    ``ranks[b, p]`` is the known rank of row b in sigma_{sigma_b[p]} for p < ``stop[b]``,
+    -1 where pending; ``stop[b]`` is the first check that certainly breaks, else
+    min(k_i, a'). The ``pending_*`` arrays list the pairs (j, i, s_ji) whose rank is
+    still needed, with where they go (``pending_row``, ``pending_pos``).
+    """
+
+    rows: np.ndarray
+    width: int
+    sigma: np.ndarray
+    counts: np.ndarray
+    k: np.ndarray
+    node: np.ndarray
+    ranks: np.ndarray
+    stop: np.ndarray
+    pending_row: np.ndarray
+    pending_pos: np.ndarray
+    pending_j: np.ndarray
+    pending_i: np.ndarray
+    pending_sim: np.ndarray
+
+    @property
+    def n_pending(self) -> int:
+        return len(self.pending_j)
+
+
+def plan_rows(
+    rows,
+    graph_idx,
+    graph_sim,
+    counts,
+    neighbour_idx: Callable[[np.ndarray], np.ndarray],
+    features: Callable[[np.ndarray], np.ndarray],
+    *,
+    n: int,
+    threshold: float = 0.6,
+    min_candidates: int = 10,
+    adjacency: int = 100,
+) -> RowPlan:
+    """Rules 1-6 for one block of rows, as far as the stored graph allows.
+
+    ``rows`` (B,) row ids; ``graph_idx`` / ``graph_sim`` (B, K) their graph rows sigma_i[0:K];
+    ``counts`` (B,) C_i (1 + the summed ``knn_block`` counts); ``neighbour_idx(ids)`` the
+    (len(ids), K) graph rows of any ids; ``features(ids)`` the (len(ids), D) dictionary rows;
+    ``n`` the dictionary size. Each callable is called once, with unique ids.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    graph_idx = np.asarray(graph_idx, dtype=np.int64)
+    graph_sim = np.asarray(graph_sim, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.int64)
+    n_rows, width = graph_idx.shape if graph_idx.ndim == 2 else (len(rows), -1)
+    check_dplm_args(n=n, graph_width=width, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
+    if rows.shape != (n_rows,) or graph_sim.shape != graph_idx.shape or counts.shape != (n_rows,):
+        raise ConfigError(
+            f"expected rows (B,), graph rows (B, K) and counts (B,), found {rows.shape}, "
+            f"{graph_idx.shape}, {graph_sim.shape} and {counts.shape}"
+        )
+    span = min(adjacency, n)
+    sigma = graph_idx[:, :span]
+    if n_rows and (np.any(graph_idx[:, 0] != rows) or np.any(sigma < 0) or np.any(sigma >= n)):
+        raise StoreError(f"expected graph rows that start with their own id and list {span} rows, found otherwise")
+    if np.any(counts < 1) or np.any(counts > n):
+        raise StoreError(f"expected C_i = 1 + knn counts in [1, {n}], found {counts.min()}..{counts.max()}")
+    k = np.minimum(np.maximum(counts, min_candidates), n)
+    checks = np.minimum(k, span)
+
+    feat_ids, feat_at = np.unique(sigma, return_inverse=True)
+    feats = np.asarray(features(feat_ids))
+    check_features(feats, feat_ids)
+    look = np.arange(span)[None, :] < checks[:, None]
+    nbr_ids, nbr_at = np.unique(sigma[look], return_inverse=True)
+    nbr_rows = np.asarray(neighbour_idx(nbr_ids), dtype=np.int64)
+    if nbr_rows.shape != (len(nbr_ids), width):
+        raise StoreError(f"expected neighbour rows of shape {(len(nbr_ids), width)}, found {nbr_rows.shape}")
+    nbr_of = np.full(sigma.shape, -1, dtype=np.int64)
+    nbr_of[look] = nbr_at.reshape(-1)
+    feat_at = feat_at.reshape(sigma.shape)
+
+    node = np.zeros(sigma.shape, dtype=bool)
+    ranks = np.full(sigma.shape, -1, dtype=np.int64)
+    stop = checks.copy()
+    pending_row, pending_pos = [], []
+    for b in range(n_rows):
+        kb, mb = int(k[b]), int(checks[b])
+        node[b, 0] = True
+        if counts[b] > 1:
+            near = _adjacency_order(feats[feat_at[b]])[:kb]
+            node[b, near[near < kb]] = True
+        hit = nbr_rows[nbr_of[b, :mb]] == rows[b]
+        found = hit.any(axis=1)
+        pos = np.argmax(hit, axis=1)
+        ranks[b, :mb] = np.where(found, pos, -1)
+        breaks = np.where(found, pos > kb, kb < width)
+        if breaks.any():
+            stop[b] = int(np.argmax(breaks))
+        todo = np.flatnonzero(~found[: stop[b]])
+        pending_row.append(np.full(len(todo), b, dtype=np.int64))
+        pending_pos.append(todo)
+    p_row = np.concatenate(pending_row) if pending_row else np.zeros(0, np.int64)
+    p_pos = np.concatenate(pending_pos) if pending_pos else np.zeros(0, np.int64)
+    return RowPlan(
+        rows=rows, width=width, sigma=sigma, counts=counts, k=k, node=node, ranks=ranks, stop=stop,
+        pending_row=p_row, pending_pos=p_pos, pending_j=sigma[p_row, p_pos], pending_i=rows[p_row],
+        pending_sim=graph_sim[p_row, p_pos],
+    )  # fmt: skip
+
+
+def finish_rows(plan: RowPlan, exact_rank) -> tuple[np.ndarray, np.ndarray]:
+    """Rules 6-7 once pending ranks are known: local CSR ``(indptr, indices)`` of the block's rows.
+
+    ``exact_rank`` (P,) aligned with ``plan.pending_*``: the full rank of i in sigma_j,
+    i.e. 1 + the ``exact_ranks`` counts summed over every base block.
+    """
+    exact_rank = np.asarray(exact_rank, dtype=np.int64).reshape(-1)
+    if len(exact_rank) != plan.n_pending:
+        raise ConfigError(f"expected {plan.n_pending} exact ranks (one per pending pair), found {len(exact_rank)}")
+    if np.any(exact_rank < plan.width):
+        raise StoreError(
+            f"expected pending ranks >= the graph width {plan.width} (i is not in sigma_j[0:K]), "
+            f"found {exact_rank.min()}: were the counts summed over every base block and 1 added?"
+        )
+    ranks = plan.ranks.copy()
+    ranks[plan.pending_row, plan.pending_pos] = exact_rank
+    pos = np.arange(plan.sigma.shape[1])[None, :]
+    fails = (pos < plan.stop[:, None]) & (ranks > plan.k[:, None])
+    broke_at = np.where(fails.any(axis=1), np.argmax(fails, axis=1), plan.stop)
+    step = np.minimum(np.maximum(broke_at - 1, 1) + 1, plan.counts)
+    keep = plan.node & (pos < step[:, None])
+    return _csr([np.sort(plan.sigma[b, keep[b]]) for b in range(len(plan.rows))])
+
+
+def pending_ranks(plan: RowPlan, j_vectors: np.ndarray, base_blocks) -> np.ndarray:
+    """Exact ranks of the plan's pending pairs: 1 + counts over every ``(base_ids, base)`` block."""
+    rank = np.ones(plan.n_pending, dtype=np.int64)
+    if plan.n_pending:
+        for base_ids, base in base_blocks:
+            rank += exact_ranks(j_vectors, plan.pending_i, plan.pending_sim, base, base_ids, plan.pending_j)
+    return rank
+
+
+def dplm_blockwise(
+    features,
+    *,
+    k: int | None = None,
+    block_rows: int = 256,
+    block_base: int = 1024,
+    threshold: float = 0.6,
+    min_candidates: int = 10,
+    adjacency: int = 100,
+    margin: int = 16,
+    stats: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """DPLM through the blockwise functions, in memory, in the order an out-of-core run uses.
+
+    ``k`` is the graph width K (self included, default a + 1). If ``stats`` is a dict it
+    receives ``pending`` (pairs that needed a counting pass).
+    """
+    m = np.asarray(features)
+    n = len(m)
+    k = adjacency + 1 if k is None else k
+    check_dplm_args(n=n, graph_width=k, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
+    sim, idx, counts = knn_graph(m, k, threshold=threshold, block_rows=block_rows, block_base=block_base, margin=margin)
+    parts, pending = [], 0
+    for r0 in range(0, n, block_rows):
+        r1 = min(r0 + block_rows, n)
+        plan = plan_rows(
+            np.arange(r0, r1), idx[r0:r1], sim[r0:r1], counts[r0:r1], lambda ids: idx[ids], lambda ids: m[ids],
+            n=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency,
+        )  # fmt: skip
+        blocks = ((np.arange(b0, min(b0 + block_base, n)), m[b0 : b0 + block_base]) for b0 in range(0, n, block_base))
+        rank = pending_ranks(plan, m[plan.pending_j], blocks)
+        pending += plan.n_pending
+        parts.append(finish_rows(plan, rank))
+    if stats is not None:
+        stats["pending"] = pending
+    indices = [ind for _, ind in parts]
+    lengths = [np.diff(ptr) for ptr, _ in parts]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum(np.concatenate(lengths)) if lengths else []
+    return indptr, np.concatenate(indices) if indices else np.zeros(0, np.int64)
+
+
+def pseudo_label_quality(indptr, indices, ids) -> dict:
+    """Mean per-row precision and recall of the mined positives against vehicle ids.
+
+    precision_i: share of row i's positives with i's id; recall_i: share of all rows
+    with i's id (i included) that were mined. Ids of -1 mean unknown: precision and
+    recall are then None. ``mean_positives`` is always given.
+    """
+    indptr, indices, ids = (np.asarray(x, dtype=np.int64) for x in (indptr, indices, ids))
+    n = len(indptr) - 1
+    if n < 0 or len(ids) != n or indptr[0] != 0 or indptr[-1] != len(indices) or np.any(np.diff(indptr) < 0):
+        raise ConfigError(
+            f"expected a CSR of {len(ids)} rows over {len(indices)} indices, found indptr of length {len(indptr)}"
+        )
+    sizes = np.diff(indptr)
+    mean_positives = float(sizes.mean()) if n else 0.0
+    if n == 0 or np.any(ids < 0):
+        return {"precision": None, "recall": None, "mean_positives": mean_positives}
+    owner = np.repeat(np.arange(n), sizes)
+    same = np.bincount(owner, weights=ids[indices] == ids[owner], minlength=n)
+    _, inverse, per_id = np.unique(ids, return_inverse=True, return_counts=True)
+    precision = np.divide(same, sizes, out=np.zeros(n), where=sizes > 0)
+    recall = same / per_id[inverse]
+    return {"precision": float(precision.mean()), "recall": float(recall.mean()), "mean_positives": mean_positives}

@@ -1,0 +1,376 @@
+"""Exact blockwise k-nearest-neighbour graph over a feature dictionary.
+
+Pure functions over numpy arrays; the caller streams blocks from storage. The
+order of calls (``knn_graph`` runs it in memory) is:
+
+1. for every query block and every base block, ``knn_block`` gives that base
+   block's top-k others and threshold count per query row; fold the partial
+   top-k lists with ``merge_topk`` and sum the counts (C_i = 1 + the sum);
+2. ``with_self_first`` turns the merged others into the stored graph row
+   sigma_i[0:K] (self first);
+3. the pseudo-label miner may later ask for exact ranks of pending (j, i)
+   pairs: sum ``exact_ranks`` over every base block and add 1.
+
+Similarity is defined once, here: ``s_ij`` is the float64 dot product of the
+float64-upcast rows, summed in a fixed order (products padded with zeros to a
+power-of-two length, then summed as a balanced tree), so that it is a pure
+function of the two rows. BLAS dgemm is not: for float32 data it rounds the
+same pair differently depending on the shapes of the operands, which would make
+the graph depend on the blocking. For float16 rows whose norms multiply to less
+than 16 every summation order is exact (every partial sum is a multiple of
+2**-48 below 2**5), so dgemm is used there and gives the very same values.
+
+Float32 BLAS only proposes candidates; every similarity that decides an order,
+a threshold or a rank is the exact value above. Float32 values are trusted only
+outside a proven error band (``_slack``); whatever falls inside it is rescored.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+from wildreid.errors import ConfigError, StoreError
+
+__all__ = [
+    "check_features",
+    "exact_ranks",
+    "knn_block",
+    "knn_graph",
+    "knn_rows",
+    "merge_topk",
+    "pair_similarity",
+    "similarity",
+    "with_self_first",
+]
+
+_BUDGET = 1 << 22  # elements in one temporary array (32 MiB of float64)
+_NO_ID = np.iinfo(np.int64).max
+
+
+# ---------------------------------------------------------------- validation
+
+
+def check_features(block: np.ndarray, ids: np.ndarray | None = None, *, what: str = "feature") -> np.ndarray:
+    """Float64 row norms of a (n, D) float block; StoreError naming the first NaN/inf or zero row.
+
+    ``ids`` (global row ids of the block) only make the message point at the right row.
+    """
+    block = np.asarray(block)
+    if block.ndim != 2 or not np.issubdtype(block.dtype, np.floating):
+        raise StoreError(f"expected a 2-D float {what} block, found shape {block.shape} and dtype {block.dtype}")
+    x = block.astype(np.float64)
+    finite = np.isfinite(x).all(axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x)) if len(x) else np.zeros(0)
+    for bad, reason in ((~finite, "has NaN or inf values"), (finite & (norms == 0), "is all zeros")):
+        if bad.any():
+            r = int(np.argmax(bad))
+            row = int(ids[r]) if ids is not None else r
+            raise StoreError(
+                f"{what} row {row} {reason}; expected an L2-normalised row: re-extract the features of that image"
+            )
+    return norms
+
+
+def _ids(ids, n: int, name: str) -> np.ndarray:
+    out = np.asarray(ids)
+    if out.shape != (n,) or not np.issubdtype(out.dtype, np.integer):
+        raise ConfigError(f"expected {name} to be {n} integer ids, found shape {out.shape} and dtype {out.dtype}")
+    return out.astype(np.int64, copy=False)
+
+
+def _same_dim(a: np.ndarray, b: np.ndarray) -> None:
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise StoreError(f"expected two (n, D) blocks with the same D, found shapes {a.shape} and {b.shape}")
+
+
+# ---------------------------------------------------------- exact similarity
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return np.sqrt(np.einsum("ij,ij->i", x, x))
+
+
+def _order_free(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when every summation order gives the exact dot product (see the module docstring)."""
+    if a.dtype != np.float16 or b.dtype != np.float16 or not len(a) or not len(b):
+        return False
+    return float(_norms(a).max()) * float(_norms(b).max()) < 16.0
+
+
+def _tree_dot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Dot products over the last axis of broadcast float64 x * y, in the fixed tree order."""
+    d = x.shape[-1]
+    width = 1 << max(d - 1, 0).bit_length()
+    p = np.zeros(np.broadcast_shapes(x.shape[:-1], y.shape[:-1]) + (width,))
+    np.multiply(x, y, out=p[..., :d])
+    while width > 1:
+        width //= 2
+        np.add(p[..., :width], p[..., width : 2 * width], out=p[..., :width])
+    return p[..., 0].copy()
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """s = a . b^T as float64 (len(a), len(b)), the same bits for a pair whatever the blocks."""
+    a, b = np.asarray(a), np.asarray(b)
+    _same_dim(a, b)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    if _order_free(a, b):
+        return a64 @ b64.T
+    out = np.empty((len(a), len(b)))
+    step_b = max(1, _BUDGET // max(1, 2 * a.shape[1]))
+    for c0 in range(0, len(b), step_b):
+        bc = b64[c0 : c0 + step_b]
+        step_a = max(1, _BUDGET // max(1, 2 * a.shape[1] * len(bc)))
+        for r0 in range(0, len(a), step_a):
+            out[r0 : r0 + step_a, c0 : c0 + step_b] = _tree_dot(a64[r0 : r0 + step_a, None, :], bc[None, :, :])
+    return out
+
+
+def _pairs(a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray) -> np.ndarray:
+    """Exact s(a[ra[p]], b[rb[p]]) for every p, gathered chunk by chunk."""
+    out = np.empty(len(ra))
+    step = max(1, _BUDGET // max(1, 2 * a.shape[1]))
+    for p0 in range(0, len(ra), step):
+        x, y = a[ra[p0 : p0 + step]], b[rb[p0 : p0 + step]]
+        free = _order_free(x, y)
+        x, y = x.astype(np.float64), y.astype(np.float64)
+        out[p0 : p0 + step] = np.einsum("ij,ij->i", x, y) if free else _tree_dot(x, y)
+    return out
+
+
+def pair_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """s(a[p], b[p]) for aligned rows, bit-identical to ``similarity``; use it for s_ii."""
+    a, b = np.asarray(a), np.asarray(b)
+    _same_dim(a, b)
+    if len(a) != len(b):
+        raise ConfigError(f"expected as many rows in a as in b, found {len(a)} and {len(b)}")
+    rows = np.arange(len(a))
+    return _pairs(a, rows, b, rows)
+
+
+def _slack(d: int, na: np.ndarray, nb_max: float) -> np.ndarray:
+    """Upper bound of |float32 BLAS dot - exact float64 dot| per query row.
+
+    sgemm in any order (FMA included) is within D*2^-24 * |a||b| of the real dot
+    product; rounding float64 inputs to float32 adds 2*2^-24 and the exact
+    kernel itself is within D*2^-53; the absolute term covers underflow.
+    """
+    rel = 1.01 * ((d + 4) * 2.0**-24 + (d + 4) * 2.0**-53)
+    return rel * na * nb_max + d * 2.0**-100
+
+
+def _floor32(x: np.ndarray) -> np.ndarray:
+    """Largest float32 <= x, so that float32 s > x  <=>  s > _floor32(x)."""
+    t = np.asarray(x, np.float64).astype(np.float32)
+    return np.where(t.astype(np.float64) > x, np.nextafter(t, np.float32(-np.inf)), t)
+
+
+def _ceil32(x: np.ndarray) -> np.ndarray:
+    """Smallest float32 >= x, so that float32 s >= x  <=>  s >= _ceil32(x)."""
+    t = np.asarray(x, np.float64).astype(np.float32)
+    return np.where(t.astype(np.float64) < x, np.nextafter(t, np.float32(np.inf)), t)
+
+
+# ------------------------------------------------------------------ top-k
+
+
+def _rowwise_topk(n_rows: int, r: np.ndarray, sims: np.ndarray, ids: np.ndarray, k: int):
+    """(sim desc, id asc) top-k per row of a (row, sim, id) list; -inf / -1 padding."""
+    out_sim = np.full((n_rows, k), -np.inf)
+    out_idx = np.full((n_rows, k), -1, dtype=np.int64)
+    order = np.lexsort((ids, -sims, r))
+    r, sims, ids = r[order], sims[order], ids[order]
+    rank = np.arange(len(r)) - np.searchsorted(r, r, side="left")
+    keep = rank < k
+    out_sim[r[keep], rank[keep]] = sims[keep]
+    out_idx[r[keep], rank[keep]] = ids[keep]
+    return out_sim, out_idx
+
+
+def _self_mask(query_ids: np.ndarray, base_ids: np.ndarray):
+    """(rows, cols) where a query row meets its own id in the base block."""
+    order = np.argsort(base_ids, kind="stable")
+    pos = np.minimum(np.searchsorted(base_ids[order], query_ids), max(len(base_ids) - 1, 0))
+    hit = base_ids[order][pos] == query_ids if len(base_ids) else np.zeros(len(query_ids), bool)
+    rows = np.flatnonzero(hit)
+    return rows, order[pos[rows]]
+
+
+def knn_block(query, query_ids, base, base_ids, k: int, threshold: float, *, margin: int = 16):
+    """Top-k others of one base block for each query row, and the threshold count.
+
+    Returns ``(sim (B, k) float64, idx (B, k) int64, count (B,) int64)``: the k base rows
+    with the highest exact similarity, ties by ascending id, the query row's own id
+    excluded; padded with -inf / -1 when the block has fewer than k other rows.
+    ``count`` is #{base rows other than self with s >= threshold}.
+
+    FAISS/BLAS float32 proposes ``k + margin`` candidates, rescored exactly. A row
+    falls back to the exact path (every base row whose float32 score is within
+    ``_slack`` of the k-th exact similarity is rescored) when a non-candidate could
+    still tie or beat the k-th candidate; counts are exact the same way.
+    """
+    query, base = np.asarray(query), np.asarray(base)
+    _same_dim(query, base)
+    qids = _ids(query_ids, len(query), "query_ids")
+    bids = _ids(base_ids, len(base), "base_ids")
+    if int(k) != k or k < 0 or margin < 0:
+        raise ConfigError(f"expected k >= 0 and margin >= 0, found k={k} and margin={margin}")
+    n_q, n_b, k = len(query), len(base), int(k)
+    qn = check_features(query, qids, what="query")
+    bn = check_features(base, bids, what="base")
+    sim = np.full((n_q, k), -np.inf)
+    idx = np.full((n_q, k), -1, dtype=np.int64)
+    count = np.zeros(n_q, dtype=np.int64)
+    if n_q == 0 or n_b == 0:
+        return sim, idx, count
+
+    scores = query.astype(np.float32) @ base.astype(np.float32).T
+    self_r, self_c = _self_mask(qids, bids)
+    scores[self_r, self_c] = -np.inf
+    eps = _slack(query.shape[1], qn, float(bn.max()))
+
+    # count: float32 above t + eps is certain, below t - eps is certainly out, the band is rescored
+    hi, lo = _floor32(threshold + eps), _ceil32(threshold - eps)
+    count += np.count_nonzero(scores > hi[:, None], axis=1)
+    r, c = np.nonzero((scores >= lo[:, None]) & (scores <= hi[:, None]))
+    exact = _pairs(query, r, base, c)
+    count += np.bincount(r, weights=exact >= threshold, minlength=n_q).astype(np.int64)
+    if k == 0:
+        return sim, idx, count
+
+    width = min(k + margin, n_b)
+    heap = faiss.ResultHeap(n_q, width, keep_max=True)
+    heap.add_result_subset(np.arange(n_q), scores, np.arange(n_b))
+    heap.finalize()
+    r, slot = np.nonzero(heap.I >= 0)
+    c = heap.I[r, slot]
+    sim, idx = _rowwise_topk(n_q, r, _pairs(query, r, base, c), bids[c], k)
+
+    # a row is unsafe when a non-candidate (float32 <= the last candidate's) may reach the k-th exact value
+    others = n_b - np.bincount(self_r, minlength=n_q)
+    unsafe = np.flatnonzero((others > width) & (heap.D[:, -1].astype(np.float64) + eps >= sim[:, -1]))
+    if len(unsafe):
+        cut = _ceil32(sim[unsafe, -1] - eps[unsafe])
+        r, c = np.nonzero(scores[unsafe] >= cut[:, None])
+        exact = _pairs(query, unsafe[r], base, c)
+        sim[unsafe], idx[unsafe] = _rowwise_topk(len(unsafe), r, exact, bids[c], k)
+    return sim, idx, count
+
+
+def merge_topk(sim_a, idx_a, sim_b, idx_b, k: int):
+    """Merge two partial top-k results (disjoint base blocks) by (sim desc, id asc), -1 padding last."""
+    sim = np.concatenate([np.asarray(sim_a, np.float64), np.asarray(sim_b, np.float64)], axis=1)
+    idx = np.concatenate([np.asarray(idx_a, np.int64), np.asarray(idx_b, np.int64)], axis=1)
+    sim = np.where(idx < 0, -np.inf, sim)
+    order = np.lexsort((np.where(idx < 0, _NO_ID, idx), -sim), axis=1)[:, :k]
+    sim, idx = np.take_along_axis(sim, order, 1), np.take_along_axis(idx, order, 1)
+    pad = k - sim.shape[1]
+    if pad > 0:
+        sim = np.pad(sim, ((0, 0), (0, pad)), constant_values=-np.inf)
+        idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
+    return sim, idx
+
+
+def with_self_first(rows, sim, idx, self_sim, *, width: int | None = None):
+    """Graph rows sigma_i[0:width]: (rows, self_sim) first, then the merged others.
+
+    ``width`` defaults to ``1 + idx.shape[1]``; ``self_sim`` is best ``pair_similarity(x, x)``
+    (s_ii, stored for completeness: nothing downstream orders by it).
+    """
+    rows = _ids(rows, len(idx), "rows")
+    width = idx.shape[1] + 1 if width is None else width
+    out_idx = np.concatenate([rows[:, None], np.asarray(idx, np.int64)], axis=1)[:, :width]
+    out_sim = np.concatenate([np.asarray(self_sim, np.float64)[:, None], sim], axis=1)[:, :width]
+    return out_sim, out_idx
+
+
+def exact_ranks(j_vectors, i_ids, s_ji, base, base_ids, j_ids, *, chunk: int = _BUDGET) -> np.ndarray:
+    """Per pending pair p = (j, i): #{r in this base block, r != j : s_jr > s_ji or (s_jr == s_ji and r < i)}.
+
+    ``j_vectors`` (P, D) are the rows of j (aligned with the pairs), ``s_ji`` the exact
+    similarities (from the graph). Summed over all base blocks, plus 1, this is the
+    rank of i in sigma_j. Float32 BLAS settles every base row outside the error band;
+    rows inside it are compared with exact values.
+    """
+    j_vectors, base = np.asarray(j_vectors), np.asarray(base)
+    _same_dim(j_vectors, base)
+    n_p = len(j_vectors)
+    i_ids, j_ids = _ids(i_ids, n_p, "i_ids"), _ids(j_ids, n_p, "j_ids")
+    bids = _ids(base_ids, len(base), "base_ids")
+    s_ji = np.asarray(s_ji, np.float64)
+    if s_ji.shape != (n_p,):
+        raise ConfigError(f"expected {n_p} similarities s_ji, found shape {s_ji.shape}")
+    out = np.zeros(n_p, dtype=np.int64)
+    if n_p == 0 or len(base) == 0:
+        return out
+    bn = check_features(base, bids, what="base")
+    base32 = base.astype(np.float32)
+    uniq, first, group = np.unique(j_ids, return_index=True, return_inverse=True)
+    vecs = j_vectors[first]
+    eps = _slack(base.shape[1], check_features(vecs, uniq, what="query"), float(bn.max()))
+    by_group = np.argsort(group, kind="stable")
+    starts = np.searchsorted(group[by_group], np.arange(len(uniq) + 1))
+    rows_per = max(1, chunk // len(base))
+    for g0 in range(0, len(uniq), rows_per):
+        g1 = min(g0 + rows_per, len(uniq))
+        scores = vecs[g0:g1].astype(np.float32) @ base32.T
+        sr, sc = _self_mask(uniq[g0:g1], bids)
+        scores[sr, sc] = -np.inf
+        pairs = by_group[starts[g0] : starts[g1]]
+        for p0 in range(0, len(pairs), rows_per):
+            p = pairs[p0 : p0 + rows_per]
+            g = group[p] - g0
+            rows = scores[g]
+            hi = _floor32(s_ji[p] + eps[group[p]])
+            lo = _ceil32(s_ji[p] - eps[group[p]])
+            out[p] = np.count_nonzero(rows > hi[:, None], axis=1)
+            br, bc = np.nonzero((rows >= lo[:, None]) & (rows <= hi[:, None]))
+            exact = _pairs(vecs, group[p][br], base, bc)
+            s, i = s_ji[p][br], i_ids[p][br]
+            ahead = (exact > s) | ((exact == s) & (bids[bc] < i))
+            out[p] += np.bincount(br, weights=ahead, minlength=len(p)).astype(np.int64)
+    return out
+
+
+def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin: int = 16):
+    """Graph rows sigma_i[0:k] and C_i of one query block against every base block.
+
+    ``base_blocks`` yields ``(base_ids, base)`` covering the whole dictionary once
+    (streamed from storage by the caller). Returns ``(sim (B, k), idx (B, k), counts (B,))``.
+    """
+    check_features(query, query_ids)
+    sim = np.full((len(query), k - 1), -np.inf)
+    idx = np.full((len(query), k - 1), -1, dtype=np.int64)
+    count = np.ones(len(query), dtype=np.int64)
+    for base_ids, base in base_blocks:
+        s, i, c = knn_block(query, query_ids, base, base_ids, k - 1, threshold, margin=margin)
+        sim, idx = merge_topk(sim, idx, s, i, k - 1)
+        count += c
+    sim, idx = with_self_first(query_ids, sim, idx, pair_similarity(query, query))
+    return sim, idx, count
+
+
+def knn_graph(features, k: int, *, threshold: float, block_rows: int = 1024, block_base: int = 4096, margin: int = 16):
+    """In-memory driver (and the reference call order): graph rows sigma_i[0:k] and C_i.
+
+    Returns ``(sim (N, k) float64, idx (N, k) int64, counts (N,) int64)`` with self
+    first in every row, -1 / -inf padding when k > N, and counts = C_i =
+    1 + #{j != i : s_ij >= threshold}.
+    """
+    features = np.asarray(features)
+    if int(k) != k or k < 1 or block_rows < 1 or block_base < 1:
+        raise ConfigError(f"expected k, block_rows, block_base >= 1, found {k}, {block_rows}, {block_base}")
+    n = len(features)
+    check_features(features)
+    blocks = [(np.arange(b0, min(b0 + block_base, n)), features[b0 : b0 + block_base]) for b0 in range(0, n, block_base)]
+    sims, idxs, counts = [], [], []
+    for q0 in range(0, n, block_rows):
+        q, qids = features[q0 : q0 + block_rows], np.arange(q0, min(q0 + block_rows, n))
+        sim, idx, count = knn_rows(q, qids, blocks, k, threshold=threshold, margin=margin)
+        sims.append(sim)
+        idxs.append(idx)
+        counts.append(count)
+    if not sims:
+        return np.zeros((0, k)), np.zeros((0, k), np.int64), np.zeros(0, np.int64)
+    return np.concatenate(sims), np.concatenate(idxs), np.concatenate(counts)

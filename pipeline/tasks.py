@@ -1,0 +1,54 @@
+"""Running a list of independent block tasks on dask: local threads or a dask.distributed cluster.
+
+Every task is a plain function call whose result is small (the data goes to
+the store, not through the scheduler), so the same graph runs anywhere that
+sees the store's path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import dask
+from dask.callbacks import Callback
+
+__all__ = ["run_tasks"]
+
+
+class _Progress(Callback):
+    def __init__(self, on_done: Callable[[], None]):
+        super().__init__()
+        self.on_done = on_done
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        if isinstance(key, tuple) and str(key[0]).startswith("wildreid-"):
+            self.on_done()
+
+
+def run_tasks(
+    name: str,
+    calls: Sequence[tuple[Callable, tuple]],
+    *,
+    scheduler: str | None = None,
+    workers: int = 2,
+    on_done: Callable[[], None] = lambda: None,
+) -> list:
+    """Run ``fn(*args)`` for every (fn, args) as one dask task each; results in order.
+
+    ``scheduler`` None runs on local threads (``workers`` of them); otherwise it
+    is the address of a dask.distributed scheduler (e.g. tcp://host:8786).
+    """
+    if not calls:
+        return []
+    tasks = [dask.delayed(fn, pure=False)(*args, dask_key_name=(f"wildreid-{name}", i))
+             for i, (fn, args) in enumerate(calls)]  # fmt: skip
+    if scheduler is None:
+        with _Progress(on_done):
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+    from distributed import Client, as_completed
+
+    with Client(scheduler) as client:
+        futures = client.compute(tasks)
+        for _ in as_completed(futures):
+            on_done()
+        return client.gather(futures)

@@ -1,0 +1,127 @@
+"""DPLM: the blockwise path against the dense N x N reference, edge cases and the quality metric."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from wildreid.dplm import dplm_blockwise, dplm_dense, finish_rows, plan_rows, pseudo_label_quality
+from wildreid.errors import ConfigError, StoreError
+from wildreid.knn import knn_graph
+
+
+def clustered(seed: int, *, dtype=np.float16, clusters: int = 40, dim: int = 32, noise: float = 0.5, dups: int = 0):
+    """L2-normalised rows around random centres (mixed cluster sizes, one singleton), shuffled."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 25, clusters)
+    sizes[0] = 1
+    x = np.repeat(rng.standard_normal((clusters, dim)), sizes, axis=0)
+    x += noise * rng.standard_normal(x.shape)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = x.astype(dtype)
+    if dups:
+        x = np.concatenate([x, x[rng.integers(0, len(x), dups)], np.repeat(x[:1], 30, axis=0)])
+    return x[rng.permutation(len(x))]
+
+
+def assert_same(a, b):
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+# (threshold, adjacency, K, noise, pending expected): sparse neighbourhoods, then C_i > K for many rows
+REGIMES = {
+    "sparse": (0.6, 100, 101, 0.5, False),
+    "low-threshold": (0.2, 10, 11, 0.5, True),
+    "tight-clusters": (0.6, 10, 11, 0.15, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("dups", [0, 40])
+def test_blockwise_equals_dense(dtype, regime, dups):
+    threshold, adjacency, k, noise, pending = REGIMES[regime]
+    x = clustered(10, dtype=dtype, noise=noise, dups=dups)
+    args = {"threshold": threshold, "min_candidates": 10, "adjacency": adjacency}
+    dense = dplm_dense(x, **args)
+    for block_rows, block_base in [(37, 53), (128, 1000)]:
+        stats = {}
+        assert_same(dplm_blockwise(x, k=k, block_rows=block_rows, block_base=block_base, stats=stats, **args), dense)
+        assert (stats["pending"] > 0) == pending
+    if pending:
+        counts = knn_graph(x, k, threshold=threshold)[2]
+        assert np.mean(counts > k) > 0.2
+
+
+@pytest.mark.parametrize(
+    ("n", "adjacency", "min_candidates", "k"),
+    [(30, 100, 10, None), (6, 100, 10, 6), (6, 3, 10, 4), (1, 5, 10, None), (40, 5, 50, 6)],
+)
+def test_small_dictionaries(n, adjacency, min_candidates, k):
+    x = clustered(11, clusters=6, dups=10)[:n]
+    args = {"threshold": 0.6, "min_candidates": min_candidates, "adjacency": adjacency}
+    assert_same(dplm_blockwise(x, k=k, block_rows=4, block_base=7, **args), dplm_dense(x, **args))
+
+
+def test_isolated_row_keeps_only_itself():
+    rng = np.random.default_rng(12)
+    x = np.concatenate([np.eye(8)[:1], 0.3 * np.eye(8)[1:2] + rng.normal(0, 0.05, (20, 8))])
+    x[:, 0] = np.abs(x[:, 0]) * 0.01  # nothing else passes t = 0.6 with row 0
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    indptr, indices = dplm_blockwise(x, block_rows=5, block_base=6)
+    assert indices[indptr[0] : indptr[1]].tolist() == [0]
+    assert_same((indptr, indices), dplm_dense(x))
+
+
+def test_finish_rows_checks_the_exact_ranks():
+    x = clustered(13, noise=0.15)
+    sim, idx, counts = knn_graph(x, 11, threshold=0.6)
+    plan = plan_rows(
+        np.arange(len(x)), idx, sim, counts, lambda ids: idx[ids], lambda ids: x[ids],
+        n=len(x), threshold=0.6, min_candidates=10, adjacency=10,
+    )  # fmt: skip
+    assert plan.n_pending > 0
+    with pytest.raises(ConfigError, match="exact ranks"):
+        finish_rows(plan, np.zeros(plan.n_pending + 1))
+    with pytest.raises(StoreError, match="1 added"):
+        finish_rows(plan, np.full(plan.n_pending, 10))
+
+
+@pytest.mark.parametrize(("row", "value", "match"), [(4, np.nan, "row 4 has NaN"), (7, 0.0, "row 7 is all zeros")])
+def test_bad_rows(row, value, match):
+    x = clustered(14, dtype=np.float32).copy()
+    x[row] = value
+    with pytest.raises(StoreError, match=match):
+        dplm_blockwise(x)
+    with pytest.raises(StoreError, match=match):
+        dplm_dense(x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": 10, "adjacency": 10}, "at least adjacency \\+ 1 = 11"),
+        ({"threshold": -1.0}, "threshold"),
+        ({"threshold": 1.5}, "threshold"),
+        ({"min_candidates": 0}, "min_candidates"),
+        ({"adjacency": 0}, "adjacency"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        dplm_blockwise(clustered(15), **kwargs)
+
+
+def test_pseudo_label_quality():
+    ids = np.array([0, 0, 0, 1, 1])
+    # row 0 mines {0, 1, 3}, rows 1-4 mine only themselves
+    indptr = np.array([0, 3, 4, 5, 6, 7])
+    indices = np.array([0, 1, 3, 1, 2, 3, 4])
+    q = pseudo_label_quality(indptr, indices, ids)
+    assert q["precision"] == pytest.approx((2 / 3 + 4) / 5)
+    assert q["recall"] == pytest.approx((2 / 3 + 1 / 3 + 1 / 3 + 1 / 2 + 1 / 2) / 5)
+    assert q["mean_positives"] == pytest.approx(7 / 5)
+    unknown = pseudo_label_quality(indptr, indices, np.array([0, 0, -1, 1, 1]))
+    assert unknown == {"precision": None, "recall": None, "mean_positives": pytest.approx(7 / 5)}
+    with pytest.raises(ConfigError):
+        pseudo_label_quality(indptr, indices, ids[:4])
