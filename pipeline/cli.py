@@ -187,6 +187,40 @@ def inspect(
         print(json.dumps({r["split"]: r for r in rows}, sort_keys=True))
 
 
+@app.command()
+@friendly
+def mine(
+    store: Path = typer.Option(..., help="Feature store (Zarr group with features (N, D))."),
+    k: int = typer.Option(101, help="k-NN graph width K, self included (>= adjacency + 1)."),
+    threshold: float = typer.Option(0.6, help="DPLM similarity threshold t."),
+    min_candidates: int = typer.Option(10, help="DPLM minimum candidates l."),
+    adjacency: int = typer.Option(100, help="DPLM adjacency size a."),
+    memory_budget: Optional[str] = typer.Option(None, help="Working-set bound, e.g. 512MiB (default: 1/4 of free memory)."),
+    workers: int = typer.Option(2, help="Concurrent block tasks (local threads)."),
+    scheduler: Optional[str] = typer.Option(None, help="dask.distributed scheduler address (default: local threads)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
+):
+    """Mine DPLM positives out of core: blockwise exact k-NN graph, then the rules (resumable)."""
+    from wildreid.mining import MineParams, mine as run_mine
+
+    params = MineParams(k=k, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
+    budget = parse_bytes(memory_budget) if memory_budget else None
+    with RichProgress() as progress:
+        report = run_mine(str(store), params, memory_budget=budget, workers=workers, scheduler=scheduler,
+                          progress=progress)  # fmt: skip
+    table = Table(title=f"DPLM positives of {store}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("n", "dim", "mean_positives", "precision", "recall", "pending_pairs", "knn_s", "rules_s", "total_s"):
+        value = report.get(key)
+        table.add_row(key, "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
+    table.add_row("peak RSS", format_bytes(report["peak_rss_bytes"]))
+    table.add_row("memory budget", format_bytes(report["memory_budget_bytes"]))
+    out.print(table)
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -38,6 +38,7 @@ __all__ = [
     "pending_ranks",
     "plan_rows",
     "pseudo_label_quality",
+    "quality_sums",
 ]
 
 
@@ -288,6 +289,24 @@ def dplm_blockwise(
     indptr = np.zeros(n + 1, dtype=np.int64)
     indptr[1:] = np.cumsum(np.concatenate(lengths)) if lengths else []
     return indptr, np.concatenate(indices) if indices else np.zeros(0, np.int64)
+
+
+def quality_sums(rows, indptr, indices, ids, id_sizes) -> dict:
+    """Sums over ``rows`` of per-row precision and recall (see :func:`pseudo_label_quality`).
+
+    ``indptr``/``indices`` is the CSR of these rows only; ``ids`` covers the whole
+    set and ``id_sizes[v]`` is how many rows have id v. Sums, not means, so blocks add up.
+    """
+    rows, indptr, indices, ids = (np.asarray(x, dtype=np.int64) for x in (rows, indptr, indices, ids))
+    sizes = np.diff(indptr)
+    out = {"rows": len(rows), "positives": int(sizes.sum()), "precision": None, "recall": None}
+    if len(rows) == 0 or np.any(ids < 0):
+        return out
+    owner = np.repeat(np.arange(len(rows)), sizes)
+    same = np.bincount(owner, weights=ids[indices] == ids[rows[owner]], minlength=len(rows))
+    out["precision"] = float(np.divide(same, sizes, out=np.zeros(len(rows)), where=sizes > 0).sum())
+    out["recall"] = float((same / np.asarray(id_sizes)[ids[rows]]).sum())
+    return out
 
 
 def pseudo_label_quality(indptr, indices, ids) -> dict:

@@ -1,0 +1,275 @@
+"""Out-of-core DPLM: the k-NN graph and the positives of a feature store, block by block on dask.
+
+Stages, each resumable (a block's outputs are whole Zarr chunks, written
+atomically, and a per-block flag is set after them):
+
+1. ``knn``: one task per query block streams the dictionary and writes
+   ``knn/indices``, ``knn/similarities`` and ``knn/counts`` for its rows;
+2. ``rules``: one task per row block applies the DPLM rules (pure functions in
+   :mod:`wildreid.dplm`), runs the exact counting pass for its pending pairs,
+   and writes its positives to ``positives/parts/<block>``;
+3. ``assemble``: the parts are concatenated into ``positives/indptr`` and
+   ``positives/indices`` and removed.
+
+A fingerprint of the dictionary and the parameters is kept in each group's
+attributes; results of another dictionary or other parameters are discarded,
+never mixed in.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import zarr
+
+from wildreid.budget import default_budget, peak_rss_bytes
+from wildreid.dplm import check_dplm_args, finish_rows, pending_ranks, plan_rows, quality_sums
+from wildreid.errors import ConfigError, StoreError
+from wildreid.knn import knn_rows
+from wildreid.stores import FeatureStore, PageCache
+from wildreid.tasks import run_tasks
+
+__all__ = ["MineParams", "block_plan", "mine"]
+
+GRAPH_CHUNK_ROWS = 1024
+_FIXED_BYTES = 96 << 20  # faiss/numpy temporaries of one task that do not scale with the blocks
+
+
+@dataclass(frozen=True)
+class MineParams:
+    k: int = 101  # graph width K, self included (>= adjacency + 1)
+    threshold: float = 0.6
+    min_candidates: int = 10
+    adjacency: int = 100
+    margin: int = 16
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    query_rows: int  # rows per k-NN task (whole graph chunks)
+    base_rows: int  # dictionary rows streamed per step
+    rule_rows: int  # rows per rules task
+    cache_bytes: int  # page cache of one worker process
+    workers: int
+
+
+def block_plan(n: int, dim: int, itemsize: int, k: int, adjacency: int, budget: int, workers: int) -> BlockPlan:
+    """Block sizes that keep ``workers`` concurrent tasks and the page cache inside ``budget`` bytes."""
+    chunk = min(GRAPH_CHUNK_ROWS, max(n, 1))
+    page = min(n, max(1, (16 << 20) // (dim * itemsize))) * dim * itemsize
+    cache = max(page, budget // 5)
+    task = (budget - cache) // workers - _FIXED_BYTES
+    query = chunk
+    per_base_row = query * 24 + dim * (itemsize + 12)  # float32 scores and masks, the row itself and its copies
+    base = (task - query * (dim * 16 + k * 24)) // per_base_row if task > 0 else 0
+    if base < min(64, n):
+        per_task = _FIXED_BYTES + query * (dim * 16 + k * 24) + min(64, n) * per_base_row
+        smallest = cache + workers * per_task
+        raise ConfigError(f"memory budget of {budget >> 20} MiB cannot hold one block of {dim}-d rows with "
+                          f"{workers} worker(s); the smallest budget that works is {-(-smallest >> 20)} MiB")  # fmt: skip
+    base = int(min(base, n, 65536))
+    rule_bytes = adjacency * (k * 8 + dim * (itemsize + 16)) + k * 32
+    rule = int(max(16, min(4096, (task // 2) // rule_bytes)))
+    return BlockPlan(query, base, rule, int(cache), workers)
+
+
+# --------------------------------------------------------------------------- store layout
+
+
+def _fingerprint(store: FeatureStore, params: MineParams, plan: BlockPlan, stage: str) -> dict:
+    out = {"store": store.fingerprint(), "params": asdict(params)}
+    if stage == "rules":
+        out["rule_rows"] = plan.rule_rows
+    return out
+
+
+def _ensure_group(store: FeatureStore, name: str, fingerprint: dict) -> tuple[zarr.Group, bool]:
+    """The group ``name``, emptied first if it was computed from something else; and whether it is complete."""
+    root = store.group
+    if name in root:
+        group = root[name]
+        if dict(group.attrs).get("fingerprint") == fingerprint:
+            return group, bool(group.attrs.get("complete", False))
+        shutil.rmtree(store.path / name, ignore_errors=True)
+        root = zarr.open_group(str(store.path), mode="r+")
+    group = root.create_group(name)
+    group.attrs["fingerprint"] = fingerprint
+    group.attrs["complete"] = False
+    return group, False
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: WILDREID_CRASH_AT=<name> kills the process (SIGKILL) right here."""
+    if os.environ.get("WILDREID_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _base_blocks(store: FeatureStore, base_rows: int):
+    for start in range(0, store.count(), base_rows):
+        stop = min(start + base_rows, store.count())
+        # the stored dtype, not a cast: exact similarity depends on the bits (see wildreid.knn)
+        yield np.arange(start, stop), np.asarray(store.features[start:stop])
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:
+    store = FeatureStore.open(path, mode="r+")
+    graph = store.group["knn"]
+    q0 = block * plan.query_rows
+    q1 = min(q0 + plan.query_rows, store.count())
+    query = np.asarray(store.features[q0:q1])
+    sim, idx, counts = knn_rows(query, np.arange(q0, q1), _base_blocks(store, plan.base_rows), params.k,
+                                threshold=params.threshold, margin=params.margin)  # fmt: skip
+    graph["indices"][q0:q1] = idx
+    graph["similarities"][q0:q1] = sim
+    graph["counts"][q0:q1] = counts
+    graph["done"][block] = 1
+    _crash_point(f"knn:{block}")
+    return block
+
+
+_CACHES: dict[tuple, PageCache] = {}
+
+
+def _cache(store: FeatureStore, name: str, budget: int) -> PageCache:
+    """One page cache per array per worker process, shared by its threads."""
+    key = (str(store.path), name, repr(store.fingerprint()), budget)
+    if key not in _CACHES:
+        array = store.group[name]
+        budget = max(budget, array.chunks[0] * array.shape[1] * array.dtype.itemsize)
+        _CACHES.clear()  # another store or dictionary: the old pages are of no use
+        _CACHES[key] = PageCache(array, host_budget=budget, dtype=array.dtype)
+    return _CACHES[key]
+
+
+def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> dict:
+    store = FeatureStore.open(path, mode="r+")
+    n = store.count()
+    graph = store.group["knn"]
+    r0, r1 = block * plan.rule_rows, min((block + 1) * plan.rule_rows, n)
+    features = _cache(store, "features", plan.cache_bytes // 2)
+    neighbours = _cache(store, "knn/indices", plan.cache_bytes // 2)
+    row_plan = plan_rows(
+        np.arange(r0, r1), graph["indices"][r0:r1], graph["similarities"][r0:r1], graph["counts"][r0:r1],
+        neighbours.get_rows, features.get_rows, n=n, threshold=params.threshold,
+        min_candidates=params.min_candidates, adjacency=params.adjacency,
+    )  # fmt: skip
+    ranks = pending_ranks(row_plan, features.get_rows(row_plan.pending_j), _base_blocks(store, plan.base_rows))
+    indptr, indices = finish_rows(row_plan, ranks)
+    ids = store.ids()
+    quality = quality_sums(np.arange(r0, r1), indptr, indices, ids, np.bincount(np.maximum(ids, 0)))
+    part = zarr.open_group(str(store.path / "positives" / "parts"), mode="a").create_group(f"{block:06d}", overwrite=True)
+    part.create_array("counts", data=np.diff(indptr), chunks=(max(1, r1 - r0),))
+    part.create_array("indices", data=indices if len(indices) else np.zeros(0, np.int64), chunks=(max(1, len(indices)),))
+    part.attrs["quality"] = {**quality, "pending": row_plan.n_pending}
+    part.attrs["complete"] = True
+    _crash_point(f"rules:{block}")
+    return block
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def mine(
+    path: str,
+    params: MineParams = MineParams(),
+    *,
+    memory_budget: int | None = None,
+    workers: int = 2,
+    scheduler: str | None = None,
+    progress=lambda phase, advance, total: None,
+) -> dict:
+    """Compute the k-NN graph and the DPLM positives of the store at ``path``; returns a report."""
+    started = time.perf_counter()
+    store = FeatureStore.open(path, mode="r+")
+    n, dim = store.count(), store.dim()
+    if n == 0:
+        raise StoreError(f"{path}/features has no rows")
+    if params.k > n:
+        raise ConfigError(f"graph width K={params.k} is larger than the {n} rows of {path}; use --k {n} or less")
+    check_dplm_args(n=n, graph_width=params.k, threshold=params.threshold,
+                    min_candidates=params.min_candidates, adjacency=params.adjacency)  # fmt: skip
+    budget = memory_budget or default_budget()
+    plan = block_plan(n, dim, store.features.dtype.itemsize, params.k, params.adjacency, budget, workers)
+    timings = {}
+
+    graph, complete = _ensure_group(store, "knn", _fingerprint(store, params, plan, "knn"))
+    blocks = -(-n // plan.query_rows)
+    if not complete:
+        for name, dtype, fill in (("indices", "int64", -1), ("similarities", "float64", 0.0)):
+            if name not in graph:
+                graph.create_array(name, shape=(n, params.k), chunks=(plan.query_rows, params.k), dtype=dtype,
+                                   compressors=None, fill_value=fill)  # fmt: skip
+        if "counts" not in graph:
+            graph.create_array("counts", shape=(n,), chunks=(plan.query_rows,), dtype="int64", fill_value=0)
+            graph.create_array("done", shape=(blocks,), chunks=(1,), dtype="uint8", fill_value=0)
+        done = graph["done"][:]
+        todo = [b for b in range(blocks) if not done[b]]
+        progress("k-NN graph", blocks - len(todo), blocks)
+        began = time.perf_counter()
+        run_tasks("knn", [(_knn_task, (str(store.path), b, params, plan)) for b in todo], scheduler=scheduler,
+                  workers=workers, on_done=lambda: progress("k-NN graph", 1, blocks))  # fmt: skip
+        timings["knn_s"] = time.perf_counter() - began
+        graph.attrs["complete"] = True
+    _crash_point("knn-complete")
+
+    positives, complete = _ensure_group(store, "positives", _fingerprint(store, params, plan, "rules"))
+    if not complete:
+        rule_blocks = -(-n // plan.rule_rows)
+        parts = zarr.open_group(str(store.path / "positives" / "parts"), mode="a")
+        todo = [b for b in range(rule_blocks)
+                if f"{b:06d}" not in parts or not parts[f"{b:06d}"].attrs.get("complete", False)]  # fmt: skip
+        progress("DPLM rules", rule_blocks - len(todo), rule_blocks)
+        began = time.perf_counter()
+        run_tasks("rules", [(_rules_task, (str(store.path), b, params, plan)) for b in todo],
+                            scheduler=scheduler, workers=workers,
+                            on_done=lambda: progress("DPLM rules", 1, rule_blocks))  # fmt: skip
+        timings["rules_s"] = time.perf_counter() - began
+        _assemble(store, rule_blocks)
+    report = _report(store, params, plan, budget)
+    report.update(timings, total_s=time.perf_counter() - started,
+                  peak_rss_bytes=peak_rss_bytes())  # fmt: skip
+    return report
+
+
+def _assemble(store: FeatureStore, rule_blocks: int) -> None:
+    n = store.count()
+    group = store.group["positives"]
+    parts = group["parts"]
+    sizes = np.concatenate([parts[f"{b:06d}"]["counts"][:] for b in range(rule_blocks)])
+    sums = [dict(parts[f"{b:06d}"].attrs["quality"]) for b in range(rule_blocks)]
+    known = all(q["precision"] is not None for q in sums)
+    group.attrs["quality"] = {
+        "precision": sum(q["precision"] for q in sums) / n if known else None,
+        "recall": sum(q["recall"] for q in sums) / n if known else None,
+        "mean_positives": sum(q["positives"] for q in sums) / n,
+        "pending_pairs": sum(q["pending"] for q in sums),
+    }
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(sizes, out=indptr[1:])
+    for name in ("indptr", "indices"):
+        if name in group:
+            del group[name]
+    group.create_array("indptr", data=indptr, chunks=(min(n + 1, 1 << 20),))
+    indices = group.create_array("indices", shape=(int(indptr[-1]),), chunks=(max(1, min(int(indptr[-1]), 1 << 20)),),
+                                 dtype="int64", fill_value=-1)  # fmt: skip
+    position = 0
+    for b in range(rule_blocks):  # streamed: one part in memory at a time
+        part = parts[f"{b:06d}"]["indices"][:]
+        indices[position : position + len(part)] = part
+        position += len(part)
+    group.attrs["complete"] = True
+    shutil.rmtree(store.path / "positives" / "parts", ignore_errors=True)
+
+
+def _report(store: FeatureStore, params: MineParams, plan: BlockPlan, budget: int) -> dict:
+    quality = dict(store.group["positives"].attrs["quality"])
+    return {"n": store.count(), "dim": store.dim(), **asdict(params), **quality,
+            "memory_budget_bytes": budget, "blocks": asdict(plan)}  # fmt: skip
