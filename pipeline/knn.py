@@ -39,11 +39,18 @@ __all__ = [
     "knn_rows",
     "merge_topk",
     "pair_similarity",
+    "set_temp_elements",
     "similarity",
     "with_self_first",
 ]
 
-_BUDGET = 1 << 22  # elements in one temporary array (32 MiB of float64)
+_BUDGET = 1 << 22  # elements in one temporary array (32 MiB of float64); see set_temp_elements
+
+
+def set_temp_elements(elements: int) -> None:
+    """Cap the size of the exact kernel's temporary arrays (a memory budget sets it per process)."""
+    global _BUDGET
+    _BUDGET = max(1 << 12, int(elements))
 _NO_ID = np.iinfo(np.int64).max
 
 
@@ -285,7 +292,7 @@ def with_self_first(rows, sim, idx, self_sim, *, width: int | None = None):
     return out_sim, out_idx
 
 
-def exact_ranks(j_vectors, i_ids, s_ji, base, base_ids, j_ids, *, chunk: int = _BUDGET) -> np.ndarray:
+def exact_ranks(j_vectors, i_ids, s_ji, base, base_ids, j_ids, *, chunk: int | None = None) -> np.ndarray:
     """Per pending pair p = (j, i): #{r in this base block, r != j : s_jr > s_ji or (s_jr == s_ji and r < i)}.
 
     ``j_vectors`` (P, D) are the rows of j (aligned with the pairs), ``s_ji`` the exact
@@ -311,7 +318,7 @@ def exact_ranks(j_vectors, i_ids, s_ji, base, base_ids, j_ids, *, chunk: int = _
     eps = _slack(base.shape[1], check_features(vecs, uniq, what="query"), float(bn.max()))
     by_group = np.argsort(group, kind="stable")
     starts = np.searchsorted(group[by_group], np.arange(len(uniq) + 1))
-    rows_per = max(1, chunk // len(base))
+    rows_per = max(1, (chunk or _BUDGET) // len(base))
     for g0 in range(0, len(uniq), rows_per):
         g1 = min(g0 + rows_per, len(uniq))
         scores = vecs[g0:g1].astype(np.float32) @ base32.T

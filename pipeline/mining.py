@@ -30,14 +30,15 @@ import zarr
 from wildreid.budget import default_budget, peak_rss_bytes
 from wildreid.dplm import check_dplm_args, finish_rows, pending_ranks, plan_rows, quality_sums
 from wildreid.errors import ConfigError, StoreError
-from wildreid.knn import knn_rows
+from wildreid.knn import knn_rows, set_temp_elements
 from wildreid.stores import FeatureStore, PageCache
 from wildreid.tasks import run_tasks
 
 __all__ = ["MineParams", "block_plan", "mine"]
 
 GRAPH_CHUNK_ROWS = 1024
-_FIXED_BYTES = 96 << 20  # faiss/numpy temporaries of one task that do not scale with the blocks
+_FIXED_BYTES = 8 << 20  # interpreter-side temporaries of one task that do not scale with the blocks
+_TEMP_SHARE = 8  # the exact kernel keeps about 3 temporaries of float64: give them 3/8 of a task's bytes
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class MineParams:
 
 @dataclass(frozen=True)
 class BlockPlan:
+    temp_elements: int  # size cap of the exact kernel's temporary arrays
     query_rows: int  # rows per k-NN task (whole graph chunks)
     base_rows: int  # dictionary rows streamed per step
     rule_rows: int  # rows per rules task
@@ -58,24 +60,35 @@ class BlockPlan:
     workers: int
 
 
-def block_plan(n: int, dim: int, itemsize: int, k: int, adjacency: int, budget: int, workers: int) -> BlockPlan:
-    """Block sizes that keep ``workers`` concurrent tasks and the page cache inside ``budget`` bytes."""
-    chunk = min(GRAPH_CHUNK_ROWS, max(n, 1))
-    page = min(n, max(1, (16 << 20) // (dim * itemsize))) * dim * itemsize
-    cache = max(page, budget // 5)
-    task = (budget - cache) // workers - _FIXED_BYTES
-    query = chunk
-    per_base_row = query * 24 + dim * (itemsize + 12)  # float32 scores and masks, the row itself and its copies
-    base = (task - query * (dim * 16 + k * 24)) // per_base_row if task > 0 else 0
-    if base < min(64, n):
-        per_task = _FIXED_BYTES + query * (dim * 16 + k * 24) + min(64, n) * per_base_row
-        smallest = cache + workers * per_task
-        raise ConfigError(f"memory budget of {budget >> 20} MiB cannot hold one block of {dim}-d rows with "
-                          f"{workers} worker(s); the smallest budget that works is {-(-smallest >> 20)} MiB")  # fmt: skip
-    base = int(min(base, n, 65536))
+def block_plan(n: int, dim: int, itemsize: int, k: int, adjacency: int, budget: int, workers: int,
+               chunk_rows: int) -> BlockPlan:  # fmt: skip
+    """Block sizes that keep ``workers`` concurrent tasks and the page cache inside ``budget`` bytes.
+
+    Dictionary blocks are whole Zarr chunks (``chunk_rows`` rows): Zarr decodes a
+    whole chunk to return any of its rows, so the chunk is the unit of memory.
+    """
+    query = min(GRAPH_CHUNK_ROWS, max(n, 1))
+    chunk_bytes = chunk_rows * dim * itemsize
+    per_base_row = query * 8 + dim * (2 * itemsize + 12)  # float32 scores and masks, the row, its copies
+
+    def task_bytes(base_rows: int) -> int:
+        rows = query * (dim * 16 + k * 24) + base_rows * per_base_row + chunk_bytes
+        return _FIXED_BYTES + rows * _TEMP_SHARE // (_TEMP_SHARE - 3)
+
+    cache = 2 * chunk_bytes  # at least a page of features and one of the graph
+    chunks_per_block = ((budget - cache) // workers - task_bytes(0)) // (chunk_rows * per_base_row)
+    if chunks_per_block < 1:
+        smallest = cache + workers * task_bytes(min(chunk_rows, n))
+        raise ConfigError(f"memory budget of {budget / 2**20:.0f} MiB cannot hold one block of {dim}-d rows "
+                          f"(Zarr chunks of {chunk_rows} rows) with {workers} worker(s); the smallest budget "
+                          f"that works is {-(-smallest >> 20)} MiB")  # fmt: skip
+    base = int(min(chunks_per_block * chunk_rows, -(-n // chunk_rows) * chunk_rows, 1 << 16))
+    task = task_bytes(base)
+    cache = max(cache, budget - workers * task)
+    temp = max(1 << 12, (task - _FIXED_BYTES) * 3 // _TEMP_SHARE // 3 // 8)
     rule_bytes = adjacency * (k * 8 + dim * (itemsize + 16)) + k * 32
     rule = int(max(16, min(4096, (task // 2) // rule_bytes)))
-    return BlockPlan(query, base, rule, int(cache), workers)
+    return BlockPlan(int(temp), query, base, rule, int(cache), workers)
 
 
 # --------------------------------------------------------------------------- store layout
@@ -120,6 +133,7 @@ def _base_blocks(store: FeatureStore, base_rows: int):
 
 
 def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:
+    set_temp_elements(plan.temp_elements)
     store = FeatureStore.open(path, mode="r+")
     graph = store.group["knn"]
     q0 = block * plan.query_rows
@@ -149,7 +163,8 @@ def _cache(store: FeatureStore, name: str, budget: int) -> PageCache:
     return _CACHES[key]
 
 
-def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> dict:
+def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:
+    set_temp_elements(plan.temp_elements)
     store = FeatureStore.open(path, mode="r+")
     n = store.count()
     graph = store.group["knn"]
@@ -197,7 +212,8 @@ def mine(
     check_dplm_args(n=n, graph_width=params.k, threshold=params.threshold,
                     min_candidates=params.min_candidates, adjacency=params.adjacency)  # fmt: skip
     budget = memory_budget or default_budget()
-    plan = block_plan(n, dim, store.features.dtype.itemsize, params.k, params.adjacency, budget, workers)
+    plan = block_plan(n, dim, store.features.dtype.itemsize, params.k, params.adjacency, budget, workers,
+                      store.chunk_rows)
     timings = {}
 
     graph, complete = _ensure_group(store, "knn", _fingerprint(store, params, plan, "knn"))
