@@ -67,16 +67,20 @@ def block_plan(n: int, dim: int, itemsize: int, k: int, adjacency: int, budget: 
     Dictionary blocks are whole Zarr chunks (``chunk_rows`` rows): Zarr decodes a
     whole chunk to return any of its rows, so the chunk is the unit of memory.
     """
-    query = min(GRAPH_CHUNK_ROWS, max(n, 1))
     chunk_bytes = chunk_rows * dim * itemsize
-    per_base_row = query * 8 + dim * (2 * itemsize + 12)  # float32 scores and masks, the row, its copies
+    query = min(GRAPH_CHUNK_ROWS, max(n, 1))
 
     def task_bytes(base_rows: int) -> int:
         rows = query * (dim * 16 + k * 24) + base_rows * per_base_row + chunk_bytes
         return _FIXED_BYTES + rows * _TEMP_SHARE // (_TEMP_SHARE - 3)
 
     cache = 2 * chunk_bytes  # at least a page of features and one of the graph
-    chunks_per_block = ((budget - cache) // workers - task_bytes(0)) // (chunk_rows * per_base_row)
+    while True:  # smaller query blocks (and graph chunks) before giving up
+        per_base_row = query * 8 + dim * (2 * itemsize + 12)  # float32 scores and masks, the row, its copies
+        chunks_per_block = ((budget - cache) // workers - task_bytes(0)) // (chunk_rows * per_base_row)
+        if chunks_per_block >= 1 or query <= 64:
+            break
+        query //= 2
     if chunks_per_block < 1:
         smallest = cache + workers * task_bytes(min(chunk_rows, n))
         raise ConfigError(f"memory budget of {budget / 2**20:.0f} MiB cannot hold one block of {dim}-d rows "
@@ -95,7 +99,7 @@ def block_plan(n: int, dim: int, itemsize: int, k: int, adjacency: int, budget: 
 
 
 def _fingerprint(store: FeatureStore, params: MineParams, plan: BlockPlan, stage: str) -> dict:
-    out = {"store": store.fingerprint(), "params": asdict(params)}
+    out = {"store": store.fingerprint(), "params": asdict(params), "query_rows": plan.query_rows}
     if stage == "rules":
         out["rule_rows"] = plan.rule_rows
     return out

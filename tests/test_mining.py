@@ -1,0 +1,163 @@
+"""wildreid mine on real Zarr stores: equal to the dense reference, resumable, on dask local and distributed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from wildreid.cli import app
+from wildreid.dplm import dplm_dense
+from wildreid.errors import ConfigError, StoreError
+from wildreid.mining import MineParams, mine
+from wildreid.stores import FeatureStore
+
+runner = CliRunner()
+BUDGET = 200 << 20
+
+
+def clustered(n: int, dim: int, *, clusters: int, noise: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim))
+    labels = rng.integers(0, clusters, n)
+    x = centers[labels] + noise * rng.standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float16), labels
+
+
+def make_store(path, x, labels=None, chunk_rows=128):
+    store = FeatureStore.create(path, len(x), x.shape[1], dtype=str(x.dtype), ids=labels,
+                                chunk_bytes=chunk_rows * x.shape[1] * x.itemsize)  # fmt: skip
+    store.write_rows(0, x)
+    return path
+
+
+def positives(path):
+    group = zarr.open_group(str(path), mode="r")
+    return group["positives/indptr"][:], group["positives/indices"][:]
+
+
+def graph(path):
+    group = zarr.open_group(str(path), mode="r")
+    return group["knn/indices"][:], group["knn/similarities"][:], group["knn/counts"][:]
+
+
+@pytest.mark.parametrize(
+    "regime, params, clusters, noise",
+    [("sparse", MineParams(k=21, adjacency=20), 100, 0.6),
+     ("dense", MineParams(k=11, adjacency=10, threshold=0.3), 25, 0.3)],
+)  # fmt: skip
+def test_mine_equals_the_dense_reference(tmp_path, regime, params, clusters, noise):
+    x, labels = clustered(700, 32, clusters=clusters, noise=noise)
+    path = make_store(tmp_path / "s.zarr", x, labels)
+    report = mine(str(path), params, memory_budget=BUDGET)
+    ref = dplm_dense(x, threshold=params.threshold, min_candidates=params.min_candidates, adjacency=params.adjacency)
+    got = positives(path)
+    assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+    if regime == "dense":
+        assert report["pending_pairs"] > 0  # the exact counting pass ran
+        assert (graph(path)[2] > params.k).sum() > 100  # many rows with C_i > K
+    else:
+        assert report["pending_pairs"] == 0 and (graph(path)[2] < params.k).all()
+    assert 0 < report["precision"] <= 1 and 0 < report["recall"] <= 1
+    assert report["mean_positives"] == pytest.approx(len(ref[1]) / 700)
+
+
+def test_mine_twice_reuses_the_results(tmp_path):
+    x, labels = clustered(300, 16, clusters=10, noise=0.5)
+    path = make_store(tmp_path / "s.zarr", x, labels)
+    mine(str(path), MineParams(k=11, adjacency=10), memory_budget=BUDGET)
+    first = positives(path)
+    report = mine(str(path), MineParams(k=11, adjacency=10), memory_budget=BUDGET)
+    assert "knn_s" not in report and "rules_s" not in report  # nothing recomputed
+    assert all(np.array_equal(a, b) for a, b in zip(first, positives(path)))
+    # other parameters: the old graph is discarded, never mixed in
+    mine(str(path), MineParams(k=16, adjacency=15), memory_budget=BUDGET)
+    assert graph(path)[0].shape == (300, 16)
+
+
+def test_distributed_cluster_equals_local_threads(tmp_path):
+    from distributed import LocalCluster
+
+    x, labels = clustered(400, 16, clusters=12, noise=0.5)
+    local = make_store(tmp_path / "local.zarr", x, labels)
+    remote = make_store(tmp_path / "remote.zarr", x, labels)
+    params = MineParams(k=11, adjacency=10)
+    mine(str(local), params, memory_budget=BUDGET)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        mine(str(remote), params, memory_budget=BUDGET, scheduler=cluster.scheduler_address)
+    for a, b in zip(graph(local) + positives(local), graph(remote) + positives(remote)):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("crash_at", ["knn:1", "knn-complete", "rules:0"])
+def test_kill_9_then_rerun_is_identical(tmp_path, crash_at):
+    x, labels = clustered(2500, 16, clusters=40, noise=0.5)
+    clean = make_store(tmp_path / "clean.zarr", x, labels)
+    crashed = make_store(tmp_path / "crashed.zarr", x, labels)
+    args = ["--k", "11", "--adjacency", "10", "--memory-budget", "200MiB", "--workers", "1"]
+    assert runner.invoke(app, ["mine", "--store", str(clean), *args]).exit_code == 0
+    cmd = [sys.executable, "-m", "wildreid.cli", "mine", "--store", str(crashed), *args]
+    run = subprocess.run(cmd, env={**os.environ, "WILDREID_CRASH_AT": crash_at}, capture_output=True, text=True)
+    assert run.returncode == -9, run.stderr
+    run = subprocess.run(cmd + ["--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    if crash_at != "knn-complete":
+        assert report.get("knn_s", 0) >= 0
+    for a, b in zip(graph(clean) + positives(clean), graph(crashed) + positives(crashed)):
+        assert np.array_equal(a, b)
+    assert not (crashed / "positives" / "parts").exists()
+
+
+def test_peak_memory_follows_the_budget(tmp_path):
+    """A subprocess mines under a small budget; its peak RSS above idle stays within 1.2x the budget.
+
+    The store here is smaller than the budget: a store larger than the smallest
+    workable budget takes minutes with the current k-NN kernel (see the mining issue notes).
+    """
+    x, labels = clustered(6000, 256, clusters=300, noise=0.7)
+    path = make_store(tmp_path / "s.zarr", x, labels, chunk_rows=256)
+    budget = 48 << 20
+    probe = (
+        "import json, resource, sys\n"
+        "from wildreid.mining import MineParams, mine\n"
+        "idle = int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "mine(sys.argv[1], MineParams(k=11, adjacency=10), memory_budget=int(sys.argv[2]))\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "print(json.dumps({'above': peak - idle}))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe, str(path), str(budget)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    above = json.loads(run.stdout.strip().splitlines()[-1])["above"]
+    assert above <= 1.2 * budget, f"{above / 2**20:.1f} MiB above idle for a {budget / 2**20:.0f} MiB budget"
+    assert positives(path)[0][-1] > 0  # it finished; equality with the reference is tested above
+
+
+def test_errors(tmp_path):
+    group = zarr.open_group(str(tmp_path / "empty.zarr"), mode="w")
+    group.create_array("ids", shape=(3,), dtype="int64")
+    result = runner.invoke(app, ["mine", "--store", str(tmp_path / "empty.zarr")])
+    assert result.exit_code == StoreError.exit_code and "no 2-D 'features'" in result.output
+
+    x, _ = clustered(50, 8, clusters=3, noise=0.3)
+    with pytest.raises(ConfigError, match="larger than the 50 rows"):
+        mine(str(make_store(tmp_path / "small.zarr", x)), MineParams(k=101))
+
+    bad = x.copy()
+    bad[17] = np.nan
+    with pytest.raises(StoreError, match="row 17 has NaN"):
+        mine(str(make_store(tmp_path / "nan.zarr", bad)), MineParams(k=11, adjacency=10), memory_budget=BUDGET)
+    bad[17] = 0
+    with pytest.raises(StoreError, match="row 17 is all zeros"):
+        mine(str(make_store(tmp_path / "zero.zarr", bad)), MineParams(k=11, adjacency=10), memory_budget=BUDGET)
+
+    result = runner.invoke(app, ["mine", "--store", str(tmp_path / "small.zarr"), "--k", "11", "--adjacency", "10",
+                                 "--memory-budget", "1MiB"])  # fmt: skip
+    assert result.exit_code == ConfigError.exit_code and "the smallest budget that works is" in result.output
