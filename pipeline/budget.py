@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 __all__ = ["available_memory", "default_budget", "peak_rss_bytes"]
 
 
@@ -33,7 +31,18 @@ def default_budget() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process so far (VmHWM).
+
+    Not ``getrusage().ru_maxrss``: on Linux that keeps the parent's peak across
+    fork and exec, so a small child of a big parent reports the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if os.name == "posix" else 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

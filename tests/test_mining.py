@@ -126,11 +126,12 @@ def test_peak_memory_follows_the_budget(tmp_path):
     path = make_store(tmp_path / "s.zarr", x, labels, chunk_rows=256)
     budget = 48 << 20
     probe = (
-        "import json, resource, sys\n"
+        "import json, sys\n"
+        "from wildreid.budget import peak_rss_bytes\n"
         "from wildreid.mining import MineParams, mine\n"
         "idle = int(open('/proc/self/statm').read().split()[1]) * 4096\n"
         "mine(sys.argv[1], MineParams(k=11, adjacency=10), memory_budget=int(sys.argv[2]))\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+        "peak = peak_rss_bytes()\n"
         "print(json.dumps({'above': peak - idle}))\n"
     )
     run = subprocess.run([sys.executable, "-c", probe, str(path), str(budget)], capture_output=True, text=True)
