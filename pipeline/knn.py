@@ -204,7 +204,7 @@ def _self_mask(query_ids: np.ndarray, base_ids: np.ndarray):
     return rows, order[pos[rows]]
 
 
-def knn_block(query, query_ids, base, base_ids, k: int, threshold: float, *, margin: int = 16):
+def knn_block(query, query_ids, base, base_ids, k: int, threshold: float, *, margin: int = 16, floor=None):
     """Top-k others of one base block for each query row, and the threshold count.
 
     Returns ``(sim (B, k) float64, idx (B, k) int64, count (B,) int64)``: the k base rows
@@ -250,15 +250,18 @@ def knn_block(query, query_ids, base, base_ids, k: int, threshold: float, *, mar
     heap = faiss.ResultHeap(n_q, width, keep_max=True)
     heap.add_result_subset(np.arange(n_q), scores, np.arange(n_b))
     heap.finalize()
-    r, slot = np.nonzero(heap.I >= 0)
+    floor = np.full(n_q, -np.inf) if floor is None else np.asarray(floor, np.float64)
+    r, slot = np.nonzero((heap.I >= 0) & (heap.D >= _ceil32(floor - eps)[:, None]))
     c = heap.I[r, slot]
     sim, idx = _rowwise_topk(n_q, r, _pairs(query, r, base, c), bids[c], k)
 
-    # a row is unsafe when a non-candidate (float32 <= the last candidate's) may reach the k-th exact value
+    # a row is unsafe when a non-candidate (float32 <= the last candidate's) may reach the bar:
+    # the k-th exact value of this block, or the caller's floor if that is higher
+    bar = np.maximum(sim[:, -1], floor)
     others = n_b - np.bincount(self_r, minlength=n_q)
-    unsafe = np.flatnonzero((others > width) & (heap.D[:, -1].astype(np.float64) + eps >= sim[:, -1]))
+    unsafe = np.flatnonzero((others > width) & (heap.D[:, -1].astype(np.float64) + eps >= bar))
     if len(unsafe):
-        cut = _ceil32(sim[unsafe, -1] - eps[unsafe])
+        cut = _ceil32(bar[unsafe] - eps[unsafe])
         r, c = np.nonzero(scores[unsafe] >= cut[:, None])
         exact = _pairs(query, unsafe[r], base, c)
         sim[unsafe], idx[unsafe] = _rowwise_topk(len(unsafe), r, exact, bids[c], k)
@@ -351,7 +354,8 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
     idx = np.full((len(query), k - 1), -1, dtype=np.int64)
     count = np.ones(len(query), dtype=np.int64)
     for base_ids, base in base_blocks:
-        s, i, c = knn_block(query, query_ids, base, base_ids, k - 1, threshold, margin=margin)
+        floor = sim[:, -1] if k > 1 else None
+        s, i, c = knn_block(query, query_ids, base, base_ids, k - 1, threshold, margin=margin, floor=floor)
         sim, idx = merge_topk(sim, idx, s, i, k - 1)
         count += c
     sim, idx = with_self_first(query_ids, sim, idx, pair_similarity(query, query))
