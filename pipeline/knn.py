@@ -137,6 +137,16 @@ def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _pairs(a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray) -> np.ndarray:
     """Exact s(a[ra[p]], b[rb[p]]) for every p, gathered chunk by chunk."""
     out = np.empty(len(ra))
+    if len(ra) > 4 * len(a) and _order_free(a, b):
+        # Every summation order is exact here, so one matrix-vector product per row of a
+        # (BLAS, no float64 copies of the gathered pairs) gives the very same bits.
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        order = np.argsort(ra, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(ra[order]) != 0])
+        for lo, hi in zip(starts, np.r_[starts[1:], len(order)]):
+            p = order[lo:hi]
+            out[p] = b64[rb[p]] @ a64[ra[p[0]]]
+        return out
     step = max(1, _BUDGET // max(1, 2 * a.shape[1]))
     for p0 in range(0, len(ra), step):
         x, y = a[ra[p0 : p0 + step]], b[rb[p0 : p0 + step]]
@@ -343,22 +353,84 @@ def exact_ranks(j_vectors, i_ids, s_ji, base, base_ids, j_ids, *, chunk: int | N
     return out
 
 
-def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin: int = 16):
-    """Graph rows sigma_i[0:k] and C_i of one query block against every base block.
+def _passes(base_blocks):
+    """A fresh iterator over the base blocks for every pass: a callable is called, a sequence re-iterated."""
+    return base_blocks() if callable(base_blocks) else iter(base_blocks)
 
-    ``base_blocks`` yields ``(base_ids, base)`` covering the whole dictionary once
-    (streamed from storage by the caller). Returns ``(sim (B, k), idx (B, k), counts (B,))``.
+
+def _threshold_count(query, base, scores, eps, threshold) -> np.ndarray:
+    """#{base rows with exact s >= t} per query row: float32 settles all but the error band."""
+    hi, lo = _floor32(threshold + eps), _ceil32(threshold - eps)
+    count = np.count_nonzero(scores > hi[:, None], axis=1).astype(np.int64)
+    r, c = np.nonzero((scores >= lo[:, None]) & (scores <= hi[:, None]))
+    return count + np.bincount(r, weights=_pairs(query, r, base, c) >= threshold, minlength=len(query)).astype(np.int64)
+
+
+def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin: int = 16):
+    """Graph rows sigma_i[0:k] and C_i of one query block against the whole dictionary.
+
+    ``base_blocks`` gives ``(base_ids, base)`` blocks covering the dictionary once:
+    a callable returning a fresh iterator (streamed from storage), or a sequence.
+    Pass 1 keeps the float32 top-(k-1+margin) of every row across all blocks
+    (FAISS heap) and counts C_i; pass 2 streams the blocks again and computes the
+    exact similarity of those candidates only; rows whose boundary float32 cannot
+    settle (a non-candidate within the error band of the k-th exact value) get an
+    exact third pass of their own. Returns ``(sim (B, k), idx (B, k), counts (B,))``.
     """
-    check_features(query, query_ids)
-    sim = np.full((len(query), k - 1), -np.inf)
-    idx = np.full((len(query), k - 1), -1, dtype=np.int64)
-    count = np.ones(len(query), dtype=np.int64)
-    for base_ids, base in base_blocks:
-        floor = sim[:, -1] if k > 1 else None
-        s, i, c = knn_block(query, query_ids, base, base_ids, k - 1, threshold, margin=margin, floor=floor)
-        sim, idx = merge_topk(sim, idx, s, i, k - 1)
-        count += c
-    sim, idx = with_self_first(query_ids, sim, idx, pair_similarity(query, query))
+    query = np.asarray(query)
+    qids = _ids(query_ids, len(query), "query_ids")
+    qn = check_features(query, qids, what="query")
+    n_q, others_k = len(query), k - 1
+    q32 = query.astype(np.float32)
+    width = others_k + margin
+    heap = faiss.ResultHeap(n_q, max(width, 1), keep_max=True)
+    count = np.ones(n_q, dtype=np.int64)
+    base_max, total, self_seen = 0.0, 0, np.zeros(n_q, dtype=np.int64)
+    for base_ids, base in _passes(base_blocks):
+        base = np.asarray(base)
+        _same_dim(query, base)
+        bids = _ids(base_ids, len(base), "base_ids")
+        bn = check_features(base, bids, what="base")
+        base_max, total = max(base_max, float(bn.max()) if len(bn) else 0.0), total + len(base)
+        scores = q32 @ base.astype(np.float32).T
+        self_r, self_c = _self_mask(qids, bids)
+        scores[self_r, self_c] = -np.inf
+        self_seen[self_r] += 1
+        count += _threshold_count(query, base, scores, _slack(query.shape[1], qn, float(bn.max())), threshold)
+        if others_k:
+            heap.add_result_subset(np.arange(n_q), scores, bids)
+    sim = np.full((n_q, others_k), -np.inf)
+    idx = np.full((n_q, others_k), -1, dtype=np.int64)
+    if others_k and total:
+        heap.finalize()
+        cand, f32 = heap.I, heap.D.astype(np.float64)
+        exact = np.full(cand.shape, -np.inf)
+        for base_ids, base in _passes(base_blocks):
+            bids = np.asarray(base_ids, dtype=np.int64)
+            order = np.argsort(bids, kind="stable")
+            pos = np.minimum(np.searchsorted(bids[order], cand), len(bids) - 1)
+            r, slot = np.nonzero((cand >= 0) & (bids[order][pos] == cand))
+            exact[r, slot] = _pairs(query, r, np.asarray(base), order[pos[r, slot]])
+        r, slot = np.nonzero(cand >= 0)
+        sim, idx = _rowwise_topk(n_q, r, exact[r, slot], cand[r, slot], others_k)
+        # a row is unsafe when a non-candidate (float32 <= the last candidate's) may reach the k-th exact value
+        eps = _slack(query.shape[1], qn, base_max)
+        unsafe = np.flatnonzero((total - self_seen > width) & (f32[:, -1] + eps >= sim[:, -1]))
+        if len(unsafe):
+            cut = _ceil32(sim[unsafe, -1] - eps[unsafe])
+            rows, sims, ids = [], [], []
+            for base_ids, base in _passes(base_blocks):
+                base, bids = np.asarray(base), np.asarray(base_ids, dtype=np.int64)
+                scores = q32[unsafe] @ base.astype(np.float32).T
+                self_r, self_c = _self_mask(qids[unsafe], bids)
+                scores[self_r, self_c] = -np.inf
+                rr, cc = np.nonzero(scores >= cut[:, None])
+                rows.append(rr)
+                sims.append(_pairs(query, unsafe[rr], base, cc))
+                ids.append(bids[cc])
+            sim[unsafe], idx[unsafe] = _rowwise_topk(len(unsafe), np.concatenate(rows), np.concatenate(sims),
+                                                     np.concatenate(ids), others_k)  # fmt: skip
+    sim, idx = with_self_first(qids, sim, idx, pair_similarity(query, query))
     return sim, idx, count
 
 

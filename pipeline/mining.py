@@ -64,32 +64,33 @@ def block_plan(n: int, dim: int, itemsize: int, k: int, adjacency: int, budget: 
                chunk_rows: int) -> BlockPlan:  # fmt: skip
     """Block sizes that keep ``workers`` concurrent tasks and the page cache inside ``budget`` bytes.
 
-    Dictionary blocks are whole Zarr chunks (``chunk_rows`` rows): Zarr decodes a
-    whole chunk to return any of its rows, so the chunk is the unit of memory.
+    Zarr decodes a whole chunk (``chunk_rows`` rows) to return any of its rows,
+    so every task also holds one decoded chunk next to its blocks.
     """
-    chunk_bytes = chunk_rows * dim * itemsize
+    chunk_bytes = min(chunk_rows, n) * dim * itemsize
     query = min(GRAPH_CHUNK_ROWS, max(n, 1))
 
-    def task_bytes(base_rows: int) -> int:
-        rows = query * (dim * 16 + k * 24) + base_rows * per_base_row + chunk_bytes
-        return _FIXED_BYTES + rows * _TEMP_SHARE // (_TEMP_SHARE - 3)
+    def task_bytes(query_rows: int, base_rows: int) -> int:
+        scores = query_rows * base_rows * 8  # float32 scores and the masks over them
+        rows = (query_rows + base_rows) * dim * (itemsize + 12) + query_rows * k * 24
+        return _FIXED_BYTES + chunk_bytes + (scores + rows) * _TEMP_SHARE // (_TEMP_SHARE - 3)
 
     cache = 2 * chunk_bytes  # at least a page of features and one of the graph
-    while True:  # smaller query blocks (and graph chunks) before giving up
-        per_base_row = query * 8 + dim * (2 * itemsize + 12)  # float32 scores and masks, the row, its copies
-        chunks_per_block = ((budget - cache) // workers - task_bytes(0)) // (chunk_rows * per_base_row)
-        if chunks_per_block >= 1 or query <= 64:
-            break
-        query //= 2
-    if chunks_per_block < 1:
-        smallest = cache + workers * task_bytes(min(chunk_rows, n))
+    per_task = (budget - cache) // workers
+    least = min(256, n)
+    while task_bytes(query, least) > per_task and query > 64:
+        query //= 2  # smaller query blocks (and graph chunks) before giving up
+    if task_bytes(query, least) > per_task:
+        smallest = cache + workers * task_bytes(query, least)
         raise ConfigError(f"memory budget of {budget / 2**20:.0f} MiB cannot hold one block of {dim}-d rows "
                           f"(Zarr chunks of {chunk_rows} rows) with {workers} worker(s); the smallest budget "
                           f"that works is {-(-smallest >> 20)} MiB")  # fmt: skip
-    base = int(min(chunks_per_block * chunk_rows, -(-n // chunk_rows) * chunk_rows, 1 << 16))
-    task = task_bytes(base)
+    base = least
+    while base < n and task_bytes(query, min(2 * base, n)) <= per_task and base < (1 << 16):
+        base = min(2 * base, n)
+    task = task_bytes(query, base)
     cache = max(cache, budget - workers * task)
-    temp = max(1 << 12, (task - _FIXED_BYTES) * 3 // _TEMP_SHARE // 3 // 8)
+    temp = max(1 << 12, (task - _FIXED_BYTES - chunk_bytes) * 3 // _TEMP_SHARE // 3 // 8)
     rule_bytes = adjacency * (k * 8 + dim * (itemsize + 16)) + k * 32
     rule = int(max(16, min(4096, (task // 2) // rule_bytes)))
     return BlockPlan(int(temp), query, base, rule, int(cache), workers)
@@ -143,7 +144,7 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int
     q0 = block * plan.query_rows
     q1 = min(q0 + plan.query_rows, store.count())
     query = np.asarray(store.features[q0:q1])
-    sim, idx, counts = knn_rows(query, np.arange(q0, q1), _base_blocks(store, plan.base_rows), params.k,
+    sim, idx, counts = knn_rows(query, np.arange(q0, q1), lambda: _base_blocks(store, plan.base_rows), params.k,
                                 threshold=params.threshold, margin=params.margin)  # fmt: skip
     graph["indices"][q0:q1] = idx
     graph["similarities"][q0:q1] = sim
