@@ -371,20 +371,24 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
 
     ``base_blocks`` gives ``(base_ids, base)`` blocks covering the dictionary once:
     a callable returning a fresh iterator (streamed from storage), or a sequence.
-    Pass 1 keeps the float32 top-(k-1+margin) of every row across all blocks
-    (FAISS heap) and counts C_i; pass 2 streams the blocks again and computes the
-    exact similarity of those candidates only; rows whose boundary float32 cannot
-    settle (a non-candidate within the error band of the k-th exact value) get an
-    exact third pass of their own. Returns ``(sim (B, k), idx (B, k), counts (B,))``.
+
+    1. FAISS's fused search proposes the float32 top-(k-1+margin) others of every
+       row, block by block, merged in a FAISS heap;
+    2. a second stream computes the exact similarity of those candidates only;
+    3. rows whose boundary float32 cannot settle (a non-candidate within the error
+       band of the k-th exact value) get an exact pass of their own;
+    4. C_i comes from the graph row when its last entry is below t (then every row
+       with s >= t is in it); rows whose whole graph row is >= t are counted in an
+       exact pass of their own (the dense regime).
+    Returns ``(sim (B, k), idx (B, k), counts (B,))``.
     """
     query = np.asarray(query)
     qids = _ids(query_ids, len(query), "query_ids")
     qn = check_features(query, qids, what="query")
-    n_q, others_k = len(query), k - 1
-    q32 = query.astype(np.float32)
+    n_q, others_k, dim = len(query), k - 1, query.shape[1]
+    q32 = np.ascontiguousarray(query, dtype=np.float32)
     width = others_k + margin
     heap = faiss.ResultHeap(n_q, max(width, 1), keep_max=True)
-    count = np.ones(n_q, dtype=np.int64)
     base_max, total, self_seen = 0.0, 0, np.zeros(n_q, dtype=np.int64)
     for base_ids, base in _passes(base_blocks):
         base = np.asarray(base)
@@ -392,15 +396,17 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
         bids = _ids(base_ids, len(base), "base_ids")
         bn = check_features(base, bids, what="base")
         base_max, total = max(base_max, float(bn.max()) if len(bn) else 0.0), total + len(base)
-        scores = q32 @ base.astype(np.float32).T
-        self_r, self_c = _self_mask(qids, bids)
-        scores[self_r, self_c] = -np.inf
+        self_r, _ = _self_mask(qids, bids)
         self_seen[self_r] += 1
-        count += _threshold_count(query, base, scores, _slack(query.shape[1], qn, float(bn.max())), threshold)
-        if others_k:
-            heap.add_result_subset(np.arange(n_q), scores, bids)
+        if others_k and len(base):
+            found_d, found_i = faiss.knn(q32, np.ascontiguousarray(base, dtype=np.float32),
+                                         min(width + 1, len(base)), metric=faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+            ids = np.where(found_i >= 0, bids[np.maximum(found_i, 0)], -1)
+            found_d = np.where((ids == qids[:, None]) | (ids < 0), -np.inf, found_d).astype(np.float32)
+            heap.add_result(found_d, np.where(np.isfinite(found_d), ids, -1))
     sim = np.full((n_q, others_k), -np.inf)
     idx = np.full((n_q, others_k), -1, dtype=np.int64)
+    eps = _slack(dim, qn, base_max)
     if others_k and total:
         heap.finalize()
         cand, f32 = heap.I, heap.D.astype(np.float64)
@@ -414,24 +420,40 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
         r, slot = np.nonzero(cand >= 0)
         sim, idx = _rowwise_topk(n_q, r, exact[r, slot], cand[r, slot], others_k)
         # a row is unsafe when a non-candidate (float32 <= the last candidate's) may reach the k-th exact value
-        eps = _slack(query.shape[1], qn, base_max)
-        unsafe = np.flatnonzero((total - self_seen > width) & (f32[:, -1] + eps >= sim[:, -1]))
+        last = np.where(cand[:, -1] >= 0, f32[:, -1], -np.inf)
+        unsafe = np.flatnonzero((total - self_seen > width) & (last + eps >= sim[:, -1]))
         if len(unsafe):
-            cut = _ceil32(sim[unsafe, -1] - eps[unsafe])
-            rows, sims, ids = [], [], []
-            for base_ids, base in _passes(base_blocks):
-                base, bids = np.asarray(base), np.asarray(base_ids, dtype=np.int64)
-                scores = q32[unsafe] @ base.astype(np.float32).T
-                self_r, self_c = _self_mask(qids[unsafe], bids)
-                scores[self_r, self_c] = -np.inf
-                rr, cc = np.nonzero(scores >= cut[:, None])
-                rows.append(rr)
-                sims.append(_pairs(query, unsafe[rr], base, cc))
-                ids.append(bids[cc])
-            sim[unsafe], idx[unsafe] = _rowwise_topk(len(unsafe), np.concatenate(rows), np.concatenate(sims),
-                                                     np.concatenate(ids), others_k)  # fmt: skip
+            sim[unsafe], idx[unsafe] = _exact_rows(query, qids, unsafe, base_blocks, sim[unsafe, -1] - eps[unsafe],
+                                                   others_k)  # fmt: skip
+    count = 1 + np.count_nonzero(sim >= threshold, axis=1)
+    dense = np.flatnonzero(sim[:, -1] >= threshold) if others_k else np.arange(n_q)
+    if len(dense):
+        count[dense] = 1
+        for base_ids, base in _passes(base_blocks):
+            base, bids = np.asarray(base), np.asarray(base_ids, dtype=np.int64)
+            scores = q32[dense] @ base.astype(np.float32).T
+            self_r, self_c = _self_mask(qids[dense], bids)
+            scores[self_r, self_c] = -np.inf
+            count[dense] += _threshold_count(query[dense], base, scores, eps[dense], threshold)
     sim, idx = with_self_first(qids, sim, idx, pair_similarity(query, query))
     return sim, idx, count
+
+
+def _exact_rows(query, qids, rows, base_blocks, cut, k):
+    """Exact top-k others of ``rows`` among every base row whose float32 score reaches ``cut``."""
+    q32 = query[rows].astype(np.float32)
+    cut = _ceil32(cut)
+    found_r, sims, ids = [], [], []
+    for base_ids, base in _passes(base_blocks):
+        base, bids = np.asarray(base), np.asarray(base_ids, dtype=np.int64)
+        scores = q32 @ base.astype(np.float32).T
+        self_r, self_c = _self_mask(qids[rows], bids)
+        scores[self_r, self_c] = -np.inf
+        rr, cc = np.nonzero(scores >= cut[:, None])
+        found_r.append(rr)
+        sims.append(_pairs(query, rows[rr], base, cc))
+        ids.append(bids[cc])
+    return _rowwise_topk(len(rows), np.concatenate(found_r), np.concatenate(sims), np.concatenate(ids), k)
 
 
 def knn_graph(features, k: int, *, threshold: float, block_rows: int = 1024, block_base: int = 4096, margin: int = 16):

@@ -24,6 +24,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 
+import faiss
 import numpy as np
 import zarr
 
@@ -217,6 +218,8 @@ def mine(
     check_dplm_args(n=n, graph_width=params.k, threshold=params.threshold,
                     min_candidates=params.min_candidates, adjacency=params.adjacency)  # fmt: skip
     budget = memory_budget or default_budget()
+    # each of the `workers` tasks runs its own FAISS search: share the cores instead of oversubscribing them
+    faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
     plan = block_plan(n, dim, store.features.dtype.itemsize, params.k, params.adjacency, budget, workers,
                       store.chunk_rows)
     timings = {}
