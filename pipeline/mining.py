@@ -37,7 +37,7 @@ from wildreid.tasks import run_tasks
 
 __all__ = ["MineParams", "block_plan", "mine"]
 
-GRAPH_CHUNK_ROWS = 1024
+GRAPH_CHUNK_ROWS = 2048
 _FIXED_BYTES = 8 << 20  # interpreter-side temporaries of one task that do not scale with the blocks
 _TEMP_SHARE = 8  # the exact kernel keeps about 3 temporaries of float64: give them 3/8 of a task's bytes
 
