@@ -63,7 +63,7 @@ def _adjacency_order(x: np.ndarray) -> np.ndarray:
     Dense and blockwise both call this on the same (|A_i|, D) rows, so G comes out
     bit-identical whatever the blocking.
     """
-    x = x.astype(np.float64)
+    x = np.asarray(x, dtype=np.float64)
     g = x @ x.T
     np.fill_diagonal(g, 0.0)
     d = np.sqrt(((g[0] - g) ** 2).sum(axis=1))
@@ -188,6 +188,7 @@ def plan_rows(
     feat_at = feat_at.reshape(sigma.shape)
 
     node = np.zeros(sigma.shape, dtype=bool)
+    feats64 = np.asarray(feats, dtype=np.float64)  # once per block, not once per row
     ranks = np.full(sigma.shape, -1, dtype=np.int64)
     stop = checks.copy()
     pending_row, pending_pos = [], []
@@ -195,7 +196,7 @@ def plan_rows(
         kb, mb = int(k[b]), int(checks[b])
         node[b, 0] = True
         if counts[b] > 1:
-            near = _adjacency_order(feats[feat_at[b]])[:kb]
+            near = _adjacency_order(feats64[feat_at[b]])[:kb]
             node[b, near[near < kb]] = True
         hit = nbr_rows[nbr_of[b, :mb]] == rows[b]
         found = hit.any(axis=1)
