@@ -6,6 +6,7 @@ import hashlib
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from wildreid.shards import pack_dataset, read_dataset
 from wildreid.shards.layouts import read_veriwild
@@ -68,3 +69,20 @@ def tree_digest(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def clustered(seed: int, *, dtype=np.float16, clusters: int = 40, dim: int = 32, noise: float = 0.5, dups: int = 0):
+    """L2-normalised rows around random centres (mixed cluster sizes, one singleton), shuffled.
+
+    ``dups`` extra rows are exact copies of random rows, plus a block of copies of row 0.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 25, clusters)
+    sizes[0] = 1
+    x = np.repeat(rng.standard_normal((clusters, dim)), sizes, axis=0)
+    x += noise * rng.standard_normal(x.shape)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = x.astype(dtype)
+    if dups:
+        x = np.concatenate([x, x[rng.integers(0, len(x), dups)], np.repeat(x[:1], 30, axis=0)])
+    return x[rng.permutation(len(x))]

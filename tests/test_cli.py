@@ -6,11 +6,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from wildreid.cli import app
-
 from conftest import tree_digest
+from typer.testing import CliRunner
+from wildreid.cli import app
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from wildreid.dplm import dplm_blockwise, dplm_dense, finish_rows, plan_rows, pseudo_label_quality
+from conftest import clustered
+from wildreid.dplm import (
+    dplm_blockwise,
+    dplm_dense,
+    finish_rows,
+    plan_rows,
+    pseudo_label_quality,
+)
 from wildreid.errors import ConfigError, StoreError
 from wildreid.knn import knn_graph
-
-
-def clustered(seed: int, *, dtype=np.float16, clusters: int = 40, dim: int = 32, noise: float = 0.5, dups: int = 0):
-    """L2-normalised rows around random centres (mixed cluster sizes, one singleton), shuffled."""
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(1, 25, clusters)
-    sizes[0] = 1
-    x = np.repeat(rng.standard_normal((clusters, dim)), sizes, axis=0)
-    x += noise * rng.standard_normal(x.shape)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    x = x.astype(dtype)
-    if dups:
-        x = np.concatenate([x, x[rng.integers(0, len(x), dups)], np.repeat(x[:1], 30, axis=0)])
-    return x[rng.permutation(len(x))]
 
 
 def assert_same(a, b):

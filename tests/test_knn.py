@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import clustered
 from wildreid.errors import ConfigError, StoreError
 from wildreid.knn import (
     check_features,
@@ -15,23 +16,6 @@ from wildreid.knn import (
     similarity,
     with_self_first,
 )
-
-
-def clustered(seed: int, *, dtype=np.float16, clusters: int = 40, dim: int = 32, noise: float = 0.5, dups: int = 0):
-    """L2-normalised rows around random centres (mixed cluster sizes, one singleton), shuffled.
-
-    ``dups`` extra rows are exact copies of random rows, plus a block of copies of row 0.
-    """
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(1, 25, clusters)
-    sizes[0] = 1
-    x = np.repeat(rng.standard_normal((clusters, dim)), sizes, axis=0)
-    x += noise * rng.standard_normal(x.shape)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    x = x.astype(dtype)
-    if dups:
-        x = np.concatenate([x, x[rng.integers(0, len(x), dups)], np.repeat(x[:1], 30, axis=0)])
-    return x[rng.permutation(len(x))]
 
 
 def dense_graph(x: np.ndarray, k: int, threshold: float):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import zarr
 from typer.testing import CliRunner
-
 from wildreid.cli import app
 from wildreid.dplm import dplm_dense
 from wildreid.errors import ConfigError, StoreError

@@ -3,7 +3,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-
 from wildreid.errors import ConfigError, StoreError
 from wildreid.stores import FeatureStore, PageCache
 
