@@ -435,10 +435,14 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
         count[dense] = 1
         for base_ids, base in _passes(base_blocks):
             base, bids = np.asarray(base), np.asarray(base_ids, dtype=np.int64)
-            scores = q32[dense] @ base.astype(np.float32).T
-            self_r, self_c = _self_mask(qids[dense], bids)
-            scores[self_r, self_c] = -np.inf
-            count[dense] += _threshold_count(query[dense], base, scores, eps[dense], threshold)
+            b32 = base.astype(np.float32)
+            step = max(1, _BUDGET // max(1, len(base)))  # bounded score matrices
+            for r0 in range(0, len(dense), step):
+                rows = dense[r0 : r0 + step]
+                scores = q32[rows] @ b32.T
+                self_r, self_c = _self_mask(qids[rows], bids)
+                scores[self_r, self_c] = -np.inf
+                count[rows] += _threshold_count(query[rows], base, scores, eps[rows], threshold)
     sim, idx = with_self_first(qids, sim, idx, pair_similarity(query, query))
     return sim, idx, count
 
@@ -450,13 +454,16 @@ def _exact_rows(query, qids, rows, base_blocks, cut, k):
     found_r, sims, ids = [], [], []
     for base_ids, base in _passes(base_blocks):
         base, bids = np.asarray(base), np.asarray(base_ids, dtype=np.int64)
-        scores = q32 @ base.astype(np.float32).T
-        self_r, self_c = _self_mask(qids[rows], bids)
-        scores[self_r, self_c] = -np.inf
-        rr, cc = np.nonzero(scores >= cut[:, None])
-        found_r.append(rr)
-        sims.append(_pairs(query, rows[rr], base, cc))
-        ids.append(bids[cc])
+        b32 = base.astype(np.float32)
+        step = max(1, _BUDGET // max(1, len(base)))  # bounded score matrices
+        for r0 in range(0, len(rows), step):
+            scores = q32[r0 : r0 + step] @ b32.T
+            self_r, self_c = _self_mask(qids[rows[r0 : r0 + step]], bids)
+            scores[self_r, self_c] = -np.inf
+            rr, cc = np.nonzero(scores >= cut[r0 : r0 + step, None])
+            found_r.append(rr + r0)
+            sims.append(_pairs(query, rows[rr + r0], base, cc))
+            ids.append(bids[cc])
     return _rowwise_topk(len(rows), np.concatenate(found_r), np.concatenate(sims), np.concatenate(ids), k)
 
 

@@ -72,9 +72,10 @@ def block_plan(n: int, dim: int, itemsize: int, k: int, adjacency: int, budget: 
     query = min(GRAPH_CHUNK_ROWS, max(n, 1))
 
     def task_bytes(query_rows: int, base_rows: int) -> int:
-        scores = query_rows * base_rows * 8  # float32 scores and the masks over them
-        rows = (query_rows + base_rows) * dim * (itemsize + 12) + query_rows * k * 24
-        return _FIXED_BYTES + chunk_bytes + (scores + rows) * _TEMP_SHARE // (_TEMP_SHARE - 3)
+        # FAISS scores min(query, 4096) x 1024 tiles; the exact passes bound theirs by the temp share
+        faiss_tile = min(query_rows, 4096) * 1024 * 4 * 2
+        rows = (query_rows + base_rows) * dim * (itemsize + 12) + query_rows * (k + 16) * 48
+        return _FIXED_BYTES + faiss_tile + chunk_bytes + rows * _TEMP_SHARE // (_TEMP_SHARE - 3)
 
     cache = 2 * chunk_bytes  # at least a page of features and one of the graph
     per_task = (budget - cache) // workers
