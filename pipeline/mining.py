@@ -139,7 +139,16 @@ def _base_blocks(store: FeatureStore, base_rows: int):
 # --------------------------------------------------------------------------- tasks
 
 
+def _share_cores(workers: int) -> None:
+    """Each of the concurrent tasks runs its own FAISS/BLAS calls: share the cores, do not oversubscribe.
+
+    OpenMP's thread count is a per-thread setting, so every task sets it for its own thread.
+    """
+    faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+
+
 def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:
+    _share_cores(plan.workers)
     set_temp_elements(plan.temp_elements)
     store = FeatureStore.open(path, mode="r+")
     graph = store.group["knn"]
@@ -171,6 +180,7 @@ def _cache(store: FeatureStore, name: str, budget: int) -> PageCache:
 
 
 def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:
+    _share_cores(plan.workers)
     set_temp_elements(plan.temp_elements)
     store = FeatureStore.open(path, mode="r+")
     n = store.count()
@@ -219,8 +229,6 @@ def mine(
     check_dplm_args(n=n, graph_width=params.k, threshold=params.threshold,
                     min_candidates=params.min_candidates, adjacency=params.adjacency)  # fmt: skip
     budget = memory_budget or default_budget()
-    # each of the `workers` tasks runs its own FAISS search: share the cores instead of oversubscribing them
-    faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
     plan = block_plan(n, dim, store.features.dtype.itemsize, params.k, params.adjacency, budget, workers,
                       store.chunk_rows)
     timings = {}
