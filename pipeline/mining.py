@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -129,11 +130,12 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _base_blocks(store: FeatureStore, base_rows: int):
+def _base_blocks(store: FeatureStore, base_rows: int, cache: PageCache | None = None):
+    """(ids, rows) of the whole dictionary in blocks, in the stored dtype (exact similarity needs the bits)."""
     for start in range(0, store.count(), base_rows):
         stop = min(start + base_rows, store.count())
-        # the stored dtype, not a cast: exact similarity depends on the bits (see wildreid.knn)
-        yield np.arange(start, stop), np.asarray(store.features[start:stop])
+        rows = cache.read_range(start, stop) if cache is not None else np.asarray(store.features[start:stop])
+        yield np.arange(start, stop), rows
 
 
 # --------------------------------------------------------------------------- tasks
@@ -155,7 +157,9 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int
     q0 = block * plan.query_rows
     q1 = min(q0 + plan.query_rows, store.count())
     query = np.asarray(store.features[q0:q1])
-    sim, idx, counts = knn_rows(query, np.arange(q0, q1), lambda: _base_blocks(store, plan.base_rows), params.k,
+    # when the dictionary fits the cache, every query block after the first reads it from memory
+    cache = _cache(store, "features", plan.cache_bytes)
+    sim, idx, counts = knn_rows(query, np.arange(q0, q1), lambda: _base_blocks(store, plan.base_rows, cache), params.k,
                                 threshold=params.threshold, margin=params.margin)  # fmt: skip
     graph["indices"][q0:q1] = idx
     graph["similarities"][q0:q1] = sim
@@ -166,17 +170,21 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int
 
 
 _CACHES: dict[tuple, PageCache] = {}
+_CACHES_LOCK = threading.Lock()
 
 
 def _cache(store: FeatureStore, name: str, budget: int) -> PageCache:
     """One page cache per array per worker process, shared by its threads."""
     key = (str(store.path), name, repr(store.fingerprint()), budget)
-    if key not in _CACHES:
-        array = store.group[name]
-        budget = max(budget, array.chunks[0] * array.shape[1] * array.dtype.itemsize)
-        _CACHES.clear()  # another store or dictionary: the old pages are of no use
-        _CACHES[key] = PageCache(array, host_budget=budget, dtype=array.dtype)
-    return _CACHES[key]
+    with _CACHES_LOCK:
+        if key not in _CACHES:
+            # pages of another store, dictionary, array version or budget are of no use any more
+            for old in [k for k in _CACHES if k[:2] == key[:2] or k[0] != key[0] or k[2] != key[2]]:
+                del _CACHES[old]
+            array = store.group[name]
+            budget = max(budget, array.chunks[0] * array.shape[1] * array.dtype.itemsize)
+            _CACHES[key] = PageCache(array, host_budget=budget, dtype=array.dtype)
+        return _CACHES[key]
 
 
 def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:

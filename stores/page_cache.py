@@ -113,6 +113,16 @@ class PageCache:
                 out[sel] = self._page(int(page))[idx[sel] - page * self.rows_per_page]
         return out
 
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) through the cache (pages stay resident while the budget allows)."""
+        out = np.empty((stop - start, self.width), dtype=self.dtype)
+        with self.lock:
+            for page in range(start // self.rows_per_page, -(-stop // self.rows_per_page)):
+                lo, hi = self._bounds(page)
+                a, b = max(lo, start), min(hi, stop)
+                out[a - start : b - start] = self._page(page)[a - lo : b - lo]
+        return out
+
     def get_rows_tensor(self, idx: np.ndarray, device=None):
         """Rows ``idx`` as a torch tensor on ``device`` (default: the cache's device)."""
         import torch
