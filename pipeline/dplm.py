@@ -188,28 +188,20 @@ def plan_rows(
     feat_at = feat_at.reshape(sigma.shape)
 
     node = np.zeros(sigma.shape, dtype=bool)
+    node[:, 0] = True
     feats64 = np.asarray(feats, dtype=np.float64)  # once per block, not once per row
-    ranks = np.full(sigma.shape, -1, dtype=np.int64)
-    stop = checks.copy()
-    pending_row, pending_pos = [], []
-    for b in range(n_rows):
-        kb, mb = int(k[b]), int(checks[b])
-        node[b, 0] = True
-        if counts[b] > 1:
-            near = _adjacency_order(feats64[feat_at[b]])[:kb]
-            node[b, near[near < kb]] = True
-        hit = nbr_rows[nbr_of[b, :mb]] == rows[b]
-        found = hit.any(axis=1)
-        pos = np.argmax(hit, axis=1)
-        ranks[b, :mb] = np.where(found, pos, -1)
-        breaks = np.where(found, pos > kb, kb < width)
-        if breaks.any():
-            stop[b] = int(np.argmax(breaks))
-        todo = np.flatnonzero(~found[: stop[b]])
-        pending_row.append(np.full(len(todo), b, dtype=np.int64))
-        pending_pos.append(todo)
-    p_row = np.concatenate(pending_row) if pending_row else np.zeros(0, np.int64)
-    p_pos = np.concatenate(pending_pos) if pending_pos else np.zeros(0, np.int64)
+    for b in np.flatnonzero(counts > 1):  # rule 4 needs one small Gram matrix per row
+        near = _adjacency_order(feats64[feat_at[b]])[: int(k[b])]
+        node[b, near[near < k[b]]] = True
+
+    # rule 6, vectorised over the block: where row i sits in the graph rows of its candidates
+    hit = nbr_rows[np.where(look, nbr_of, 0)] == rows[:, None, None]
+    found = hit.any(axis=2) & look
+    pos = hit.argmax(axis=2)
+    ranks = np.where(found, pos, -1)
+    breaks = look & np.where(found, pos > k[:, None], (k < width)[:, None])
+    stop = np.where(breaks.any(axis=1), breaks.argmax(axis=1), checks)
+    p_row, p_pos = np.nonzero(look & ~found & (np.arange(span)[None, :] < stop[:, None]))
     return RowPlan(
         rows=rows, width=width, sigma=sigma, counts=counts, k=k, node=node, ranks=ranks, stop=stop,
         pending_row=p_row, pending_pos=p_pos, pending_j=sigma[p_row, p_pos], pending_i=rows[p_row],
