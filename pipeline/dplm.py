@@ -151,7 +151,7 @@ def plan_rows(
     """Rules 1-6 for one block of rows, as far as the stored graph allows.
 
     ``rows`` (B,) row ids; ``graph_idx`` / ``graph_sim`` (B, K) their graph rows sigma_i[0:K];
-    ``counts`` (B,) C_i (1 + the summed ``knn_block`` counts); ``neighbour_idx(ids)`` the
+    ``counts`` (B,) C_i (as ``knn_rows`` returns them); ``neighbour_idx(ids)`` the
     (len(ids), K) graph rows of any ids; ``features(ids)`` the (len(ids), D) dictionary rows;
     ``n`` the dictionary size. Each callable is called once, with unique ids.
     """

@@ -3,12 +3,9 @@
 Pure functions over numpy arrays; the caller streams blocks from storage. The
 order of calls (``knn_graph`` runs it in memory) is:
 
-1. for every query block and every base block, ``knn_block`` gives that base
-   block's top-k others and threshold count per query row; fold the partial
-   top-k lists with ``merge_topk`` and sum the counts (C_i = 1 + the sum);
-2. ``with_self_first`` turns the merged others into the stored graph row
-   sigma_i[0:K] (self first);
-3. the pseudo-label miner may later ask for exact ranks of pending (j, i)
+1. for every query block, ``knn_rows`` streams the base blocks and returns the
+   stored graph rows sigma_i[0:K] (self first) and C_i;
+2. the pseudo-label miner may later ask for exact ranks of pending (j, i)
    pairs: sum ``exact_ranks`` over every base block and add 1.
 
 Similarity is defined once, here: ``s_ij`` is the float64 dot product of the
@@ -34,10 +31,8 @@ from wildreid.errors import ConfigError, StoreError
 __all__ = [
     "check_features",
     "exact_ranks",
-    "knn_block",
     "knn_graph",
     "knn_rows",
-    "merge_topk",
     "pair_similarity",
     "set_temp_elements",
     "similarity",
@@ -51,7 +46,6 @@ def set_temp_elements(elements: int) -> None:
     """Cap the size of the exact kernel's temporary arrays (a memory budget sets it per process)."""
     global _BUDGET
     _BUDGET = max(1 << 12, int(elements))
-_NO_ID = np.iinfo(np.int64).max
 
 
 # ---------------------------------------------------------------- validation
@@ -214,84 +208,6 @@ def _self_mask(query_ids: np.ndarray, base_ids: np.ndarray):
     return rows, order[pos[rows]]
 
 
-def knn_block(query, query_ids, base, base_ids, k: int, threshold: float, *, margin: int = 16, floor=None):
-    """Top-k others of one base block for each query row, and the threshold count.
-
-    Returns ``(sim (B, k) float64, idx (B, k) int64, count (B,) int64)``: the k base rows
-    with the highest exact similarity, ties by ascending id, the query row's own id
-    excluded; padded with -inf / -1 when the block has fewer than k other rows.
-    ``count`` is #{base rows other than self with s >= threshold}.
-
-    FAISS/BLAS float32 proposes ``k + margin`` candidates, rescored exactly. A row
-    falls back to the exact path (every base row whose float32 score is within
-    ``_slack`` of the k-th exact similarity is rescored) when a non-candidate could
-    still tie or beat the k-th candidate; counts are exact the same way.
-    """
-    query, base = np.asarray(query), np.asarray(base)
-    _same_dim(query, base)
-    qids = _ids(query_ids, len(query), "query_ids")
-    bids = _ids(base_ids, len(base), "base_ids")
-    if int(k) != k or k < 0 or margin < 0:
-        raise ConfigError(f"expected k >= 0 and margin >= 0, found k={k} and margin={margin}")
-    n_q, n_b, k = len(query), len(base), int(k)
-    qn = check_features(query, qids, what="query")
-    bn = check_features(base, bids, what="base")
-    sim = np.full((n_q, k), -np.inf)
-    idx = np.full((n_q, k), -1, dtype=np.int64)
-    count = np.zeros(n_q, dtype=np.int64)
-    if n_q == 0 or n_b == 0:
-        return sim, idx, count
-
-    scores = query.astype(np.float32) @ base.astype(np.float32).T
-    self_r, self_c = _self_mask(qids, bids)
-    scores[self_r, self_c] = -np.inf
-    eps = _slack(query.shape[1], qn, float(bn.max()))
-
-    # count: float32 above t + eps is certain, below t - eps is certainly out, the band is rescored
-    hi, lo = _floor32(threshold + eps), _ceil32(threshold - eps)
-    count += np.count_nonzero(scores > hi[:, None], axis=1)
-    r, c = np.nonzero((scores >= lo[:, None]) & (scores <= hi[:, None]))
-    exact = _pairs(query, r, base, c)
-    count += np.bincount(r, weights=exact >= threshold, minlength=n_q).astype(np.int64)
-    if k == 0:
-        return sim, idx, count
-
-    width = min(k + margin, n_b)
-    heap = faiss.ResultHeap(n_q, width, keep_max=True)
-    heap.add_result_subset(np.arange(n_q), scores, np.arange(n_b))
-    heap.finalize()
-    floor = np.full(n_q, -np.inf) if floor is None else np.asarray(floor, np.float64)
-    r, slot = np.nonzero((heap.I >= 0) & (heap.D >= _ceil32(floor - eps)[:, None]))
-    c = heap.I[r, slot]
-    sim, idx = _rowwise_topk(n_q, r, _pairs(query, r, base, c), bids[c], k)
-
-    # a row is unsafe when a non-candidate (float32 <= the last candidate's) may reach the bar:
-    # the k-th exact value of this block, or the caller's floor if that is higher
-    bar = np.maximum(sim[:, -1], floor)
-    others = n_b - np.bincount(self_r, minlength=n_q)
-    unsafe = np.flatnonzero((others > width) & (heap.D[:, -1].astype(np.float64) + eps >= bar))
-    if len(unsafe):
-        cut = _ceil32(bar[unsafe] - eps[unsafe])
-        r, c = np.nonzero(scores[unsafe] >= cut[:, None])
-        exact = _pairs(query, unsafe[r], base, c)
-        sim[unsafe], idx[unsafe] = _rowwise_topk(len(unsafe), r, exact, bids[c], k)
-    return sim, idx, count
-
-
-def merge_topk(sim_a, idx_a, sim_b, idx_b, k: int):
-    """Merge two partial top-k results (disjoint base blocks) by (sim desc, id asc), -1 padding last."""
-    sim = np.concatenate([np.asarray(sim_a, np.float64), np.asarray(sim_b, np.float64)], axis=1)
-    idx = np.concatenate([np.asarray(idx_a, np.int64), np.asarray(idx_b, np.int64)], axis=1)
-    sim = np.where(idx < 0, -np.inf, sim)
-    order = np.lexsort((np.where(idx < 0, _NO_ID, idx), -sim), axis=1)[:, :k]
-    sim, idx = np.take_along_axis(sim, order, 1), np.take_along_axis(idx, order, 1)
-    pad = k - sim.shape[1]
-    if pad > 0:
-        sim = np.pad(sim, ((0, 0), (0, pad)), constant_values=-np.inf)
-        idx = np.pad(idx, ((0, 0), (0, pad)), constant_values=-1)
-    return sim, idx
-
-
 def with_self_first(rows, sim, idx, self_sim, *, width: int | None = None):
     """Graph rows sigma_i[0:width]: (rows, self_sim) first, then the merged others.
 
@@ -383,9 +299,11 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
     Returns ``(sim (B, k), idx (B, k), counts (B,))``.
     """
     query = np.asarray(query)
+    if int(k) != k or k < 1 or margin < 0:
+        raise ConfigError(f"expected k >= 1 and margin >= 0, found k={k} and margin={margin}")
     qids = _ids(query_ids, len(query), "query_ids")
     qn = check_features(query, qids, what="query")
-    n_q, others_k, dim = len(query), k - 1, query.shape[1]
+    n_q, others_k, dim = len(query), int(k) - 1, query.shape[1]
     q32 = np.ascontiguousarray(query, dtype=np.float32)
     width = others_k + margin
     heap = faiss.ResultHeap(n_q, max(width, 1), keep_max=True)

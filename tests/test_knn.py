@@ -9,9 +9,8 @@ from wildreid.errors import ConfigError, StoreError
 from wildreid.knn import (
     check_features,
     exact_ranks,
-    knn_block,
+    knn_rows,
     knn_graph,
-    merge_topk,
     pair_similarity,
     similarity,
     with_self_first,
@@ -59,11 +58,11 @@ def test_duplicates_beyond_margin_take_the_exact_path(dtype):
     x = np.concatenate([x, np.repeat(x[:1], 40, axis=0)]).astype(dtype)
     x = x[rng.permutation(len(x))]
     ids = np.arange(len(x))
-    sim, idx, count = knn_block(x, ids, x, ids, 5, 0.99, margin=0)
+    sim, idx, count = knn_rows(x, ids, [(ids, x)], 6, threshold=0.99, margin=0)
     ref_sim, ref_idx, ref_counts = dense_graph(x, 6, 0.99)
-    np.testing.assert_array_equal(idx, ref_idx[:, 1:])
-    np.testing.assert_array_equal(sim, ref_sim[:, 1:])
-    np.testing.assert_array_equal(count + 1, ref_counts)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(sim, ref_sim)
+    np.testing.assert_array_equal(count, ref_counts)
 
 
 def test_similarity_does_not_depend_on_blocking():
@@ -94,16 +93,9 @@ def test_exact_ranks_sum_to_the_rank_in_sigma():
     np.testing.assert_array_equal(total, rank[j, i])
 
 
-def test_merge_topk_and_self_first():
-    sim_a = np.array([[0.9, 0.5, -np.inf]])
-    idx_a = np.array([[7, 2, -1]])
-    sim_b = np.array([[0.5, 0.4, 0.1]])
-    idx_b = np.array([[1, 3, 4]])
-    sim, idx = merge_topk(sim_a, idx_a, sim_b, idx_b, 4)
-    np.testing.assert_array_equal(idx, [[7, 1, 2, 3]])
-    np.testing.assert_array_equal(sim, [[0.9, 0.5, 0.5, 0.4]])
-    sim, idx = merge_topk(sim_a[:, :1], idx_a[:, :1], sim_a[:, 2:], idx_a[:, 2:], 3)
-    np.testing.assert_array_equal(idx, [[7, -1, -1]])
+def test_self_first():
+    sim = np.array([[0.9, 0.5, -np.inf]])
+    idx = np.array([[7, 2, -1]])
     sim, idx = with_self_first([5], sim, idx, [1.0], width=2)
     np.testing.assert_array_equal(idx, [[5, 7]])
     np.testing.assert_array_equal(sim, [[1.0, 0.9]])
@@ -111,10 +103,11 @@ def test_merge_topk_and_self_first():
 
 def test_block_smaller_than_k_is_padded():
     x = clustered(5)[:4]
-    sim, idx, _count = knn_block(x, [10, 11, 12, 13], x[:2], [10, 11], 3, 0.6)
-    assert (idx[:2, 1:] == -1).all() and np.isneginf(sim[:2, 1:]).all()  # one other row each
-    assert (idx[2:, 2] == -1).all() and np.isneginf(sim[2:, 2]).all()  # two other rows each
-    assert list(idx[:2, 0]) == [11, 10] and set(idx[2, :2]) == set(idx[3, :2]) == {10, 11}
+    sim, idx, _count = knn_rows(x, [10, 11, 12, 13], [(np.array([10, 11]), x[:2])], 4, threshold=0.6)
+    assert list(idx[:, 0]) == [10, 11, 12, 13]  # self first
+    assert (idx[:2, 2:] == -1).all() and np.isneginf(sim[:2, 2:]).all()  # one other row each
+    assert (idx[2:, 3] == -1).all() and np.isneginf(sim[2:, 3]).all()  # two other rows each
+    assert list(idx[:2, 1]) == [11, 10] and set(idx[2, 1:3]) == set(idx[3, 1:3]) == {10, 11}
 
 
 @pytest.mark.parametrize(
@@ -127,16 +120,16 @@ def test_bad_rows_are_named(row, value, match):
     with pytest.raises(StoreError, match=match):
         check_features(x, np.arange(10, 18))
     with pytest.raises(StoreError, match=match):
-        knn_block(x, np.arange(10, 18), x, np.arange(10, 18), 2, 0.6)
+        knn_rows(x, np.arange(10, 18), [(np.arange(10, 18), x)], 3, threshold=0.6)
 
 
 def test_bad_arguments():
     x = clustered(7)[:8]
     with pytest.raises(StoreError, match="same D"):
-        knn_block(x, np.arange(8), x[:, :5], np.arange(8), 2, 0.6)
+        knn_rows(x, np.arange(8), [(np.arange(8), x[:, :5])], 3, threshold=0.6)
     with pytest.raises(ConfigError, match="query_ids"):
-        knn_block(x, np.arange(7), x, np.arange(8), 2, 0.6)
-    with pytest.raises(ConfigError, match="k >= 0"):
-        knn_block(x, np.arange(8), x, np.arange(8), -1, 0.6)
+        knn_rows(x, np.arange(7), [(np.arange(8), x)], 3, threshold=0.6)
+    with pytest.raises(ConfigError, match="k >= 1"):
+        knn_rows(x, np.arange(8), [(np.arange(8), x)], 0, threshold=0.6)
     with pytest.raises(StoreError, match="2-D float"):
         check_features(np.ones(4))
