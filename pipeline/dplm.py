@@ -315,13 +315,9 @@ def pseudo_label_quality(indptr, indices, ids) -> dict:
         raise ConfigError(
             f"expected a CSR of {len(ids)} rows over {len(indices)} indices, found indptr of length {len(indptr)}"
         )
-    sizes = np.diff(indptr)
-    mean_positives = float(sizes.mean()) if n else 0.0
-    if n == 0 or np.any(ids < 0):
-        return {"precision": None, "recall": None, "mean_positives": mean_positives}
-    owner = np.repeat(np.arange(n), sizes)
-    same = np.bincount(owner, weights=ids[indices] == ids[owner], minlength=n)
-    _, inverse, per_id = np.unique(ids, return_inverse=True, return_counts=True)
-    precision = np.divide(same, sizes, out=np.zeros(n), where=sizes > 0)
-    recall = same / per_id[inverse]
-    return {"precision": float(precision.mean()), "recall": float(recall.mean()), "mean_positives": mean_positives}
+    if n == 0:
+        return {"precision": None, "recall": None, "mean_positives": 0.0}
+    sums = quality_sums(np.arange(n), indptr, indices, ids, np.bincount(np.maximum(ids, 0)))
+    known = sums["precision"] is not None
+    return {"precision": sums["precision"] / n if known else None, "recall": sums["recall"] / n if known else None,
+            "mean_positives": sums["positives"] / n}  # fmt: skip

@@ -18,6 +18,7 @@ never mixed in.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -187,6 +188,13 @@ def _cache(store: FeatureStore, name: str, budget: int) -> PageCache:
         return _CACHES[key]
 
 
+@functools.lru_cache(maxsize=2)
+def _labels(path: str, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
+    """Vehicle ids and images per id, read once per worker process rather than once per block."""
+    ids = FeatureStore.open(path).ids()
+    return ids, np.bincount(np.maximum(ids, 0))
+
+
 def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:
     _share_cores(plan.workers)
     set_temp_elements(plan.temp_elements)
@@ -203,8 +211,8 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     )  # fmt: skip
     ranks = pending_ranks(row_plan, features.get_rows(row_plan.pending_j), _base_blocks(store, plan.base_rows))
     indptr, indices = finish_rows(row_plan, ranks)
-    ids = store.ids()
-    quality = quality_sums(np.arange(r0, r1), indptr, indices, ids, np.bincount(np.maximum(ids, 0)))
+    ids, id_sizes = _labels(str(store.path), repr(store.fingerprint()))
+    quality = quality_sums(np.arange(r0, r1), indptr, indices, ids, id_sizes)
     part = zarr.open_group(str(store.path / "positives" / "parts"), mode="a").create_group(f"{block:06d}", overwrite=True)
     part.create_array("counts", data=np.diff(indptr), chunks=(max(1, r1 - r0),))
     part.create_array("indices", data=indices if len(indices) else np.zeros(0, np.int64), chunks=(max(1, len(indices)),))

@@ -116,14 +116,6 @@ def image_extension(data: bytes) -> str:
     return _EXTENSIONS.get(fmt, fmt.lower())
 
 
-def decode_rgb(data: bytes, size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode to RGB (grayscale, CMYK and palette images included), optionally resized to (H, W)."""
-    image = _open(data)
-    if size is not None and image.format == "JPEG":
-        # Let libjpeg scale down in the DCT domain when the target is at
-        # least 2x smaller: same result class, a fraction of the work.
-        image.draft("RGB", (size[1], size[0]))
-    image = image.convert("RGB")
-    if size is not None and image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return image
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode to RGB (grayscale, CMYK and palette images included)."""
+    return _open(data).convert("RGB")

@@ -144,14 +144,9 @@ class ShardDataset(IterableDataset):
         chunk: int = 1,
         group: int = 2,
     ):
-        manifest = load_manifest(root)
-        if split not in manifest["splits"]:
-            raise ShardNotFoundError(
-                f"split {split!r} is not in {root}; it has {', '.join(manifest['splits']) or 'no splits'}"
-            )
         if lanes < 1 or chunk < 1 or group < 1:
             raise ConfigError(f"expected lanes, chunk and group >= 1, found {lanes}, {chunk}, {group}")
-        entry = manifest["splits"][split]
+        entry = split_entry(root, split)
         self.root = Path(root)
         self.split = split
         self.shard_files = [self.root / s["file"] for s in entry["shards"]]
@@ -229,12 +224,19 @@ def collate(batch: list[tuple]) -> tuple:
     return (images, *columns)
 
 
-def read_split_samples(root: str | Path, split: str) -> Iterator[dict]:
-    """Every raw sample of a split in index order (key, image bytes, index, vid, camid, path)."""
+def split_entry(root: str | Path, split: str) -> dict:
+    """The manifest entry of one split; ShardNotFoundError naming the splits there are."""
     manifest = load_manifest(root)
     if split not in manifest["splits"]:
-        raise ShardNotFoundError(f"split {split!r} is not in {root}")
-    files = [Path(root) / s["file"] for s in manifest["splits"][split]["shards"]]
+        raise ShardNotFoundError(
+            f"split {split!r} is not in {root}; it has {', '.join(manifest['splits']) or 'no splits'}"
+        )
+    return manifest["splits"][split]
+
+
+def read_split_samples(root: str | Path, split: str) -> Iterator[dict]:
+    """Every raw sample of a split in index order (key, image bytes, index, vid, camid, path)."""
+    files = [Path(root) / s["file"] for s in split_entry(root, split)["shards"]]
     yield from parse_meta(tar_samples(read_shards(files)))
 
 

@@ -128,18 +128,13 @@ def _stat_chunk(root: str, paths: Sequence[str]) -> list[int | str]:
     return out
 
 
-def _check(data: bytes) -> str:
-    """The image's true extension; BadImageError if it is not a whole, decodable image."""
-    return image_extension(data)
-
-
 def _scan_chunk(root: str, paths: Sequence[str]) -> list[int | str]:
     """Size of each healthy image, or the reason it is bad (plain values pickle fast)."""
     out: list[int | str] = []
     for path in paths:
         try:
             data = read_file(f"{root}/{path}")
-            _check(data)
+            image_extension(data)
             out.append(len(data))
         except FileNotFoundError:
             out.append("missing file")
@@ -269,7 +264,7 @@ def write_shard(root: str, out: str, plan: ShardPlan) -> ShardResult:
                     _crash_point(f"mid-shard:{plan.file}")
                 try:
                     data = read_file(f"{root}/{path}", size)
-                    ext = _check(data)
+                    ext = image_extension(data)
                 except FileNotFoundError:
                     bad.append((path, "missing file"))
                     continue

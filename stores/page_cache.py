@@ -156,13 +156,13 @@ class PageCache:
         for start in range(0, self.n, block_rows):
             stop = min(start + block_rows, self.n)
             with self.lock:
-                block = np.asarray(self.array[start:stop], dtype=self.dtype)
+                block = np.empty((stop - start, self.width), dtype=self.dtype)
                 for page in range(start // self.rows_per_page, -(-stop // self.rows_per_page)):
+                    lo, hi = self._bounds(page)
                     resident = self.on_device.get(page)
                     resident = resident.cpu().numpy() if resident is not None else self.host.get(page)
-                    if resident is not None:
-                        lo, hi = self._bounds(page)
-                        block[lo - start : hi - start] = resident
+                    # resident pages may be dirty: they, not the store, hold the rows
+                    block[lo - start : hi - start] = resident if resident is not None else self._read_page(page)
             yield start, block
 
     def flush(self) -> None:
