@@ -27,7 +27,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from wildreid.errors import ConfigError, StoreError
-from wildreid.knn import check_features, exact_ranks, knn_graph, similarity
+from wildreid.knn import (
+    check_features,
+    exact_ranks,
+    knn_graph,
+    similarity,
+    validate_rows,
+)
 
 __all__ = [
     "RowPlan",
@@ -177,7 +183,7 @@ def plan_rows(
 
     feat_ids, feat_at = np.unique(sigma, return_inverse=True)
     feats = np.asarray(features(feat_ids))
-    check_features(feats, feat_ids)
+    validate_rows(feats, feat_ids)
     look = np.arange(span)[None, :] < checks[:, None]
     nbr_ids, nbr_at = np.unique(sigma[look], return_inverse=True)
     nbr_rows = np.asarray(neighbour_idx(nbr_ids), dtype=np.int64)
@@ -194,12 +200,15 @@ def plan_rows(
         near = _adjacency_order(feats64[feat_at[b]])[: int(k[b])]
         node[b, near[near < k[b]]] = True
 
-    # rule 6, vectorised over the block: where row i sits in the graph rows of its candidates
-    hit = nbr_rows[np.where(look, nbr_of, 0)] == rows[:, None, None]
+    # rule 6, vectorised over the block: where row i sits in the graph rows of its candidates.
+    # A rank above k_i breaks, so only the first k_i + 1 entries of those rows are searched:
+    # i missing from them means a break too, unless the window is the whole graph row.
+    window = int(min(width, k.max() + 1)) if n_rows else width
+    hit = nbr_rows[np.where(look, nbr_of, 0), :window] == rows[:, None, None]
     found = hit.any(axis=2) & look
     pos = hit.argmax(axis=2)
     ranks = np.where(found, pos, -1)
-    breaks = look & np.where(found, pos > k[:, None], (k < width)[:, None])
+    breaks = look & np.where(found, pos > k[:, None], (k < window)[:, None])
     stop = np.where(breaks.any(axis=1), breaks.argmax(axis=1), checks)
     p_row, p_pos = np.nonzero(look & ~found & (np.arange(span)[None, :] < stop[:, None]))
     return RowPlan(

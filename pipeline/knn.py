@@ -36,6 +36,7 @@ __all__ = [
     "pair_similarity",
     "set_temp_elements",
     "similarity",
+    "validate_rows",
     "with_self_first",
 ]
 
@@ -70,6 +71,15 @@ def check_features(block: np.ndarray, ids: np.ndarray | None = None, *, what: st
                 f"{what} row {row} {reason}; expected an L2-normalised row: re-extract the features of that image"
             )
     return norms
+
+
+def validate_rows(block: np.ndarray, ids: np.ndarray | None = None, *, what: str = "feature") -> None:
+    """The checks of ``check_features`` without computing norms: cheap enough for rows seen before."""
+    block = np.asarray(block)
+    if block.ndim != 2 or not np.issubdtype(block.dtype, np.floating) or not (
+        np.isfinite(block).all() and (block != 0).any(axis=1).all()
+    ):
+        check_features(block, ids, what=what)  # finds the bad row and says which
 
 
 def _ids(ids, n: int, name: str) -> np.ndarray:
@@ -128,12 +138,17 @@ def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return out
 
 
-def _pairs(a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray) -> np.ndarray:
-    """Exact s(a[ra[p]], b[rb[p]]) for every p, gathered chunk by chunk."""
+def _pairs(a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray, *, free: bool | None = None) -> np.ndarray:
+    """Exact s(a[ra[p]], b[rb[p]]) for every p, gathered chunk by chunk.
+
+    ``free`` says whether every summation order is exact for these rows (see the
+    module docstring); callers that know bounds on the norms pass it, so that a
+    large block is not scanned for its norms once per call.
+    """
     out = np.empty(len(ra))
-    if len(ra) > 4 * len(a) and _order_free(a, b):
+    if len(ra) > 4 * len(a) and (_order_free(a, b) if free is None else free):
         # Every summation order is exact here, so one matrix-vector product per row of a
-        # (BLAS, no float64 copies of the gathered pairs) gives the very same bits.
+        # (BLAS on one float64 copy of each block) gives the very same bits.
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         order = np.argsort(ra, kind="stable")
         starts = np.flatnonzero(np.r_[True, np.diff(ra[order]) != 0])
@@ -144,9 +159,9 @@ def _pairs(a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray) -> np.n
     step = max(1, _BUDGET // max(1, 2 * a.shape[1]))
     for p0 in range(0, len(ra), step):
         x, y = a[ra[p0 : p0 + step]], b[rb[p0 : p0 + step]]
-        free = _order_free(x, y)
+        exact_any_order = _order_free(x, y) if free is None else free
         x, y = x.astype(np.float64), y.astype(np.float64)
-        out[p0 : p0 + step] = np.einsum("ij,ij->i", x, y) if free else _tree_dot(x, y)
+        out[p0 : p0 + step] = np.einsum("ij,ij->i", x, y) if exact_any_order else _tree_dot(x, y)
     return out
 
 
@@ -199,13 +214,39 @@ def _rowwise_topk(n_rows: int, r: np.ndarray, sims: np.ndarray, ids: np.ndarray,
     return out_sim, out_idx
 
 
+def _topk_matrix(sims: np.ndarray, ids: np.ndarray, k: int):
+    """(sim desc, id asc) top-k of every row of (B, W) candidates; missing ones are -inf / -1."""
+    order = np.lexsort((ids, -sims), axis=-1)[:, :k]
+    out_sim = np.take_along_axis(sims, order, axis=1)
+    out_idx = np.where(np.isfinite(out_sim), np.take_along_axis(ids, order, axis=1), -1)
+    if out_sim.shape[1] < k:
+        pad = k - out_sim.shape[1]
+        out_sim = np.pad(out_sim, ((0, 0), (0, pad)), constant_values=-np.inf)
+        out_idx = np.pad(out_idx, ((0, 0), (0, pad)), constant_values=-1)
+    return out_sim, out_idx
+
+
+def _contiguous(ids: np.ndarray) -> bool:
+    """True for ids start, start + 1, ...: stored blocks are ranges, and lookups into them are subtractions."""
+    return len(ids) > 0 and int(ids[-1]) - int(ids[0]) == len(ids) - 1 and bool(np.all(np.diff(ids) == 1))
+
+
+def _locate(ids: np.ndarray, wanted: np.ndarray):
+    """(positions in ``wanted``, positions in ``ids``) of every wanted id that ``ids`` holds."""
+    if _contiguous(ids):
+        hit = (wanted >= ids[0]) & (wanted <= ids[-1])
+        where = np.nonzero(hit)
+        return where, wanted[where] - ids[0]
+    order = np.argsort(ids, kind="stable")
+    pos = np.minimum(np.searchsorted(ids[order], wanted), max(len(ids) - 1, 0))
+    where = np.nonzero((wanted >= 0) & (ids[order][pos] == wanted)) if len(ids) else np.nonzero(wanted < -1)
+    return where, order[pos[where]]
+
+
 def _self_mask(query_ids: np.ndarray, base_ids: np.ndarray):
     """(rows, cols) where a query row meets its own id in the base block."""
-    order = np.argsort(base_ids, kind="stable")
-    pos = np.minimum(np.searchsorted(base_ids[order], query_ids), max(len(base_ids) - 1, 0))
-    hit = base_ids[order][pos] == query_ids if len(base_ids) else np.zeros(len(query_ids), bool)
-    rows = np.flatnonzero(hit)
-    return rows, order[pos[rows]]
+    (rows,), cols = _locate(base_ids, query_ids)
+    return rows, cols
 
 
 def with_self_first(rows, sim, idx, self_sim, *, width: int | None = None):
@@ -308,10 +349,12 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
     width = others_k + margin
     heap = faiss.ResultHeap(n_q, max(width, 1), keep_max=True)
     base_max, total, self_seen = 0.0, 0, np.zeros(n_q, dtype=np.int64)
+    base_dtype = np.dtype(np.float64)
     for base_ids, base in _passes(base_blocks):
         base = np.asarray(base)
         _same_dim(query, base)
         bids = _ids(base_ids, len(base), "base_ids")
+        base_dtype = base.dtype if total == 0 or base.dtype == base_dtype else np.dtype(np.float64)
         b32 = np.ascontiguousarray(base, dtype=np.float32)
         # Rows are validated in their own query block; here only the largest norm is needed (for the
         # error band), from float32 with a relative margin far above its rounding error.
@@ -333,14 +376,11 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
         heap.finalize()
         cand, f32 = heap.I, heap.D.astype(np.float64)
         exact = np.full(cand.shape, -np.inf)
+        free = query.dtype == np.float16 and base_dtype == np.float16 and float(qn.max()) * base_max < 16.0
         for base_ids, base in _passes(base_blocks):
-            bids = np.asarray(base_ids, dtype=np.int64)
-            order = np.argsort(bids, kind="stable")
-            pos = np.minimum(np.searchsorted(bids[order], cand), len(bids) - 1)
-            r, slot = np.nonzero((cand >= 0) & (bids[order][pos] == cand))
-            exact[r, slot] = _pairs(query, r, np.asarray(base), order[pos[r, slot]])
-        r, slot = np.nonzero(cand >= 0)
-        sim, idx = _rowwise_topk(n_q, r, exact[r, slot], cand[r, slot], others_k)
+            (r, slot), pos = _locate(np.asarray(base_ids, dtype=np.int64), cand)
+            exact[r, slot] = _pairs(query, r, np.asarray(base), pos, free=free)
+        sim, idx = _topk_matrix(exact, cand, others_k)
         # a row is unsafe when a non-candidate (float32 <= the last candidate's) may reach the k-th exact value
         last = np.where(cand[:, -1] >= 0, f32[:, -1], -np.inf)
         unsafe = np.flatnonzero((total - self_seen > width) & (last + eps >= sim[:, -1]))

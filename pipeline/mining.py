@@ -18,6 +18,7 @@ never mixed in.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -29,9 +30,15 @@ from dataclasses import asdict, dataclass
 import faiss
 import numpy as np
 import zarr
-
+from threadpoolctl import ThreadpoolController
 from wildreid.budget import default_budget, peak_rss_bytes
-from wildreid.dplm import check_dplm_args, finish_rows, pending_ranks, plan_rows, quality_sums
+from wildreid.dplm import (
+    check_dplm_args,
+    finish_rows,
+    pending_ranks,
+    plan_rows,
+    quality_sums,
+)
 from wildreid.errors import ConfigError, StoreError
 from wildreid.knn import knn_rows, set_temp_elements
 from wildreid.stores import FeatureStore, PageCache
@@ -142,12 +149,48 @@ def _base_blocks(store: FeatureStore, base_rows: int, cache: PageCache | None = 
 # --------------------------------------------------------------------------- tasks
 
 
+def _numpy_blas() -> list:
+    """NumPy's own BLAS pools (FAISS brings another one, driven by its per-thread OpenMP setting)."""
+    numpy_dir = os.path.dirname(np.__file__)
+    return [lib for lib in ThreadpoolController().lib_controllers
+            if lib.user_api == "blas" and os.path.dirname(lib.filepath).startswith(numpy_dir)]  # fmt: skip
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """Hold NumPy's BLAS at one thread, then restore it.
+
+    Its calls here are small (rule 4's 100 x 100 Gram matrices) and run inside
+    concurrent tasks; with its pool's threads competing against the other tasks
+    (or another process) they ran up to ten times slower in a measurement.
+    Parallelism comes from the tasks instead (``workers``, one per core by default).
+    """
+    pools = _numpy_blas()
+    before = [lib.num_threads for lib in pools]
+    for lib in pools:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, threads in zip(pools, before):
+            lib.set_num_threads(threads)
+
+
+_LIMITED: list[bool] = []  # this process holds NumPy's BLAS at one thread
+
+
 def _share_cores(workers: int) -> None:
     """Each of the concurrent tasks runs its own FAISS/BLAS calls: share the cores, do not oversubscribe.
 
-    OpenMP's thread count is a per-thread setting, so every task sets it for its own thread.
+    OpenMP's thread count (FAISS) is a per-thread setting, so every task sets it for
+    its own thread. NumPy's BLAS pool is process-wide: ``mine`` holds it at one
+    thread in its own process; a dask.distributed worker process does it here, once.
     """
     faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    if not _LIMITED:
+        for lib in _numpy_blas():
+            lib.set_num_threads(1)
+        _LIMITED.append(True)
 
 
 def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:
@@ -247,8 +290,21 @@ def mine(
     budget = memory_budget or default_budget()
     plan = block_plan(n, dim, store.features.dtype.itemsize, params.k, params.adjacency, budget, workers,
                       store.chunk_rows)
-    timings = {}
+    with _one_blas_thread():
+        _LIMITED.append(True)
+        try:
+            timings = _run_stages(store, params, plan, workers, scheduler, progress)
+        finally:
+            _LIMITED.clear()
+    report = _report(store, params, plan, budget)
+    report.update(timings, total_s=time.perf_counter() - started,
+                  peak_rss_bytes=peak_rss_bytes())  # fmt: skip
+    return report
 
+
+def _run_stages(store: FeatureStore, params: MineParams, plan: BlockPlan, workers: int, scheduler, progress) -> dict:
+    n = store.count()
+    timings = {}
     graph, complete = _ensure_group(store, "knn", _fingerprint(store, params, plan, "knn"))
     blocks = -(-n // plan.query_rows)
     if not complete:
@@ -269,7 +325,7 @@ def mine(
         graph.attrs["complete"] = True
     _crash_point("knn-complete")
 
-    positives, complete = _ensure_group(store, "positives", _fingerprint(store, params, plan, "rules"))
+    _, complete = _ensure_group(store, "positives", _fingerprint(store, params, plan, "rules"))
     if not complete:
         rule_blocks = -(-n // plan.rule_rows)
         parts = zarr.open_group(str(store.path / "positives" / "parts"), mode="a")
@@ -282,10 +338,7 @@ def mine(
                             on_done=lambda: progress("DPLM rules", 1, rule_blocks))  # fmt: skip
         timings["rules_s"] = time.perf_counter() - began
         _assemble(store, rule_blocks)
-    report = _report(store, params, plan, budget)
-    report.update(timings, total_s=time.perf_counter() - started,
-                  peak_rss_bytes=peak_rss_bytes())  # fmt: skip
-    return report
+    return timings
 
 
 def _assemble(store: FeatureStore, rule_blocks: int) -> None:
