@@ -1,0 +1,415 @@
+"""Dictionary-based triplet loss (DTL) of SSML-FD, dense reference and streaming form.
+
+For a batch of features x (B, D) (L2-normalised, with grad), the dictionary
+M (N, D), each x_b's own row y_b and its positives P_b (y_b always in P_b),
+ratio r and margin weight delta:
+
+1. z_bj = x_b . m_j for every row j;
+2. the negatives of b are the rows not in P_b; h_b = floor(r * (N - |P_b|));
+3. H_b = the h_b negatives with the largest z_bj, ties by ascending row index;
+4. loss_b = mean_{j in P_b} (1 - z_bj)^2 + delta * mean_{j in H_b} (1 + z_bj)^2
+   (the second term is 0 when H_b is empty); loss = mean_b loss_b.
+
+``dtl_dense`` computes all of z with grad (tests, small N). The streaming form
+splits the work: ``hard_negatives`` streams dictionary blocks without grad and
+keeps a running top-h_max per batch element; ``dtl_loss`` then recomputes z with
+grad on the positives and the selected rows only, fetched through a
+``rows_fn(indices) -> (len(indices), D)`` callback, in chunks, both forward and
+backward (``gathered_dot``), so device memory holds a chunk of rows and not the
+(B, h, D) gather. Both forms give the same loss and the same gradient.
+
+Ties are decided on the z values as computed: rows with exactly equal z go by
+ascending index in both forms. Blocked and full products round alike for exactly
+representable data; for general floats a block may round z one ulp differently
+from the full product, which only matters for rows whose z differ by an ulp.
+
+Positives come as a CSR over the batch: ``pos_indices[pos_indptr[b]:pos_indptr[b + 1]]``
+are P_b (unique, any order). ``batch_positives`` cuts it from the store's CSR;
+``self_positives`` gives the warm-up {y_b}.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from wildreid.errors import ConfigError
+
+__all__ = [
+    "batch_positives",
+    "dtl_dense",
+    "dtl_loss",
+    "dtl_streaming",
+    "gathered_dot",
+    "hard_negative_counts",
+    "hard_negatives",
+    "momentum_update",
+    "self_positives",
+    "tensor_blocks",
+    "tensor_rows",
+]
+
+RowsFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
+
+DEFAULT_CHUNK_ROWS = 8192
+
+
+# --------------------------------------------------------------------------- positives
+
+
+def _long(a, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a, device=device).long()
+
+
+def self_positives(rows, device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warm-up positives P_b = {y_b}: CSR ``(indptr (B+1,), indices (B,))``."""
+    rows = _long(rows, torch.device(device) if device is not None else _device_of(rows))
+    return torch.arange(len(rows) + 1, device=rows.device), rows.clone()
+
+
+def batch_positives(indptr, indices, rows, device: str | torch.device | None = None):
+    """The batch's slice ``(pos_indptr, pos_indices)`` of the store's CSR of positives (numpy or torch)."""
+    device = torch.device(device) if device is not None else _device_of(rows)
+    indptr, indices, rows = _long(indptr, device), _long(indices, device), _long(rows, device)
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(indptr) - 1):
+        raise ConfigError(
+            f"expected batch rows in 0..{len(indptr) - 2}, found {rows.min()}..{rows.max()}; "
+            "the positives belong to another dictionary"
+        )
+    starts, counts = indptr[rows], indptr[rows + 1] - indptr[rows]
+    out_ptr = torch.zeros(len(rows) + 1, dtype=torch.long, device=device)
+    out_ptr[1:] = torch.cumsum(counts, 0)
+    seg = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
+    offsets = torch.arange(int(out_ptr[-1]), device=device) - out_ptr[seg]
+    return out_ptr, indices[starts[seg] + offsets]
+
+
+def _device_of(a) -> torch.device:
+    return a.device if isinstance(a, torch.Tensor) else torch.device("cpu")
+
+
+def _segments(indptr: torch.Tensor) -> torch.Tensor:
+    """Batch element of each CSR entry."""
+    b = len(indptr) - 1
+    return torch.repeat_interleave(torch.arange(b, device=indptr.device), indptr[1:] - indptr[:-1])
+
+
+def _check_positives(rows: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Tensor:
+    """Segment of every positive; ConfigError unless the CSR is well formed, unique per row and holds y_b."""
+    b = len(rows)
+    if len(indptr) != b + 1 or int(indptr[0]) != 0 or int(indptr[-1]) != len(indices):
+        raise ConfigError(
+            f"expected a positives CSR with indptr of length {b + 1} from 0 to {len(indices)}, "
+            f"found length {len(indptr)} ending at {int(indptr[-1]) if len(indptr) else None}"
+        )
+    if bool((indptr[1:] < indptr[:-1]).any()):
+        raise ConfigError("expected a non-decreasing positives indptr; build it with batch_positives")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        raise ConfigError(
+            f"expected positive rows in 0..{n - 1}, found {int(indices.min())}..{int(indices.max())}; "
+            "mine the positives of this dictionary again"
+        )
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+        raise ConfigError(f"expected batch rows in 0..{n - 1}, found {int(rows.min())}..{int(rows.max())}")
+    seg = _segments(indptr)
+    keys = seg * n + indices
+    if torch.unique(keys).numel() != keys.numel():
+        raise ConfigError("expected unique positives per batch element, found a row listed twice")
+    has_self = torch.zeros(b, dtype=torch.long, device=rows.device).index_add_(0, seg, (indices == rows[seg]).long())
+    if bool((has_self == 0).any()):
+        bad = int(torch.nonzero(has_self == 0)[0])
+        raise ConfigError(
+            f"expected every batch element's own row among its positives, row {int(rows[bad])} "
+            f"(batch element {bad}) is missing; positives must include y_b"
+        )
+    return seg
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def hard_negative_counts(n_negatives, r: float) -> torch.Tensor:
+    """h = floor(r * n_negatives) per element (a 1e-9 guard keeps 0.29 * 100 at 29)."""
+    if not 0.0 <= r < 1.0:
+        raise ConfigError(f"expected a hard-negative ratio r in [0, 1), found {r}")
+    n = torch.as_tensor(n_negatives)
+    return torch.floor(n.double() * r + 1e-9).long().clamp(min=0)
+
+
+def _merge_top(values, idx, new_values, new_idx, h: int):
+    """Top h of the union per row by (value descending, index ascending)."""
+    v, i = torch.cat([values, new_values], 1), torch.cat([idx, new_idx], 1)
+    order = torch.sort(i, dim=1, stable=True).indices
+    v, i = v.gather(1, order), i.gather(1, order)
+    order = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :h]
+    return v.gather(1, order), i.gather(1, order)
+
+
+def _as_block(block, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(block, np.ndarray):
+        block = torch.from_numpy(np.ascontiguousarray(block))
+    return block.to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def hard_negatives(
+    x: torch.Tensor,
+    dictionary_blocks: Iterable[tuple[int, torch.Tensor | np.ndarray]],
+    pos_indptr,
+    pos_indices,
+    rows,
+    r: float,
+    *,
+    count: int,
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard negatives H_b of every batch element: ``(indices (B, h_max) padded with -1, counts (B,))``.
+
+    ``dictionary_blocks`` yields ``(start, block)`` covering rows 0..count-1 once, in any
+    order; blocks may be numpy (e.g. float16 from the store) and go to ``device``
+    (default: x's) in x's dtype. Rows of H_b are sorted by (z descending, index ascending).
+    """
+    device = torch.device(device) if device is not None else x.device
+    xq = x.detach().to(device)
+    rows, indptr, indices = _long(rows, device), _long(pos_indptr, device), _long(pos_indices, device)
+    seg = _check_positives(rows, indptr, indices, count)
+    h = hard_negative_counts(count - (indptr[1:] - indptr[:-1]), r).to(device)
+    b, h_max = len(rows), int(h.max()) if len(rows) else 0
+    top_v = torch.full((b, h_max), -math.inf, dtype=xq.dtype, device=device)
+    top_i = torch.full((b, h_max), -1, dtype=torch.long, device=device)
+    spans = []
+    for start, block in dictionary_blocks:
+        stop = start + len(block)
+        if start < 0 or stop > count:
+            raise ConfigError(f"expected dictionary blocks inside rows 0..{count - 1}, found rows {start}..{stop - 1}")
+        spans.append((start, stop))
+        if h_max == 0 or len(block) == 0:
+            continue
+        block = _as_block(block, xq)
+        z = xq @ block.T
+        inside = (indices >= start) & (indices < stop)
+        z[seg[inside], indices[inside] - start] = -math.inf  # positives are never negatives
+        idx = torch.arange(start, stop, device=device).expand(b, -1)
+        top_v, top_i = _merge_top(top_v, top_i, z, idx, h_max)
+    _check_cover(spans, count)
+    keep = torch.arange(h_max, device=device) < h[:, None]
+    if bool(torch.isnan(top_v[keep]).any() | torch.isinf(top_v[keep]).any()):
+        raise ConfigError("expected finite similarities, found NaN or inf: the features or dictionary hold bad rows")
+    return torch.where(keep, top_i, -1), h
+
+
+def _check_cover(spans: list[tuple[int, int]], count: int) -> None:
+    covered = 0
+    for start, stop in sorted(s for s in spans if s[1] > s[0]):
+        if start != covered:
+            break
+        covered = stop
+    else:
+        if covered == count:
+            return
+    raise ConfigError(
+        f"expected dictionary blocks covering rows 0..{count - 1} once each, found rows 0..{covered - 1} "
+        "covered in order; pass every block of the dictionary once"
+    )
+
+
+def _dense_select(z: torch.Tensor, seg: torch.Tensor, indices: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    masked = z.detach().clone()
+    masked[seg, indices] = -math.inf
+    h_max = int(h.max()) if len(h) else 0
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :h_max]
+    keep = torch.arange(h_max, device=z.device) < h[:, None]
+    return torch.where(keep, order, -1)
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def _per_element_mean(values: torch.Tensor, seg: torch.Tensor, b: int) -> torch.Tensor:
+    sums = torch.zeros(b, dtype=values.dtype, device=values.device).index_add(0, seg, values)
+    counts = torch.zeros(b, dtype=values.dtype, device=values.device).index_add_(0, seg, torch.ones_like(values))
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+
+
+def _combine(z_pos, pos_seg, z_neg, neg_seg, b: int, delta: float) -> dict[str, torch.Tensor]:
+    positive = _per_element_mean((1.0 - z_pos) ** 2, pos_seg, b)
+    negative = _per_element_mean((1.0 + z_neg) ** 2, neg_seg, b)
+    return {"loss": (positive + delta * negative).mean(), "positive": positive.mean(), "negative": negative.mean()}
+
+
+def _check_inputs(x: torch.Tensor, delta: float) -> None:
+    if x.ndim != 2 or len(x) == 0:
+        raise ConfigError(f"expected batch features of shape (B, D) with B >= 1, found {tuple(x.shape)}")
+    if delta < 0:
+        raise ConfigError(f"expected delta >= 0, found {delta}")
+
+
+def dtl_dense(x: torch.Tensor, dictionary: torch.Tensor, rows, pos_indptr, pos_indices, r: float, delta: float):
+    """Reference DTL over the full (B, N) z with grad: ``{"loss", "positive", "negative", "hard"}``.
+
+    ``hard`` is the (B, h_max) selection, -1 padded, as ``hard_negatives`` returns it.
+    """
+    _check_inputs(x, delta)
+    device = x.device
+    m = _as_block(dictionary, x)
+    rows, indptr, indices = _long(rows, device), _long(pos_indptr, device), _long(pos_indices, device)
+    seg = _check_positives(rows, indptr, indices, len(m))
+    h = hard_negative_counts(len(m) - (indptr[1:] - indptr[:-1]), r).to(device)
+    z = x @ m.T
+    hard = _dense_select(z, seg, indices, h)
+    neg_b, neg_k = torch.nonzero(hard >= 0, as_tuple=True)
+    out = _combine(z[seg, indices], seg, z[neg_b, hard[neg_b, neg_k]], neg_b, len(x), delta)
+    return {**out, "hard": hard}
+
+
+class _GatheredDot(torch.autograd.Function):
+    """z_e = x[pairs_b[e]] . M[pairs_j[e]], with the rows of M fetched in chunks forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, pairs_b, pairs_j, rows_fn, chunk_rows):
+        uniq, inv = torch.unique(pairs_j, return_inverse=True)
+        z = torch.zeros(len(pairs_j), dtype=x.dtype, device=x.device)
+        for c0 in range(0, len(uniq), chunk_rows):
+            block = _as_block(rows_fn(uniq[c0 : c0 + chunk_rows]), x)
+            sel = torch.nonzero((inv >= c0) & (inv < c0 + len(block)), as_tuple=True)[0]
+            z[sel] = (x @ block.T)[pairs_b[sel], inv[sel] - c0]
+        ctx.save_for_backward(pairs_b, uniq, inv)
+        ctx.rows_fn, ctx.chunk_rows, ctx.x_shape, ctx.x_dtype = rows_fn, chunk_rows, x.shape, x.dtype
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        pairs_b, uniq, inv = ctx.saved_tensors
+        grad_x = torch.zeros(ctx.x_shape, dtype=ctx.x_dtype, device=grad_z.device)
+        for c0 in range(0, len(uniq), ctx.chunk_rows):
+            block = _as_block(ctx.rows_fn(uniq[c0 : c0 + ctx.chunk_rows]), grad_x)
+            sel = torch.nonzero((inv >= c0) & (inv < c0 + len(block)), as_tuple=True)[0]
+            g = torch.zeros(len(grad_x), len(block), dtype=grad_x.dtype, device=grad_x.device)
+            g.index_put_((pairs_b[sel], inv[sel] - c0), grad_z[sel], accumulate=True)
+            grad_x += g @ block
+        return grad_x, None, None, None, None
+
+
+def gathered_dot(
+    x: torch.Tensor, pairs_b: torch.Tensor, pairs_j: torch.Tensor, rows_fn: RowsFn, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> torch.Tensor:
+    """z_e = x[pairs_b[e]] . M[pairs_j[e]] with grad w.r.t. x; M rows come from ``rows_fn`` in chunks.
+
+    ``rows_fn(indices)`` gets ascending unique row indices (a tensor on x's device) and
+    returns those rows (torch or numpy, any float dtype). It is called again in backward.
+    """
+    if chunk_rows < 1:
+        raise ConfigError(f"expected chunk_rows >= 1, found {chunk_rows}")
+    if len(pairs_j) == 0:
+        return (x.reshape(-1)[:0] * 0).reshape(0)
+    return _GatheredDot.apply(x, pairs_b, pairs_j, rows_fn, chunk_rows)
+
+
+def dtl_loss(
+    x: torch.Tensor,
+    rows_fn: RowsFn,
+    rows,
+    pos_indptr,
+    pos_indices,
+    hard: torch.Tensor,
+    delta: float,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> dict[str, torch.Tensor]:
+    """DTL of ``x`` given its positives and the hard negatives ``hard`` (B, h_max), -1 padded.
+
+    z is recomputed with grad only on those rows (``gathered_dot``). Returns
+    ``{"loss", "positive", "negative"}``: the loss and the batch means of both terms.
+    """
+    _check_inputs(x, delta)
+    device = x.device
+    rows, indptr, indices = _long(rows, device), _long(pos_indptr, device), _long(pos_indices, device)
+    seg = _segments(indptr)
+    hard = _long(hard, device)
+    if hard.ndim != 2 or len(hard) != len(x):
+        raise ConfigError(f"expected hard negatives of shape ({len(x)}, h), found {tuple(hard.shape)}")
+    neg_b, neg_k = torch.nonzero(hard >= 0, as_tuple=True)
+    neg_j = hard[neg_b, neg_k]
+    z = gathered_dot(x, torch.cat([seg, neg_b]), torch.cat([indices, neg_j]), rows_fn, chunk_rows)
+    return _combine(z[: len(indices)], seg, z[len(indices) :], neg_b, len(x), delta)
+
+
+def dtl_streaming(
+    x: torch.Tensor,
+    dictionary_blocks: Iterable[tuple[int, torch.Tensor | np.ndarray]],
+    rows_fn: RowsFn,
+    rows,
+    pos_indptr,
+    pos_indices,
+    r: float,
+    delta: float,
+    *,
+    count: int,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> dict[str, torch.Tensor]:
+    """``hard_negatives`` then ``dtl_loss``: ``{"loss", "positive", "negative", "hard"}``."""
+    hard, _ = hard_negatives(x, dictionary_blocks, pos_indptr, pos_indices, rows, r, count=count)
+    out = dtl_loss(x, rows_fn, rows, pos_indptr, pos_indices, hard, delta, chunk_rows=chunk_rows)
+    return {**out, "hard": hard}
+
+
+# --------------------------------------------------------------------------- in-memory dictionary
+
+
+def tensor_blocks(dictionary: torch.Tensor | np.ndarray, block_rows: int):
+    """``(start, block)`` of an in-memory dictionary, as a store's ``iter_blocks`` yields them."""
+    if block_rows < 1:
+        raise ConfigError(f"expected block_rows >= 1, found {block_rows}")
+    for start in range(0, len(dictionary), block_rows):
+        yield start, dictionary[start : start + block_rows]
+
+
+def tensor_rows(dictionary: torch.Tensor | np.ndarray) -> RowsFn:
+    """``rows_fn`` of an in-memory dictionary."""
+
+    def rows_fn(indices: torch.Tensor):
+        if isinstance(dictionary, np.ndarray):
+            return dictionary[indices.cpu().numpy()]
+        return dictionary[indices.to(dictionary.device)]
+
+    return rows_fn
+
+
+# --------------------------------------------------------------------------- dictionary update
+
+
+@torch.no_grad()
+def momentum_update(dictionary_rows: torch.Tensor, x: torch.Tensor, rows=None) -> torch.Tensor:
+    """New dictionary rows normalise(M[y_b] + x_b), without grad, in x's dtype and device.
+
+    ``dictionary_rows`` is M[rows] (B, D). A row listed more than once is updated
+    sequentially in batch order, v <- normalise(v + x_b) for each of its elements,
+    and every one of its elements gets the final value, so writing the result back
+    in any order gives the same dictionary. Without ``rows`` every row is taken as distinct.
+    """
+    if dictionary_rows.shape != x.shape or x.ndim != 2:
+        raise ConfigError(
+            f"expected dictionary rows and features of one shape (B, D), found "
+            f"{tuple(dictionary_rows.shape)} and {tuple(x.shape)}"
+        )
+    x = x.detach()
+    current = _as_block(dictionary_rows, x)
+    if rows is None:
+        return F.normalize(current + x, dim=1)
+    rows = _long(rows, x.device)
+    if rows.shape != (len(x),):
+        raise ConfigError(f"expected rows of shape ({len(x)},), found {tuple(rows.shape)}")
+    uniq, inv = torch.unique(rows, return_inverse=True)
+    order = torch.sort(inv, stable=True).indices  # batch elements grouped by row, batch order within
+    sorted_inv = inv[order]
+    first = torch.searchsorted(sorted_inv, sorted_inv)
+    rank = torch.empty_like(inv)
+    rank[order] = torch.arange(len(inv), device=x.device) - first  # occurrence number of each element
+    value = current[order[torch.searchsorted(sorted_inv, torch.arange(len(uniq), device=x.device))]]  # first M[y]
+    for t in range(int(rank.max()) + 1 if len(rank) else 0):
+        b = torch.nonzero(rank == t, as_tuple=True)[0]
+        value[inv[b]] = F.normalize(value[inv[b]] + x[b], dim=1)
+    return value[inv]

@@ -1,0 +1,248 @@
+"""DTL: the streaming path against the dense reference (loss, gradient, selection), counts, momentum update."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from wildreid.dtl import (
+    batch_positives,
+    dtl_dense,
+    dtl_loss,
+    dtl_streaming,
+    gathered_dot,
+    hard_negative_counts,
+    hard_negatives,
+    momentum_update,
+    self_positives,
+    tensor_blocks,
+    tensor_rows,
+)
+from wildreid.errors import ConfigError
+
+DEVICE = torch.device("cpu")
+
+
+def normalised(rng: np.random.Generator, n: int, d: int) -> torch.Tensor:
+    return F.normalize(torch.from_numpy(rng.standard_normal((n, d))), dim=1)
+
+
+def csr(lists):
+    indptr = np.cumsum([0] + [len(x) for x in lists])
+    return torch.tensor(indptr), torch.tensor(np.concatenate(lists), dtype=torch.long)
+
+
+def grad_of(fn, x: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    out["loss"].backward()
+    return out, x.grad
+
+
+def both(x, m, rows, indptr, indices, r, delta, block_rows, chunk_rows=3):
+    dense, g_dense = grad_of(lambda v: dtl_dense(v, m, rows, indptr, indices, r, delta), x)
+    stream, g_stream = grad_of(
+        lambda v: dtl_streaming(
+            v,
+            tensor_blocks(m, block_rows),
+            tensor_rows(m),
+            rows,
+            indptr,
+            indices,
+            r,
+            delta,
+            count=len(m),
+            chunk_rows=chunk_rows,
+        ),
+        x,
+    )
+    return dense, g_dense, stream, g_stream
+
+
+def assert_same(dense, g_dense, stream, g_stream):
+    torch.testing.assert_close(stream["hard"], dense["hard"], rtol=0, atol=0)
+    for key in ("loss", "positive", "negative"):
+        torch.testing.assert_close(stream[key], dense[key], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g_stream, g_dense, rtol=1e-12, atol=1e-14)
+
+
+def mined_positives(rng, rows, n, max_extra):
+    lists = []
+    for y in rows.tolist():
+        others = rng.choice(np.setdiff1d(np.arange(n), [y]), size=rng.integers(0, max_extra + 1), replace=False)
+        lists.append(rng.permutation(np.concatenate([[y], others])))
+    return csr(lists)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 250])
+@pytest.mark.parametrize(("r", "max_extra"), [(0.01, 0), (0.05, 6), (0.3, 3)])
+def test_streaming_equals_dense(block_rows, r, max_extra):
+    rng = np.random.default_rng(1)
+    n, d, b = 250, 16, 9
+    m = normalised(rng, n, d)
+    x = normalised(rng, b, d)
+    rows = torch.tensor(rng.choice(n, size=b, replace=False))
+    indptr, indices = mined_positives(rng, rows, n, max_extra) if max_extra else self_positives(rows)
+    dense, g_dense, stream, g_stream = both(x, m, rows, indptr, indices, r, 0.4, min(block_rows, n))
+    assert_same(dense, g_dense, stream, g_stream)
+    assert g_dense.abs().sum() > 0
+    counts = torch.count_nonzero(dense["hard"] >= 0, dim=1)
+    np.testing.assert_array_equal(counts.numpy(), np.floor(r * (n - np.diff(indptr.numpy())) + 1e-9))
+
+
+def test_dense_matches_the_formula():
+    rng = np.random.default_rng(2)
+    n, d, b, r, delta = 40, 5, 3, 0.1, 0.4
+    m, x = normalised(rng, n, d), normalised(rng, b, d)
+    rows = torch.tensor([4, 9, 30])
+    indptr, indices = csr([np.array([4, 17]), np.array([9]), np.array([30, 0, 1])])
+    out = dtl_dense(x, m, rows, indptr, indices, r, delta)
+    expected = []
+    for k, pos in enumerate([[4, 17], [9], [30, 0, 1]]):
+        z = (x[k] @ m.T).numpy()
+        neg = np.setdiff1d(np.arange(n), pos)
+        hard = neg[np.argsort(-z[neg], kind="stable")][: int(np.floor(r * len(neg)))]
+        assert sorted(out["hard"][k][out["hard"][k] >= 0].tolist()) == sorted(hard.tolist())
+        expected.append(np.mean((1 - z[pos]) ** 2) + delta * np.mean((1 + z[hard]) ** 2))
+    assert len(hard) == 3  # floor(0.1 * 37)
+    np.testing.assert_allclose(out["loss"].item(), np.mean(expected), rtol=1e-12)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 30])
+def test_ties_go_to_the_lower_row(block_rows):
+    # Entries are small dyadic numbers, so every z is exact whatever the summation order,
+    # and rows 3, 11, 12 and 25 tie exactly with different vectors (different gradients).
+    n, d = 30, 4
+    rng = np.random.default_rng(3)
+    m = torch.from_numpy(rng.integers(-4, 5, size=(n, d)) / 8.0)
+    m[:, 0] = -0.5
+    for j, other in zip((3, 11, 12, 25), ([1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0])):
+        m[j] = torch.tensor([1.0, *other])
+    m[20] = m[11]  # a duplicate row: the same z and the same gradient
+    x = torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    rows = torch.tensor([0, 3])
+    indptr, indices = self_positives(rows)
+    r = 0.1  # floor(0.1 * 29) = 2 of the 5 rows that tie at z = 0.5
+    dense, g_dense, stream, g_stream = both(x, m, rows, indptr, indices, r, 0.4, block_rows)
+    assert dense["hard"].tolist() == [[3, 11], [11, 12]]
+    assert_same(dense, g_dense, stream, g_stream)
+
+
+def test_duplicate_dictionary_rows_and_no_hard_negatives():
+    rng = np.random.default_rng(4)
+    base = normalised(rng, 20, 8)
+    m = torch.cat([base, base, base[:5]])  # every row has an exact duplicate
+    x = normalised(rng, 4, 8)
+    rows = torch.tensor([0, 21, 40, 7])
+    for r, expect in [(0.0, 0), (0.01, 0), (0.05, 2)]:  # 44 negatives: floor(0.44) = 0, floor(2.2) = 2
+        dense, g_dense, stream, g_stream = both(x, m, rows, *self_positives(rows), r, 0.4, 7)
+        assert dense["hard"].shape == (4, expect)
+        torch.testing.assert_close(stream["loss"], dense["loss"], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(g_stream, g_dense, rtol=1e-12, atol=1e-14)
+        if expect == 0:
+            assert dense["negative"].item() == 0.0
+            torch.testing.assert_close(dense["loss"], ((1 - (x * m[rows]).sum(1)) ** 2).mean(), rtol=1e-12, atol=0)
+
+
+def test_positives_larger_than_the_dictionary_share():
+    # |P_b| = N - 1: only one negative left, floor(r * 1) = 0
+    rng = np.random.default_rng(5)
+    m, x = normalised(rng, 12, 6), normalised(rng, 2, 6)
+    rows = torch.tensor([0, 5])
+    indptr, indices = csr([np.arange(11), np.arange(12)])
+    dense, g_dense, stream, g_stream = both(x, m, rows, indptr, indices, 0.5, 0.4, 5)
+    assert dense["hard"].shape == (2, 0)
+    assert_same(dense, g_dense, stream, g_stream)
+
+
+@pytest.mark.parametrize(
+    ("n", "r", "expected"),
+    [(99, 0.01, 0), (100, 0.01, 1), (100, 0.29, 29), (0, 0.01, 0), (277796, 0.01, 2777), (5, 0.0, 0)],
+)
+def test_hard_negative_count_is_floor(n, r, expected):
+    assert hard_negative_counts(torch.tensor([n]), r).tolist() == [expected]
+
+
+def test_hard_negatives_take_store_blocks_and_other_dtypes():
+    rng = np.random.default_rng(6)
+    m = normalised(rng, 300, 16)
+    x = normalised(rng, 5, 16)
+    rows = torch.arange(5)
+    blocks = [(s, m[s : s + 64].numpy().astype(np.float16)) for s in range(0, 300, 64)][::-1]  # any order
+    hard, counts = hard_negatives(x.float(), blocks, *self_positives(rows), rows, 0.02, count=300)
+    assert counts.tolist() == [5] * 5 and hard.shape == (5, 5)
+    z = x.float() @ torch.from_numpy(m.numpy().astype(np.float16)).float().T
+    z[rows, rows] = -np.inf
+    assert torch.equal(hard, torch.sort(z, dim=1, descending=True, stable=True).indices[:, :5])
+
+
+def test_bad_blocks_and_positives_are_reported():
+    m = torch.eye(6, dtype=torch.float64)
+    x = m[:2].clone()
+    rows = torch.tensor([0, 1])
+    with pytest.raises(ConfigError, match="covering rows 0..5"):
+        hard_negatives(x, tensor_blocks(m[:4], 2), *self_positives(rows), rows, 0.5, count=6)
+    with pytest.raises(ConfigError, match="covering rows 0..5"):
+        hard_negatives(x, [(0, m), (2, m[2:3])], *self_positives(rows), rows, 0.5, count=6)
+    with pytest.raises(ConfigError, match="own row"):
+        dtl_dense(x, m, rows, *csr([np.array([1]), np.array([1])]), 0.5, 0.4)
+    with pytest.raises(ConfigError, match="unique"):
+        dtl_dense(x, m, rows, *csr([np.array([0, 0]), np.array([1])]), 0.5, 0.4)
+    with pytest.raises(ConfigError, match="0..5"):
+        dtl_dense(x, m, rows, *csr([np.array([0, 9]), np.array([1])]), 0.5, 0.4)
+    with pytest.raises(ConfigError, match="NaN"):
+        hard_negatives(torch.full_like(x, torch.nan), tensor_blocks(m, 2), *self_positives(rows), rows, 0.5, count=6)
+    with pytest.raises(ConfigError, match="ratio"):
+        dtl_dense(x, m, rows, *self_positives(rows), 1.5, 0.4)
+
+
+def test_batch_positives_cut_the_store_csr():
+    indptr = np.array([0, 2, 3, 6, 7])
+    indices = np.array([0, 2, 1, 2, 0, 3, 3])
+    b_ptr, b_idx = batch_positives(indptr, indices, torch.tensor([2, 0, 2]))
+    assert b_ptr.tolist() == [0, 3, 5, 8]
+    assert b_idx.tolist() == [2, 0, 3, 0, 2, 2, 0, 3]
+    with pytest.raises(ConfigError, match="another dictionary"):
+        batch_positives(indptr, indices, torch.tensor([4]))
+
+
+def test_gathered_dot_gradient_with_repeated_pairs():
+    rng = np.random.default_rng(7)
+    m, x = normalised(rng, 10, 4), normalised(rng, 3, 4).requires_grad_(True)
+    pairs_b, pairs_j = torch.tensor([0, 0, 2, 1, 0]), torch.tensor([3, 3, 9, 0, 1])
+    z = gathered_dot(x, pairs_b, pairs_j, tensor_rows(m), chunk_rows=2)
+    torch.testing.assert_close(z, (x[pairs_b] * m[pairs_j]).sum(1), rtol=1e-14, atol=0)
+    assert torch.autograd.gradcheck(lambda v: gathered_dot(v, pairs_b, pairs_j, tensor_rows(m), 2), (x,))
+
+
+def test_dtl_loss_with_no_negatives_is_the_positive_term():
+    m = torch.eye(3, dtype=torch.float64)
+    x = torch.tensor([[0.6, 0.8, 0.0]], dtype=torch.float64)
+    out = dtl_loss(x, tensor_rows(m), [0], *self_positives([0]), torch.full((1, 0), -1), 0.4)
+    assert out["loss"].item() == pytest.approx(0.4**2)
+
+
+def test_momentum_update_normalises_the_sum():
+    m = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    x = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    new = momentum_update(m, x)
+    assert not new.requires_grad
+    s = 2**-0.5
+    torch.testing.assert_close(new, torch.tensor([[s, s], [0.0, 1.0]], dtype=torch.float64), rtol=1e-15, atol=0)
+
+
+def test_momentum_update_repeated_rows_apply_in_batch_order():
+    rng = np.random.default_rng(8)
+    dictionary = normalised(rng, 6, 3)
+    x = normalised(rng, 5, 3)
+    rows = torch.tensor([4, 1, 4, 0, 4])
+    new = momentum_update(dictionary[rows], x, rows)
+    expected = dictionary.clone()
+    for b, y in enumerate(rows.tolist()):
+        expected[y] = F.normalize(expected[y] + x[b], dim=0)
+    torch.testing.assert_close(new, expected[rows], rtol=1e-14, atol=0)
+    written = dictionary.clone()
+    written[rows] = new
+    torch.testing.assert_close(written, expected, rtol=1e-14, atol=0)
+    assert not torch.allclose(new[0], F.normalize(dictionary[4] + x[0], dim=0))
