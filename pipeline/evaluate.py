@@ -1,0 +1,544 @@
+"""Exact Re-ID evaluation (mAP, mINP, CMC) without a query x gallery matrix.
+
+Protocol (Market-1501 / VeRi / VeRi-Wild): for each query, gallery rows of the
+same vehicle id *and* the same camera are junk and removed; the true matches
+are the same id seen by another camera. The rest of the gallery is ranked by
+distance, ascending, ties by ascending gallery index. A query without a true
+match is skipped and counted. Id -1 means "unknown": it never matches, so such
+queries are skipped and such gallery rows are distractors.
+
+Distance, defined once (``grid_distances``): squared Euclidean
+``d = max(0, (|q|^2 + |g|^2) - 2 q.g)`` in float32 (for L2-normalised features
+the same order as Euclidean distance and as descending cosine similarity),
+with ``q.g`` from a float32 matrix product over *tiles of a fixed grid*:
+query rows in tiles of ``tile[0]`` from row 0, gallery rows in tiles of
+``tile[1]`` from row 0. BLAS may round one pair differently depending on the
+shape of the product, so every path computes every tile whole with the same
+shape, and a pair's distance is the same bits in the dense reference and in
+any blocking of the blockwise path (blocks are multiples of the tiles). A
+``device`` other than "cpu" computes the tiles with torch on that device; its
+rounding may differ from the CPU's, so compare results within one device.
+
+Blockwise evaluation holds one strip of ``bq`` queries x the gallery (``bq``
+follows the memory budget). Per strip, the distances of each query to its
+true matches are the thresholds; the matches and the junk are set to +inf;
+``count_preceding`` counts, for every threshold, the strip entries ranked
+before it, with a per-row lookup table over the float bits (no sort, no
+per-element search). Rank of the k-th match (k from 0) is 1 + k + that count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from wildreid.errors import ConfigError, StoreError
+
+__all__ = [
+    "TILE",
+    "ArrayFeatures",
+    "count_preceding",
+    "evaluate_blockwise",
+    "evaluate_dense",
+    "evaluate_distances",
+    "evaluate_groups",
+    "grid_distances",
+    "metrics_from_ranks",
+    "plan_query_rows",
+    "squared_norms",
+    "topk_lists",
+    "write_results",
+]
+
+TILE = (256, 16384)  # (query rows, gallery rows) of one matrix product: few BLAS calls, each near full speed
+MAX_RANK = 50  # length of the CMC curve kept in the results
+_LUT_WIDTH = 1 << 11  # buckets per query row in count_preceding's lookup table
+_COUNT_ROWS = 16  # query rows per counting step: their tables stay in cache
+_COUNT_CHUNK = 1 << 17  # strip elements per counting step: 12 bytes of temporaries each, cache-sized
+
+
+class Features(Protocol):
+    """What the evaluation reads: a FeatureStore, or ArrayFeatures over an array."""
+
+    def count(self) -> int: ...
+    def dim(self) -> int: ...
+    def read_rows(self, start: int, stop: int) -> np.ndarray: ...
+
+
+class ArrayFeatures:
+    """The three-method feature interface over an in-memory (N, D) array, rows served as float32."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = np.asarray(x)
+        if self.x.ndim != 2:
+            raise ConfigError(f"expected features of shape (N, D), found shape {self.x.shape}")
+
+    def count(self) -> int:
+        return len(self.x)
+
+    def dim(self) -> int:
+        return self.x.shape[1]
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        return np.ascontiguousarray(self.x[start:stop], dtype=np.float32)
+
+
+def _source(x) -> Features:
+    return x if hasattr(x, "read_rows") else ArrayFeatures(x)
+
+
+# --------------------------------------------------------------------------- distances
+
+
+def squared_norms(x: np.ndarray) -> np.ndarray:
+    """|x|^2 per row: float64 sums (a fixed order per row) rounded to float32; float64 copies of 2M values at most."""
+    x = np.asarray(x)
+    out = np.empty(len(x), dtype=np.float32)
+    step = max(1, (1 << 21) // max(1, x.shape[1] if x.ndim == 2 else 1))
+    for a in range(0, len(x), step):
+        x64 = x[a : a + step].astype(np.float64)
+        out[a : a + step] = np.einsum("ij,ij->i", x64, x64)
+    return out
+
+
+def _check_tile(tile) -> tuple[int, int]:
+    tq, tg = (int(t) for t in tile)
+    if tq < 1 or tg < 1:
+        raise ConfigError(f"expected tile sizes >= 1, found {tile}")
+    return tq, tg
+
+
+def grid_distances(x, x0: int, y, y0: int, *, tile=TILE, device: str = "cpu", y_norms=None, out=None) -> np.ndarray:
+    """Float32 squared distances of rows x[x0:...] to rows y[y0:...] of two row spaces, tile by tile.
+
+    ``x0`` must be a multiple of ``tile[0]`` and ``y0`` of ``tile[1]``; a block that does not end at the
+    end of its row space must end on a tile boundary too (the caller guarantees it), so each pair is
+    computed inside the very tile the dense reference uses. ``y_norms``: ``squared_norms(y)`` when the
+    caller keeps them (a cached gallery); ``out``: a float32 (len(x), len(y)) array (or view) to fill.
+    """
+    tq, tg = _check_tile(tile)
+    if x0 % tq or y0 % tg:
+        raise ConfigError(f"blocks must start on the tile grid {tile}, found starts {x0} and {y0}")
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise StoreError(f"expected two (n, D) blocks with the same D, found shapes {x.shape} and {y.shape}")
+    xn, yn = squared_norms(x), squared_norms(y) if y_norms is None else y_norms
+    if out is None:
+        out = np.empty((len(x), len(y)), dtype=np.float32)
+    elif out.shape != (len(x), len(y)) or out.dtype != np.float32:
+        raise ConfigError(f"expected out of shape {(len(x), len(y))} float32, found {out.shape} {out.dtype}")
+    if device == "cpu":
+        xm2 = x * np.float32(-2.0)  # exact: -2 (q.g) is the product of -2q and g
+        buf = np.empty(min(tq, len(x)) * min(tg, len(y)), dtype=np.float32)
+        for a in range(0, len(x), tq):
+            for b in range(0, len(y), tg):
+                xa, yb = xm2[a : a + tq], y[b : b + tg]
+                t = buf[: len(xa) * len(yb)].reshape(len(xa), len(yb))  # contiguous: a strided out= skips BLAS
+                np.matmul(xa, yb.T, out=t)
+                t += xn[a : a + tq, None]
+                o = out[a : a + tq, b : b + tg]
+                np.add(t, yn[None, b : b + tg], out=o)
+                np.maximum(o, 0.0, out=o)
+        return out
+    import torch
+
+    xt, yt = torch.from_numpy(x).to(device) * -2.0, torch.from_numpy(y).to(device)
+    xnt, ynt = torch.from_numpy(xn).to(device), torch.from_numpy(yn).to(device)
+    res = torch.empty((len(x), len(y)), dtype=torch.float32, device=device)
+    for a in range(0, len(x), tq):
+        for b in range(0, len(y), tg):
+            t = xt[a : a + tq] @ yt[b : b + tg].T
+            res[a : a + tq, b : b + tg] = ((t + xnt[a : a + tq, None]) + ynt[None, b : b + tg]).clamp_min_(0.0)
+    out[...] = res.cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- who matches whom
+
+
+def _labels(values, n: int, name: str) -> np.ndarray:
+    out = np.asarray(values)
+    if out.shape != (n,) or not np.issubdtype(out.dtype, np.integer):
+        raise ConfigError(f"expected {name} to be {n} integers, found shape {out.shape} and dtype {out.dtype}")
+    return out.astype(np.int64, copy=False)
+
+
+class _Gallery:
+    """Gallery rows grouped by vehicle id once (stable sort), so a query finds its id's rows by search."""
+
+    def __init__(self, ids: np.ndarray, cams: np.ndarray):
+        self.ids, self.cams = ids, cams
+        self.order = np.argsort(ids, kind="stable")
+        self.sorted_ids = ids[self.order]
+
+    def same_id(self, q_ids: np.ndarray):
+        """(row in q_ids, gallery index) of every gallery row sharing the query's id; rows, then index ascending."""
+        lo = np.searchsorted(self.sorted_ids, q_ids, side="left")
+        hi = np.searchsorted(self.sorted_ids, q_ids, side="right")
+        hi = np.where(q_ids < 0, lo, hi)  # -1 never matches
+        n = hi - lo
+        rows = np.repeat(np.arange(len(q_ids)), n)
+        within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        return rows, self.order[np.repeat(lo, n) + within]
+
+
+def match_lists(gallery: _Gallery, q_ids: np.ndarray, q_cams: np.ndarray):
+    """((rows, cols) of true matches, (rows, cols) of junk) of a block of queries, cols = gallery indices."""
+    rows, cols = gallery.same_id(q_ids)
+    junk = gallery.cams[cols] == q_cams[rows]
+    return (rows[~junk], cols[~junk]), (rows[junk], cols[junk])
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def _bits(values: np.ndarray) -> np.ndarray:
+    """Integers ordered like the non-negative floats ``values`` (their IEEE bit patterns)."""
+    return values.view(np.int32 if values.dtype == np.float32 else np.int64)
+
+
+def _lookup_table(tb: np.ndarray, n_thr: np.ndarray, width: int):
+    """Shift, per-row origin/last bucket/table offset and the table of ``count_preceding`` (pure; see there).
+
+    One shift s for all rows (the smallest that fits every row's thresholds in ``width`` buckets);
+    row r's buckets are lo_r-1 .. hi_r+1 (lo_r, hi_r: buckets of its first and last threshold), so
+    a value's local bucket is ``(bits >> s) - (origin_r >> s)`` clipped to 0 .. w_r-1.
+    """
+    bq, m = tb.shape
+    real = np.arange(m)[None, :] < n_thr[:, None]
+    lo = np.where(n_thr > 0, tb[:, 0], 0)
+    hi = np.where(n_thr > 0, tb[np.arange(bq), np.maximum(n_thr - 1, 0)], 0)
+    shift = 0
+    while ((hi >> shift) - (lo >> shift) + 3 > width).any():
+        shift += 1
+    lo_b, hi_b = lo >> shift, hi >> shift
+    w = hi_b - lo_b + 3
+    offset = np.cumsum(w) - w
+    row = np.repeat(np.arange(bq), w)
+    local = np.arange(w.sum()) - offset[row]
+    tr, tk = np.nonzero(real)  # thresholds as sorted keys row * width + local bucket
+    tkey = tr * width + ((tb[tr, tk] >> shift) - lo_b[tr] + 1)
+    key = row * width + local
+    pos = np.searchsorted(tkey, key, side="left")
+    below = pos - np.searchsorted(tkey, row * width, side="left")  # thresholds in lower buckets
+    hit = np.zeros(len(key), dtype=bool)
+    inside = pos < len(tkey)
+    hit[inside] = tkey[pos[inside]] == key[inside]
+    table = np.where(hit, -1, row * (m + 1) + below)  # -1: the bucket holds a threshold, compare exactly
+    return shift, (lo_b - 1) << shift, w - 1, offset, table
+
+
+def count_preceding(strip: np.ndarray, thr_val: np.ndarray, thr_idx: np.ndarray, n_thr: np.ndarray,
+                    *, col0: int = 0, chunk: int | None = None) -> np.ndarray:  # fmt: skip
+    """cnt[r, k] = #{j : (strip[r, j], col0 + j) < (thr_val[r, k], thr_idx[r, k])}, for k < n_thr[r].
+
+    ``strip`` holds non-negative float32/64 values; each row's thresholds are sorted by (value, index)
+    and padded after ``n_thr[r]`` (padding counts are meaningless); no strip entry may carry a
+    threshold's own (value, index): set those entries to +inf first. Each strip element gets the number
+    c of thresholds before it from a per-row lookup table over the high bits of its value; elements
+    whose bucket holds a threshold are compared exactly (value, then index). cnt is the cumulative
+    histogram of c.
+    """
+    bq, m = thr_val.shape
+    if m == 0 or strip.shape[1] == 0:
+        return np.zeros((bq, m), dtype=np.int64)
+    thr_val = np.ascontiguousarray(thr_val, dtype=strip.dtype)
+    pad_val = np.where(np.arange(m)[None, :] < n_thr[:, None], thr_val, np.inf)
+    hist = np.zeros((bq, m + 1), dtype=np.int64)
+    rows = min(bq, _COUNT_ROWS)
+    cw = max(1, (chunk or _COUNT_CHUNK) // rows)
+    for r0 in range(0, bq, rows):
+        r1 = min(bq, r0 + rows)
+        shift, origin, last, offset, table = _lookup_table(_bits(thr_val[r0:r1]).astype(np.int64), n_thr[r0:r1],
+                                                           _LUT_WIDTH)  # fmt: skip
+        itype = np.int32 if strip.dtype == np.float32 else np.int64  # int32 arithmetic is about 4x faster
+        origin, last = (origin >> shift).astype(itype)[:, None], last.astype(itype)[:, None]
+        offset = offset[:, None]
+        t = np.empty((r1 - r0, min(cw, strip.shape[1])), dtype=itype)
+        index = np.empty(t.shape, dtype=np.int64)
+        exact = table < 0
+        per_bucket = np.zeros(len(table), dtype=np.int64)  # histogram over buckets: spreads the increments
+        pv, pi = pad_val[r0:r1], thr_idx[r0:r1]
+        for a in range(0, strip.shape[1], cw):
+            block = strip[r0:r1, a : a + cw]
+            tt, ii = t[:, : block.shape[1]], index[:, : block.shape[1]]
+            np.right_shift(_bits(block), shift, out=tt)  # shift first: bits - origin could overflow
+            np.subtract(tt, origin, out=tt)
+            np.maximum(tt, 0, out=tt)
+            np.minimum(tt, last, out=tt)
+            np.add(tt, offset, out=ii)
+            per_bucket += np.bincount(ii.ravel(), minlength=len(table))
+            amb = np.flatnonzero(np.take(exact, ii, mode="clip"))
+            if len(amb):
+                r, c = np.divmod(amb, block.shape[1])
+                v, j = block[r, c][:, None], (col0 + a + c)[:, None]
+                before = (pv[r] < v) | ((pv[r] == v) & (pi[r] < j))
+                hist[r0:r1] += np.bincount(r * (m + 1) + before.sum(axis=1), minlength=(r1 - r0) * (m + 1)).reshape(
+                    r1 - r0, m + 1
+                )
+        trash = (r1 - r0) * (m + 1)  # buckets holding a threshold were counted exactly above
+        mapped = np.bincount(np.where(exact, trash, table), weights=per_bucket, minlength=trash + 1)[:trash]
+        hist[r0:r1] += mapped.astype(np.int64).reshape(r1 - r0, m + 1)
+    return np.cumsum(hist, axis=1)[:, :m]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def metrics_from_ranks(ranks: list[np.ndarray], skipped: int, *, max_rank: int = MAX_RANK) -> dict:
+    """mAP, mINP and CMC from the 1-based ranks of each valid query's true matches (ascending)."""
+    valid = len(ranks)
+    if valid == 0:
+        return {"mAP": 0.0, "mINP": 0.0, **{f"rank{r}": 0.0 for r in (1, 5, 10, 20)},
+                "cmc": [0.0] * max_rank, "valid_queries": 0, "skipped_queries": int(skipped)}  # fmt: skip
+    ap = np.array([np.mean(np.arange(1, len(r) + 1) / r) for r in ranks])
+    inp = np.array([len(r) / r[-1] for r in ranks])
+    first = np.array([r[0] for r in ranks])
+    cmc = np.cumsum(np.bincount(np.minimum(first, max_rank + 1) - 1, minlength=max_rank + 1)[:max_rank]) / valid
+    return {
+        "mAP": float(ap.mean()), "mINP": float(inp.mean()),
+        **{f"rank{r}": float(cmc[r - 1]) if r <= max_rank else float(np.mean(first <= r)) for r in (1, 5, 10, 20)},
+        "cmc": [float(c) for c in cmc], "valid_queries": valid, "skipped_queries": int(skipped),
+    }  # fmt: skip
+
+
+def evaluate_distances(dist: np.ndarray, q_ids, q_cams, g_ids, g_cams, *, max_rank: int = MAX_RANK) -> dict:
+    """The dense reference on a full (Q, G) distance matrix: stable argsort, junk removed, cumsum per query."""
+    dist = np.asarray(dist)
+    nq, ng = dist.shape
+    q_ids, q_cams = _labels(q_ids, nq, "query ids"), _labels(q_cams, nq, "query camids")
+    g_ids, g_cams = _labels(g_ids, ng, "gallery ids"), _labels(g_cams, ng, "gallery camids")
+    aps, inps, firsts = [], [], []
+    for i in range(nq):
+        order = np.argsort(dist[i], kind="stable")
+        same = (g_ids[order] == q_ids[i]) & (q_ids[i] >= 0)
+        keep = ~(same & (g_cams[order] == q_cams[i]))
+        hits = same[keep].astype(np.float64)
+        if not hits.any():
+            continue
+        cum = np.cumsum(hits)
+        pos = np.flatnonzero(hits)
+        aps.append(float(np.sum(cum[pos] / (pos + 1.0)) / len(pos)))
+        inps.append(float(cum[pos[-1]] / (pos[-1] + 1.0)))
+        firsts.append(int(pos[0]) + 1)
+    valid = len(firsts)
+    if valid == 0:
+        return metrics_from_ranks([], nq, max_rank=max_rank)
+    first = np.array(firsts)
+    cmc = [float(np.mean(first <= r)) for r in range(1, max_rank + 1)]
+    return {"mAP": float(np.mean(aps)), "mINP": float(np.mean(inps)),
+            **{f"rank{r}": float(np.mean(first <= r)) for r in (1, 5, 10, 20)},
+            "cmc": cmc, "valid_queries": valid, "skipped_queries": nq - valid}  # fmt: skip
+
+
+def evaluate_dense(qf, q_ids, q_cams, gf, g_ids, g_cams, *, tile=TILE, device: str = "cpu",
+                   rerank: bool = False, k1: int = 20, k2: int = 6, lambda_: float = 0.3) -> dict:  # fmt: skip
+    """The reference: the whole (Q, G) matrix of ``grid_distances`` (or ``rerank_dense``), then ``evaluate_distances``."""
+    qf, gf = np.asarray(qf, np.float32), np.asarray(gf, np.float32)
+    if rerank:
+        from wildreid.rerank import rerank_dense
+
+        dist = rerank_dense(qf, gf, k1, k2, lambda_, tile=tile, device=device)
+    else:
+        dist = grid_distances(qf, 0, gf, 0, tile=tile, device=device)
+    return evaluate_distances(dist, q_ids, q_cams, g_ids, g_cams)
+
+
+# --------------------------------------------------------------------------- blockwise
+
+
+def plan_query_rows(row_bytes: int, budget: int, *, tile_q: int, n_query: int, fixed: int = 0) -> int:
+    """Queries per strip: the most multiples of ``tile_q`` whose strips (``row_bytes`` per query) fit the budget left.
+
+    Never more than the queries need; a query set shorter than a tile needs room for its own rows only.
+    """
+    room = budget - fixed - _COUNT_CHUNK * 24
+    rows = room // max(1, row_bytes) // tile_q * tile_q
+    least = max(1, min(tile_q, n_query))
+    if rows < tile_q and room < least * row_bytes:
+        need = fixed + _COUNT_CHUNK * 24 + least * row_bytes
+        raise ConfigError(f"memory budget of {budget} bytes is too small: a strip of {least} queries against the "
+                          f"gallery needs {need} bytes; raise --memory-budget to at least that")  # fmt: skip
+    return int(max(tile_q, min(rows, -(-n_query // tile_q) * tile_q)))
+
+
+def _plain_strips(query: Features, gallery: Features, *, budget: int, tile, device: str, entry_bytes: int = 4):
+    """(rows per strip, strip(q0, q1) -> float32 (q1-q0, G)); the gallery is kept in memory when it fits half the budget."""
+    tq, tg = _check_tile(tile)
+    nq, ng, dim = query.count(), gallery.count(), gallery.dim()
+    gallery_bytes = ng * dim * 4
+    cached = gallery.read_rows(0, ng) if gallery_bytes <= budget // 2 else None
+    cached_norms = squared_norms(cached) if cached is not None else None
+    read_rows = max(tg, (budget // 8) // max(1, dim * 4) // tg * tg)
+    fixed = (gallery_bytes if cached is not None else read_rows * dim * 8) + ng * 40 + min(tq, nq) * min(tg, ng) * 4
+    bq = plan_query_rows(ng * entry_bytes, budget, tile_q=tq, n_query=nq, fixed=fixed)
+
+    def strip(q0: int, q1: int) -> np.ndarray:
+        qx = query.read_rows(q0, q1)
+        if cached is not None:
+            return grid_distances(qx, q0, cached, 0, tile=tile, device=device, y_norms=cached_norms)
+        out = np.empty((q1 - q0, ng), dtype=np.float32)
+        for g0 in range(0, ng, read_rows):
+            g1 = min(ng, g0 + read_rows)
+            grid_distances(qx, q0, gallery.read_rows(g0, g1), g0, tile=tile, device=device, out=out[:, g0:g1])
+        return out
+
+    return bq, strip
+
+
+def _strip_ranks(strip: np.ndarray, gallery: _Gallery, q_ids, q_cams) -> list[np.ndarray]:
+    """Ranks of the true matches of each query of one strip (an empty array for a skipped query)."""
+    bq = len(strip)
+    (mr, mc), (jr, jc) = match_lists(gallery, q_ids, q_cams)
+    n_thr = np.bincount(mr, minlength=bq)
+    m = int(n_thr.max()) if bq else 0
+    val = strip[mr, mc]
+    order = np.lexsort((mc, val, mr))
+    mr, mc, val = mr[order], mc[order], val[order]
+    k = np.arange(len(mr)) - np.repeat(np.cumsum(n_thr) - n_thr, n_thr)
+    thr_val = np.full((bq, m), np.inf, dtype=strip.dtype)
+    thr_idx = np.full((bq, m), np.iinfo(np.int64).max, dtype=np.int64)
+    thr_val[mr, k], thr_idx[mr, k] = val, mc
+    strip[mr, mc] = np.inf
+    strip[jr, jc] = np.inf
+    cnt = count_preceding(strip, thr_val, thr_idx, n_thr)
+    ranks = 1 + np.arange(m)[None, :] + cnt
+    return [ranks[r, : n_thr[r]] for r in range(bq)]
+
+
+def evaluate_blockwise(query, gallery, q_ids, q_cams, g_ids, g_cams, *, memory_budget: int, device: str = "cpu",
+                       tile=TILE, query_rows: int | None = None, rerank: bool = False, k1: int = 20, k2: int = 6,
+                       lambda_: float = 0.3, max_rank: int = MAX_RANK) -> dict:  # fmt: skip
+    """The metrics of ``evaluate_dense``, one (bq, G) strip at a time; ``query``/``gallery`` are FeatureStores or arrays.
+
+    ``query_rows`` overrides the strip height from the budget (a multiple of ``tile[0]``, for tests).
+    """
+    query, gallery = _source(query), _source(gallery)
+    nq, ng = query.count(), gallery.count()
+    if query.dim() != gallery.dim():
+        raise StoreError(f"query features have dimension {query.dim()} but gallery features {gallery.dim()}; "
+                         "evaluate features of one model")  # fmt: skip
+    q_ids, q_cams = _labels(q_ids, nq, "query ids"), _labels(q_cams, nq, "query camids")
+    g = _Gallery(_labels(g_ids, ng, "gallery ids"), _labels(g_cams, ng, "gallery camids"))
+    if rerank:
+        from wildreid.rerank import ReRanker
+
+        ranker = ReRanker(query, gallery, k1=k1, k2=k2, lambda_=lambda_, memory_budget=memory_budget,
+                          tile=tile, device=device)  # fmt: skip
+        bq, strip = ranker.query_rows, ranker.strip
+    else:
+        bq, strip = _plain_strips(query, gallery, budget=memory_budget, tile=tile, device=device)
+    if query_rows is not None:
+        if query_rows < 1 or query_rows % _check_tile(tile)[0]:
+            raise ConfigError(f"query_rows must be a positive multiple of the tile height {tile[0]}, found {query_rows}")
+        bq = query_rows
+    ranks: list[np.ndarray] = []
+    skipped = 0
+    for q0 in range(0, nq, bq):
+        q1 = min(nq, q0 + bq)
+        for r in _strip_ranks(strip(q0, q1), g, q_ids[q0:q1], q_cams[q0:q1]):
+            if len(r):
+                ranks.append(r)
+            else:
+                skipped += 1
+    return metrics_from_ranks(ranks, skipped, max_rank=max_rank)
+
+
+# --------------------------------------------------------------------------- stores
+
+
+def _open_checked(path, what: str):
+    from wildreid.stores.dictionary import FeatureStore
+
+    store = FeatureStore.open(path)
+    if store.count() == 0:
+        raise StoreError(f"{what} store {path} has 0 rows; expected the features of the {what} split")
+    for name in ("ids", "camids"):
+        if name not in store.group:
+            raise StoreError(f"{what} store {path} has no '{name}' array; expected vehicle ids and camera ids "
+                             "per row: extract features from shards that carry them")  # fmt: skip
+    ids = store.ids()
+    if (ids < 0).all():
+        raise StoreError(f"{what} store {path} has only unknown ids (-1); expected the vehicle id of each row "
+                         "to evaluate: extract features from labelled shards")  # fmt: skip
+    return store, ids, store.camids()
+
+
+def evaluate_groups(query_path, gallery_path, *, memory_budget: int, device: str = "cpu", rerank: bool = False,
+                    k1: int = 20, k2: int = 6, lambda_: float = 0.3) -> dict:  # fmt: skip
+    """``evaluate_blockwise`` on two Zarr feature groups (``features``, ``ids``, ``camids``)."""
+    qs, q_ids, q_cams = _open_checked(query_path, "query")
+    gs, g_ids, g_cams = _open_checked(gallery_path, "gallery")
+    if qs.dim() != gs.dim():
+        raise StoreError(f"query features {query_path} have dimension {qs.dim()} but gallery features "
+                         f"{gallery_path} have {gs.dim()}; evaluate features of one model")  # fmt: skip
+    out = evaluate_blockwise(qs, gs, q_ids, q_cams, g_ids, g_cams, memory_budget=memory_budget, device=device,
+                             rerank=rerank, k1=k1, k2=k2, lambda_=lambda_)  # fmt: skip
+    out.update(queries=qs.count(), gallery=gs.count(), rerank=bool(rerank))
+    return out
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write ``path`` whole or not at all: a ``*.partial`` file in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    with open(partial, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+    return path
+
+
+def write_results(path, results: dict) -> Path:
+    """The results as indented JSON, written atomically."""
+    return atomic_write_bytes(path, (json.dumps(results, indent=2, sort_keys=True) + "\n").encode())
+
+
+# --------------------------------------------------------------------------- ranked lists for pictures
+
+
+def topk_lists(query, gallery, q_ids, q_cams, g_ids, g_cams, queries, *, k: int = 10, tile=TILE,
+               device: str = "cpu", memory_budget: int | None = None, rerank: bool = False) -> list[dict]:  # fmt: skip
+    """Per chosen query: its top-``k`` valid gallery rows and the junk rows ranked among them.
+
+    Each dict: ``query``, ``ranked`` (gallery indices in rank order, junk included), ``flags`` (True =
+    same vehicle, False = another vehicle, None = same-camera junk, skipped by the metrics),
+    ``distances``. Only the strips of the tiles holding the chosen queries are computed.
+    """
+    query, gallery = _source(query), _source(gallery)
+    nq, ng = query.count(), gallery.count()
+    q_ids, q_cams = _labels(q_ids, nq, "query ids"), _labels(q_cams, nq, "query camids")
+    g_ids, g_cams = _labels(g_ids, ng, "gallery ids"), _labels(g_cams, ng, "gallery camids")
+    tq = _check_tile(tile)[0]
+    budget = memory_budget if memory_budget is not None else max(256 << 20, 4 * ng * (tq + query.dim()) + (64 << 20))
+    if rerank:
+        from wildreid.rerank import ReRanker
+
+        strip = ReRanker(query, gallery, memory_budget=budget, tile=tile, device=device).strip
+    else:
+        strip = _plain_strips(query, gallery, budget=budget, tile=tile, device=device)[1]
+    out = []
+    for q in queries:
+        if not 0 <= q < nq:
+            raise ConfigError(f"query {q} is out of range: the query set has {nq} rows")
+        t0 = q // tq * tq
+        row = strip(t0, min(nq, t0 + tq))[q - t0]
+        same = (g_ids == q_ids[q]) & (q_ids[q] >= 0)
+        junk = same & (g_cams == q_cams[q])
+        n_junk = int(junk.sum())
+        take = min(ng, k + n_junk)
+        cand = np.argpartition(row, take - 1)[:take] if take < ng else np.arange(ng)
+        cand = np.flatnonzero(row <= row[cand].max())  # ties at the cut: keep all, the stable sort decides
+        order = cand[np.lexsort((cand, row[cand]))]
+        valid_pos = np.flatnonzero(~junk[order])
+        end = valid_pos[k - 1] + 1 if len(valid_pos) >= k else len(order)
+        ranked = order[:end]
+        flags = [None if junk[j] else bool(same[j]) for j in ranked]
+        out.append({"query": int(q), "ranked": [int(j) for j in ranked], "flags": flags,
+                    "distances": [float(row[j]) for j in ranked]})  # fmt: skip
+    return out
