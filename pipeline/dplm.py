@@ -195,9 +195,8 @@ def plan_rows(
 
     node = np.zeros(sigma.shape, dtype=bool)
     node[:, 0] = True
-    feats64 = np.asarray(feats, dtype=np.float64)  # once per block, not once per row
     for b in np.flatnonzero(counts > 1):  # rule 4 needs one small Gram matrix per row
-        near = _adjacency_order(feats64[feat_at[b]])[: int(k[b])]
+        near = _adjacency_order(feats[feat_at[b]])[: int(k[b])]
         node[b, near[near < k[b]]] = True
 
     # rule 6, vectorised over the block: where row i sits in the graph rows of its candidates.

@@ -1,0 +1,105 @@
+"""Feature extraction: one split's shards through a model into a Zarr feature group.
+
+The group is the store format of :mod:`wildreid.stores.dictionary` (``features``,
+``ids``, ``camids``) and can be mined or evaluated. Rows are written in whole
+Zarr chunks (a partial chunk is read, merged and rewritten, several times
+slower: see scripts/bench_store.py), and after every chunk the number of rows
+done is recorded, so a killed extraction resumes at the first unfinished chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wildreid.errors import StoreError
+from wildreid.shards.reader import ShardDataset, split_entry
+from wildreid.stores import FeatureStore
+from wildreid.transforms import normalise
+
+__all__ = ["extract_features", "extract_split", "split_fingerprint"]
+
+
+def split_fingerprint(shards_root: str | Path, split: str) -> str:
+    """What the rows of an extracted split depend on, besides the model: the split's shard digests."""
+    entry = split_entry(shards_root, split)
+    digest = hashlib.sha256(split.encode())
+    for shard in entry["shards"]:
+        digest.update(shard["sha256"].encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, images: torch.Tensor, device) -> np.ndarray:
+    """L2-normalised features (B, D) of a uint8 batch (B, 3, H, W), in eval mode, as float32."""
+    x = normalise(images.to(device, non_blocking=True))
+    if torch.device(device).type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x).float().cpu().numpy()
+    return model(x).cpu().numpy()
+
+
+def extract_split(
+    shards_root: str | Path,
+    split: str,
+    model: torch.nn.Module,
+    store: FeatureStore,
+    *,
+    image_size: tuple[int, int],
+    device="cpu",
+    progress: Callable[[str, int, int], None] = lambda phase, advance, total: None,
+    label: str = "",
+) -> FeatureStore:
+    """Fill ``store.features`` with the model's features of every sample of ``split``, resumably.
+
+    ``store`` must have one row per sample (row i = sample index i). Progress is kept
+    in the store's ``extraction`` attribute together with ``label`` (what produced
+    the features, e.g. a checkpoint digest): a store extracted by something else
+    starts again from row 0.
+    """
+    n = store.count()
+    entry = split_entry(shards_root, split)
+    if entry["num_samples"] != n:
+        raise StoreError(f"store {store.path} has {n} rows but split {split} has {entry['num_samples']} samples; "
+                         "use a new store path for this split")  # fmt: skip
+    meta = {"split": split, "shards": split_fingerprint(shards_root, split), "label": label}
+    state = dict(store.group.attrs).get("extraction", {})
+    done = int(state.get("rows_done", 0)) if state.get("meta") == meta else 0
+    chunk = store.chunk_rows
+    phase = f"features {split}"
+    progress(phase, done, n)
+    if done >= n:
+        return store
+    was_training = model.training
+    model.eval()
+    dataset = ShardDataset(shards_root, split, image_size=image_size, shuffle=False, chunk=min(chunk, 256))
+    dataset.set_epoch(0, done)
+    pending: list[np.ndarray] = []
+    ids, camids = store.group["ids"], store.group["camids"]
+    start = done
+    try:
+        for images, idx, vid, camid in dataset:
+            expected = np.arange(start + sum(len(p) for p in pending), start + sum(len(p) for p in pending) + len(idx))
+            if not np.array_equal(idx.numpy(), expected):
+                raise StoreError(f"split {split} yielded sample indices out of order at {expected[0]}; "
+                                 "re-shard the data set")  # fmt: skip
+            pending.append(extract_features(model, images, device))
+            ids[expected[0] : expected[-1] + 1] = vid.numpy()
+            camids[expected[0] : expected[-1] + 1] = camid.numpy()
+            rows = sum(len(p) for p in pending)
+            if rows >= chunk or start + rows >= n:
+                block = np.concatenate(pending)
+                whole = len(block) if start + len(block) >= n else len(block) // chunk * chunk
+                store.write_rows(start, block[:whole])
+                start += whole
+                pending = [block[whole:]] if whole < len(block) else []
+                store.group.attrs["extraction"] = {"meta": meta, "rows_done": start}
+                progress(phase, whole, n)
+    finally:
+        model.train(was_training)
+    return store

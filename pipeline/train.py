@@ -1,0 +1,303 @@
+"""SSML-FD training: the epoch loop around the dictionary, DPLM and DTL.
+
+Everything a run writes lives in the store folder:
+
+    STORE/features, ids, camids       the dictionary (one row per training image)
+    STORE/knn, positives              the latest DPLM mining (``wildreid mine``)
+    STORE/train/checkpoints/ckpt-*    crash-safe checkpoints (see wildreid.checkpoint)
+    STORE/train/history.jsonl         one line per finished epoch
+    STORE/train/curves.png            the training curves
+    STORE/train/model.pt              the final model (what ``wildreid eval`` reads)
+
+Memory: the dictionary is read and written through a page cache whose host
+budget is half of ``--memory-budget``; mining gets the other half while it runs
+(the cache is flushed and dropped first). Hard negatives stream the dictionary
+through the cache in pages, so nothing here holds N x N or N x D beyond it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from wildreid.budget import default_budget, peak_rss_bytes
+from wildreid.checkpoint import (
+    latest_checkpoint,
+    load_positives,
+    load_state,
+    restore_dictionary,
+    save_checkpoint,
+    save_model,
+)
+from wildreid.config import Config, config_digest
+from wildreid.dplm import pseudo_label_quality
+from wildreid.dtl import batch_positives, dtl_streaming, momentum_update
+from wildreid.errors import ConfigError, ResumeError, StoreError
+from wildreid.extract import extract_split
+from wildreid.mining import MineParams, mine
+from wildreid.model import build_model, param_groups, weights_sha256
+from wildreid.shards.reader import ShardDataset, split_entry
+from wildreid.stores import FeatureStore, PageCache
+from wildreid.transforms import train_transform
+
+__all__ = ["TrainOptions", "dictionary_sha256", "train"]
+
+SPLIT = "train"
+_CRASH_AFTER_STEPS = int(os.environ.get("WILDREID_CRASH_AFTER_STEPS", "-1"))
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    resume: bool = False
+    memory_budget: int | None = None
+    device: str = "cpu"
+    deterministic: bool = False
+
+
+def dictionary_sha256(store: FeatureStore, block_rows: int = 65536) -> str:
+    """Digest of the dictionary's stored bytes, row order, plus its dtype and shape."""
+    digest = hashlib.sha256(f"{store.features.dtype}{store.features.shape}".encode())
+    for start in range(0, store.count(), block_rows):
+        digest.update(np.ascontiguousarray(store.features[start : start + block_rows]).tobytes())
+    return digest.hexdigest()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, config: Config, epoch: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = config.train.lr_at(epoch) * group["lr_factor"]
+
+
+def _check_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return dev
+
+
+def _open_store(path: Path, n: int, dim: int, resume: bool, digest: str) -> FeatureStore:
+    """The run's store: created, or reopened for --resume after checking it belongs to this run."""
+    if path.exists() and any(path.iterdir()):
+        store = FeatureStore.open(path, mode="r+")
+        run = dict(store.group.attrs).get("train_run")
+        if run is None:
+            raise StoreError(f"{path} holds a store that no training run wrote; choose a new --store path")
+        if run["config"] != digest or store.count() != n or store.dim() != dim:
+            raise StoreError(f"{path} belongs to another training run (other config or data set); "
+                             "choose a new --store path, or the same config to resume")  # fmt: skip
+        if not resume:
+            raise ResumeError(f"{path} already holds a training run; pass --resume to continue it "
+                              "or choose a new --store path")  # fmt: skip
+        return store
+    store = FeatureStore.create(path, n, dim, dtype="float16")
+    store.group.attrs["train_run"] = {"config": digest}
+    return store
+
+
+def _self_positives(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int64)
+
+
+def _mine(store: FeatureStore, config: Config, budget: int, workers: int, progress: Progress):
+    store.bump_features_version()  # the dictionary moved since the last mining
+    m = config.mining
+    report = mine(str(store.path), MineParams(k=m.k, threshold=m.threshold, min_candidates=m.min_candidates,
+                                               adjacency=m.adjacency), memory_budget=budget,
+                  workers=max(1, workers), progress=progress)  # fmt: skip
+    group = store.group["positives"]
+    return (group["indptr"][:], group["indices"][:]), report
+
+
+def train(
+    shards: str | Path,
+    store_path: str | Path,
+    config: Config,
+    options: TrainOptions = TrainOptions(),
+    *,
+    progress: Progress = lambda phase, advance, total: None,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict:
+    """Train (or resume) SSML-FD on the ``train`` split of ``shards``; returns the run's report."""
+    device = _check_device(options.device)
+    if options.deterministic:
+        torch.use_deterministic_algorithms(True)
+    entry = split_entry(shards, SPLIT)
+    n = entry["num_samples"]
+    tc = config.train
+    if n < tc.batch_size:
+        raise ConfigError(f"the train split has {n} images, fewer than one batch of {tc.batch_size}; "
+                          "lower train.batch_size")  # fmt: skip
+    budget = options.memory_budget or default_budget()
+    store_path = Path(store_path)
+    run_dir = store_path / "train"
+
+    _seed_everything(tc.seed)
+    model = build_model(config.model.arch, pretrained=config.model.pretrained, last_stride=config.model.last_stride)
+    if model.pretrained_from is None:
+        log("no --pretrained weights given: training starts from random weights")
+    model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    groups = param_groups(model, 1.0, tc.backbone_lr_factor)
+    for g in groups:
+        g["lr_factor"] = g["lr"]
+    optimizer = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov,
+                                weight_decay=tc.weight_decay)  # fmt: skip
+    store = _open_store(store_path, n, model.feature_dim, options.resume, config_digest(config))
+
+    epoch, position, step, history = 0, 0, 0, []
+    positives = _self_positives(n)
+    ckpt = latest_checkpoint(run_dir) if options.resume else None
+    if ckpt is not None:
+        state = load_state(ckpt)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        epoch, position, step, history = state["epoch"], state["position"], state["step"], state["history"]
+        restore_dictionary(ckpt, store.path / "features")
+        store = FeatureStore.open(store.path, mode="r+")
+        # an extraction recorded after this checkpoint described rows that were just replaced
+        store.group.attrs["extraction"] = {}
+        positives = load_positives(ckpt)
+        log(f"resumed from {ckpt.name}: epoch {epoch}, sample {position}, step {step}")
+    _write_history(run_dir, history)
+
+    augment = train_transform(config.model.image_size, seed=tc.seed)
+    lanes = max(1, tc.workers)
+    dataset = ShardDataset(shards, SPLIT, image_size=tuple(config.model.image_size), seed=tc.seed, lanes=lanes,
+                           chunk=tc.batch_size)  # fmt: skip
+    cache_budget = budget // 2
+    steps_here = 0
+
+    def checkpoint(cache: PageCache, positives, partial: dict) -> None:
+        cache.flush()
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+                 "epoch": epoch, "position": position, "step": step, "history": history, "partial": partial,
+                 "config": config.to_dict()}  # fmt: skip
+        save_checkpoint(run_dir, step, state, store.path / "features", positives)
+
+    partial = state.get("partial", {}) if ckpt is not None else {}
+    while epoch < tc.epochs:
+        began = time.perf_counter()
+        if position == 0:
+            partial = {}
+            if epoch % tc.reextract_every == 0:
+                extract_split(shards, SPLIT, model, store, image_size=tuple(config.model.image_size), device=device,
+                              progress=progress, label=f"epoch-{epoch}-step-{step}")  # fmt: skip
+            if tc.is_warmup(epoch):
+                positives = _self_positives(n)
+            elif (epoch - tc.warmup_epochs) % tc.remine_every == 0:
+                positives, _ = _mine(store, config, budget // 2, tc.workers, progress)
+        cache = PageCache(store.features, host_budget=max(cache_budget, _page_bytes(store)), dtype=store.features.dtype)
+        _set_lr(optimizer, config, epoch)
+        model.train()
+        dataset.set_epoch(epoch, position)
+        loader = DataLoader(dataset, batch_size=None, num_workers=tc.workers,
+                            pin_memory=device.type == "cuda", persistent_workers=False)  # fmt: skip
+        losses = partial.get("losses", [])
+        seen = partial.get("seen", 0)
+        for images, idx, _vid, _cam in loader:
+            position += len(idx)
+            if len(idx) < 2:
+                continue  # BatchNorm cannot train on one sample; the order stays the same on resume
+            x = model(augment(images.to(device, non_blocking=True), idx, epoch))
+            rows = idx.to(device)
+            pos_ptr, pos_idx = batch_positives(positives[0], positives[1], rows, device=device)
+            out = dtl_streaming(
+                x, _blocks(cache, device), lambda ids: cache.get_rows_tensor(_np(ids), device).float(), rows,
+                pos_ptr, pos_idx, config.loss.r, config.loss.delta, count=n,
+            )  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            optimizer.step()
+            current = cache.get_rows_tensor(idx.numpy(), device).float()
+            cache.set_rows(idx.numpy(), momentum_update(current, x.detach().float(), rows).cpu().numpy())
+            losses.append(float(out["loss"].detach()))
+            seen += len(idx)
+            step += 1
+            steps_here += 1
+            progress(f"epoch {epoch}", len(idx), n)
+            partial = {"losses": losses, "seen": seen}
+            if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 and position < n:
+                checkpoint(cache, positives, partial)
+            if steps_here == _CRASH_AFTER_STEPS:
+                os.kill(os.getpid(), signal.SIGKILL)  # tests: a kill -9 at a chosen step
+        quality = pseudo_label_quality(positives[0], positives[1], store.ids())
+        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "steps": len(losses),
+                  "warmup": tc.is_warmup(epoch), "precision": quality["precision"], "recall": quality["recall"],
+                  "mean_positives": quality["mean_positives"], "images_per_s": seen / (time.perf_counter() - began),
+                  "peak_rss_bytes": peak_rss_bytes(), "lr": config.train.lr_at(epoch)}  # fmt: skip
+        history.append(record)
+        epoch, position, partial = epoch + 1, 0, {}
+        checkpoint(cache, positives, partial)
+        _write_history(run_dir, history)
+        log(json.dumps(record))
+
+    if tc.epochs == 0 or not history:
+        # the untrained baseline (--epochs 0): the dictionary is the initial model's features
+        extract_split(shards, SPLIT, model, store, image_size=tuple(config.model.image_size), device=device,
+                      progress=progress, label=f"epoch-{epoch}-step-{step}")  # fmt: skip
+    model_path = save_model(run_dir / "model.pt", model, config.to_dict(), {"history": history})
+    _plot(run_dir, history)
+    return {"checkpoint": str(model_path), "weights_sha256": weights_sha256(model),
+            "dictionary_sha256": dictionary_sha256(store), "history": history, "epochs": tc.epochs,
+            "pretrained": model.pretrained_from}  # fmt: skip
+
+
+def _np(ids) -> np.ndarray:
+    return ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+
+
+def _page_bytes(store: FeatureStore) -> int:
+    return store.chunk_rows * store.dim() * store.features.dtype.itemsize
+
+
+def _blocks(cache: PageCache, device):
+    for start, block in cache.scan():
+        yield start, torch.from_numpy(block).to(device).float()
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "history.jsonl.partial"
+    tmp.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
+    tmp.replace(run_dir / "history.jsonl")
+
+
+def _plot(run_dir: Path, history: list[dict]) -> None:
+    from wildreid.plots import training_curves
+
+    if history:
+        training_curves(history, run_dir / "curves.png")
