@@ -17,7 +17,8 @@ def available_memory() -> int:
         pass
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
-            text = open(path).read().strip()
+            with open(path) as f:
+                text = f.read().strip()
             if text.isdigit() and int(text) < 1 << 60:
                 limits.append(int(text))
         except OSError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -18,7 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from wildreid.errors import WildreidError
+from wildreid.errors import StoreError, WildreidError
 from wildreid.units import format_bytes, parse_bytes, parse_size
 
 app = typer.Typer(
@@ -43,6 +44,13 @@ def friendly(command):
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: re-run the same command to resume")
             raise typer.Exit(130) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+                raise
+            console.print(f"[bold red]error:[/] cannot write {exc.filename or 'output'}: {exc.strerror}; "
+                          "finished work is kept: free space (or fix permissions) and re-run to resume",
+                          highlight=False, soft_wrap=True)  # fmt: skip
+            raise typer.Exit(StoreError.exit_code) from None
 
     return wrapper
 
@@ -189,6 +197,56 @@ def inspect(
 
 @app.command()
 @friendly
+def train(
+    shards: Path = typer.Option(..., help="Shard folder written by 'wildreid shard' (its train split is used)."),
+    store: Path = typer.Option(..., help="Run folder: the dictionary store, checkpoints, history and model.pt."),
+    config: Optional[Path] = typer.Option(None, help="YAML config (configs/veriwild.yaml, veri776.yaml, demo.yaml)."),
+    epochs: Optional[int] = typer.Option(None, help="Override train.epochs (0 writes the untrained baseline)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in STORE."),
+    memory_budget: Optional[str] = typer.Option(None, help="Host memory bound, e.g. 4GiB (default: 1/4 of free memory)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    pretrained: Optional[Path] = typer.Option(None, help="Local torchvision ImageNet state dict for the backbone."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Override train.checkpoint_every_steps."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic torch kernels (CPU: bitwise)."),
+    overrides: list[str] = typer.Option([], "--set", help="Any config value, e.g. --set loss.delta=0.5 (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
+):
+    """Train SSML-FD on the unlabelled train split: dictionary, DPLM positives and DTL, crash-safe."""
+    from wildreid.config import load_config
+    from wildreid.train import TrainOptions, train as run_train
+
+    extra = list(overrides)
+    if epochs is not None:
+        extra.append(f"train.epochs={epochs}")
+    if checkpoint_every is not None:
+        extra.append(f"train.checkpoint_every_steps={checkpoint_every}")
+    if pretrained is not None:
+        extra.append(f"model.pretrained={json.dumps(str(pretrained))}")
+    cfg = load_config(config, extra)
+    options = TrainOptions(resume=resume, memory_budget=parse_bytes(memory_budget) if memory_budget else None,
+                           device=device, deterministic=deterministic)  # fmt: skip
+    with RichProgress() as progress:
+        report = run_train(shards, store, cfg, options, progress=progress,
+                           log=lambda message: console.print(message, highlight=False, soft_wrap=True))  # fmt: skip
+    table = Table(title=f"training run in {store}")
+    for col in ("epoch", "loss", "precision", "recall", "positives/img", "images/s", "peak RSS"):
+        table.add_column(col, justify="right")
+    for h in report["history"]:
+        table.add_row(str(h["epoch"]) + (" (warm-up)" if h["warmup"] else ""), _fmt(h["loss"]), _fmt(h["precision"]),
+                      _fmt(h["recall"]), _fmt(h["mean_positives"]), f"{h['images_per_s']:.0f}",
+                      format_bytes(h["peak_rss_bytes"]))  # fmt: skip
+    out.print(table)
+    out.print(f"model: {report['checkpoint']}", highlight=False)
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+@app.command()
+@friendly
 def mine(
     store: Path = typer.Option(..., help="Feature store (Zarr group with features (N, D))."),
     k: int = typer.Option(101, help="k-NN graph width K, self included (>= adjacency + 1)."),
@@ -219,6 +277,174 @@ def mine(
     out.print(table)
     if as_json:
         print(json.dumps(report, sort_keys=True))
+
+
+@app.command("eval")
+@friendly
+def evaluate(
+    query: Optional[Path] = typer.Option(None, help="Query feature group (Zarr: features, ids, camids)."),
+    gallery: Optional[Path] = typer.Option(None, help="Gallery feature group (with --query)."),
+    shards: Optional[Path] = typer.Option(None, help="Shard folder to extract features from (with --checkpoint)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="model.pt (or a checkpoint folder) written by training."),
+    split: str = typer.Option("small", help="small, medium, large, all (the three) or veri776 (with --checkpoint)."),
+    features_dir: Optional[Path] = typer.Option(None, help="Folder for extracted groups (default: CKPT_DIR/features)."),
+    rerank: bool = typer.Option(False, help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)."),
+    memory_budget: Optional[str] = typer.Option(None, help="Working-set bound, e.g. 1GiB (default: 1/4 of free RAM)."),
+    device: str = typer.Option("cpu", help="cpu or cuda (feature extraction and distances)."),
+    output: Optional[Path] = typer.Option(None, help="Results JSON (with --checkpoint: CKPT_DIR/eval-SPLIT.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
+):
+    """mAP, mINP and CMC of query against gallery features, exact and blockwise (no Q x G matrix)."""
+    import hashlib
+
+    from wildreid.budget import default_budget
+    from wildreid.errors import ConfigError, StoreError
+    from wildreid.evaluate import evaluate_groups, write_results
+    from wildreid.plots import cmc_curve
+
+    splits = {"small": ["small"], "medium": ["medium"], "large": ["large"], "all": ["small", "medium", "large"],
+              "veri776": ["veri776"]}  # fmt: skip
+    pairs = {name: (f"query-{name}", f"gallery-{name}") for name in ("small", "medium", "large")}
+    pairs["veri776"] = ("query", "gallery")
+    if (query is None) != (gallery is None) or (shards is None) != (checkpoint is None):
+        raise ConfigError("expected --query with --gallery, or --shards with --checkpoint; one of a pair is missing")
+    if (query is None) == (shards is None):
+        raise ConfigError("expected either --query/--gallery (existing feature groups) or --shards/--checkpoint "
+                          "(extract, then evaluate), not both and not neither")  # fmt: skip
+    if split not in splits:
+        raise ConfigError(f"expected --split to be one of {', '.join(splits)}, found {split!r}")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"expected --device cpu or cuda, found {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} asked for but CUDA is not available here; use --device cpu")
+    budget = parse_bytes(memory_budget) if memory_budget else default_budget()
+    tag = "-rerank" if rerank else ""
+
+    if query is not None:
+        results = {query.name: evaluate_groups(query, gallery, memory_budget=budget, device=device, rerank=rerank)}
+    else:
+        from wildreid.checkpoint import load_model
+        from wildreid.extract import extract_split
+        from wildreid.shards.reader import split_entry
+        from wildreid.stores import FeatureStore
+
+        wanted = [(name, *pairs[name]) for name in splits[split]]
+        sizes = {s: split_entry(shards, s)["num_samples"] for _, q, g in wanted for s in (q, g)}  # before the model
+        model, config = load_model(checkpoint, device)
+        digest = hashlib.sha256()
+        with open(checkpoint / "state.pt" if checkpoint.is_dir() else checkpoint, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        label = digest.hexdigest()[:16]  # extract_split re-extracts rows of another checkpoint
+        folder = features_dir if features_dir is not None else checkpoint.parent / "features"
+        results = {}
+        with RichProgress() as progress:
+            for name, q_split, g_split in wanted:
+                for s in (q_split, g_split):
+                    path = folder / s
+                    if path.exists() and any(path.iterdir()):
+                        store = FeatureStore.open(path, mode="r+")
+                        if (store.count(), store.dim()) != (sizes[s], model.feature_dim):
+                            raise StoreError(f"{path} holds {store.count()} x {store.dim()} features but split {s} "
+                                             f"needs {sizes[s]} x {model.feature_dim}; delete it or pass another "
+                                             "--features-dir")  # fmt: skip
+                    else:
+                        store = FeatureStore.create(path, sizes[s], model.feature_dim)
+                    extract_split(shards, s, model, store, image_size=tuple(config["model"]["image_size"]),
+                                  device=device, progress=progress, label=label)  # fmt: skip
+                results[name] = evaluate_groups(folder / q_split, folder / g_split, memory_budget=budget,
+                                                device=device, rerank=rerank)  # fmt: skip
+                results[name].update(query_split=q_split, gallery_split=g_split, checkpoint_sha256=label)
+        if output is None:
+            output = checkpoint.parent / f"eval-{split}{tag}.json"
+
+    from rich import box
+
+    table = Table(title=f"evaluation in %{', re-ranked' if rerank else ''} (skipped: queries without a true match)",
+                  box=box.SIMPLE, pad_edge=False, collapse_padding=True)  # fmt: skip
+    for col in ("split", "mAP", "mINP", "R-1", "R-5", "R-10", "R-20", "valid", "skipped", "gallery"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, r in results.items():
+        table.add_row(name, *(f"{100 * r[k]:.2f}" for k in ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20")),
+                      str(r["valid_queries"]), str(r["skipped_queries"]), str(r["gallery"]))  # fmt: skip
+    out.print(table)
+    if output is not None:
+        saved = results[query.name] if query is not None else results
+        out.print(f"results: {write_results(output, saved)}", highlight=False, soft_wrap=True)
+        for name, r in results.items():
+            stem = output.stem if query is not None else f"eval-{name}{tag}"
+            cmc_curve(r["cmc"], output.with_name(f"{stem}-cmc.png"), label=name)
+    if as_json:
+        lines = {name: {k: v for k, v in r.items() if k != "cmc"} for name, r in results.items()}
+        print(json.dumps(lines[query.name] if query is not None else lines, sort_keys=True))
+
+
+@app.command()
+@friendly
+def visualize(
+    shards: Path = typer.Option(..., help="Shard folder the feature groups were extracted from."),
+    query: Path = typer.Option(..., help="Query feature group."),
+    gallery: Path = typer.Option(..., help="Gallery feature group."),
+    query_split: str = typer.Option(..., help="Shard split of the query group, e.g. query-small."),
+    gallery_split: str = typer.Option(..., help="Shard split of the gallery group, e.g. gallery-small."),
+    out_png: Path = typer.Option(..., "--out", help="PNG of the ranked lists (one row per query)."),
+    queries: Optional[str] = typer.Option(None, help="Query rows to draw, e.g. 0,5,9 (default: see --num)."),
+    num: int = typer.Option(6, help="Without --queries: the first NUM queries that have a true match."),
+    k: int = typer.Option(10, help="Ranked gallery images per query (same-camera junk shown extra, greyed)."),
+    rerank: bool = typer.Option(False, help="Rank by k-reciprocal re-ranked distances."),
+    memory_budget: Optional[str] = typer.Option(None, help="Working-set bound, e.g. 1GiB."),
+    device: str = typer.Option("cpu", help="cpu or cuda (distances)."),
+    history: Optional[Path] = typer.Option(None, help="history.jsonl of a training run: also draw training curves."),
+    curves: Optional[Path] = typer.Option(None, help="PNG of the training curves (default: OUT-curves.png)."),
+):
+    """Draw ranked lists of chosen queries (green: same vehicle, red: another), and training curves."""
+    from wildreid.errors import ConfigError
+    from wildreid.plots import render_ranked_lists, training_curves
+    from wildreid.stores import FeatureStore
+
+    if k < 1 or num < 1:
+        raise ConfigError(f"expected --k and --num >= 1, found {k} and {num}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} asked for but CUDA is not available here; use --device cpu")
+    records = []
+    if history is not None:  # read first: a bad history fails before the slow part
+        if not history.is_file():
+            raise ConfigError(f"history {history} does not exist; expected the history.jsonl of a training run")
+        for n, line in enumerate(history.read_text().splitlines(), 1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{history} line {n} is not JSON ({exc.msg}); expected one object per line") from None
+    qs, gs = FeatureStore.open(query), FeatureStore.open(gallery)
+    q_ids, q_cams, g_ids, g_cams = qs.ids(), qs.camids(), gs.ids(), gs.camids()
+    if queries is not None:
+        try:
+            chosen = [int(q) for q in queries.split(",") if q.strip()]
+        except ValueError:
+            raise ConfigError(f"expected --queries as row numbers such as 0,5,9, found {queries!r}") from None
+        if not chosen:
+            raise ConfigError("--queries is empty; give row numbers such as 0,5,9 or leave it out")
+    else:
+        cams_of: dict[int, set] = {}
+        for vid, cam in zip(g_ids.tolist(), g_cams.tolist()):
+            cams_of.setdefault(vid, set()).add(cam)
+        chosen = [q for q, (vid, cam) in enumerate(zip(q_ids.tolist(), q_cams.tolist()))
+                  if vid >= 0 and cams_of.get(vid, set()) - {cam}][:num]  # fmt: skip
+        if not chosen:
+            raise ConfigError(f"no query of {query} has a true match in {gallery} (same id, another camera)")
+    budget = parse_bytes(memory_budget) if memory_budget else None
+    path = render_ranked_lists(shards, query_split, gallery_split, qs, gs, chosen, out_png, k=k,
+                               memory_budget=budget, device=device, rerank=rerank)  # fmt: skip
+    out.print(f"ranked lists of queries {', '.join(map(str, chosen))}: {path}", highlight=False, soft_wrap=True)
+    if history is not None:
+        curves = curves if curves is not None else out_png.with_name(f"{out_png.stem}-curves.png")
+        out.print(f"training curves ({len(records)} epochs): {training_curves(records, curves)}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console entry point

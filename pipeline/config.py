@@ -82,7 +82,8 @@ class TrainConfig:
     workers: int = 2
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "remine_every", "reextract_every"):
+        _need(self.epochs >= 0, "train.epochs", "an int >= 0 (0 writes the untrained model)", self.epochs)
+        for name in ("batch_size", "remine_every", "reextract_every"):
             _need(getattr(self, name) >= 1, f"train.{name}", "an int >= 1", getattr(self, name))
         for name in ("warmup_epochs", "checkpoint_every_steps", "seed", "workers", "weight_decay"):
             _need(getattr(self, name) >= 0, f"train.{name}", "a value >= 0", getattr(self, name))

@@ -80,7 +80,7 @@ def test_config_is_frozen_and_digest_is_stable(tmp_path):
         (["train.epochs"], r"expected section.key=value"),
         (["train.epochs=three"], r"train.epochs: expected an int, found 'three'"),
         (["train.epochs=2.5"], r"train.epochs: expected an int"),
-        (["train.epochs=0"], r"train.epochs: expected an int >= 1"),
+        (["train.epochs=-1"], r"train.epochs: expected an int >= 0"),
         (["train.nesterov=1"], r"train.nesterov: expected true or false"),
         (["train.lr=true"], r"train.lr: expected a number"),
         (["train.lr=-1"], r"train.lr: expected a float > 0"),
