@@ -51,7 +51,7 @@ from wildreid.shards.reader import ShardDataset, split_entry
 from wildreid.stores import FeatureStore, PageCache
 from wildreid.transforms import train_transform
 
-__all__ = ["TrainOptions", "dictionary_sha256", "train"]
+__all__ = ["TrainOptions", "dictionary_sha256", "dictionary_step", "train"]
 
 SPLIT = "train"
 _CRASH_AFTER_STEPS = int(os.environ.get("WILDREID_CRASH_AFTER_STEPS", "-1"))
@@ -233,18 +233,8 @@ def train(
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on one sample; the order stays the same on resume
             x = model(augment(images.to(device, non_blocking=True), idx, epoch))
-            rows = idx.to(device)
-            pos_ptr, pos_idx = batch_positives(positives[0], positives[1], rows, device=device)
-            out = dtl_streaming(
-                x, _blocks(cache, device), lambda ids: cache.get_rows_tensor(_np(ids), device).float(), rows,
-                pos_ptr, pos_idx, config.loss.r, config.loss.delta, count=n,
-            )  # fmt: skip
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
-            current = cache.get_rows_tensor(idx.numpy(), device).float()
-            cache.set_rows(idx.numpy(), momentum_update(current, x.detach().float(), rows).cpu().numpy())
-            losses.append(float(out["loss"].detach()))
+            loss = dictionary_step(x, idx, cache, positives, config.loss.r, config.loss.delta, optimizer)
+            losses.append(loss)
             seen += len(idx)
             step += 1
             steps_here += 1
@@ -274,6 +264,31 @@ def train(
     return {"checkpoint": str(model_path), "weights_sha256": weights_sha256(model),
             "dictionary_sha256": dictionary_sha256(store), "history": history, "epochs": tc.epochs,
             "pretrained": model.pretrained_from}  # fmt: skip
+
+
+def dictionary_step(x: torch.Tensor, idx: torch.Tensor, cache: PageCache, positives, r: float, delta: float,
+                    optimizer: torch.optim.Optimizer | None = None) -> float:  # fmt: skip
+    """One DTL step against the dictionary behind ``cache``: loss, backward, optimizer step, momentum update.
+
+    Hard negatives stream the dictionary page by page without grad; only the
+    selected rows are gathered again with grad (wildreid.dtl), so memory is
+    bounded by the cache budget and the batch, not by N.
+    """
+    device = x.device
+    rows = idx.to(device)
+    pos_ptr, pos_idx = batch_positives(positives[0], positives[1], rows, device=device)
+    out = dtl_streaming(
+        x, _blocks(cache, device), lambda ids: cache.get_rows_tensor(_np(ids), device).float(), rows,
+        pos_ptr, pos_idx, r, delta, count=cache.n,
+    )  # fmt: skip
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if optimizer is not None:
+        optimizer.step()
+    current = cache.get_rows_tensor(idx.numpy(), device).float()
+    cache.set_rows(idx.numpy(), momentum_update(current, x.detach().float(), rows).cpu().numpy())
+    return float(out["loss"].detach())
 
 
 def _np(ids) -> np.ndarray:
