@@ -46,7 +46,7 @@ from wildreid.dtl import batch_positives, dtl_streaming, momentum_update
 from wildreid.errors import ConfigError, ResumeError, StoreError
 from wildreid.extract import extract_split
 from wildreid.mining import MineParams, mine
-from wildreid.model import build_model, param_groups, weights_sha256
+from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
 from wildreid.shards.reader import ShardDataset, split_entry
 from wildreid.stores import FeatureStore, PageCache
 from wildreid.transforms import train_transform
@@ -163,6 +163,7 @@ def train(
     store_path = Path(store_path)
     run_dir = store_path / "train"
 
+    store = _open_store(store_path, n, ARCHS[config.model.arch][1], options.resume, config_digest(config))
     _seed_everything(tc.seed)
     model = build_model(config.model.arch, pretrained=config.model.pretrained, last_stride=config.model.last_stride)
     if model.pretrained_from is None:
@@ -175,7 +176,6 @@ def train(
         g["lr_factor"] = g["lr"]
     optimizer = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov,
                                 weight_decay=tc.weight_decay)  # fmt: skip
-    store = _open_store(store_path, n, model.feature_dim, options.resume, config_digest(config))
 
     epoch, position, step, history = 0, 0, 0, []
     positives = _self_positives(n)
@@ -199,6 +199,8 @@ def train(
     dataset = ShardDataset(shards, SPLIT, image_size=tuple(config.model.image_size), seed=tc.seed, lanes=lanes,
                            chunk=tc.batch_size)  # fmt: skip
     cache_budget = budget // 2
+    # gathered hard-negative rows (float32, with their gradient and a float16 copy) get 1/8 of the budget
+    gather_rows = max(256, budget // 8 // (ARCHS[config.model.arch][1] * 12))
     steps_here = 0
 
     def checkpoint(cache: PageCache, positives, partial: dict) -> None:
@@ -233,7 +235,8 @@ def train(
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on one sample; the order stays the same on resume
             x = model(augment(images.to(device, non_blocking=True), idx, epoch))
-            loss = dictionary_step(x, idx, cache, positives, config.loss.r, config.loss.delta, optimizer)
+            loss = dictionary_step(x, idx, cache, positives, config.loss.r, config.loss.delta, optimizer,
+                                   gather_rows=gather_rows)  # fmt: skip
             losses.append(loss)
             seen += len(idx)
             step += 1
@@ -267,19 +270,20 @@ def train(
 
 
 def dictionary_step(x: torch.Tensor, idx: torch.Tensor, cache: PageCache, positives, r: float, delta: float,
-                    optimizer: torch.optim.Optimizer | None = None) -> float:  # fmt: skip
+                    optimizer: torch.optim.Optimizer | None = None, *, gather_rows: int = 4096) -> float:  # fmt: skip
     """One DTL step against the dictionary behind ``cache``: loss, backward, optimizer step, momentum update.
 
     Hard negatives stream the dictionary page by page without grad; only the
     selected rows are gathered again with grad (wildreid.dtl), so memory is
-    bounded by the cache budget and the batch, not by N.
+    bounded by the cache budget and ``gather_rows`` (rows gathered at once), not by N:
+    the hard negatives alone are r * N rows per batch element.
     """
     device = x.device
     rows = idx.to(device)
     pos_ptr, pos_idx = batch_positives(positives[0], positives[1], rows, device=device)
     out = dtl_streaming(
         x, _blocks(cache, device), lambda ids: cache.get_rows_tensor(_np(ids), device).float(), rows,
-        pos_ptr, pos_idx, r, delta, count=cache.n,
+        pos_ptr, pos_idx, r, delta, count=cache.n, chunk_rows=gather_rows,
     )  # fmt: skip
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
