@@ -234,7 +234,12 @@ def train(
             position += len(idx)
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on one sample; the order stays the same on resume
-            x = model(augment(images.to(device, non_blocking=True), idx, epoch))
+            batch = augment(images.to(device, non_blocking=True), idx, epoch)
+            if device.type == "cuda":  # bf16 autocast and channels-last on the GPU; the same step on the CPU
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    x = model(batch.contiguous(memory_format=torch.channels_last)).float()
+            else:
+                x = model(batch)
             loss = dictionary_step(x, idx, cache, positives, config.loss.r, config.loss.delta, optimizer,
                                    gather_rows=gather_rows)  # fmt: skip
             losses.append(loss)
