@@ -33,7 +33,7 @@ def test_defaults_are_the_published_schedule():
     [
         ("veriwild", "resnet50", 50, (256, 128), 128),
         ("veri776", "resnet50", 60, (256, 128), 128),
-        ("demo", "resnet18", 8, (64, 32), 32),
+        ("demo", "resnet18", 20, (64, 32), 32),
     ],
 )
 def test_shipped_configs(name, arch, epochs, size, batch):

@@ -108,6 +108,15 @@ cache = PageCache(store.features, host_budget=budget, dtype=store.features.dtype
 positives = (np.arange(n + 1), np.arange(n))
 torch.manual_seed(0)
 x = torch.nn.functional.normalize(torch.randn(32, 512), dim=1)
+# one step over a small dictionary first: libraries' buffers and allocator arenas are set up once per process
+warm = FeatureStore.create(sys.argv[1] + ".warm", 2048, 512, chunk_bytes=1 << 20)
+warm.write_rows(0, np.eye(2048, 512, dtype=np.float32) + 0.5)
+warm_cache = PageCache(warm.features, host_budget=budget, dtype=warm.features.dtype)
+dictionary_step(x.clone().requires_grad_(True), torch.arange(32), warm_cache, (np.arange(2049), np.arange(2048)),
+                0.01, 0.4, gather_rows=2048)
+del warm_cache
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')  # resets the peak (VmHWM) to the current size
 idle = int(open('/proc/self/statm').read().split()[1]) * 4096
 for step in range(3):
     feats = x.clone().requires_grad_(True)
@@ -128,9 +137,8 @@ def test_dictionary_steps_stay_within_the_cache_budget(tmp_path):
         report = json.loads(run.stdout.strip().splitlines()[-1])
         assert report["resident"] <= budget
         peaks.append(report["above"])
-    # the cache, one chunk of gathered rows (float32 + grad + float16 copy) and the libraries' buffers
-    # (BLAS, autograd, Zarr: about 16 MiB on first use, as in the mining budget)
-    assert max(peaks) <= budget + 2048 * 512 * 12 + (16 << 20), [p / 2**20 for p in peaks]
+    # the cache and one chunk of gathered rows (float32, its gradient, a float16 copy), plus 8 MiB of slack
+    assert max(peaks) <= budget + 2048 * 512 * 12 + (8 << 20), [p / 2**20 for p in peaks]
     assert peaks[1] - peaks[0] <= budget // 2, [p / 2**20 for p in peaks]  # 4x the rows, not 4x the memory
 
 
