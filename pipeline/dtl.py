@@ -148,6 +148,43 @@ def _merge_top(values, idx, new_values, new_idx, h: int):
     return v.gather(1, order), i.gather(1, order)
 
 
+_LOW32 = (1 << 32) - 1
+_NO_KEY = torch.iinfo(torch.int64).min  # below every real key: an empty slot
+
+
+def order_keys(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """int64 keys of float32 ``values`` at row ``idx`` (0 <= idx < 2**32) whose descending order is
+    (value descending, index ascending), every key distinct.
+
+    The float's bits, read as int32 with the magnitude bits of negatives flipped,
+    order like the floats (-0.0 is first made +0.0, which compares equal to it);
+    the row index fills the low 32 bits, inverted. So ``torch.topk`` on the keys
+    picks exactly what a stable two-key sort picks, without sorting a whole block.
+    """
+    bits = (values + 0.0).view(torch.int32).long()
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered << 32) | (_LOW32 - idx)
+
+
+def keys_to_rows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, idx)`` of ``order_keys`` output; empty slots give (-inf, -1)."""
+    ordered = keys >> 32
+    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(torch.int32)
+    values = bits.view(torch.float32)
+    idx = _LOW32 - (keys & _LOW32)
+    empty = keys == _NO_KEY
+    return torch.where(empty, -math.inf, values), torch.where(empty, -1, idx)
+
+
+def _merge_top_keys(top: torch.Tensor, z: torch.Tensor, start: int, h: int) -> torch.Tensor:
+    """The h largest keys of ``top`` and of block ``z`` (float32, rows start..start+len)."""
+    idx = torch.arange(start, start + z.shape[1], device=z.device)
+    block = order_keys(z, idx.expand(len(z), -1))
+    if block.shape[1] > h:
+        block = torch.topk(block, h, dim=1, sorted=False).values
+    return torch.topk(torch.cat([top, block], 1), h, dim=1).values
+
+
 def _as_block(block, like: torch.Tensor) -> torch.Tensor:
     if isinstance(block, np.ndarray):
         block = torch.from_numpy(np.ascontiguousarray(block))
@@ -180,6 +217,9 @@ def hard_negatives(
     b, h_max = len(rows), int(h.max()) if len(rows) else 0
     top_v = torch.full((b, h_max), -math.inf, dtype=xq.dtype, device=device)
     top_i = torch.full((b, h_max), -1, dtype=torch.long, device=device)
+    # float32 (training) keeps packed keys and a top-k per block; other dtypes sort (the reference)
+    keyed = xq.dtype == torch.float32 and count <= _LOW32
+    top_keys = torch.full((b, h_max), _NO_KEY, dtype=torch.long, device=device)
     spans = []
     for start, block in dictionary_blocks:
         stop = start + len(block)
@@ -192,9 +232,16 @@ def hard_negatives(
         z = xq @ block.T
         inside = (indices >= start) & (indices < stop)
         z[seg[inside], indices[inside] - start] = -math.inf  # positives are never negatives
-        idx = torch.arange(start, stop, device=device).expand(b, -1)
-        top_v, top_i = _merge_top(top_v, top_i, z, idx, h_max)
+        if keyed:
+            if bool(torch.isnan(z).any()):  # a NaN of either sign; its key would not sort as NaN
+                raise ConfigError("expected finite similarities, found NaN: the features or dictionary hold bad rows")
+            top_keys = _merge_top_keys(top_keys, z, start, h_max)
+        else:
+            idx = torch.arange(start, stop, device=device).expand(b, -1)
+            top_v, top_i = _merge_top(top_v, top_i, z, idx, h_max)
     _check_cover(spans, count)
+    if keyed:
+        top_v, top_i = keys_to_rows(top_keys)
     keep = torch.arange(h_max, device=device) < h[:, None]
     if bool(torch.isnan(top_v[keep]).any() | torch.isinf(top_v[keep]).any()):
         raise ConfigError("expected finite similarities, found NaN or inf: the features or dictionary hold bad rows")

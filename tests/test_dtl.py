@@ -14,7 +14,9 @@ from wildreid.dtl import (
     gathered_dot,
     hard_negative_counts,
     hard_negatives,
+    keys_to_rows,
     momentum_update,
+    order_keys,
     self_positives,
     tensor_blocks,
     tensor_rows,
@@ -127,6 +129,43 @@ def test_ties_go_to_the_lower_row(block_rows):
     dense, g_dense, stream, g_stream = both(x, m, rows, indptr, indices, r, 0.4, block_rows)
     assert dense["hard"].tolist() == [[3, 11], [11, 12]]
     assert_same(dense, g_dense, stream, g_stream)
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, 64, 400])
+@pytest.mark.parametrize("r", [0.01, 0.1, 0.5])
+def test_float32_top_k_keys_select_as_the_sorting_reference(block_rows, r):
+    # Dyadic entries: z is exact in float32 and float64, with many exact ties, zeros of both
+    # signs and negatives; float32 takes the packed-key top-k path, float64 the stable sorts.
+    rng = np.random.default_rng(7)
+    n, d, b = 400, 6, 12
+    m = torch.from_numpy(rng.integers(-2, 3, size=(n, d)) / 4.0)
+    x = torch.from_numpy(rng.integers(-2, 3, size=(b, d)) / 4.0)
+    x[0] = 0.0
+    x[1] = -0.0  # every z is -0.0 or 0.0 for this row: ties all the way
+    rows = torch.tensor(rng.choice(n, size=b, replace=False))
+    indptr, indices = mined_positives(rng, rows, n, 5)
+    ref, h_ref = hard_negatives(x, tensor_blocks(m, block_rows), indptr, indices, rows, r, count=n)
+    got, h_got = hard_negatives(x.float(), tensor_blocks(m.float(), block_rows), indptr, indices, rows, r, count=n)
+    assert torch.equal(got, ref) and torch.equal(h_got, h_ref)
+    assert int(h_ref.min()) > 0 and (ref[1][ref[1] >= 0] == ref[1][ref[1] >= 0].sort().values).all()
+
+
+def test_order_keys_round_trip_and_order():
+    values = torch.tensor([0.5, -0.0, 0.0, -1.5, float("inf"), -float("inf"), 1e-30, -1e-30], dtype=torch.float32)
+    idx = torch.tensor([3, 9, 1, 0, 2**32 - 1, 7, 5, 6])
+    keys = order_keys(values, idx)
+    back_v, back_i = keys_to_rows(keys)
+    assert torch.equal(back_i, idx) and torch.equal(back_v, values + 0.0)
+    order = torch.argsort(keys, descending=True).tolist()
+    assert [int(idx[k]) for k in order] == [2**32 - 1, 3, 5, 1, 9, 6, 0, 7]  # +0.0 and -0.0 tie: row 1 first
+
+
+def test_float32_nan_in_the_dictionary_is_reported():
+    m = F.normalize(torch.randn(50, 4), dim=1)
+    m[17] = -float("nan")
+    rows = torch.tensor([0, 1])
+    with pytest.raises(ConfigError, match="NaN"):
+        hard_negatives(m[:2].clone(), tensor_blocks(m, 16), *self_positives(rows), rows, 0.1, count=50)
 
 
 def test_duplicate_dictionary_rows_and_no_hard_negatives():
