@@ -208,6 +208,9 @@ def train(
     pretrained: Optional[Path] = typer.Option(None, help="Local torchvision ImageNet state dict for the backbone."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Override train.checkpoint_every_steps."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic torch kernels (CPU: bitwise)."),
+    transductive: bool = typer.Option(False, "--transductive",
+                                      help="Also train on the test gallery split (as the published VeRi-776 run did); "
+                                           "every result then says so."),  # fmt: skip
     overrides: list[str] = typer.Option([], "--set", help="Any config value, e.g. --set loss.delta=0.5 (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
 ):
@@ -222,13 +225,16 @@ def train(
         extra.append(f"train.checkpoint_every_steps={checkpoint_every}")
     if pretrained is not None:
         extra.append(f"model.pretrained={json.dumps(str(pretrained))}")
+    if transductive:
+        extra.append("train.transductive=true")
     cfg = load_config(config, extra)
     options = TrainOptions(resume=resume, memory_budget=parse_bytes(memory_budget) if memory_budget else None,
                            device=device, deterministic=deterministic)  # fmt: skip
     with RichProgress() as progress:
         report = run_train(shards, store, cfg, options, progress=progress,
                            log=lambda message: console.print(message, highlight=False, soft_wrap=True))  # fmt: skip
-    table = Table(title=f"training run in {store}")
+    table = Table(title=f"training run in {store}" + (" (TRANSDUCTIVE: trained on the test gallery too)"
+                                                      if report["transductive"] else ""))  # fmt: skip
     for col in ("epoch", "loss", "precision", "recall", "positives/img", "images/s", "peak RSS"):
         table.add_column(col, justify="right")
     for h in report["history"]:
@@ -357,13 +363,16 @@ def evaluate(
                                   device=device, progress=progress, label=label)  # fmt: skip
                 results[name] = evaluate_groups(folder / q_split, folder / g_split, memory_budget=budget,
                                                 device=device, rerank=rerank)  # fmt: skip
-                results[name].update(query_split=q_split, gallery_split=g_split, checkpoint_sha256=label)
+                results[name].update(query_split=q_split, gallery_split=g_split, checkpoint_sha256=label,
+                                     transductive=bool(config.get("train", {}).get("transductive", False)))  # fmt: skip
         if output is None:
             output = checkpoint.parent / f"eval-{split}{tag}.json"
 
     from rich import box
 
-    table = Table(title=f"evaluation in %{', re-ranked' if rerank else ''} (skipped: queries without a true match)",
+    transductive = any(r.get("transductive") for r in results.values())
+    table = Table(title=f"evaluation in %{', re-ranked' if rerank else ''} (skipped: queries without a true match)"
+                        + (" of a TRANSDUCTIVE model (trained on the test gallery too)" if transductive else ""),
                   box=box.SIMPLE, pad_edge=False, collapse_padding=True)  # fmt: skip
     for col in ("split", "mAP", "mINP", "R-1", "R-5", "R-10", "R-20", "valid", "skipped", "gallery"):
         table.add_column(col, justify="left" if col == "split" else "right")

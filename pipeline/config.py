@@ -80,6 +80,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 500  # 0 = only at the end of each epoch
     seed: int = 0
     workers: int = 2
+    # also train on the test gallery (the published VeRi-776 run did): results are then not inductive
+    transductive: bool = False
 
     def __post_init__(self):
         _need(self.epochs >= 0, "train.epochs", "an int >= 0 (0 writes the untrained model)", self.epochs)

@@ -10,26 +10,27 @@ done is recorded, so a killed extraction resumes at the first unfinished chunk.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from wildreid.errors import StoreError
-from wildreid.shards.reader import ShardDataset, split_entry
+from wildreid.shards.reader import ShardDataset, split_entries
 from wildreid.stores import FeatureStore
 from wildreid.transforms import normalise
 
 __all__ = ["extract_features", "extract_split", "split_fingerprint"]
 
 
-def split_fingerprint(shards_root: str | Path, split: str) -> str:
-    """What the rows of an extracted split depend on, besides the model: the split's shard digests."""
-    entry = split_entry(shards_root, split)
-    digest = hashlib.sha256(split.encode())
-    for shard in entry["shards"]:
-        digest.update(shard["sha256"].encode())
+def split_fingerprint(shards_root: str | Path, split: str | Sequence[str]) -> str:
+    """What the rows of an extracted split (or run of splits) depend on, besides the model: its shard digests."""
+    entries = split_entries(shards_root, split)
+    digest = hashlib.sha256(split.encode() if isinstance(split, str) else "+".join(split).encode())
+    for _, entry, _ in entries:
+        for shard in entry["shards"]:
+            digest.update(shard["sha256"].encode())
     return digest.hexdigest()[:16]
 
 
@@ -46,7 +47,7 @@ def extract_features(model: torch.nn.Module, images: torch.Tensor, device) -> np
 
 def extract_split(
     shards_root: str | Path,
-    split: str,
+    split: str | Sequence[str],
     model: torch.nn.Module,
     store: FeatureStore,
     *,
@@ -57,21 +58,23 @@ def extract_split(
 ) -> FeatureStore:
     """Fill ``store.features`` with the model's features of every sample of ``split``, resumably.
 
-    ``store`` must have one row per sample (row i = sample index i). Progress is kept
+    ``store`` must have one row per sample (row i = sample index i); a sequence of
+    splits fills it split after split (a transductive training run). Progress is kept
     in the store's ``extraction`` attribute together with ``label`` (what produced
     the features, e.g. a checkpoint digest): a store extracted by something else
     starts again from row 0.
     """
     n = store.count()
-    entry = split_entry(shards_root, split)
-    if entry["num_samples"] != n:
-        raise StoreError(f"store {store.path} has {n} rows but split {split} has {entry['num_samples']} samples; "
+    samples = sum(entry["num_samples"] for _, entry, _ in split_entries(shards_root, split))
+    name = split if isinstance(split, str) else "+".join(split)
+    if samples != n:
+        raise StoreError(f"store {store.path} has {n} rows but split {name} has {samples} samples; "
                          "use a new store path for this split")  # fmt: skip
-    meta = {"split": split, "shards": split_fingerprint(shards_root, split), "label": label}
+    meta = {"split": name, "shards": split_fingerprint(shards_root, split), "label": label}
     state = dict(store.group.attrs).get("extraction", {})
     done = int(state.get("rows_done", 0)) if state.get("meta") == meta else 0
     chunk = store.chunk_rows
-    phase = f"features {split}"
+    phase = f"features {name}"
     progress(phase, done, n)
     if done >= n:
         return store
@@ -86,7 +89,7 @@ def extract_split(
         for images, idx, vid, camid in dataset:
             expected = np.arange(start + sum(len(p) for p in pending), start + sum(len(p) for p in pending) + len(idx))
             if not np.array_equal(idx.numpy(), expected):
-                raise StoreError(f"split {split} yielded sample indices out of order at {expected[0]}; "
+                raise StoreError(f"split {name} yielded sample indices out of order at {expected[0]}; "
                                  "re-shard the data set")  # fmt: skip
             pending.append(extract_features(model, images, device))
             ids[expected[0] : expected[-1] + 1] = vid.numpy()

@@ -43,17 +43,18 @@ from wildreid.checkpoint import (
 from wildreid.config import Config, config_digest
 from wildreid.dplm import pseudo_label_quality
 from wildreid.dtl import batch_positives, dtl_streaming, momentum_update
-from wildreid.errors import ConfigError, ResumeError, StoreError
+from wildreid.errors import ConfigError, ResumeError, ShardNotFoundError, StoreError
 from wildreid.extract import extract_split
 from wildreid.mining import MineParams, mine
 from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
-from wildreid.shards.reader import ShardDataset, split_entry
+from wildreid.shards.reader import ShardDataset, split_entries, split_entry
 from wildreid.stores import FeatureStore, PageCache
 from wildreid.transforms import train_transform
 
 __all__ = ["TrainOptions", "dictionary_sha256", "dictionary_step", "train"]
 
 SPLIT = "train"
+TRANSDUCTIVE_SPLIT = "gallery"  # VeRi-776's image_test: what the published VeRi-776 run also trained on
 _CRASH_AFTER_STEPS = int(os.environ.get("WILDREID_CRASH_AFTER_STEPS", "-1"))
 Progress = Callable[[str, int, int], None]
 
@@ -126,6 +127,18 @@ def _open_store(path: Path, n: int, dim: int, resume: bool, digest: str) -> Feat
     return store
 
 
+def _train_splits(shards, transductive: bool) -> str | tuple[str, str]:
+    """The split(s) a run trains on: ``train``, or ``train`` then the test gallery when transductive."""
+    if not transductive:
+        return SPLIT
+    try:
+        split_entry(shards, TRANSDUCTIVE_SPLIT)
+    except ShardNotFoundError as exc:
+        raise ConfigError(f"--transductive trains on the '{TRANSDUCTIVE_SPLIT}' split as well (VeRi-776 layout), "
+                          f"but {exc}; drop --transductive for these shards") from None  # fmt: skip
+    return (SPLIT, TRANSDUCTIVE_SPLIT)
+
+
 def _self_positives(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int64)
 
@@ -153,11 +166,14 @@ def train(
     device = _check_device(options.device)
     if options.deterministic:
         torch.use_deterministic_algorithms(True)
-    entry = split_entry(shards, SPLIT)
-    n = entry["num_samples"]
     tc = config.train
+    splits = _train_splits(shards, tc.transductive)
+    n = sum(entry["num_samples"] for _, entry, _ in split_entries(shards, splits))
+    if tc.transductive:
+        log(f"TRANSDUCTIVE run: training also on the {n - split_entry(shards, SPLIT)['num_samples']} images of the "
+            f"'{TRANSDUCTIVE_SPLIT}' split (the test gallery); results are not comparable with inductive ones")  # fmt: skip
     if n < tc.batch_size:
-        raise ConfigError(f"the train split has {n} images, fewer than one batch of {tc.batch_size}; "
+        raise ConfigError(f"the training split(s) have {n} images, fewer than one batch of {tc.batch_size}; "
                           "lower train.batch_size")  # fmt: skip
     budget = options.memory_budget or default_budget()
     store_path = Path(store_path)
@@ -196,7 +212,7 @@ def train(
 
     augment = train_transform(config.model.image_size, seed=tc.seed)
     lanes = max(1, tc.workers)
-    dataset = ShardDataset(shards, SPLIT, image_size=tuple(config.model.image_size), seed=tc.seed, lanes=lanes,
+    dataset = ShardDataset(shards, splits, image_size=tuple(config.model.image_size), seed=tc.seed, lanes=lanes,
                            chunk=tc.batch_size)  # fmt: skip
     cache_budget = budget // 2
     # gathered hard-negative rows (float32, with their gradient and a float16 copy) get 1/8 of the budget
@@ -216,7 +232,7 @@ def train(
         if position == 0:
             partial = {}
             if epoch % tc.reextract_every == 0:
-                extract_split(shards, SPLIT, model, store, image_size=tuple(config.model.image_size), device=device,
+                extract_split(shards, splits, model, store, image_size=tuple(config.model.image_size), device=device,
                               progress=progress, label=f"epoch-{epoch}-step-{step}")  # fmt: skip
             if tc.is_warmup(epoch):
                 positives = _self_positives(n)
@@ -256,7 +272,8 @@ def train(
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "steps": len(losses),
                   "warmup": tc.is_warmup(epoch), "precision": quality["precision"], "recall": quality["recall"],
                   "mean_positives": quality["mean_positives"], "images_per_s": seen / (time.perf_counter() - began),
-                  "peak_rss_bytes": peak_rss_bytes(), "lr": config.train.lr_at(epoch)}  # fmt: skip
+                  "peak_rss_bytes": peak_rss_bytes(), "lr": config.train.lr_at(epoch),
+                  "transductive": tc.transductive}  # fmt: skip
         history.append(record)
         epoch, position, partial = epoch + 1, 0, {}
         checkpoint(cache, positives, partial)
@@ -265,13 +282,14 @@ def train(
 
     if tc.epochs == 0 or not history:
         # the untrained baseline (--epochs 0): the dictionary is the initial model's features
-        extract_split(shards, SPLIT, model, store, image_size=tuple(config.model.image_size), device=device,
+        extract_split(shards, splits, model, store, image_size=tuple(config.model.image_size), device=device,
                       progress=progress, label=f"epoch-{epoch}-step-{step}")  # fmt: skip
-    model_path = save_model(run_dir / "model.pt", model, config.to_dict(), {"history": history})
+    model_path = save_model(run_dir / "model.pt", model, config.to_dict(),
+                            {"history": history, "transductive": tc.transductive})  # fmt: skip
     _plot(run_dir, history)
     return {"checkpoint": str(model_path), "weights_sha256": weights_sha256(model),
             "dictionary_sha256": dictionary_sha256(store), "history": history, "epochs": tc.epochs,
-            "pretrained": model.pretrained_from}  # fmt: skip
+            "pretrained": model.pretrained_from, "transductive": tc.transductive}  # fmt: skip
 
 
 def dictionary_step(x: torch.Tensor, idx: torch.Tensor, cache: PageCache, positives, r: float, delta: float,

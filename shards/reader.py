@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,15 @@ from wildreid.shards.order import Group, epoch_order, lane_groups, schedule_from
 from wildreid.shards.tario import tar_members
 from wildreid.shards.writer import load_manifest
 
-__all__ = ["ShardDataset", "collate", "decode_tensor", "pil_to_uint8", "read_split_samples", "resize_uint8"]
+__all__ = [
+    "ShardDataset",
+    "collate",
+    "decode_tensor",
+    "pil_to_uint8",
+    "read_split_samples",
+    "resize_uint8",
+    "split_entries",
+]
 
 _IMAGE_EXTS = ("jpg", "png", "jpeg", "bmp", "webp", "gif", "tiff")
 
@@ -103,7 +111,7 @@ def parse_meta(samples: Iterable[dict]) -> Iterator[dict]:
         if ext is None or "json" not in sample:
             raise ShardError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks an image or its .json")
         meta = json.loads(sample["json"])
-        yield {"key": sample["__key__"], "image": sample[ext], **meta}
+        yield {"key": sample["__key__"], "image": sample[ext], "url": sample["__url__"], **meta}
 
 
 def permuted(samples: list[dict], group: Group, skip: int) -> Iterator[dict]:
@@ -134,7 +142,7 @@ class ShardDataset(IterableDataset):
     def __init__(
         self,
         root: str | Path,
-        split: str,
+        split: str | Sequence[str],
         *,
         image_size: tuple[int, int] = (256, 128),
         transform: Callable[[torch.Tensor], object] | None = None,
@@ -146,12 +154,16 @@ class ShardDataset(IterableDataset):
     ):
         if lanes < 1 or chunk < 1 or group < 1:
             raise ConfigError(f"expected lanes, chunk and group >= 1, found {lanes}, {chunk}, {group}")
-        entry = split_entry(root, split)
         self.root = Path(root)
         self.split = split
-        self.shard_files = [self.root / s["file"] for s in entry["shards"]]
-        self.shard_sizes = [s["samples"] for s in entry["shards"]]
-        self.num_samples = entry["num_samples"]
+        self.shard_files, self.shard_sizes, self._offsets = [], [], {}
+        # several splits read as one: their dense indices run on, split after split
+        for name, entry, first in split_entries(root, split):
+            for shard in entry["shards"]:
+                self.shard_files.append(self.root / shard["file"])
+                self.shard_sizes.append(shard["samples"])
+                self._offsets[str(self.shard_files[-1])] = first
+        self.num_samples = sum(self.shard_sizes)
         self.image_size = image_size
         self.transform = transform
         self.seed, self.shuffle, self.lanes, self.chunk, self.group = seed, shuffle, lanes, chunk, group
@@ -185,6 +197,8 @@ class ShardDataset(IterableDataset):
                 skip -= len(group)  # consumed before the resume point: not even read
                 continue
             samples = list(parse_meta(tar_samples(read_shards(self.shard_files[s] for s in group.shards))))
+            for sample in samples:
+                sample["index"] += self._offsets[sample["url"]]
             yield from decoded(permuted(samples, group, skip), self._transform)
             skip = 0
 
@@ -232,6 +246,19 @@ def split_entry(root: str | Path, split: str) -> dict:
             f"split {split!r} is not in {root}; it has {', '.join(manifest['splits']) or 'no splits'}"
         )
     return manifest["splits"][split]
+
+
+def split_entries(root: str | Path, splits: str | Sequence[str]) -> list[tuple[str, dict, int]]:
+    """(name, manifest entry, dense index of its first sample) of each split, read as one run of indices."""
+    names = [splits] if isinstance(splits, str) else list(splits)
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"expected one or more distinct split names, found {names}")
+    out, first = [], 0
+    for name in names:
+        entry = split_entry(root, name)
+        out.append((name, entry, first))
+        first += entry["num_samples"]
+    return out
 
 
 def read_split_samples(root: str | Path, split: str) -> Iterator[dict]:

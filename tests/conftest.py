@@ -50,6 +50,14 @@ def veri776_root(veriwild_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def veri776_shards(veri776_root, tmp_path_factory) -> Path:
+    """Shards of the VeRi-776-layout copy: splits train, query, gallery (read only)."""
+    out = tmp_path_factory.mktemp("veri776-shards") / "shards"
+    pack_dataset(read_dataset(veri776_root), out, max_samples=40)
+    return out
+
+
+@pytest.fixture(scope="session")
 def flat_root(veriwild_root, tmp_path_factory) -> Path:
     folders = {
         "train": "bounding_box_train", "query-large": "query", "gallery-large": "bounding_box_test",

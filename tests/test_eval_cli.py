@@ -17,7 +17,6 @@ from wildreid.cli import app
 from wildreid.config import load_config
 from wildreid.evaluate import evaluate_dense
 from wildreid.model import build_model
-from wildreid.shards import pack_dataset, read_dataset
 from wildreid.stores import FeatureStore
 
 runner = CliRunner()
@@ -36,13 +35,6 @@ def model_file(tmp_path_factory) -> Path:
     """An untrained resnet18 with the demo config (64x32 images); copy it: eval writes beside it."""
     path = tmp_path_factory.mktemp("model") / "model.pt"
     return save_model(path, _model(0), load_config(REPO / "configs" / "demo.yaml").to_dict())
-
-
-@pytest.fixture(scope="module")
-def veri776_shards(veri776_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("veri776-shards") / "shards"
-    pack_dataset(read_dataset(veri776_root), out)
-    return out
 
 
 def _run(args: list) -> dict:

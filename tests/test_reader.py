@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from torch.utils.data import DataLoader
 from wildreid.errors import ConfigError, ShardNotFoundError
@@ -133,3 +134,28 @@ def test_webdataset_reads_the_shards(shard_root):
         meta = json.loads(s["json"])
         assert s["jpg"] == ours[s["__key__"]]["image"] and meta["index"] == ours[s["__key__"]]["index"]
     del samples  # webdataset leaves its file objects to the garbage collector
+
+
+def test_several_splits_read_as_one_run_of_indices(veri776_shards):
+    """Transductive training reads train then gallery: gallery sample i becomes index n_train + i."""
+    train = {s["index"]: s for s in read_split_samples(veri776_shards, "train")}
+    gallery = {s["index"]: s for s in read_split_samples(veri776_shards, "gallery")}
+    ds = ShardDataset(veri776_shards, ("train", "gallery"), image_size=(16, 8), seed=2, lanes=2, chunk=CHUNK)
+    assert len(ds) == len(train) + len(gallery)
+    seen = {}
+    for workers in (0, 2):
+        for images, index, vid, camid in DataLoader(ds, batch_size=None, num_workers=workers):
+            for k, i in enumerate(index.tolist()):
+                truth = train[i] if i < len(train) else gallery[i - len(train)]
+                assert (vid[k], camid[k]) == (truth["vid"], truth["camid"])
+                seen.setdefault(i, images[k])
+                assert torch.equal(seen[i], images[k])  # 0 and 2 workers decode the same sample for an index
+    assert sorted(seen) == list(range(len(train) + len(gallery)))
+    single = ShardDataset(veri776_shards, "gallery", image_size=(16, 8), shuffle=False, chunk=CHUNK)
+    for images, index, _, _ in single:
+        for k, i in enumerate(index.tolist()):
+            assert torch.equal(seen[len(train) + i], images[k])
+    with pytest.raises(ConfigError, match="distinct split names"):
+        ShardDataset(veri776_shards, ("train", "train"))
+    with pytest.raises(ShardNotFoundError, match="gallery-small"):
+        ShardDataset(veri776_shards, ("train", "gallery-small"))

@@ -92,6 +92,28 @@ def test_store_of_another_run_is_refused(shard_root, tmp_path):
     assert len(other.stderr.strip().splitlines()) == 1
 
 
+def test_transductive_trains_on_the_gallery_too_and_says_so(veri776_shards, shard_root, tmp_path):
+    from wildreid.shards.reader import split_entry
+
+    sizes = [split_entry(veri776_shards, s)["num_samples"] for s in ("train", "gallery")]
+    report = final_json(train_cli(veri776_shards, tmp_path / "store", "--transductive", "--epochs", "1"))
+    assert report["transductive"] is True and report["history"][0]["transductive"] is True
+    store = FeatureStore.open(tmp_path / "store")
+    assert store.count() == sum(sizes)  # one dictionary row per train and gallery image
+    assert store.ids().min() >= 0
+    _, config = load_model(report["checkpoint"])
+    assert config["train"]["transductive"] is True
+    evaluated = subprocess.run([sys.executable, "-m", "wildreid.cli", "eval", "--shards", str(veri776_shards),
+                                "--checkpoint", report["checkpoint"], "--split", "veri776", "--memory-budget", "256MiB",
+                                "--json"], capture_output=True, text=True, check=False)  # fmt: skip
+    assert final_json(evaluated)["veri776"]["transductive"] is True and "TRANSDUCTIVE" in evaluated.stdout
+    inductive = final_json(train_cli(veri776_shards, tmp_path / "inductive", "--epochs", "0"))
+    assert inductive["transductive"] is False and FeatureStore.open(tmp_path / "inductive").count() == sizes[0]
+    refused = train_cli(shard_root, tmp_path / "veriwild", "--transductive")  # VeRi-Wild shards: no 'gallery' split
+    assert refused.returncode == 2 and "'gallery'" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
 PROBE = """
 import json, sys
 import numpy as np, torch
