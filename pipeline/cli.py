@@ -211,6 +211,9 @@ def train(
     transductive: bool = typer.Option(False, "--transductive",
                                       help="Also train on the test gallery split (as the published VeRi-776 run did); "
                                            "every result then says so."),  # fmt: skip
+    decode_on_device: bool = typer.Option(False, "--decode-on-device",
+                                          help="Decode the JPEGs in batches on --device (nvJPEG on CUDA) instead of "
+                                               "in the DataLoader workers."),  # fmt: skip
     overrides: list[str] = typer.Option([], "--set", help="Any config value, e.g. --set loss.delta=0.5 (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
 ):
@@ -227,6 +230,8 @@ def train(
         extra.append(f"model.pretrained={json.dumps(str(pretrained))}")
     if transductive:
         extra.append("train.transductive=true")
+    if decode_on_device:
+        extra.append("train.decode_on_device=true")
     cfg = load_config(config, extra)
     options = TrainOptions(resume=resume, memory_budget=parse_bytes(memory_budget) if memory_budget else None,
                            device=device, deterministic=deterministic)  # fmt: skip

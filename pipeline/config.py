@@ -82,6 +82,8 @@ class TrainConfig:
     workers: int = 2
     # also train on the test gallery (the published VeRi-776 run did): results are then not inductive
     transductive: bool = False
+    # DataLoader workers only read; JPEGs are decoded in batches on the training device (nvJPEG on CUDA)
+    decode_on_device: bool = False
 
     def __post_init__(self):
         _need(self.epochs >= 0, "train.epochs", "an int >= 0 (0 writes the untrained model)", self.epochs)

@@ -47,7 +47,7 @@ from wildreid.errors import ConfigError, ResumeError, ShardNotFoundError, StoreE
 from wildreid.extract import extract_split
 from wildreid.mining import MineParams, mine
 from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
-from wildreid.shards.reader import ShardDataset, split_entries, split_entry
+from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry
 from wildreid.stores import FeatureStore, PageCache
 from wildreid.transforms import train_transform
 
@@ -213,7 +213,7 @@ def train(
     augment = train_transform(config.model.image_size, seed=tc.seed)
     lanes = max(1, tc.workers)
     dataset = ShardDataset(shards, splits, image_size=tuple(config.model.image_size), seed=tc.seed, lanes=lanes,
-                           chunk=tc.batch_size)  # fmt: skip
+                           chunk=tc.batch_size, decode=not tc.decode_on_device)  # fmt: skip
     cache_budget = budget // 2
     # gathered hard-negative rows (float32, with their gradient and a float16 copy) get 1/8 of the budget
     gather_rows = max(256, budget // 8 // (ARCHS[config.model.arch][1] * 12))
@@ -250,6 +250,8 @@ def train(
             position += len(idx)
             if len(idx) < 2:
                 continue  # BatchNorm cannot train on one sample; the order stays the same on resume
+            if tc.decode_on_device:
+                images = decode_batch(images, tuple(config.model.image_size), device)
             batch = augment(images.to(device, non_blocking=True), idx, epoch)
             if device.type == "cuda":  # bf16 autocast and channels-last on the GPU; the same step on the CPU
                 with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -29,7 +29,9 @@ from wildreid.shards.writer import load_manifest
 __all__ = [
     "ShardDataset",
     "collate",
+    "decode_batch",
     "decode_tensor",
+    "encoded_tensor",
     "pil_to_uint8",
     "read_split_samples",
     "resize_uint8",
@@ -61,6 +63,41 @@ def decode_tensor(data: bytes, device: str | torch.device = "cpu") -> torch.Tens
             return decode_image(encoded, mode=ImageReadMode.RGB).to(device)
     except RuntimeError:
         return pil_to_uint8(decode_rgb(data)).to(device)
+
+
+def encoded_tensor(data: bytes) -> torch.Tensor:
+    """The encoded image bytes as a 1-D uint8 tensor (what ``decode_batch`` takes)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_batch(encoded: list[torch.Tensor], size: tuple[int, int], device: str | torch.device = "cpu") -> torch.Tensor:
+    """(B, 3, *size) uint8 on ``device`` of a batch of encoded images (1-D uint8 tensors).
+
+    The JPEGs of a batch go to torchvision's batched ``decode_jpeg`` on ``device``
+    (nvJPEG on CUDA; libjpeg-turbo on the CPU, where the result is bit-identical to
+    decoding one by one in the DataLoader workers); anything else is decoded one by
+    one as ``decode_tensor`` does. Then each image is resized as the reader resizes.
+    """
+    device = torch.device(device)
+    jpeg = [k for k, e in enumerate(encoded) if len(e) > 1 and int(e[0]) == 0xFF and int(e[1]) == 0xD8]
+    images: list[torch.Tensor | None] = [None] * len(encoded)
+    if jpeg:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # see decode_tensor
+                decoded_jpeg = decode_jpeg([encoded[k] for k in jpeg], mode=ImageReadMode.RGB, device=device)
+            for k, image in zip(jpeg, decoded_jpeg):
+                images[k] = image
+        except RuntimeError:
+            pass  # one of them is not a JPEG libjpeg can read: every JPEG goes one by one below
+    for k, image in enumerate(images):
+        if image is None:
+            try:
+                images[k] = decode_tensor(encoded[k].numpy().tobytes(), device)
+            except OSError as exc:
+                raise ShardError(f"cannot decode image {k} of the batch ({len(encoded[k])} bytes): {exc}; "
+                                 "run 'wildreid shard --verify' on the shard folder") from None  # fmt: skip
+    return torch.stack([resize_uint8(image, size) for image in images])
 
 
 def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -124,8 +161,12 @@ def permuted(samples: list[dict], group: Group, skip: int) -> Iterator[dict]:
         yield samples[position]
 
 
-def decoded(samples: Iterable[dict], transform: Callable[[torch.Tensor], object]) -> Iterator[tuple]:
+def decoded(samples: Iterable[dict], transform: Callable[[torch.Tensor], object] | None) -> Iterator[tuple]:
+    """(image, index, vid, camid) per sample; with no ``transform`` the image stays encoded (``encoded_tensor``)."""
     for s in samples:
+        if transform is None:
+            yield encoded_tensor(s["image"]), s["index"], s["vid"], s["camid"]
+            continue
         try:
             image = decode_tensor(s["image"])
         except OSError as exc:
@@ -151,6 +192,7 @@ class ShardDataset(IterableDataset):
         lanes: int = 1,
         chunk: int = 1,
         group: int = 2,
+        decode: bool = True,
     ):
         if lanes < 1 or chunk < 1 or group < 1:
             raise ConfigError(f"expected lanes, chunk and group >= 1, found {lanes}, {chunk}, {group}")
@@ -167,6 +209,9 @@ class ShardDataset(IterableDataset):
         self.image_size = image_size
         self.transform = transform
         self.seed, self.shuffle, self.lanes, self.chunk, self.group = seed, shuffle, lanes, chunk, group
+        # decode=False yields each batch's images still encoded (a list of 1-D uint8 tensors), for
+        # decode_batch on the training device when CPU workers cannot decode fast enough
+        self.decode = decode
         self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
@@ -199,7 +244,7 @@ class ShardDataset(IterableDataset):
             samples = list(parse_meta(tar_samples(read_shards(self.shard_files[s] for s in group.shards))))
             for sample in samples:
                 sample["index"] += self._offsets[sample["url"]]
-            yield from decoded(permuted(samples, group, skip), self._transform)
+            yield from decoded(permuted(samples, group, skip), self._transform if self.decode else None)
             skip = 0
 
     def __iter__(self) -> Iterator[tuple]:
@@ -232,7 +277,7 @@ class ShardDataset(IterableDataset):
 def collate(batch: list[tuple]) -> tuple:
     """Stack a list of (image, index, vid, camid) into batch tensors (images as a list if not tensors)."""
     images = [b[0] for b in batch]
-    if all(isinstance(i, torch.Tensor) for i in images):
+    if all(isinstance(i, torch.Tensor) and i.shape == images[0].shape and i.ndim == 3 for i in images):
         images = torch.stack(images)
     columns = [torch.tensor([b[k] for b in batch], dtype=torch.int64) for k in (1, 2, 3)]
     return (images, *columns)

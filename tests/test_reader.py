@@ -4,9 +4,16 @@ import numpy as np
 import torch
 import pytest
 from torch.utils.data import DataLoader
-from wildreid.errors import ConfigError, ShardNotFoundError
+from wildreid.errors import ConfigError, ShardError, ShardNotFoundError
 from wildreid.shards.order import epoch_order, merge_lanes, schedule_from
-from wildreid.shards.reader import ShardDataset, read_split_samples
+from wildreid.shards.reader import (
+    ShardDataset,
+    decode_batch,
+    decode_tensor,
+    encoded_tensor,
+    read_split_samples,
+    resize_uint8,
+)
 
 CHUNK = 5
 
@@ -159,3 +166,41 @@ def test_several_splits_read_as_one_run_of_indices(veri776_shards):
         ShardDataset(veri776_shards, ("train", "train"))
     with pytest.raises(ShardNotFoundError, match="gallery-small"):
         ShardDataset(veri776_shards, ("train", "gallery-small"))
+
+
+def test_decode_on_device_gives_the_batches_the_workers_decode(shard_root):
+    """decode=False yields encoded bytes; decode_batch (the --decode-on-device path, here on the CPU) gives the same bits."""
+    kwargs = dict(image_size=(24, 12), seed=4, lanes=2, chunk=CHUNK)
+    plain, encoded = ShardDataset(shard_root, "train", **kwargs), ShardDataset(shard_root, "train", decode=False, **kwargs)
+    plain.set_epoch(1)
+    encoded.set_epoch(1)
+    seen = []
+    for (images, index, _, _), (raw, raw_index, _, _) in zip(DataLoader(plain, batch_size=None, num_workers=2),
+                                                              DataLoader(encoded, batch_size=None, num_workers=2)):
+        assert isinstance(raw, list) and all(r.ndim == 1 and r.dtype == torch.uint8 for r in raw)
+        assert torch.equal(index, raw_index)
+        assert torch.equal(decode_batch(raw, (24, 12), "cpu"), images)
+        seen += index.tolist()
+    assert seen == plain.order().tolist()  # the whole epoch went through both
+
+
+def test_decode_batch_mixes_formats_and_names_a_broken_image():
+    from io import BytesIO
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    files = {}
+    for fmt in ("JPEG", "PNG"):
+        buf = BytesIO()
+        Image.fromarray(pixels).save(buf, format=fmt)
+        files[fmt] = buf.getvalue()
+    batch = [encoded_tensor(files["JPEG"]), encoded_tensor(files["PNG"]), encoded_tensor(files["JPEG"])]
+    out = decode_batch(batch, (10, 15))
+    assert out.shape == (3, 3, 10, 15) and out.dtype == torch.uint8
+    for k, fmt in enumerate(("JPEG", "PNG", "JPEG")):
+        assert torch.equal(out[k], resize_uint8(decode_tensor(files[fmt]), (10, 15)))
+    broken = encoded_tensor(files["JPEG"][:2] + b"not an image at all")
+    with pytest.raises(ShardError, match="cannot decode image 1 of the batch"):
+        decode_batch([batch[0], broken], (10, 15))

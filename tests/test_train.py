@@ -76,6 +76,13 @@ def test_kill_9_then_resume_gives_the_same_digests(crash, uninterrupted, shard_r
     assert latest_checkpoint(store / "train") is not None
 
 
+def test_decode_on_device_trains_the_same_model(uninterrupted, shard_root, tmp_path):
+    """--decode-on-device (batched decode_jpeg on the training device; here the CPU) changes where, not what."""
+    report = final_json(train_cli(shard_root, tmp_path / "store", "--decode-on-device"))
+    assert report["weights_sha256"] == uninterrupted["weights_sha256"]
+    assert report["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
+
+
 def test_epochs_0_writes_the_untrained_model(shard_root, tmp_path):
     report = final_json(train_cli(shard_root, tmp_path / "store", "--epochs", "0"))
     assert report["history"] == [] and report["epochs"] == 0
