@@ -53,6 +53,23 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _save_torch(obj, path: Path) -> None:
+    """torch.save through a Python file, so a failed write surfaces as its OSError (ENOSPC, EFBIG, ...).
+
+    Given a path, torch reports a full disk as a RuntimeError from its zip writer
+    ("unexpected pos ..."); through a file object that error carries the OSError.
+    """
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _disk_error(exc: OSError, what: str, keep: Path | None) -> StoreError:
     reason = "the disk is full" if exc.errno == errno.ENOSPC else f"it could not be written ({exc.strerror})"
     kept = f"the last good checkpoint {keep} is intact" if keep else "no earlier checkpoint exists"
@@ -79,7 +96,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, features_dir: P
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        torch.save(state, tmp / "state.pt")
+        _save_torch(state, tmp / "state.pt")
         shutil.copytree(features_dir, tmp / "dictionary")
         indptr, indices = positives
         np.savez(tmp / "positives.npz", indptr=indptr, indices=indices)
@@ -130,9 +147,7 @@ def save_model(path: str | Path, model: torch.nn.Module, config: dict, extra: di
     blob = {"arch": model.arch, "state_dict": model.state_dict(), "config": config, **(extra or {})}
     tmp = path.with_name(path.name + ".partial")
     try:
-        torch.save(blob, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        _save_torch(blob, tmp)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

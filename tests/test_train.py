@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -20,14 +21,22 @@ SMALL = ["train.epochs=3", "train.warmup_epochs=1", "train.batch_size=16", "trai
          "mining.min_candidates=5"]  # fmt: skip
 
 
-def train_cli(shards, store, *args, overrides=SMALL, env=None) -> subprocess.CompletedProcess:
+def train_cli(shards, store, *args, overrides=SMALL, env=None, file_limit=None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "wildreid.cli", "train", "--shards", str(shards), "--store", str(store),
            "--config", str(ROOT / "configs" / "demo.yaml"), "--memory-budget", "256MiB", "--deterministic", "--json",
            *args]  # fmt: skip
     for item in overrides:
         cmd += ["--set", item]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WILDREID_CRASH")}
-    return subprocess.run(cmd, capture_output=True, text=True, env={**clean, **(env or {})}, check=False)
+    limit = None if file_limit is None else lambda: _limit_file_size(file_limit)
+    return subprocess.run(cmd, capture_output=True, text=True, env={**clean, **(env or {})}, check=False,
+                          preexec_fn=limit)  # fmt: skip
+
+
+def _limit_file_size(size: int) -> None:
+    """A disk that fills up, as the training process sees it: writes past ``size`` bytes fail (EFBIG)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer; ignored, write() fails
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 def final_json(run: subprocess.CompletedProcess) -> dict:
@@ -74,6 +83,26 @@ def test_kill_9_then_resume_gives_the_same_digests(crash, uninterrupted, shard_r
     assert resumed["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"]]
     assert latest_checkpoint(store / "train") is not None
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_resume_finishes_the_run(uninterrupted, shard_root, tmp_path):
+    store = tmp_path / "store"
+    killed = train_cli(shard_root, store, env={"WILDREID_CRASH_AFTER_STEPS": "4"})  # checkpoint at step 3
+    assert killed.returncode == -signal.SIGKILL
+    good = latest_checkpoint(store / "train")
+    before = {p.name: p.stat().st_size for p in good.rglob("*") if p.is_file()}
+    # files up to 8 MiB still fit (dictionary chunks, history); a checkpoint's state.pt (~90 MB) does not
+    full = train_cli(shard_root, store, "--resume", file_limit=8 << 20)
+    assert full.returncode == 6, full.stderr[-2000:]
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot write checkpoint" in errors[0] and "Traceback" not in full.stderr
+    assert f"the last good checkpoint {good} is intact" in errors[0]
+    assert latest_checkpoint(store / "train") == good
+    assert {p.name: p.stat().st_size for p in good.rglob("*") if p.is_file()} == before
+    assert not list((store / "train" / "checkpoints").glob("*.partial"))
+    resumed = final_json(train_cli(shard_root, store, "--resume"))
+    assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
+    assert resumed["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
 
 
 def test_decode_on_device_trains_the_same_model(uninterrupted, shard_root, tmp_path):
