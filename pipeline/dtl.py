@@ -289,7 +289,8 @@ def graph_negatives(
     positives are dropped). H_b = the min(h_b, |C_b|) candidates with the largest
     z = x_b . M_j, ties by ascending row, h_b = floor(r * (count - |P_b|)) as in
     ``hard_negatives``; ``counts`` is min(h_b, |C_b|), the number taken. z comes
-    from the rows of ``rows_fn`` (chunks of ``chunk_rows``), never the whole dictionary.
+    from the rows of ``rows_fn`` (chunks of ``chunk_rows``), one dot per (b, candidate) pair,
+    never the whole dictionary.
     """
     xq = x.detach()
     device = xq.device
@@ -317,7 +318,7 @@ def graph_negatives(
                           "above mining.adjacency or use loss.negatives=exact")  # fmt: skip
     pair_b, pair_k = torch.nonzero(valid, as_tuple=True)
     z = torch.full(cand.shape, -math.inf, dtype=xq.dtype, device=device)
-    z[pair_b, pair_k] = gathered_dot(xq, pair_b, cand[pair_b, pair_k], rows_fn, chunk_rows)
+    z[pair_b, pair_k] = _pair_dots(xq, pair_b, cand[pair_b, pair_k], rows_fn, chunk_rows)
     if bool(torch.isnan(z).any() | torch.isinf(z[valid]).any()):
         raise ConfigError("expected finite similarities, found NaN or inf: the features or dictionary hold bad rows")
     take = torch.minimum(h, n_cand)
@@ -325,6 +326,19 @@ def graph_negatives(
     order = torch.sort(z, dim=1, descending=True, stable=True).indices[:, :width]
     keep = torch.arange(width, device=device) < take[:, None]
     return torch.where(keep, cand.gather(1, order), -1), take
+
+
+def _pair_dots(x: torch.Tensor, pairs_b: torch.Tensor, pairs_j: torch.Tensor, rows_fn: RowsFn, chunk_rows: int):
+    """z_e = x[pairs_b[e]] . M[pairs_j[e]], one dot per pair (not the (B, rows) product), rows in chunks."""
+    if chunk_rows < 1:
+        raise ConfigError(f"expected chunk_rows >= 1, found {chunk_rows}")
+    uniq, inv = torch.unique(pairs_j, return_inverse=True)
+    z = torch.empty(len(pairs_j), dtype=x.dtype, device=x.device)
+    for c0 in range(0, len(uniq), chunk_rows):
+        block = _as_block(rows_fn(uniq[c0 : c0 + chunk_rows]), x)
+        sel = torch.nonzero((inv >= c0) & (inv < c0 + len(block)), as_tuple=True)[0]
+        z[sel] = (x[pairs_b[sel]] * block[inv[sel] - c0]).sum(1)
+    return z
 
 
 def _dense_select(z: torch.Tensor, seg: torch.Tensor, indices: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -230,9 +230,10 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="bench_negatives.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--sizes", default="10000,100000,300000", help="dictionary sizes N of part (a)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/wildreid-bench-neg"))
-    parser.add_argument("--sizes", default="10000,100000,300000")
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
