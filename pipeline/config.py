@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
+NEGATIVES = ("exact", "graph")  # how DTL finds hard negatives (wildreid.dtl)
 
 
 def _need(ok: bool, name: str, expected: str, found) -> None:
@@ -120,10 +121,14 @@ class TrainConfig:
 class LossConfig:
     r: float = 0.01  # share of the negatives taken as hard negatives
     delta: float = 0.4  # weight of the negative term
+    # "exact": stream the whole dictionary for the top-h negatives; "graph": pick them among the
+    # row's k-NN graph neighbours (mining.k of them) only, for dictionaries beyond the device budget
+    negatives: str = "exact"
 
     def __post_init__(self):
         _need(0 <= self.r < 1, "loss.r", "a float in [0, 1)", self.r)
         _need(self.delta >= 0, "loss.delta", "a float >= 0", self.delta)
+        _need(self.negatives in NEGATIVES, "loss.negatives", f"one of {list(NEGATIVES)}", self.negatives)
 
 
 @dataclass(frozen=True)

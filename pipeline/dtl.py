@@ -23,6 +23,12 @@ ascending index in both forms. Blocked and full products round alike for exactly
 representable data; for general floats a block may round z one ulp differently
 from the full product, which only matters for rows whose z differ by an ulp.
 
+``graph_negatives`` is the approximate selection for dictionaries beyond the
+device budget: H_b is taken among the candidates C_b = the row's k-NN graph
+neighbours minus P_b, as the min(h_b, |C_b|) candidates with the largest z
+(same order), with z computed live for those rows only; with C_b = every
+negative it is the exact H_b.
+
 Positives come as a CSR over the batch: ``pos_indices[pos_indptr[b]:pos_indptr[b + 1]]``
 are P_b (unique, any order). ``batch_positives`` cuts it from the store's CSR;
 ``self_positives`` gives the warm-up {y_b}.
@@ -44,6 +50,7 @@ __all__ = [
     "dtl_loss",
     "dtl_streaming",
     "gathered_dot",
+    "graph_negatives",
     "hard_negative_counts",
     "hard_negatives",
     "momentum_update",
@@ -261,6 +268,77 @@ def _check_cover(spans: list[tuple[int, int]], count: int) -> None:
         f"expected dictionary blocks covering rows 0..{count - 1} once each, found rows 0..{covered - 1} "
         "covered in order; pass every block of the dictionary once"
     )
+
+
+@torch.no_grad()
+def graph_negatives(
+    x: torch.Tensor,
+    candidates,
+    rows_fn: RowsFn,
+    pos_indptr,
+    pos_indices,
+    rows,
+    r: float,
+    *,
+    count: int,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard negatives among graph candidates: ``(indices (B, h_max) padded with -1, counts (B,))``.
+
+    ``candidates`` (B, K) holds each element's k-NN graph row (-1 for none; repeats and
+    positives are dropped). H_b = the min(h_b, |C_b|) candidates with the largest
+    z = x_b . M_j, ties by ascending row, h_b = floor(r * (count - |P_b|)) as in
+    ``hard_negatives``; ``counts`` is min(h_b, |C_b|), the number taken. z comes
+    from the rows of ``rows_fn`` (chunks of ``chunk_rows``), one dot per (b, candidate) pair,
+    never the whole dictionary.
+    """
+    xq = x.detach()
+    device = xq.device
+    rows, indptr, indices = _long(rows, device), _long(pos_indptr, device), _long(pos_indices, device)
+    seg = _check_positives(rows, indptr, indices, count)
+    cand = _long(candidates, device)
+    if cand.ndim != 2 or len(cand) != len(rows):
+        raise ConfigError(f"expected graph candidates of shape ({len(rows)}, K), found {tuple(cand.shape)}")
+    if cand.numel() and (int(cand.min()) < -1 or int(cand.max()) >= count):
+        raise ConfigError(f"expected graph rows in 0..{count - 1} (or -1), found {int(cand.min())}..{int(cand.max())}; "
+                          "the k-NN graph belongs to another dictionary: mine this one again")  # fmt: skip
+    b = len(rows)
+    h = hard_negative_counts(count - (indptr[1:] - indptr[:-1]), r).to(device)
+    cand = torch.sort(cand, dim=1).values  # ascending rows: a stable sort by z then breaks ties by row
+    valid = cand >= 0
+    valid[:, 1:] &= cand[:, 1:] != cand[:, :-1]
+    batch = torch.arange(b, device=device)[:, None]
+    valid &= ~torch.isin(batch * count + cand, seg * count + indices)
+    n_cand = valid.sum(1)
+    starved = (h > 0) & (n_cand == 0)
+    if bool(starved.any()):
+        e = int(torch.nonzero(starved)[0])
+        raise ConfigError(f"expected at least one hard-negative candidate beyond the positives in the k-NN graph row of "
+                          f"row {int(rows[e])}, found none among its {cand.shape[1]} neighbours; raise mining.k "
+                          "above mining.adjacency or use loss.negatives=exact")  # fmt: skip
+    pair_b, pair_k = torch.nonzero(valid, as_tuple=True)
+    z = torch.full(cand.shape, -math.inf, dtype=xq.dtype, device=device)
+    z[pair_b, pair_k] = _pair_dots(xq, pair_b, cand[pair_b, pair_k], rows_fn, chunk_rows)
+    if bool(torch.isnan(z).any() | torch.isinf(z[valid]).any()):
+        raise ConfigError("expected finite similarities, found NaN or inf: the features or dictionary hold bad rows")
+    take = torch.minimum(h, n_cand)
+    width = int(take.max()) if b else 0
+    order = torch.sort(z, dim=1, descending=True, stable=True).indices[:, :width]
+    keep = torch.arange(width, device=device) < take[:, None]
+    return torch.where(keep, cand.gather(1, order), -1), take
+
+
+def _pair_dots(x: torch.Tensor, pairs_b: torch.Tensor, pairs_j: torch.Tensor, rows_fn: RowsFn, chunk_rows: int):
+    """z_e = x[pairs_b[e]] . M[pairs_j[e]], one dot per pair (not the (B, rows) product), rows in chunks."""
+    if chunk_rows < 1:
+        raise ConfigError(f"expected chunk_rows >= 1, found {chunk_rows}")
+    uniq, inv = torch.unique(pairs_j, return_inverse=True)
+    z = torch.empty(len(pairs_j), dtype=x.dtype, device=x.device)
+    for c0 in range(0, len(uniq), chunk_rows):
+        block = _as_block(rows_fn(uniq[c0 : c0 + chunk_rows]), x)
+        sel = torch.nonzero((inv >= c0) & (inv < c0 + len(block)), as_tuple=True)[0]
+        z[sel] = (x[pairs_b[sel]] * block[inv[sel] - c0]).sum(1)
+    return z
 
 
 def _dense_select(z: torch.Tensor, seg: torch.Tensor, indices: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ from wildreid.knn import knn_rows, set_temp_elements
 from wildreid.stores import FeatureStore, PageCache
 from wildreid.tasks import run_tasks
 
-__all__ = ["MineParams", "block_plan", "mine"]
+__all__ = ["MineParams", "block_plan", "graph_reader", "mine"]
 
 GRAPH_CHUNK_ROWS = 2048
 _FIXED_BYTES = 8 << 20  # interpreter-side temporaries of one task that do not scale with the blocks
@@ -281,8 +281,12 @@ def mine(
     workers: int = 2,
     scheduler: str | None = None,
     progress=lambda phase, advance, total: None,
+    graph_only: bool = False,
 ) -> dict:
-    """Compute the k-NN graph and the DPLM positives of the store at ``path``; returns a report."""
+    """Compute the k-NN graph and the DPLM positives of the store at ``path``; returns a report.
+
+    ``graph_only`` stops after the k-NN stage (the positives group is left as it is).
+    """
     started = time.perf_counter()
     store = FeatureStore.open(path, mode="r+")
     n, dim = store.count(), store.dim()
@@ -298,16 +302,20 @@ def mine(
     with _one_blas_thread():
         _LIMITED.append(True)
         try:
-            timings = _run_stages(store, params, plan, workers, scheduler, progress)
+            timings = _run_stages(store, params, plan, workers, scheduler, progress, graph_only)
         finally:
             _LIMITED.clear()
-    report = _report(store, params, plan, budget)
+    if graph_only:
+        report = {"n": n, "dim": dim, **asdict(params), "memory_budget_bytes": budget, "blocks": asdict(plan)}
+    else:
+        report = _report(store, params, plan, budget)
     report.update(timings, total_s=time.perf_counter() - started,
                   peak_rss_bytes=peak_rss_bytes())  # fmt: skip
     return report
 
 
-def _run_stages(store: FeatureStore, params: MineParams, plan: BlockPlan, workers: int, scheduler, progress) -> dict:
+def _run_stages(store: FeatureStore, params: MineParams, plan: BlockPlan, workers: int, scheduler, progress,
+                graph_only: bool = False) -> dict:  # fmt: skip
     n = store.count()
     timings = {}
     graph, complete = _ensure_group(store, "knn", _fingerprint(store, params, plan, "knn"))
@@ -329,6 +337,8 @@ def _run_stages(store: FeatureStore, params: MineParams, plan: BlockPlan, worker
         timings["knn_s"] = time.perf_counter() - began
         graph.attrs["complete"] = True
     _crash_point("knn-complete")
+    if graph_only:
+        return timings
 
     _, complete = _ensure_group(store, "positives", _fingerprint(store, params, plan, "rules"))
     if not complete:
@@ -374,6 +384,27 @@ def _assemble(store: FeatureStore, rule_blocks: int) -> None:
         position += len(part)
     group.attrs["complete"] = True
     shutil.rmtree(store.path / "positives" / "parts", ignore_errors=True)
+
+
+def graph_reader(store: FeatureStore, k: int, host_budget: int):
+    """``rows -> (len(rows), K)`` int64 graph rows of the store's latest complete k-NN graph.
+
+    Reads go through a page cache of ``host_budget`` bytes over ``knn/indices``, so
+    memory is bounded whatever N; when the N x K array fits the budget it ends up
+    wholly resident. ConfigError when the graph is missing, incomplete, of another
+    dictionary size or of another width than ``k``.
+    """
+    graph = store.group["knn"] if "knn" in store.group else None
+    if graph is None or "indices" not in graph or not graph.attrs.get("complete", False):
+        raise ConfigError(f"expected a complete k-NN graph in {store.path}/knn, found "
+                          f"{'none' if graph is None else 'an unfinished one'}; run the mining (wildreid mine) first")  # fmt: skip
+    shape = tuple(graph["indices"].shape)
+    if shape != (store.count(), k):
+        raise ConfigError(f"expected a k-NN graph of shape ({store.count()}, {k}) (rows, mining.k), found {shape}: "
+                          "it belongs to another dictionary or mining; mine this store again")  # fmt: skip
+    array = graph["indices"]
+    cache = PageCache(array, host_budget=max(host_budget, array.chunks[0] * k * 8), dtype=array.dtype)
+    return cache.get_rows
 
 
 def _report(store: FeatureStore, params: MineParams, plan: BlockPlan, budget: int) -> dict:

@@ -13,6 +13,10 @@ Memory: the dictionary is read and written through a page cache whose host
 budget is half of ``--memory-budget``; mining gets the other half while it runs
 (the cache is flushed and dropped first). Hard negatives stream the dictionary
 through the cache in pages, so nothing here holds N x N or N x D beyond it.
+With ``loss.negatives: graph`` they are picked among each row's k-NN graph
+neighbours instead (``wildreid.dtl.graph_negatives``): the graph is mined at the
+start of every epoch, warm-up included (there only its k-NN stage), and read
+through a page cache of 1/8 of the budget over ``knn/indices``.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ from wildreid.checkpoint import (
 )
 from wildreid.config import Config, config_digest
 from wildreid.dplm import pseudo_label_quality
-from wildreid.dtl import batch_positives, dtl_streaming, momentum_update
+from wildreid.dtl import batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
 from wildreid.errors import ConfigError, ResumeError, ShardNotFoundError, StoreError
 from wildreid.extract import extract_split
-from wildreid.mining import MineParams, mine
+from wildreid.mining import MineParams, graph_reader, mine
 from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
 from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry
 from wildreid.stores import FeatureStore, PageCache
@@ -143,12 +147,15 @@ def _self_positives(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int64)
 
 
-def _mine(store: FeatureStore, config: Config, budget: int, workers: int, progress: Progress):
+def _mine(store: FeatureStore, config: Config, budget: int, workers: int, progress: Progress, graph_only=False):
+    """DPLM on the current dictionary: ``(positives CSR, report)``; ``graph_only``: the k-NN graph, ``(None, report)``."""
     store.bump_features_version()  # the dictionary moved since the last mining
     m = config.mining
     report = mine(str(store.path), MineParams(k=m.k, threshold=m.threshold, min_candidates=m.min_candidates,
                                                adjacency=m.adjacency), memory_budget=budget,
-                  workers=max(1, workers), progress=progress)  # fmt: skip
+                  workers=max(1, workers), progress=progress, graph_only=graph_only)  # fmt: skip
+    if graph_only:
+        return None, report
     group = store.group["positives"]
     return (group["indptr"][:], group["indices"][:]), report
 
@@ -218,6 +225,7 @@ def train(
     # gathered hard-negative rows (float32, with their gradient and a float16 copy) get 1/8 of the budget
     gather_rows = max(256, budget // 8 // (ARCHS[config.model.arch][1] * 12))
     steps_here = 0
+    use_graph = config.loss.negatives == "graph"
 
     def checkpoint(cache: PageCache, positives, partial: dict) -> None:
         cache.flush()
@@ -236,9 +244,13 @@ def train(
                               progress=progress, label=f"epoch-{epoch}-step-{step}")  # fmt: skip
             if tc.is_warmup(epoch):
                 positives = _self_positives(n)
+                if use_graph:  # warm-up needs no positives, but graph negatives need the graph
+                    _mine(store, config, budget // 2, tc.workers, progress, graph_only=True)
             elif (epoch - tc.warmup_epochs) % tc.remine_every == 0:
                 positives, _ = _mine(store, config, budget // 2, tc.workers, progress)
         cache = PageCache(store.features, host_budget=max(cache_budget, _page_bytes(store)), dtype=store.features.dtype)
+        # the graph mined at this epoch's start (kept in the store, so a resumed epoch reads the same one)
+        graph = graph_reader(store, config.mining.k, budget // 8) if use_graph else None
         _set_lr(optimizer, config, epoch)
         model.train()
         dataset.set_epoch(epoch, position)
@@ -259,7 +271,7 @@ def train(
             else:
                 x = model(batch)
             loss = dictionary_step(x, idx, cache, positives, config.loss.r, config.loss.delta, optimizer,
-                                   gather_rows=gather_rows)  # fmt: skip
+                                   gather_rows=gather_rows, graph=graph)  # fmt: skip
             losses.append(loss)
             seen += len(idx)
             step += 1
@@ -275,7 +287,7 @@ def train(
                   "warmup": tc.is_warmup(epoch), "precision": quality["precision"], "recall": quality["recall"],
                   "mean_positives": quality["mean_positives"], "images_per_s": seen / (time.perf_counter() - began),
                   "peak_rss_bytes": peak_rss_bytes(), "lr": config.train.lr_at(epoch),
-                  "transductive": tc.transductive}  # fmt: skip
+                  "transductive": tc.transductive, "negatives": config.loss.negatives}  # fmt: skip
         history.append(record)
         epoch, position, partial = epoch + 1, 0, {}
         checkpoint(cache, positives, partial)
@@ -295,21 +307,28 @@ def train(
 
 
 def dictionary_step(x: torch.Tensor, idx: torch.Tensor, cache: PageCache, positives, r: float, delta: float,
-                    optimizer: torch.optim.Optimizer | None = None, *, gather_rows: int = 4096) -> float:  # fmt: skip
+                    optimizer: torch.optim.Optimizer | None = None, *, gather_rows: int = 4096,
+                    graph: Callable[[np.ndarray], np.ndarray] | None = None) -> float:  # fmt: skip
     """One DTL step against the dictionary behind ``cache``: loss, backward, optimizer step, momentum update.
 
     Hard negatives stream the dictionary page by page without grad; only the
     selected rows are gathered again with grad (wildreid.dtl), so memory is
     bounded by the cache budget and ``gather_rows`` (rows gathered at once), not by N:
-    the hard negatives alone are r * N rows per batch element.
+    the hard negatives alone are r * N rows per batch element. With ``graph``
+    (``rows -> (B, K)`` k-NN graph rows, ``wildreid.mining.graph_reader``) they are
+    picked among the graph neighbours instead, and only those rows are read.
     """
     device = x.device
     rows = idx.to(device)
     pos_ptr, pos_idx = batch_positives(positives[0], positives[1], rows, device=device)
-    out = dtl_streaming(
-        x, _blocks(cache, device), lambda ids: cache.get_rows_tensor(_np(ids), device).float(), rows,
-        pos_ptr, pos_idx, r, delta, count=cache.n, chunk_rows=gather_rows,
-    )  # fmt: skip
+    rows_fn = lambda ids: cache.get_rows_tensor(_np(ids), device).float()  # noqa: E731
+    if graph is None:
+        out = dtl_streaming(x, _blocks(cache, device), rows_fn, rows, pos_ptr, pos_idx, r, delta, count=cache.n,
+                            chunk_rows=gather_rows)  # fmt: skip
+    else:
+        hard, _ = graph_negatives(x, graph(idx.numpy()), rows_fn, pos_ptr, pos_idx, rows, r, count=cache.n,
+                                  chunk_rows=gather_rows)  # fmt: skip
+        out = dtl_loss(x, rows_fn, rows, pos_ptr, pos_idx, hard, delta, chunk_rows=gather_rows)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()

@@ -22,7 +22,7 @@ def test_defaults_are_the_published_schedule():
         None,
     )
     assert (c.train.batch_size, c.train.lr, c.train.backbone_lr_factor, c.train.lr_steps) == (128, 0.1, 0.1, (40,))
-    assert (c.loss.r, c.loss.delta) == (0.01, 0.4)
+    assert (c.loss.r, c.loss.delta, c.loss.negatives) == (0.01, 0.4, "exact")
     assert (c.mining.k, c.mining.threshold, c.mining.min_candidates, c.mining.adjacency) == (101, 0.6, 10, 100)
     assert [e for e in range(10) if c.train.is_warmup(e)] == [0, 1, 2, 3, 4, 5]
     assert c.train.lr_at(39) == 0.1 and c.train.lr_at(40) == pytest.approx(0.01)
@@ -89,6 +89,7 @@ def test_config_is_frozen_and_digest_is_stable(tmp_path):
         (["model.image_size=[256]"], r"model.image_size: expected a list of 2 values"),
         (["loss.r=1.0"], r"loss.r: expected a float in \[0, 1\)"),
         (["loss.delta=-0.1"], r"loss.delta"),
+        (["loss.negatives=knn"], r"loss.negatives: expected one of \['exact', 'graph'\], found 'knn'"),
         (["mining.k=50"], r"mining.k: expected an int >= adjacency \+ 1 = 101"),
         (["mining.threshold=1.5"], r"mining.threshold"),
     ],

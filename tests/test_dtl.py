@@ -12,6 +12,7 @@ from wildreid.dtl import (
     dtl_loss,
     dtl_streaming,
     gathered_dot,
+    graph_negatives,
     hard_negative_counts,
     hard_negatives,
     keys_to_rows,
@@ -285,3 +286,98 @@ def test_momentum_update_repeated_rows_apply_in_batch_order():
     written[rows] = new
     torch.testing.assert_close(written, expected, rtol=1e-14, atol=0)
     assert not torch.allclose(new[0], F.normalize(dictionary[4] + x[0], dim=0))
+
+
+# --------------------------------------------------------------------------- graph candidates
+
+
+def graph_of(rng, n: int, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """A (B, K) graph row per batch element: the element's own row first, then K-1 other rows in random order."""
+    out = [np.concatenate([[y], rng.permutation(np.setdiff1d(np.arange(n), [y]))[: k - 1]]) for y in rows.tolist()]
+    return torch.tensor(np.array(out))
+
+
+def dense_graph_reference(x, m, rows, indptr, indices, cand, r):
+    """Dense z, then the (z desc, row asc) top min(h, |C|) among the candidates minus the positives."""
+    z = (x @ m.T).numpy()
+    out = []
+    for e in range(len(x)):
+        pos = indices[indptr[e] : indptr[e + 1]].numpy()
+        h = int(np.floor(r * (len(m) - len(pos)) + 1e-9))
+        c = np.setdiff1d(np.unique(cand[e].numpy()), np.concatenate([pos, [-1]]))  # ascending
+        out.append(c[np.argsort(-z[e, c], kind="stable")][:h].tolist())
+    return out
+
+
+def rows_of(hard: torch.Tensor) -> list[list[int]]:
+    return [row[row >= 0].tolist() for row in hard]
+
+
+@pytest.mark.parametrize(("r", "max_extra"), [(0.01, 0), (0.05, 6), (0.3, 3)])
+def test_graph_listing_every_row_is_the_exact_selection(r, max_extra):
+    rng = np.random.default_rng(11)
+    n, d, b = 250, 16, 9
+    m, x = normalised(rng, n, d), normalised(rng, b, d)
+    rows = torch.tensor(rng.choice(n, size=b, replace=False))
+    indptr, indices = mined_positives(rng, rows, n, max_extra) if max_extra else self_positives(rows)
+    cand = graph_of(rng, n, rows, n)  # K = N
+    got, taken = graph_negatives(x, cand, tensor_rows(m), indptr, indices, rows, r, count=n, chunk_rows=7)
+    exact, h = hard_negatives(x, tensor_blocks(m, 32), indptr, indices, rows, r, count=n)
+    assert torch.equal(got, exact) and torch.equal(taken, h)
+    assert torch.equal(got, dtl_dense(x, m, rows, indptr, indices, r, 0.4)["hard"])
+
+
+@pytest.mark.parametrize("k", [4, 12, 40])
+@pytest.mark.parametrize(("r", "max_extra"), [(0.05, 0), (0.1, 6), (0.3, 3)])
+def test_graph_selection_is_the_dense_selection_over_the_candidates(k, r, max_extra):
+    rng = np.random.default_rng(12)
+    n, d, b = 200, 8, 10
+    m, x = normalised(rng, n, d), normalised(rng, b, d)
+    rows = torch.tensor(rng.choice(n, size=b, replace=False))
+    indptr, indices = mined_positives(rng, rows, n, max_extra) if max_extra else self_positives(rows)
+    cand = graph_of(rng, n, rows, k)
+    cand[0, -1] = -1  # padding and a repeated row are not candidates
+    cand[1, -1] = cand[1, 1]
+    got, taken = graph_negatives(x, cand, tensor_rows(m), indptr, indices, rows, r, count=n, chunk_rows=5)
+    expected = dense_graph_reference(x, m, rows, indptr, indices, cand, r)
+    assert rows_of(got) == expected
+    assert taken.tolist() == [len(e) for e in expected] and got.shape[1] == max(map(len, expected))
+
+
+def test_graph_selection_loss_and_gradient_equal_a_dense_computation():
+    rng = np.random.default_rng(13)
+    n, d, b, r, delta = 120, 8, 6, 0.2, 0.4
+    m, x0 = normalised(rng, n, d), normalised(rng, b, d)
+    rows = torch.tensor(rng.choice(n, size=b, replace=False))
+    indptr, indices = mined_positives(rng, rows, n, 4)
+    hard, _ = graph_negatives(x0, graph_of(rng, n, rows, 15), tensor_rows(m), indptr, indices, rows, r, count=n)
+    out, g = grad_of(lambda v: dtl_loss(v, tensor_rows(m), rows, indptr, indices, hard, delta, chunk_rows=4), x0)
+
+    def dense(v):
+        z = v @ m.T
+        terms = []
+        for e, neg in enumerate(rows_of(hard)):
+            pos = indices[indptr[e] : indptr[e + 1]]
+            negative = ((1 + z[e, neg]) ** 2).mean() if neg else z.new_zeros(())
+            terms.append(((1 - z[e, pos]) ** 2).mean() + delta * negative)
+        return {"loss": torch.stack(terms).mean()}
+
+    ref, g_ref = grad_of(dense, x0)
+    assert int((hard >= 0).sum()) > b  # negatives were selected
+    torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-14)
+
+
+def test_graph_with_only_positives_or_of_another_dictionary_is_refused():
+    rng = np.random.default_rng(14)
+    n, d = 50, 4
+    m, x = normalised(rng, n, d), normalised(rng, 2, d)
+    rows = torch.tensor([3, 7])
+    indptr, indices = csr([np.array([3, 8]), np.array([7])])
+    with pytest.raises(ConfigError, match=r"row 3, found none among its 2 neighbours; raise mining.k"):
+        graph_negatives(x, torch.tensor([[3, 8], [7, 1]]), tensor_rows(m), indptr, indices, rows, 0.1, count=n)
+    with pytest.raises(ConfigError, match="another dictionary"):
+        graph_negatives(x, torch.tensor([[3, 50], [7, 1]]), tensor_rows(m), indptr, indices, rows, 0.1, count=n)
+    # r = 0: no element wants a negative, so an empty candidate set is fine
+    hard, taken = graph_negatives(x, torch.tensor([[3, 8], [7, 1]]), tensor_rows(m), indptr, indices, rows, 0.0, count=n)
+    assert hard.shape == (2, 0) and taken.tolist() == [0, 0]

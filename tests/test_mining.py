@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from wildreid.cli import app
 from wildreid.dplm import dplm_dense
 from wildreid.errors import ConfigError, StoreError
-from wildreid.mining import MineParams, mine
+from wildreid.mining import MineParams, graph_reader, mine
 from wildreid.stores import FeatureStore
 
 runner = CliRunner()
@@ -66,6 +66,20 @@ def test_mine_equals_the_dense_reference(tmp_path, regime, params, clusters, noi
         assert report["pending_pairs"] == 0 and (graph(path)[2] < params.k).all()
     assert 0 < report["precision"] <= 1 and 0 < report["recall"] <= 1
     assert report["mean_positives"] == pytest.approx(len(ref[1]) / 700)
+
+
+def test_graph_only_mining_and_its_reader(tmp_path):
+    x, labels = clustered(300, 16, clusters=10, noise=0.5)
+    path = make_store(tmp_path / "s.zarr", x, labels)
+    store = FeatureStore.open(path)
+    with pytest.raises(ConfigError, match=r"expected a complete k-NN graph .* found none; run the mining"):
+        graph_reader(store, 11, 1 << 20)
+    report = mine(str(path), MineParams(k=11, adjacency=10), memory_budget=BUDGET, graph_only=True)
+    assert "knn_s" in report and "positives" not in zarr.open_group(str(path), mode="r")
+    rows = np.array([5, 0, 299, 5])
+    assert np.array_equal(graph_reader(store, 11, 1 << 20)(rows), graph(path)[0][rows])
+    with pytest.raises(ConfigError, match=r"shape \(300, 12\) \(rows, mining.k\), found \(300, 11\)"):
+        graph_reader(store, 12, 1 << 20)
 
 
 def test_mine_twice_reuses_the_results(tmp_path):
@@ -127,7 +141,7 @@ def test_store_larger_than_the_budget(tmp_path):
     probe = (
         "import json, sys\n"
         "from wildreid.budget import peak_rss_bytes\n"
-        "from wildreid.mining import MineParams, mine\n"
+        "from wildreid.mining import MineParams, graph_reader, mine\n"
         "idle = int(open('/proc/self/statm').read().split()[1]) * 4096\n"
         "r = mine(sys.argv[1], MineParams(k=21, adjacency=20), memory_budget=int(sys.argv[2]), workers=1)\n"
         "print(json.dumps({'above': peak_rss_bytes() - idle, 'blocks': r['blocks']}))\n"

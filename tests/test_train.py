@@ -53,6 +53,7 @@ def test_uninterrupted_run(uninterrupted, shard_root):
     history = uninterrupted["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert [h["warmup"] for h in history] == [True, False, False]
+    assert [h["negatives"] for h in history] == ["exact"] * 3
     assert history[0]["mean_positives"] == 1.0  # warm-up: each image is its own positive
     assert history[1]["mean_positives"] > 1.0  # DPLM found more
     assert all(np.isfinite(h["loss"]) for h in history)
@@ -110,6 +111,16 @@ def test_decode_on_device_trains_the_same_model(uninterrupted, shard_root, tmp_p
     report = final_json(train_cli(shard_root, tmp_path / "store", "--decode-on-device"))
     assert report["weights_sha256"] == uninterrupted["weights_sha256"]
     assert report["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
+
+
+def test_graph_negatives_train_from_the_first_epoch(shard_root, tmp_path):
+    """loss.negatives=graph: the k-NN graph is mined in the warm-up epoch too; the history says which were used."""
+    graph = [*SMALL, "train.epochs=2", "loss.negatives=graph", "loss.r=0.05", "train.checkpoint_every_steps=0"]
+    report = final_json(train_cli(shard_root, tmp_path / "store", overrides=graph))
+    history = report["history"]
+    assert [(h["epoch"], h["warmup"], h["negatives"]) for h in history] == [(0, True, "graph"), (1, False, "graph")]
+    assert all(np.isfinite(h["loss"]) for h in history)
+    assert FeatureStore.open(tmp_path / "store").group["knn"]["indices"].shape[1] == 11  # mining.k
 
 
 def test_epochs_0_writes_the_untrained_model(shard_root, tmp_path):
