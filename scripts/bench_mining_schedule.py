@@ -109,11 +109,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/wildreid-bench-mining-schedule"))
-    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--train-vehicles", type=int, default=120, help="8 images each")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/wildreid-bench-mining-schedule"))
     parser.add_argument("--test-vehicles", type=int, default=60, help="the small split holds 30%% of them")
     parser.add_argument("--seed", type=int, default=0, help="of the synthetic set")
     parser.add_argument("--split", default="small", help="evaluation split (wildreid eval --split)")
@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
               "seconds": time.perf_counter() - began}  # fmt: skip
     print(markdown(report))
     print(json.dumps(report, sort_keys=True))
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
