@@ -133,7 +133,9 @@ def dplm_rows(features, rows, *, threshold: float = 0.6, min_candidates: int = 1
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     check_dplm_args(n=n, graph_width=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
     if len(rows) and (rows.min() < 0 or rows.max() >= n):
-        raise ConfigError(f"expected rows in 0..{n - 1}, found {rows.min()}..{rows.max()}; mine rows of this dictionary")
+        raise ConfigError(
+            f"expected rows in 0..{n - 1}, found {rows.min()}..{rows.max()}; mine rows of this dictionary"
+        )
 
     def full_rows(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = similarity(m[ids], m)

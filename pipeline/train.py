@@ -267,8 +267,9 @@ def train(
             if steps_here == _CRASH_AFTER_STEPS:
                 os.kill(os.getpid(), signal.SIGKILL)  # tests: a kill -9 at a chosen step
         quality = _mean_quality(mined) if per_batch else pseudo_label_quality(*positives, store.ids())
-        record = {"epoch": epoch, "mining": tc.mining, "loss": float(np.mean(losses)) if losses else None, "steps": len(losses),
-                  "warmup": tc.is_warmup(epoch), "precision": quality["precision"], "recall": quality["recall"],
+        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "steps": len(losses),
+                  "warmup": tc.is_warmup(epoch), "mining": tc.mining, "precision": quality["precision"],
+                  "recall": quality["recall"],
                   "mean_positives": quality["mean_positives"], "images_per_s": seen / (time.perf_counter() - began),
                   "peak_rss_bytes": peak_rss_bytes(), "lr": config.train.lr_at(epoch)}  # fmt: skip
         history.append(record)
@@ -324,7 +325,8 @@ def _check_batch_mining(n: int, dim: int, batch: int, adjacency: int, budget: in
     if need > budget // 4:
         raise ConfigError(f"train.mining=batch mines each batch against the whole dictionary: N = {n:,} needs "
                           f"{need / 2**20:,.1f} MiB, more than a quarter of the memory budget "
-                          f"({budget / 2**20:,.1f} MiB); use train.mining=epoch or a larger --memory-budget")  # fmt: skip
+                          f"({budget / 2**20:,.1f} MiB); use train.mining=epoch "
+                          "or a larger --memory-budget")  # fmt: skip
 
 
 def _mine_batch(cache: PageCache, rows: np.ndarray, config: Config, ids: np.ndarray, mined: dict):
@@ -343,7 +345,8 @@ def _mean_quality(mined: dict) -> dict:
     rows = max(1, mined["rows"])
     known = mined["precision"] is not None and mined["rows"] > 0
     return {"precision": mined["precision"] / rows if known else None,
-            "recall": mined["recall"] / rows if known else None, "mean_positives": mined["positives"] / rows}  # fmt: skip
+            "recall": mined["recall"] / rows if known else None,
+            "mean_positives": mined["positives"] / rows}  # fmt: skip
 
 
 def _np(ids) -> np.ndarray:
