@@ -38,6 +38,7 @@ __all__ = [
 
 ARCHS = ("resnet18", "resnet34", "resnet50")
 NEGATIVES = ("exact", "graph")  # how DTL finds hard negatives (wildreid.dtl)
+MINING_SCHEDULES = ("epoch", "batch")
 
 
 def _need(ok: bool, name: str, expected: str, found) -> None:
@@ -85,6 +86,9 @@ class TrainConfig:
     transductive: bool = False
     # DataLoader workers only read; JPEGs are decoded in batches on the training device (nvJPEG on CUDA)
     decode_on_device: bool = False
+    # "epoch": DPLM once per epoch from the k-NN graph (this project); "batch": every step's positives
+    # mined against the live dictionary (the published implementation; small N only)
+    mining: str = "epoch"
 
     def __post_init__(self):
         _need(self.epochs >= 0, "train.epochs", "an int >= 0 (0 writes the untrained model)", self.epochs)
@@ -94,6 +98,7 @@ class TrainConfig:
             _need(getattr(self, name) >= 0, f"train.{name}", "a value >= 0", getattr(self, name))
         _need(self.batch_size >= 2, "train.batch_size", "an int >= 2 (BatchNorm needs two samples)", self.batch_size)
         _need(self.lr > 0, "train.lr", "a float > 0", self.lr)
+        _need(self.mining in MINING_SCHEDULES, "train.mining", " or ".join(map(repr, MINING_SCHEDULES)), self.mining)
         _need(
             0 <= self.backbone_lr_factor <= 1, "train.backbone_lr_factor", "a float in [0, 1]", self.backbone_lr_factor
         )

@@ -40,6 +40,8 @@ __all__ = [
     "check_dplm_args",
     "dplm_blockwise",
     "dplm_dense",
+    "dplm_rows",
+    "dplm_rows_bytes",
     "finish_rows",
     "pending_ranks",
     "plan_rows",
@@ -76,6 +78,13 @@ def _adjacency_order(x: np.ndarray) -> np.ndarray:
     return np.argsort(d, kind="stable")
 
 
+def _sigma_rows(s: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """sigma_i of each row (rule 1) from its full similarity row ``s`` (B, N): i, then by descending s, ties by id."""
+    first = s.copy()
+    first[np.arange(len(rows)), rows] = np.inf
+    return np.lexsort((np.broadcast_to(np.arange(s.shape[1]), s.shape), -first), axis=1)
+
+
 def _csr(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     indptr = np.zeros(len(lists) + 1, dtype=np.int64)
     indptr[1:] = np.cumsum([len(x) for x in lists])
@@ -90,8 +99,7 @@ def dplm_dense(features, *, threshold: float = 0.6, min_candidates: int = 10, ad
     n = len(m)
     check_dplm_args(n=n, graph_width=None, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
     s = similarity(m, m)
-    first = np.where(np.eye(n, dtype=bool), np.inf, s)
-    sigma = np.lexsort((np.broadcast_to(np.arange(n), (n, n)), -first), axis=1)
+    sigma = _sigma_rows(s, np.arange(n))
     rank = np.empty((n, n), dtype=np.int64)
     np.put_along_axis(rank, sigma, np.broadcast_to(np.arange(n), (n, n)), axis=1)  # rank[j, i]: i in sigma_j
     out = []
@@ -109,6 +117,48 @@ def dplm_dense(features, *, threshold: float = 0.6, min_candidates: int = 10, ad
         step = min(step + 1, c)
         out.append(np.array(sorted(node & set(sigma[i, :step].tolist())), dtype=np.int64))
     return _csr(out)
+
+
+def dplm_rows(features, rows, *, threshold: float = 0.6, min_candidates: int = 10, adjacency: int = 100):
+    """DPLM positives of ``rows`` only, against the whole dictionary: CSR over ``rows``, in their order.
+
+    Equal to those rows of ``dplm_dense(features, ...)``. Rules 4-7 run through
+    ``plan_rows`` / ``finish_rows`` on graph rows of full width N, so no rank is pending;
+    the full sigma is computed for ``rows`` and their candidates sigma_i[0:min(k_i, a)]
+    only: at most ``dplm_rows_bytes(N, D, len(rows), a)`` bytes (small N, per-batch mining).
+    """
+    m = np.asarray(features)
+    check_features(m)
+    n = len(m)
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    check_dplm_args(n=n, graph_width=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
+    if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        raise ConfigError(
+            f"expected rows in 0..{n - 1}, found {rows.min()}..{rows.max()}; mine rows of this dictionary"
+        )
+
+    def full_rows(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s = similarity(m[ids], m)
+        return s, _sigma_rows(s, ids)
+
+    s, sigma = full_rows(rows)
+    counts = 1 + np.count_nonzero(s >= threshold, axis=1) - (s[np.arange(len(rows)), rows] >= threshold)
+    plan = plan_rows(
+        rows, sigma, np.take_along_axis(s, sigma, axis=1), counts, lambda ids: full_rows(ids)[1], lambda ids: m[ids],
+        n=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency,
+    )  # fmt: skip
+    return finish_rows(plan, np.zeros(0, dtype=np.int64))
+
+
+def dplm_rows_bytes(n: int, dim: int, rows: int, adjacency: int) -> int:
+    """Bound on what ``dplm_rows`` holds for ``rows`` rows of an N x D dictionary.
+
+    Per full sigma row (``rows`` plus up to rows x a candidates, at most N): the float64
+    similarities, a copy, the lexsort keys and the int64 order (40 bytes a column), plus
+    the rule-6 search (1 byte a column per candidate) and float64 copies of the dictionary.
+    """
+    full = min(n, rows * (1 + min(adjacency, n)))
+    return int(full * n * 41 + 2 * n * dim * 8)
 
 
 @dataclass(frozen=True)

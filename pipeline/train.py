@@ -3,7 +3,7 @@
 Everything a run writes lives in the store folder:
 
     STORE/features, ids, camids       the dictionary (one row per training image)
-    STORE/knn, positives              the latest DPLM mining (``wildreid mine``)
+    STORE/knn, positives              the latest DPLM mining (``wildreid mine``; train.mining=epoch)
     STORE/train/checkpoints/ckpt-*    crash-safe checkpoints (see wildreid.checkpoint)
     STORE/train/history.jsonl         one line per finished epoch
     STORE/train/curves.png            the training curves
@@ -17,6 +17,14 @@ With ``loss.negatives: graph`` they are picked among each row's k-NN graph
 neighbours instead (``wildreid.dtl.graph_negatives``): the graph is mined at the
 start of every epoch, warm-up included (there only its k-NN stage), and read
 through a page cache of 1/8 of the budget over ``knn/indices``.
+
+Mining schedule (``train.mining``): "epoch" (default) mines DPLM once per epoch
+from the exact k-NN graph (``wildreid.mining``). "batch" is the published
+behaviour: after warm-up, each step's positives are ``dplm_rows`` of the batch
+rows against the live dictionary (the cache's rows, momentum updates of earlier
+steps included), with no k-NN graph. It holds the dictionary and full similarity
+rows in memory, so it is refused unless ``dplm_rows_bytes`` fits a quarter of the
+budget; its history records the quality of the positives the steps really used.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from wildreid.checkpoint import (
     save_model,
 )
 from wildreid.config import Config, config_digest
-from wildreid.dplm import pseudo_label_quality
+from wildreid.dplm import dplm_rows, dplm_rows_bytes, pseudo_label_quality, quality_sums
 from wildreid.dtl import batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
 from wildreid.errors import ConfigError, ResumeError, ShardNotFoundError, StoreError
 from wildreid.extract import extract_split
@@ -183,6 +191,8 @@ def train(
         raise ConfigError(f"the training split(s) have {n} images, fewer than one batch of {tc.batch_size}; "
                           "lower train.batch_size")  # fmt: skip
     budget = options.memory_budget or default_budget()
+    if tc.mining == "batch":
+        _check_batch_mining(n, ARCHS[config.model.arch][1], tc.batch_size, config.mining.adjacency, budget)
     store_path = Path(store_path)
     run_dir = store_path / "train"
 
@@ -242,12 +252,16 @@ def train(
             if epoch % tc.reextract_every == 0:
                 extract_split(shards, splits, model, store, image_size=tuple(config.model.image_size), device=device,
                               progress=progress, label=f"epoch-{epoch}-step-{step}")  # fmt: skip
+            mined_graph = False
             if tc.is_warmup(epoch):
                 positives = _self_positives(n)
-                if use_graph:  # warm-up needs no positives, but graph negatives need the graph
-                    _mine(store, config, budget // 2, tc.workers, progress, graph_only=True)
-            elif (epoch - tc.warmup_epochs) % tc.remine_every == 0:
+            elif tc.mining == "epoch" and (epoch - tc.warmup_epochs) % tc.remine_every == 0:
                 positives, _ = _mine(store, config, budget // 2, tc.workers, progress)
+                mined_graph = True
+            if use_graph and not mined_graph:  # no DPLM this epoch, but graph negatives need a fresh graph
+                _mine(store, config, budget // 2, tc.workers, progress, graph_only=True)
+        per_batch = tc.mining == "batch" and not tc.is_warmup(epoch)
+        ids = store.ids() if per_batch else None
         cache = PageCache(store.features, host_budget=max(cache_budget, _page_bytes(store)), dtype=store.features.dtype)
         # the graph mined at this epoch's start (kept in the store, so a resumed epoch reads the same one)
         graph = graph_reader(store, config.mining.k, budget // 8) if use_graph else None
@@ -258,6 +272,7 @@ def train(
                             pin_memory=device.type == "cuda", persistent_workers=False)  # fmt: skip
         losses = partial.get("losses", [])
         seen = partial.get("seen", 0)
+        mined = partial.get("mined", {"rows": 0, "positives": 0, "precision": 0.0, "recall": 0.0})
         for images, idx, _vid, _cam in loader:
             position += len(idx)
             if len(idx) < 2:
@@ -270,21 +285,23 @@ def train(
                     x = model(batch.contiguous(memory_format=torch.channels_last)).float()
             else:
                 x = model(batch)
-            loss = dictionary_step(x, idx, cache, positives, config.loss.r, config.loss.delta, optimizer,
-                                   gather_rows=gather_rows, graph=graph)  # fmt: skip
+            used = _mine_batch(cache, idx.numpy(), config, ids, mined) if per_batch else positives
+            loss = dictionary_step(x, idx, cache, used, config.loss.r, config.loss.delta, optimizer,
+                                   gather_rows=gather_rows, graph=graph, of_batch=per_batch)  # fmt: skip
             losses.append(loss)
             seen += len(idx)
             step += 1
             steps_here += 1
             progress(f"epoch {epoch}", len(idx), n)
-            partial = {"losses": losses, "seen": seen}
+            partial = {"losses": losses, "seen": seen, "mined": mined}
             if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 and position < n:
                 checkpoint(cache, positives, partial)
             if steps_here == _CRASH_AFTER_STEPS:
                 os.kill(os.getpid(), signal.SIGKILL)  # tests: a kill -9 at a chosen step
-        quality = pseudo_label_quality(positives[0], positives[1], store.ids())
+        quality = _mean_quality(mined) if per_batch else pseudo_label_quality(*positives, store.ids())
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "steps": len(losses),
-                  "warmup": tc.is_warmup(epoch), "precision": quality["precision"], "recall": quality["recall"],
+                  "warmup": tc.is_warmup(epoch), "mining": tc.mining, "precision": quality["precision"],
+                  "recall": quality["recall"],
                   "mean_positives": quality["mean_positives"], "images_per_s": seen / (time.perf_counter() - began),
                   "peak_rss_bytes": peak_rss_bytes(), "lr": config.train.lr_at(epoch),
                   "transductive": tc.transductive, "negatives": config.loss.negatives}  # fmt: skip
@@ -308,8 +325,11 @@ def train(
 
 def dictionary_step(x: torch.Tensor, idx: torch.Tensor, cache: PageCache, positives, r: float, delta: float,
                     optimizer: torch.optim.Optimizer | None = None, *, gather_rows: int = 4096,
-                    graph: Callable[[np.ndarray], np.ndarray] | None = None) -> float:  # fmt: skip
+                    graph: Callable[[np.ndarray], np.ndarray] | None = None, of_batch: bool = False) -> float:  # fmt: skip
     """One DTL step against the dictionary behind ``cache``: loss, backward, optimizer step, momentum update.
+
+    ``positives`` is the CSR over all N rows, or with ``of_batch`` the batch's own CSR
+    (its row b lists the positives of ``idx[b]``, as ``dplm_rows`` returns them).
 
     Hard negatives stream the dictionary page by page without grad; only the
     selected rows are gathered again with grad (wildreid.dtl), so memory is
@@ -320,7 +340,8 @@ def dictionary_step(x: torch.Tensor, idx: torch.Tensor, cache: PageCache, positi
     """
     device = x.device
     rows = idx.to(device)
-    pos_ptr, pos_idx = batch_positives(positives[0], positives[1], rows, device=device)
+    cut = torch.arange(len(rows), device=device) if of_batch else rows
+    pos_ptr, pos_idx = batch_positives(positives[0], positives[1], cut, device=device)
     rows_fn = lambda ids: cache.get_rows_tensor(_np(ids), device).float()  # noqa: E731
     if graph is None:
         out = dtl_streaming(x, _blocks(cache, device), rows_fn, rows, pos_ptr, pos_idx, r, delta, count=cache.n,
@@ -337,6 +358,35 @@ def dictionary_step(x: torch.Tensor, idx: torch.Tensor, cache: PageCache, positi
     current = cache.get_rows_tensor(idx.numpy(), device).float()
     cache.set_rows(idx.numpy(), momentum_update(current, x.detach().float(), rows).cpu().numpy())
     return float(out["loss"].detach())
+
+
+def _check_batch_mining(n: int, dim: int, batch: int, adjacency: int, budget: int) -> None:
+    need = dplm_rows_bytes(n, dim, batch, adjacency)
+    if need > budget // 4:
+        raise ConfigError(f"train.mining=batch mines each batch against the whole dictionary: N = {n:,} needs "
+                          f"{need / 2**20:,.1f} MiB, more than a quarter of the memory budget "
+                          f"({budget / 2**20:,.1f} MiB); use train.mining=epoch "
+                          "or a larger --memory-budget")  # fmt: skip
+
+
+def _mine_batch(cache: PageCache, rows: np.ndarray, config: Config, ids: np.ndarray, mined: dict):
+    """DPLM positives of ``rows`` against the live dictionary; adds their quality sums to ``mined``."""
+    m = config.mining
+    found = dplm_rows(cache.read_range(0, cache.n), rows, threshold=m.threshold, min_candidates=m.min_candidates,
+                      adjacency=m.adjacency)  # fmt: skip
+    sums = quality_sums(rows, *found, ids, np.bincount(np.maximum(ids, 0)))
+    for key in ("rows", "positives", "precision", "recall"):
+        mined[key] = None if mined[key] is None or sums[key] is None else mined[key] + sums[key]
+    return found
+
+
+def _mean_quality(mined: dict) -> dict:
+    """Means over the rows mined in an epoch of per-batch mining (``pseudo_label_quality``'s definitions)."""
+    rows = max(1, mined["rows"])
+    known = mined["precision"] is not None and mined["rows"] > 0
+    return {"precision": mined["precision"] / rows if known else None,
+            "recall": mined["recall"] / rows if known else None,
+            "mean_positives": mined["positives"] / rows}  # fmt: skip
 
 
 def _np(ids) -> np.ndarray:

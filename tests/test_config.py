@@ -26,6 +26,7 @@ def test_defaults_are_the_published_schedule():
     assert (c.mining.k, c.mining.threshold, c.mining.min_candidates, c.mining.adjacency) == (101, 0.6, 10, 100)
     assert [e for e in range(10) if c.train.is_warmup(e)] == [0, 1, 2, 3, 4, 5]
     assert c.train.lr_at(39) == 0.1 and c.train.lr_at(40) == pytest.approx(0.01)
+    assert c.train.mining == "epoch" and load_config(None, ["train.mining=batch"]).train.mining == "batch"
 
 
 @pytest.mark.parametrize(
@@ -92,6 +93,8 @@ def test_config_is_frozen_and_digest_is_stable(tmp_path):
         (["loss.negatives=knn"], r"loss.negatives: expected one of \['exact', 'graph'\], found 'knn'"),
         (["mining.k=50"], r"mining.k: expected an int >= adjacency \+ 1 = 101"),
         (["mining.threshold=1.5"], r"mining.threshold"),
+        (["train.mining=step"], r"train.mining: expected 'epoch' or 'batch', found 'step'"),
+        (["train.mining=1"], r"train.mining: expected a string"),
     ],
 )
 def test_bad_values_name_the_key(overrides, match):

@@ -8,6 +8,8 @@ from conftest import clustered
 from wildreid.dplm import (
     dplm_blockwise,
     dplm_dense,
+    dplm_rows,
+    dplm_rows_bytes,
     finish_rows,
     plan_rows,
     pseudo_label_quality,
@@ -37,6 +39,9 @@ def test_blockwise_equals_dense(dtype, regime, dups):
     x = clustered(10, dtype=dtype, noise=noise, dups=dups)
     args = {"threshold": threshold, "min_candidates": 10, "adjacency": adjacency}
     dense = dplm_dense(x, **args)
+    assert_rows_match(x, dense, args, seed=21)
+    sizes = np.diff(dense[0])
+    assert sizes.max() >= 10 and (regime != "sparse" or sizes.min() == 1)  # large and lone neighbourhoods
     for block_rows, block_base in [(37, 53), (128, 1000)]:
         stats = {}
         assert_same(dplm_blockwise(x, k=k, block_rows=block_rows, block_base=block_base, stats=stats, **args), dense)
@@ -46,6 +51,33 @@ def test_blockwise_equals_dense(dtype, regime, dups):
         assert np.mean(counts > k) > 0.2
 
 
+def rows_of(csr, rows):
+    """The CSR of ``rows`` (in their order) cut from a CSR over every row."""
+    lists = [csr[1][csr[0][r] : csr[0][r + 1]] for r in rows]
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(x) for x in lists])
+    return indptr, np.concatenate(lists) if lists else np.zeros(0, np.int64)
+
+
+def assert_rows_match(x, dense, args, seed: int):
+    """Per-batch mining: subsets of rows, in any order, exact ties with row 0 among them, give the dense rows."""
+    rng = np.random.default_rng(seed)
+    copies = np.flatnonzero((x == x[0]).all(axis=1))
+    for rows in (np.arange(len(x)), rng.permutation(len(x))[:32], copies[:7], np.array([len(x) - 1]), []):
+        rows = np.asarray(rows, dtype=np.int64)
+        assert_same(dplm_rows(x, rows, **args), rows_of(dense, rows))
+
+
+def test_rows_of_a_small_dictionary_and_bad_rows():
+    x = clustered(22, clusters=6, dups=10)[:6]
+    args = {"threshold": 0.6, "min_candidates": 10, "adjacency": 100}
+    assert_same(dplm_rows(x, [5, 0, 3], **args), rows_of(dplm_dense(x, **args), [5, 0, 3]))
+    with pytest.raises(ConfigError, match="expected rows in 0..5"):
+        dplm_rows(x, [6])
+    sizes = [dplm_rows_bytes(1000, 512, batch, 20) for batch in (32, 64, 999)]
+    assert sizes[0] < sizes[1] <= sizes[2]
+
+
 @pytest.mark.parametrize(
     ("n", "adjacency", "min_candidates", "k"),
     [(30, 100, 10, None), (6, 100, 10, 6), (6, 3, 10, 4), (1, 5, 10, None), (40, 5, 50, 6)],
@@ -53,7 +85,9 @@ def test_blockwise_equals_dense(dtype, regime, dups):
 def test_small_dictionaries(n, adjacency, min_candidates, k):
     x = clustered(11, clusters=6, dups=10)[:n]
     args = {"threshold": 0.6, "min_candidates": min_candidates, "adjacency": adjacency}
-    assert_same(dplm_blockwise(x, k=k, block_rows=4, block_base=7, **args), dplm_dense(x, **args))
+    dense = dplm_dense(x, **args)
+    assert_same(dplm_blockwise(x, k=k, block_rows=4, block_base=7, **args), dense)
+    assert_rows_match(x, dense, args, seed=n)
 
 
 def test_isolated_row_keeps_only_itself():

@@ -236,3 +236,51 @@ def test_training_beats_the_untrained_baseline(tmp_path):
     # the first DPLM epoch that mined beyond the images themselves, against the last one
     first = next(h for h in history if not h["warmup"] and h["mean_positives"] > 1.5)
     assert history[-1]["precision"] > first["precision"] + 0.2, [(h["precision"], h["mean_positives"]) for h in history]
+
+
+def test_batch_mining_uses_dplm_rows_of_the_live_dictionary(shard_root, tmp_path, monkeypatch):
+    """train.mining=batch: each step's positives are the dense DPLM rows of the dictionary as it is at that
+    step (momentum updates of the steps before included), and the history reports their quality."""
+    import wildreid.train as train_module
+    from wildreid.config import load_config
+    from wildreid.dplm import dplm_dense
+    from wildreid.errors import ConfigError
+
+    calls = []
+
+    def recording(features, rows, **args):
+        found = train_module_dplm_rows(features, rows, **args)
+        calls.append((np.array(features), np.array(rows), found, args))
+        return found
+
+    train_module_dplm_rows = train_module.dplm_rows
+    monkeypatch.setattr(train_module, "dplm_rows", recording)
+    config = load_config(ROOT / "configs" / "demo.yaml", [*SMALL, "train.epochs=2", "train.mining=batch"])
+    with pytest.raises(ConfigError, match=r"N = 80 needs .* use train.mining=epoch") as refused:
+        train_module.train(shard_root, tmp_path / "refused", config, train_module.TrainOptions(memory_budget=1 << 20))
+    assert "\n" not in str(refused.value) and not (tmp_path / "refused").exists()
+
+    report = train_module.train(shard_root, tmp_path / "store", config,
+                                train_module.TrainOptions(memory_budget=256 << 20))  # fmt: skip
+    history = report["history"]
+    assert [(h["epoch"], h["warmup"], h["mining"]) for h in history] == [(0, True, "batch"), (1, False, "batch")]
+    assert len(calls) == history[1]["steps"] == 5  # every step of the DPLM epoch, none in warm-up
+    ids = FeatureStore.open(tmp_path / "store").ids()
+    precision, recall, sizes = [], [], []
+    for n, (features, rows, (indptr, indices), args) in enumerate(calls):
+        dense_ptr, dense_idx = dplm_dense(features, **args)
+        for b, row in enumerate(rows):
+            mined = indices[indptr[b] : indptr[b + 1]]
+            np.testing.assert_array_equal(mined, dense_idx[dense_ptr[row] : dense_ptr[row + 1]])
+            precision.append(np.mean(ids[mined] == ids[row]))
+            recall.append(np.sum(ids[mined] == ids[row]) / np.sum(ids == ids[row]))
+            sizes.append(len(mined))
+        if n:  # the dictionary moved between steps exactly in the previous batch's rows
+            moved = np.flatnonzero((features != calls[n - 1][0]).any(axis=1))
+            assert len(moved) and set(moved) <= set(calls[n - 1][1].tolist())
+    assert history[1]["precision"] == pytest.approx(np.mean(precision))
+    assert history[1]["recall"] == pytest.approx(np.mean(recall))
+    assert history[1]["mean_positives"] == pytest.approx(np.mean(sizes)) and np.mean(sizes) > 1
+    lines = (tmp_path / "store" / "train" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["mining"] for line in lines] == ["batch", "batch"]
+    assert not (tmp_path / "store" / "knn").exists()  # no k-NN graph was built
