@@ -15,8 +15,10 @@ batch with the dense sample indices the reader yields::
     for images, indices, vids, camids in loader:
         x = augment(images.to(device), indices, epoch)
 
-Steps, each with its parameters drawn first (``draw_params``) and applied with
-torchvision.transforms.v2.functional (``apply_params``): random resized crop
+Steps, each with its parameters drawn first (``draw_params``) and applied to the
+whole batch at once with per-image parameters (``apply_params_batch``; the
+formulas are torchvision's, the rotation one ``grid_sample`` for the batch):
+random resized crop
 (area 64-100 %, aspect within 3/4-4/3 of the image's) to H x W, horizontal flip
 p=0.5, rotation within +-10 degrees (corners filled with the mean colour),
 brightness / contrast / saturation jitter 0.2 in a random order, ImageNet
@@ -32,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as tvf
 from wildreid.errors import ConfigError
 
@@ -41,6 +44,7 @@ __all__ = [
     "AugmentParams",
     "TrainTransform",
     "apply_params",
+    "apply_params_batch",
     "augment",
     "augment_batch",
     "draw_params",
@@ -133,31 +137,87 @@ def draw_params(
     return AugmentParams(crop=(top, left, ch, cw), flip=flip, angle=angle, jitter=jitters, erase=erase)
 
 
+def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """ratio * x + (1 - ratio) * other, clamped to [0, 1]; ``ratio`` is (B, 1, 1, 1), one per image."""
+    return (x * ratio + other * (1.0 - ratio)).clamp_(0.0, 1.0)
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (r * 0.2989 + g * 0.587 + b * 0.114).unsqueeze(1)
+
+
+# torchvision's float formulas, with one factor per image of the batch
+_ADJUST = {
+    "brightness": lambda x, f: (x * f).clamp_(0.0, 1.0),
+    "contrast": lambda x, f: _blend(x, _grayscale(x).mean(dim=(1, 2, 3), keepdim=True), f),
+    "saturation": lambda x, f: _blend(x, _grayscale(x), f),
+}
+
+
+def _rotate(x: torch.Tensor, degrees: Sequence[float], fill: Sequence[float]) -> torch.Tensor:
+    """Rotate each image of (B, 3, H, W) float ``x`` counter-clockwise about its centre by its angle, in one
+    bilinear ``grid_sample``; corners outside the source take ``fill`` (blended at the border, as torchvision)."""
+    b, _, h, w = x.shape
+    angle = torch.tensor(list(degrees), dtype=torch.float64) * (math.pi / 180)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # output pixel (u, v) from the centre, y down, samples the source at (cos u - sin v, sin u + cos v);
+    # in grid_sample's [-1, 1] coordinates the off-diagonal terms carry the aspect ratio
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * h / w
+    theta[:, 1, 0], theta[:, 1, 1] = sin * w / h, cos
+    grid = F.affine_grid(theta.to(x.dtype), [b, 3, h, w], align_corners=False).to(x.device)
+    with_mask = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+    out = F.grid_sample(with_mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    image, mask = out[:, :3], out[:, 3:]
+    colour = torch.tensor(list(fill), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (image - colour).mul_(mask).add_(colour)
+
+
+def apply_params_batch(images, params: Sequence[AugmentParams], size: tuple[int, int]) -> torch.Tensor:
+    """Augment uint8 images ((B, 3, H, W) or a list of (3, H, W)) with drawn parameters, one set per image:
+    float32 (B, 3, *size), normalised, on their device.
+
+    Crops differ in size, so they are cut and resized image by image; every later step
+    runs once for the batch with per-image parameters, and each image's result depends
+    on its own image and parameters only (so a batch of one gives the same bits).
+    """
+    crops = [tvf.resized_crop(img, *p.crop, list(size), interpolation=_BILINEAR, antialias=True)
+             for img, p in zip(images, params)]  # fmt: skip
+    x = tvf.to_dtype(torch.stack(crops), torch.float32, scale=True)
+    flip = [k for k, p in enumerate(params) if p.flip]
+    if flip:
+        x[flip] = x[flip].flip(-1)
+    for position in range(len(_JITTERS)):
+        for name in _JITTERS:
+            chosen = [k for k, p in enumerate(params) if p.jitter[position][0] == name]
+            if chosen:
+                factor = torch.tensor([params[k].jitter[position][1] for k in chosen], dtype=x.dtype, device=x.device)
+                x[chosen] = _ADJUST[name](x[chosen], factor.view(-1, 1, 1, 1))
+    x = _rotate(x, [p.angle for p in params], IMAGENET_MEAN)
+    x = tvf.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    for k, p in enumerate(params):
+        if p.erase is not None:
+            i, j, h, w = p.erase
+            x[k, :, i : i + h, j : j + w] = 0.0  # the mean colour, once normalised
+    return x
+
+
 def apply_params(image: torch.Tensor, params: AugmentParams, size: tuple[int, int]) -> torch.Tensor:
     """Augment one (3, H, W) uint8 image with drawn parameters: float32 (3, *size), normalised, on its device."""
-    top, left, ch, cw = params.crop
-    x = tvf.resized_crop(image, top, left, ch, cw, list(size), interpolation=_BILINEAR, antialias=True)
-    if params.flip:
-        x = tvf.hflip(x)
-    x = tvf.to_dtype(x, torch.float32, scale=True)
-    for name, factor in params.jitter:
-        x = getattr(tvf, f"adjust_{name}")(x, factor)
-    if params.angle != 0.0:
-        x = tvf.rotate(x, params.angle, interpolation=_BILINEAR, fill=list(IMAGENET_MEAN))
-    x = tvf.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
-    if params.erase is not None:
-        i, j, h, w = params.erase
-        x = tvf.erase(x, i, j, h, w, torch.zeros((3, 1, 1), dtype=x.dtype, device=x.device))
-    return x
+    return apply_params_batch([image], [params], size)[0]
+
+
+def _params(image: torch.Tensor, seed: int, epoch: int, index: int, size: tuple[int, int]) -> AugmentParams:
+    generator = torch.Generator(device="cpu").manual_seed(sample_seed(seed, epoch, index))
+    return draw_params(generator, (image.shape[-2], image.shape[-1]), size)
 
 
 def augment(image: torch.Tensor, seed: int, epoch: int, index: int, size: Sequence[int] = (256, 128)) -> torch.Tensor:
     """Training augmentation of one (3, H, W) uint8 image; a pure function of (image, seed, epoch, index)."""
     _check_image(image, 3)
     size = _check_size(size)
-    generator = torch.Generator(device="cpu").manual_seed(sample_seed(seed, epoch, index))
-    params = draw_params(generator, (image.shape[-2], image.shape[-1]), size)
-    return apply_params(image, params, size)
+    return apply_params(image, _params(image, seed, epoch, index, size), size)
 
 
 def augment_batch(images, seed: int, epoch: int, indices, size: Sequence[int] = (256, 128)) -> torch.Tensor:
@@ -165,12 +225,17 @@ def augment_batch(images, seed: int, epoch: int, indices, size: Sequence[int] = 
     indices = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
     if isinstance(images, torch.Tensor):
         _check_image(images, 4)
+    else:
+        for img in images:
+            _check_image(img, 3)
     if len(images) != len(indices) or len(indices) == 0:
         raise ConfigError(
             f"expected one sample index per image and at least one image, found {len(images)} images "
             f"and {len(indices)} indices"
         )
-    return torch.stack([augment(img, seed, epoch, i, size) for img, i in zip(images, indices)])
+    size = _check_size(size)
+    params = [_params(img, seed, epoch, i, size) for img, i in zip(images, indices)]
+    return apply_params_batch(images, params, size)
 
 
 @dataclass(frozen=True)

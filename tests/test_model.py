@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torchvision import models
+from torchvision.transforms.v2 import functional as tvf
 from wildreid.errors import ConfigError
 from wildreid.model import build_model, param_groups, weights_sha256
 from wildreid.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    apply_params_batch,
     augment,
     augment_batch,
     draw_params,
@@ -125,6 +127,32 @@ def test_batch_matches_single_samples():
     for k in range(4):
         assert torch.equal(out[k], augment(imgs[k], 5, 2, 10 + k, (32, 16)))
     assert torch.equal(augment_batch(list(imgs), 5, 2, [10, 11, 12, 13], (32, 16)), out)
+
+
+def torchvision_reference(image: torch.Tensor, params, size) -> torch.Tensor:
+    """The augmentation written image by image with torchvision's own functions."""
+    top, left, ch, cw = params.crop
+    bilinear = tvf.InterpolationMode.BILINEAR
+    x = tvf.resized_crop(image, top, left, ch, cw, list(size), interpolation=bilinear, antialias=True)
+    x = tvf.to_dtype(tvf.hflip(x) if params.flip else x, torch.float32, scale=True)
+    for name, factor in params.jitter:
+        x = getattr(tvf, f"adjust_{name}")(x, factor)
+    x = tvf.rotate(x, params.angle, interpolation=bilinear, fill=list(IMAGENET_MEAN))
+    x = tvf.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    if params.erase is not None:
+        i, j, h, w = params.erase
+        x = tvf.erase(x, i, j, h, w, torch.zeros((3, 1, 1)))
+    return x
+
+
+def test_batched_augmentation_equals_torchvision_image_by_image():
+    # the batch runs jitter with per-image factors and one grid_sample for all rotations
+    imgs = torch.stack([image(s) for s in range(24)])
+    params = [draw_params(torch.Generator().manual_seed(sample_seed(1, 0, i)), (80, 60), (32, 16)) for i in range(24)]
+    assert max(abs(p.angle) for p in params) > 5 and any(p.flip for p in params) and any(p.erase for p in params)
+    out = apply_params_batch(imgs, params, (32, 16))
+    expected = torch.stack([torchvision_reference(img, p, (32, 16)) for img, p in zip(imgs, params)])
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-5)
 
 
 def test_parameters_cover_every_step():
