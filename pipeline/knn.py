@@ -149,7 +149,7 @@ def _pairs(a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray, *, free
     if len(ra) > 4 * len(a) and (_order_free(a, b) if free is None else free):
         # Every summation order is exact here, so one matrix-vector product per row of a
         # (BLAS on one float64 copy of each block) gives the very same bits.
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         order = np.argsort(ra, kind="stable")
         starts = np.flatnonzero(np.r_[True, np.diff(ra[order]) != 0])
         for lo, hi in zip(starts, np.r_[starts[1:], len(order)]):
@@ -310,9 +310,10 @@ def exact_ranks(j_vectors, i_ids, s_ji, base, base_ids, j_ids, *, chunk: int | N
     return out
 
 
-def _passes(base_blocks):
-    """A fresh iterator over the base blocks for every pass: a callable is called, a sequence re-iterated."""
-    return base_blocks() if callable(base_blocks) else iter(base_blocks)
+def _passes(base_blocks, dtype=None):
+    """A fresh iterator over the base blocks for every pass: a callable is called with the dtype the pass
+    computes in (None: as stored), so a reader can convert while it copies; a sequence is re-iterated."""
+    return base_blocks(dtype) if callable(base_blocks) else iter(base_blocks)
 
 
 def _threshold_count(query, base, scores, eps, threshold) -> np.ndarray:
@@ -323,11 +324,15 @@ def _threshold_count(query, base, scores, eps, threshold) -> np.ndarray:
     return count + np.bincount(r, weights=_pairs(query, r, base, c) >= threshold, minlength=len(query)).astype(np.int64)
 
 
-def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin: int = 16):
+def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin: int = 16, stored_dtype=None):
     """Graph rows sigma_i[0:k] and C_i of one query block against the whole dictionary.
 
     ``base_blocks`` gives ``(base_ids, base)`` blocks covering the dictionary once:
-    a callable returning a fresh iterator (streamed from storage), or a sequence.
+    a sequence, or a callable ``(dtype) -> iterator`` (streamed from storage) that may
+    hand the rows over already converted to ``dtype`` (float32 for FAISS, float64 for
+    the rescoring; conversions of stored values are exact). ``stored_dtype`` is then
+    the dtype the rows are stored in, which decides whether BLAS is exact (float16).
+    A block may live in a buffer the next block reuses: each is used before the next.
 
     1. FAISS's fused search proposes the float32 top-(k-1+margin) others of every
        row, block by block, merged in a FAISS heap;
@@ -350,7 +355,7 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
     heap = faiss.ResultHeap(n_q, max(width, 1), keep_max=True)
     base_max, total, self_seen = 0.0, 0, np.zeros(n_q, dtype=np.int64)
     base_dtype = np.dtype(np.float64)
-    for base_ids, base in _passes(base_blocks):
+    for base_ids, base in _passes(base_blocks, np.float32):
         base = np.asarray(base)
         _same_dim(query, base)
         bids = _ids(base_ids, len(base), "base_ids")
@@ -376,8 +381,9 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
         heap.finalize()
         cand, f32 = heap.I, heap.D.astype(np.float64)
         exact = np.full(cand.shape, -np.inf)
-        free = query.dtype == np.float16 and base_dtype == np.float16 and float(qn.max()) * base_max < 16.0
-        for base_ids, base in _passes(base_blocks):
+        stored = np.dtype(stored_dtype) if stored_dtype is not None else base_dtype
+        free = query.dtype == np.float16 and stored == np.float16 and float(qn.max()) * base_max < 16.0
+        for base_ids, base in _passes(base_blocks, np.float64 if free else None):
             (r, slot), pos = _locate(np.asarray(base_ids, dtype=np.int64), cand)
             exact[r, slot] = _pairs(query, r, np.asarray(base), pos, free=free)
         sim, idx = _topk_matrix(exact, cand, others_k)
@@ -391,9 +397,9 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
     dense = np.flatnonzero(sim[:, -1] >= threshold) if others_k else np.arange(n_q)
     if len(dense):
         count[dense] = 1
-        for base_ids, base in _passes(base_blocks):
+        for base_ids, base in _passes(base_blocks, np.float32):
             base, bids = np.asarray(base), np.asarray(base_ids, dtype=np.int64)
-            b32 = base.astype(np.float32)
+            b32 = np.asarray(base, dtype=np.float32)
             step = max(1, _BUDGET // max(1, len(base)))  # bounded score matrices
             for r0 in range(0, len(dense), step):
                 rows = dense[r0 : r0 + step]
@@ -410,9 +416,9 @@ def _exact_rows(query, qids, rows, base_blocks, cut, k):
     q32 = query[rows].astype(np.float32)
     cut = _ceil32(cut)
     found_r, sims, ids = [], [], []
-    for base_ids, base in _passes(base_blocks):
+    for base_ids, base in _passes(base_blocks, np.float32):
         base, bids = np.asarray(base), np.asarray(base_ids, dtype=np.int64)
-        b32 = base.astype(np.float32)
+        b32 = np.asarray(base, dtype=np.float32)
         step = max(1, _BUDGET // max(1, len(base)))  # bounded score matrices
         for r0 in range(0, len(rows), step):
             scores = q32[r0 : r0 + step] @ b32.T

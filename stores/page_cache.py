@@ -113,9 +113,16 @@ class PageCache:
                 out[sel] = self._page(int(page))[idx[sel] - page * self.rows_per_page]
         return out
 
-    def read_range(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) through the cache (pages stay resident while the budget allows)."""
-        out = np.empty((stop - start, self.width), dtype=self.dtype)
+    def read_range(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) through the cache (pages stay resident while the budget allows).
+
+        ``out`` (stop - start, width), of any dtype, receives them (converted while copied)
+        and is returned; without it a new array of the cache's dtype is.
+        """
+        if out is None:
+            out = np.empty((stop - start, self.width), dtype=self.dtype)
+        elif out.shape != (stop - start, self.width):
+            raise ConfigError(f"expected an out array of shape {(stop - start, self.width)}, found {out.shape}")
         with self.lock:
             for page in range(start // self.rows_per_page, -(-stop // self.rows_per_page)):
                 lo, hi = self._bounds(page)

@@ -80,3 +80,17 @@ def test_page_cache_budget_too_small(tmp_path):
     store, _ = _store(tmp_path)
     with pytest.raises(ConfigError, match="smallest budget that works is 320 bytes"):
         PageCache(store.features, host_budget=100)
+
+
+def test_read_range_into_a_buffer_of_another_dtype(tmp_path):
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((50, 6)).astype(np.float16)
+    arr = zarr.open_array(tmp_path / "a.zarr", mode="w", shape=rows.shape, chunks=(8, 6), dtype="float16")
+    arr[:] = rows
+    cache = PageCache(arr, host_budget=1 << 20, dtype=np.float16)
+    out = np.full((45, 6), np.nan)  # float64: converted while copied, values exact
+    assert cache.read_range(3, 48, out=out) is out
+    np.testing.assert_array_equal(out, rows[3:48].astype(np.float64))
+    np.testing.assert_array_equal(cache.read_range(3, 48), rows[3:48])
+    with pytest.raises(ConfigError, match="out array of shape"):
+        cache.read_range(0, 10, out=np.empty((9, 6)))
