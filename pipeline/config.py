@@ -281,9 +281,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return Config(**{name: _section(name, cls, values[name]) for name, cls in SECTIONS.items()})
 
 
+# where work runs, not what it computes: a run may be resumed with these changed
+_OPERATIONAL = {"train": ("decode_on_device",)}
+
+
 def config_digest(config: Config) -> str:
-    """SHA-256 of the canonical JSON of ``config.to_dict()``: equal configs, equal digests."""
-    text = json.dumps(config.to_dict(), sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the canonical JSON of ``config.to_dict()`` without its operational keys
+    (``_OPERATIONAL``): configs that train the same model, equal digests."""
+    values = config.to_dict()
+    for section, keys in _OPERATIONAL.items():
+        values[section] = {k: v for k, v in values[section].items() if k not in keys}
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

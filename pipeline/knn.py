@@ -316,12 +316,13 @@ def _passes(base_blocks, dtype=None):
     return base_blocks(dtype) if callable(base_blocks) else iter(base_blocks)
 
 
-def _threshold_count(query, base, scores, eps, threshold) -> np.ndarray:
+def _threshold_count(query, base, scores, eps, threshold, free=None) -> np.ndarray:
     """#{base rows with exact s >= t} per query row: float32 settles all but the error band."""
     hi, lo = _floor32(threshold + eps), _ceil32(threshold - eps)
     count = np.count_nonzero(scores > hi[:, None], axis=1).astype(np.int64)
     r, c = np.nonzero((scores >= lo[:, None]) & (scores <= hi[:, None]))
-    return count + np.bincount(r, weights=_pairs(query, r, base, c) >= threshold, minlength=len(query)).astype(np.int64)
+    exact = _pairs(query, r, base, c, free=free)
+    return count + np.bincount(r, weights=exact >= threshold, minlength=len(query)).astype(np.int64)
 
 
 def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin: int = 16, stored_dtype=None):
@@ -377,12 +378,13 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
     sim = np.full((n_q, others_k), -np.inf)
     idx = np.full((n_q, others_k), -1, dtype=np.int64)
     eps = _slack(dim, qn, base_max)
+    # every summation order exact for these rows (blocks may arrive converted from float16)
+    stored = np.dtype(stored_dtype) if stored_dtype is not None else base_dtype
+    free = query.dtype == np.float16 and stored == np.float16 and float(qn.max()) * base_max < 16.0
     if others_k and total:
         heap.finalize()
         cand, f32 = heap.I, heap.D.astype(np.float64)
         exact = np.full(cand.shape, -np.inf)
-        stored = np.dtype(stored_dtype) if stored_dtype is not None else base_dtype
-        free = query.dtype == np.float16 and stored == np.float16 and float(qn.max()) * base_max < 16.0
         for base_ids, base in _passes(base_blocks, np.float64 if free else None):
             (r, slot), pos = _locate(np.asarray(base_ids, dtype=np.int64), cand)
             exact[r, slot] = _pairs(query, r, np.asarray(base), pos, free=free)
@@ -392,7 +394,7 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
         unsafe = np.flatnonzero((total - self_seen > width) & (last + eps >= sim[:, -1]))
         if len(unsafe):
             sim[unsafe], idx[unsafe] = _exact_rows(query, qids, unsafe, base_blocks, sim[unsafe, -1] - eps[unsafe],
-                                                   others_k)  # fmt: skip
+                                                   others_k, free)  # fmt: skip
     count = 1 + np.count_nonzero(sim >= threshold, axis=1)
     dense = np.flatnonzero(sim[:, -1] >= threshold) if others_k else np.arange(n_q)
     if len(dense):
@@ -406,12 +408,12 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
                 scores = q32[rows] @ b32.T
                 self_r, self_c = _self_mask(qids[rows], bids)
                 scores[self_r, self_c] = -np.inf
-                count[rows] += _threshold_count(query[rows], base, scores, eps[rows], threshold)
+                count[rows] += _threshold_count(query[rows], base, scores, eps[rows], threshold, free)
     sim, idx = with_self_first(qids, sim, idx, pair_similarity(query, query))
     return sim, idx, count
 
 
-def _exact_rows(query, qids, rows, base_blocks, cut, k):
+def _exact_rows(query, qids, rows, base_blocks, cut, k, free=None):
     """Exact top-k others of ``rows`` among every base row whose float32 score reaches ``cut``."""
     q32 = query[rows].astype(np.float32)
     cut = _ceil32(cut)
@@ -426,7 +428,7 @@ def _exact_rows(query, qids, rows, base_blocks, cut, k):
             scores[self_r, self_c] = -np.inf
             rr, cc = np.nonzero(scores >= cut[r0 : r0 + step, None])
             found_r.append(rr + r0)
-            sims.append(_pairs(query, rows[rr + r0], base, cc))
+            sims.append(_pairs(query, rows[rr + r0], base, cc, free=free))
             ids.append(bids[cc])
     return _rowwise_topk(len(rows), np.concatenate(found_r), np.concatenate(sims), np.concatenate(ids), k)
 

@@ -282,7 +282,6 @@ def _labels(path: str, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:
-    _release_buffers()  # the k-NN stage is over (also in a dask.distributed worker process)
     _share_cores(plan.workers)
     set_temp_elements(plan.temp_elements)
     store = FeatureStore.open(path, mode="r+")
@@ -373,10 +372,10 @@ def _run_stages(store: FeatureStore, params: MineParams, plan: BlockPlan, worker
         progress("k-NN graph", blocks - len(todo), blocks)
         began = time.perf_counter()
         run_tasks("knn", [(_knn_task, (str(store.path), b, params, plan)) for b in todo], scheduler=scheduler,
-                  workers=workers, on_done=lambda: progress("k-NN graph", 1, blocks))  # fmt: skip
+                  workers=workers, on_done=lambda: progress("k-NN graph", 1, blocks),
+                  cleanup=_release_buffers)  # fmt: skip
         timings["knn_s"] = time.perf_counter() - began
         graph.attrs["complete"] = True
-    _release_buffers()
     _crash_point("knn-complete")
     if graph_only:
         return timings

@@ -32,23 +32,34 @@ def run_tasks(
     scheduler: str | None = None,
     workers: int = 2,
     on_done: Callable[[], None] = lambda: None,
+    cleanup: Callable[[], None] | None = None,
 ) -> list:
     """Run ``fn(*args)`` for every (fn, args) as one dask task each; results in order.
 
     ``scheduler`` None runs on local threads (``workers`` of them); otherwise it
     is the address of a dask.distributed scheduler (e.g. tcp://host:8786).
+    ``cleanup`` runs once the tasks are done, in this process and, on a cluster,
+    in every worker process (what the tasks kept between them, e.g. scratch buffers).
     """
     if not calls:
         return []
     tasks = [dask.delayed(fn, pure=False)(*args, dask_key_name=(f"wildreid-{name}", i))
              for i, (fn, args) in enumerate(calls)]  # fmt: skip
     if scheduler is None:
-        with _Progress(on_done):
-            return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+        try:
+            with _Progress(on_done):
+                return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+        finally:
+            if cleanup is not None:
+                cleanup()
     from distributed import Client, as_completed
 
     with Client(scheduler) as client:
-        futures = client.compute(tasks)
-        for _ in as_completed(futures):
-            on_done()
-        return client.gather(futures)
+        try:
+            futures = client.compute(tasks)
+            for _ in as_completed(futures):
+                on_done()
+            return client.gather(futures)
+        finally:
+            if cleanup is not None:
+                client.run(cleanup)

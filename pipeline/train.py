@@ -249,6 +249,7 @@ def train(
         began = time.perf_counter()
         if position == 0:
             partial = {}
+            cache = graph = None  # the last epoch's caches (flushed at its checkpoint): their memory goes to mining
             if epoch % tc.reextract_every == 0:
                 extract_split(shards, splits, model, store, image_size=tuple(config.model.image_size), device=device,
                               progress=progress, label=f"epoch-{epoch}-step-{step}")  # fmt: skip

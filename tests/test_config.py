@@ -66,6 +66,9 @@ def test_config_is_frozen_and_digest_is_stable(tmp_path):
         c.train.epochs = 3
     assert config_digest(c) == config_digest(load_config()) == config_digest(Config())
     assert config_digest(load_config(None, ["loss.delta=0.41"])) != config_digest(c)
+    # where decoding runs does not change what is trained: a run resumes with it switched
+    assert config_digest(load_config(None, ["train.decode_on_device=true"])) == config_digest(c)
+    assert config_digest(load_config(None, ["train.transductive=true"])) != config_digest(c)
     saved = save_config(load_config(CONFIGS / "demo.yaml", ["train.seed=9"]), tmp_path / "config.yaml")
     again = load_config(saved)
     assert again == load_config(CONFIGS / "demo.yaml", ["train.seed=9"])

@@ -68,6 +68,34 @@ def test_mine_equals_the_dense_reference(tmp_path, regime, params, clusters, noi
     assert report["mean_positives"] == pytest.approx(len(ref[1]) / 700)
 
 
+@pytest.mark.parametrize(
+    "params, clusters, noise",
+    [(MineParams(k=21, adjacency=20), 100, 0.6), (MineParams(k=11, adjacency=10, threshold=0.3), 25, 0.3)],
+)  # fmt: skip
+def test_many_base_blocks_through_reused_buffers_on_two_threads(tmp_path, monkeypatch, params, clusters, noise):
+    """Small blocks: every pass streams several base blocks through each thread's reused float16, float32 and
+    float64 buffers (the production path at scale), and the graph and positives still equal the references."""
+    import dataclasses
+
+    import wildreid.mining as mining
+    from wildreid.knn import knn_graph
+
+    plan = mining.block_plan
+    monkeypatch.setattr(mining, "block_plan", lambda *a, **k: dataclasses.replace(plan(*a, **k), base_rows=200,
+                                                                                   query_rows=256))  # fmt: skip
+    x, labels = clustered(1100, 32, clusters=clusters, noise=noise)
+    path = make_store(tmp_path / "s.zarr", x, labels)
+    report = mine(str(path), params, memory_budget=BUDGET, workers=2)
+    assert report["blocks"]["base_rows"] == 200 and report["blocks"]["query_rows"] == 256
+    sim, idx, counts = knn_graph(x, params.k, threshold=params.threshold)
+    got_idx, got_sim, got_counts = graph(path)
+    assert np.array_equal(got_idx, idx) and np.array_equal(got_sim, sim) and np.array_equal(got_counts, counts)
+    ref = dplm_dense(x, threshold=params.threshold, min_candidates=params.min_candidates, adjacency=params.adjacency)
+    got = positives(path)
+    assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+    assert not mining._BUFFERS  # released when the stage ended
+
+
 def test_graph_only_mining_and_its_reader(tmp_path):
     x, labels = clustered(300, 16, clusters=10, noise=0.5)
     path = make_store(tmp_path / "s.zarr", x, labels)

@@ -115,12 +115,17 @@ def test_decode_on_device_trains_the_same_model(uninterrupted, shard_root, tmp_p
 
 def test_graph_negatives_train_from_the_first_epoch(shard_root, tmp_path):
     """loss.negatives=graph: the k-NN graph is mined in the warm-up epoch too; the history says which were used."""
-    graph = [*SMALL, "train.epochs=2", "loss.negatives=graph", "loss.r=0.05", "train.checkpoint_every_steps=0"]
+    graph = [*SMALL, "train.epochs=2", "loss.negatives=graph", "loss.r=0.2", "train.checkpoint_every_steps=0"]
     report = final_json(train_cli(shard_root, tmp_path / "store", overrides=graph))
     history = report["history"]
     assert [(h["epoch"], h["warmup"], h["negatives"]) for h in history] == [(0, True, "graph"), (1, False, "graph")]
     assert all(np.isfinite(h["loss"]) for h in history)
     assert FeatureStore.open(tmp_path / "store").group["knn"]["indices"].shape[1] == 11  # mining.k
+    # r = 0.2 of the 80 rows asks for 15 negatives; the graph's 10 others hold fewer: another loss, another model
+    exact = final_json(train_cli(shard_root, tmp_path / "exact", overrides=[*graph[:-3], *graph[-2:]]))
+    assert [h["negatives"] for h in exact["history"]] == ["exact", "exact"]
+    assert exact["weights_sha256"] != report["weights_sha256"]
+    assert [h["loss"] for h in exact["history"]] != [h["loss"] for h in history]
 
 
 def test_epochs_0_writes_the_untrained_model(shard_root, tmp_path):
