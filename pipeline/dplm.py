@@ -203,6 +203,7 @@ def plan_rows(
     threshold: float = 0.6,
     min_candidates: int = 10,
     adjacency: int = 100,
+    validated: bool = False,
 ) -> RowPlan:
     """Rules 1-6 for one block of rows, as far as the stored graph allows.
 
@@ -210,6 +211,8 @@ def plan_rows(
     ``counts`` (B,) C_i (as ``knn_rows`` returns them); ``neighbour_idx(ids)`` the
     (len(ids), K) graph rows of any ids; ``features(ids)`` the (len(ids), D) dictionary rows;
     ``n`` the dictionary size. Each callable is called once, with unique ids.
+    ``validated``: every dictionary row was checked already (the k-NN stage checks each
+    as a query row), so the feature rows fetched here are not checked again.
     """
     rows = np.asarray(rows, dtype=np.int64)
     graph_idx = np.asarray(graph_idx, dtype=np.int64)
@@ -233,7 +236,8 @@ def plan_rows(
 
     feat_ids, feat_at = np.unique(sigma, return_inverse=True)
     feats = np.asarray(features(feat_ids))
-    validate_rows(feats, feat_ids)
+    if not validated:
+        validate_rows(feats, feat_ids)
     look = np.arange(span)[None, :] < checks[:, None]
     nbr_ids, nbr_at = np.unique(sigma[look], return_inverse=True)
     nbr_rows = np.asarray(neighbour_idx(nbr_ids), dtype=np.int64)

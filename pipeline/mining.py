@@ -294,6 +294,7 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
         np.arange(r0, r1), graph["indices"][r0:r1], graph["similarities"][r0:r1], graph["counts"][r0:r1],
         neighbours.get_rows, features.get_rows, n=n, threshold=params.threshold,
         min_candidates=params.min_candidates, adjacency=params.adjacency,
+        validated=True,  # the k-NN graph of these very features (its fingerprint) checked every row
     )  # fmt: skip
     ranks = pending_ranks(row_plan, features.get_rows(row_plan.pending_j), _base_blocks(store, plan.base_rows))
     indptr, indices = finish_rows(row_plan, ranks)
