@@ -46,6 +46,7 @@ __all__ = [
     "pending_ranks",
     "plan_rows",
     "pseudo_label_quality",
+    "quality_means",
     "quality_sums",
 ]
 
@@ -377,9 +378,14 @@ def pseudo_label_quality(indptr, indices, ids) -> dict:
         raise ConfigError(
             f"expected a CSR of {len(ids)} rows over {len(indices)} indices, found indptr of length {len(indptr)}"
         )
-    if n == 0:
-        return {"precision": None, "recall": None, "mean_positives": 0.0}
-    sums = quality_sums(np.arange(n), indptr, indices, ids, np.bincount(np.maximum(ids, 0)))
-    known = sums["precision"] is not None
-    return {"precision": sums["precision"] / n if known else None, "recall": sums["recall"] / n if known else None,
-            "mean_positives": sums["positives"] / n}  # fmt: skip
+    return quality_means(quality_sums(np.arange(n), indptr, indices, ids, np.bincount(np.maximum(ids, 0))))
+
+
+def quality_means(sums: dict) -> dict:
+    """Per-row means of ``quality_sums`` output (one block's, or several added up):
+    precision and recall (None when ids are unknown or no row was mined) and mean_positives."""
+    rows = sums["rows"]
+    known = sums["precision"] is not None and rows > 0
+    return {"precision": sums["precision"] / rows if known else None,
+            "recall": sums["recall"] / rows if known else None,
+            "mean_positives": sums["positives"] / max(rows, 1)}  # fmt: skip

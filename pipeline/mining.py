@@ -344,7 +344,6 @@ def mine(
             timings = _run_stages(store, params, plan, workers, scheduler, progress, graph_only)
         finally:
             _LIMITED.clear()
-            _release_buffers()
     if graph_only:
         report = {"n": n, "dim": dim, **asdict(params), "memory_budget_bytes": budget, "blocks": asdict(plan)}
     else:

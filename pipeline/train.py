@@ -53,7 +53,7 @@ from wildreid.checkpoint import (
     save_model,
 )
 from wildreid.config import Config, config_digest
-from wildreid.dplm import dplm_rows, dplm_rows_bytes, pseudo_label_quality, quality_sums
+from wildreid.dplm import dplm_rows, dplm_rows_bytes, pseudo_label_quality, quality_means, quality_sums
 from wildreid.dtl import batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
 from wildreid.errors import ConfigError, ResumeError, ShardNotFoundError, StoreError
 from wildreid.extract import extract_split
@@ -262,7 +262,7 @@ def train(
             if use_graph and not mined_graph:  # no DPLM this epoch, but graph negatives need a fresh graph
                 _mine(store, config, budget // 2, tc.workers, progress, graph_only=True)
         per_batch = tc.mining == "batch" and not tc.is_warmup(epoch)
-        ids = store.ids() if per_batch else None
+        labels = _labels(store.ids()) if per_batch else None
         cache = PageCache(store.features, host_budget=max(cache_budget, _page_bytes(store)), dtype=store.features.dtype)
         # the graph mined at this epoch's start (kept in the store, so a resumed epoch reads the same one)
         graph = graph_reader(store, config.mining.k, budget // 8) if use_graph else None
@@ -286,7 +286,7 @@ def train(
                     x = model(batch.contiguous(memory_format=torch.channels_last)).float()
             else:
                 x = model(batch)
-            used = _mine_batch(cache, idx.numpy(), config, ids, mined) if per_batch else positives
+            used = _mine_batch(cache, idx.numpy(), config, labels, mined) if per_batch else positives
             loss = dictionary_step(x, idx, cache, used, config.loss.r, config.loss.delta, optimizer,
                                    gather_rows=gather_rows, graph=graph, of_batch=per_batch)  # fmt: skip
             losses.append(loss)
@@ -299,7 +299,7 @@ def train(
                 checkpoint(cache, positives, partial)
             if steps_here == _CRASH_AFTER_STEPS:
                 os.kill(os.getpid(), signal.SIGKILL)  # tests: a kill -9 at a chosen step
-        quality = _mean_quality(mined) if per_batch else pseudo_label_quality(*positives, store.ids())
+        quality = quality_means(mined) if per_batch else pseudo_label_quality(*positives, store.ids())
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "steps": len(losses),
                   "warmup": tc.is_warmup(epoch), "mining": tc.mining, "precision": quality["precision"],
                   "recall": quality["recall"],
@@ -370,24 +370,20 @@ def _check_batch_mining(n: int, dim: int, batch: int, adjacency: int, budget: in
                           "or a larger --memory-budget")  # fmt: skip
 
 
-def _mine_batch(cache: PageCache, rows: np.ndarray, config: Config, ids: np.ndarray, mined: dict):
+def _labels(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, images per id): what ``quality_sums`` scores positives against."""
+    return ids, np.bincount(np.maximum(ids, 0))
+
+
+def _mine_batch(cache: PageCache, rows: np.ndarray, config: Config, labels, mined: dict):
     """DPLM positives of ``rows`` against the live dictionary; adds their quality sums to ``mined``."""
     m = config.mining
     found = dplm_rows(cache.read_range(0, cache.n), rows, threshold=m.threshold, min_candidates=m.min_candidates,
                       adjacency=m.adjacency)  # fmt: skip
-    sums = quality_sums(rows, *found, ids, np.bincount(np.maximum(ids, 0)))
+    sums = quality_sums(rows, *found, *labels)
     for key in ("rows", "positives", "precision", "recall"):
         mined[key] = None if mined[key] is None or sums[key] is None else mined[key] + sums[key]
     return found
-
-
-def _mean_quality(mined: dict) -> dict:
-    """Means over the rows mined in an epoch of per-batch mining (``pseudo_label_quality``'s definitions)."""
-    rows = max(1, mined["rows"])
-    known = mined["precision"] is not None and mined["rows"] > 0
-    return {"precision": mined["precision"] / rows if known else None,
-            "recall": mined["recall"] / rows if known else None,
-            "mean_positives": mined["positives"] / rows}  # fmt: skip
 
 
 def _np(ids) -> np.ndarray:
