@@ -2,72 +2,68 @@
 
 A checkpoint is a folder ``<run>/checkpoints/ckpt-<step>`` holding
 
-    state.pt       model, optimizer, scheduler, RNG states, epoch, position, config, history
+    state.pt       model, optimizer, RNG states, epoch, position, config, history (plain types and tensors)
     dictionary/    a copy of the store's ``features`` array (the Zarr chunks) at that step
     positives.npz  the positives the epoch trains on (CSR)
-    COMPLETE       written last
+    COMPLETE       written last: JSON with the sha256 of every other file
 
-It is written under a ``.partial`` name, every file fsynced, then renamed, and
-``<run>/LATEST`` (also replaced atomically) names it. The previous checkpoint
-is removed only after the new one is complete, so a crash or a full disk at
-any moment leaves the last good checkpoint intact.
+It is written under a ``.partial`` name, every file fsynced, then published
+(renamed, folder fsynced), and ``<run>/LATEST`` (written with
+:func:`wildreid.stores.atomic_write`) names it. The previous checkpoint is
+removed only after the new one is complete, so a crash or a full disk at any
+moment leaves the last good checkpoint intact. On resume the newest checkpoint
+whose files match their checksums is used; a damaged one is moved aside
+(``damaged-ckpt-<step>``) and the one before it is taken, with a message.
+
+Every file is read with ``torch.load(weights_only=True)``: a checkpoint holds
+only tensors and plain Python values, so no code from a file runs on load.
 """
 
 from __future__ import annotations
 
 import errno
-import os
+import hashlib
+import json
+import pickle
 import shutil
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from wildreid.errors import ResumeError, StoreError
+from wildreid.errors import DamagedDataError, ResumeError, StoreError
 from wildreid.model import build_model
+from wildreid.stores import atomic_write, publish, remove_tree
 
-__all__ = ["latest_checkpoint", "load_model", "load_state", "restore_dictionary", "save_checkpoint", "save_model"]
+__all__ = [
+    "latest_checkpoint",
+    "load_model",
+    "load_positives",
+    "load_state",
+    "resume_checkpoint",
+    "safe_torch_load",
+    "save_checkpoint",
+    "save_model",
+]
 
 KEEP = 2  # complete checkpoints kept on disk
+FORMAT = "wildreid-checkpoint"
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _save_torch(obj, path: Path) -> None:
-    """torch.save through a Python file, so a failed write surfaces as its OSError (ENOSPC, EFBIG, ...).
+def _save_torch(obj, f) -> None:
+    """torch.save into an open Python file, so a failed write surfaces as its OSError (ENOSPC, EFBIG, ...).
 
     Given a path, torch reports a full disk as a RuntimeError from its zip writer
     ("unexpected pos ..."); through a file object that error carries the OSError.
     """
-    with open(path, "wb") as f:
-        try:
-            torch.save(obj, f)
-        except RuntimeError as exc:
-            if isinstance(exc.__context__, OSError):
-                raise exc.__context__ from None
-            raise
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        torch.save(obj, f)
+    except RuntimeError as exc:
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from None
+        raise
 
 
 def _disk_error(exc: OSError, what: str, keep: Path | None) -> StoreError:
@@ -76,13 +72,79 @@ def _disk_error(exc: OSError, what: str, keep: Path | None) -> StoreError:
     return StoreError(f"cannot write {what}: {reason}; {kept}. Free space (or fix permissions) and run with --resume")
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+    """The checkpoint ``LATEST`` names if it is complete, or None (checksums are not checked here)."""
     pointer = Path(run_dir) / "LATEST"
     if not pointer.exists():
         return None
     ckpt = Path(run_dir) / "checkpoints" / pointer.read_text().strip()
     return ckpt if (ckpt / "COMPLETE").exists() else None
+
+
+def _damage(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint's files, or None when they match their recorded checksums."""
+    try:
+        complete = json.loads((ckpt / "COMPLETE").read_text())
+    except (OSError, ValueError):
+        return "its COMPLETE record is missing or unreadable"
+    if not isinstance(complete, dict) or complete.get("format") != FORMAT:
+        return "it was written without checksums by an older wildreid"
+    for name, expected in complete["sha256"].items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != expected:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def resume_checkpoint(run_dir: str | Path, log: Callable[[str], None] = lambda message: None) -> tuple[Path, dict] | None:
+    """The newest intact checkpoint and its loaded state, or None when the run has none.
+
+    A damaged one (checksums, unreadable state) is moved aside and the one before it
+    is tried, saying so; ResumeError when checkpoints exist but none is intact.
+    """
+    run_dir = Path(run_dir)
+    latest = latest_checkpoint(run_dir)
+    root = run_dir / "checkpoints"
+    candidates = sorted((p for p in root.glob("ckpt-*") if p.is_dir() and (p / "COMPLETE").exists()
+                         and not p.name.endswith(".partial")), reverse=True) if root.is_dir() else []  # fmt: skip
+    if latest is not None:  # never a checkpoint newer than LATEST: it belongs to an abandoned attempt
+        candidates = [latest] + [p for p in candidates if p.name < latest.name]
+    damaged = []
+    for ckpt in candidates:
+        problem = _damage(ckpt)
+        state = None
+        if problem is None:
+            try:
+                state = load_state(ckpt)
+            except ResumeError as exc:
+                problem = str(exc)
+        if state is not None:
+            if damaged:
+                atomic_write(run_dir / "LATEST", ckpt.name)
+                log(f"checkpoint {'; '.join(damaged)}; resuming from the previous one, {ckpt.name}")
+            return ckpt, state
+        aside = ckpt.with_name(f"damaged-{ckpt.name}")
+        remove_tree(aside)
+        ckpt.rename(aside)
+        damaged.append(f"{ckpt.name} is damaged ({problem}) and was moved aside to {aside}")
+    if damaged:
+        raise ResumeError(f"no intact checkpoint to resume from: {'; '.join(damaged)}; start a new run "
+                          "with a new --store path")  # fmt: skip
+    return None
 
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, features_dir: Path, positives) -> Path:
@@ -94,18 +156,18 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, features_dir: P
     previous = latest_checkpoint(run_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         tmp.mkdir()
-        _save_torch(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "wb") as f:
+            _save_torch(state, f)
         shutil.copytree(features_dir, tmp / "dictionary")
         indptr, indices = positives
         np.savez(tmp / "positives.npz", indptr=indptr, indices=indices)
-        (tmp / "COMPLETE").write_text("ok\n")
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(run_dir / "LATEST", final.name.encode())
+        complete = {"format": FORMAT, "step": step, "sha256": _file_digests(tmp)}
+        (tmp / "COMPLETE").write_text(json.dumps(complete, indent=1, sort_keys=True) + "\n")
+        remove_tree(final)
+        publish(tmp, final)
+        atomic_write(run_dir / "LATEST", final.name)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _disk_error(exc, f"checkpoint {final}", previous) from None
@@ -115,42 +177,65 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, features_dir: P
     return final
 
 
-def load_state(ckpt: Path) -> dict:
+def _what_it_is(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        return "an empty file"
+    if zipfile.is_zipfile(path):
+        return "a zip file that is not a torch checkpoint, or one holding objects other than tensors and plain values"
+    if head[:1] == b"\x80":
+        return "a Python pickle (an old-style torch.save or another program's object)"
+    return f"{path.stat().st_size} bytes of something else (starting {head!r})"
+
+
+def safe_torch_load(path: Path, what: str) -> object:
+    """``torch.load(weights_only=True)`` of a user-supplied file: tensors and plain values only.
+
+    Anything else (a pickle that would run code, a file that is not a checkpoint,
+    a truncated or damaged one) is one ResumeError saying what was found.
+    """
     try:
-        return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ResumeError(f"checkpoint {ckpt} cannot be read ({exc}); delete it to fall back to the previous one")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        found = _what_it_is(path)
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise ResumeError(f"{path} is not a readable {what}: expected a file written by 'wildreid train' "
+                          f"(tensors and plain values), found {found} ({detail})") from None  # fmt: skip
+    except OSError as exc:
+        raise ResumeError(f"{path} cannot be read ({exc.strerror}); expected a {what}") from None
 
 
-def restore_dictionary(ckpt: Path, features_dir: Path) -> None:
-    """Put the checkpoint's dictionary back as the store's ``features`` (swap by renames)."""
-    incoming = features_dir.with_name(features_dir.name + ".restore")
-    outgoing = features_dir.with_name(features_dir.name + ".old")
-    shutil.rmtree(incoming, ignore_errors=True)
-    shutil.copytree(ckpt / "dictionary", incoming)
-    _fsync_tree(incoming)
-    shutil.rmtree(outgoing, ignore_errors=True)
-    if features_dir.exists():
-        os.replace(features_dir, outgoing)
-    os.replace(incoming, features_dir)
-    shutil.rmtree(outgoing, ignore_errors=True)
+def load_state(ckpt: Path) -> dict:
+    state = safe_torch_load(ckpt / "state.pt", "training checkpoint")
+    if not isinstance(state, dict) or not {"model", "optimizer", "rng", "epoch", "step"} <= set(state):
+        raise ResumeError(f"{ckpt / 'state.pt'} is not a wildreid training checkpoint (expected model, optimizer, "
+                          "RNG states and position)")  # fmt: skip
+    return state
+
+
+def restore_dictionary(ckpt: Path, store) -> None:
+    """Put the checkpoint's dictionary back as the store's ``features`` (a crash-safe swap by the store)."""
+    store.replace_features(ckpt / "dictionary")
 
 
 def load_positives(ckpt: Path) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(ckpt / "positives.npz") as f:
-        return f["indptr"], f["indices"]
+    try:
+        with np.load(ckpt / "positives.npz", allow_pickle=False) as f:
+            return f["indptr"], f["indices"]
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DamagedDataError(f"{ckpt / 'positives.npz'} cannot be read ({exc}); resume from an earlier "
+                               "checkpoint by moving this one aside") from None  # fmt: skip
 
 
 def save_model(path: str | Path, model: torch.nn.Module, config: dict, extra: dict | None = None) -> Path:
     """The trained model alone (what ``wildreid eval --checkpoint`` reads), written atomically."""
     path = Path(path)
-    blob = {"arch": model.arch, "state_dict": model.state_dict(), "config": config, **(extra or {})}
-    tmp = path.with_name(path.name + ".partial")
+    blob = {"format": "wildreid-model", "arch": model.arch, "state_dict": model.state_dict(), "config": config,
+            **(extra or {})}  # fmt: skip
     try:
-        _save_torch(blob, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: _save_torch(blob, f))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise _disk_error(exc, f"model {path}", None) from None
     return path
 
@@ -162,12 +247,10 @@ def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
         path = path / "state.pt"
     if not path.exists():
         raise ResumeError(f"checkpoint {path} does not exist; pass a model.pt written by 'wildreid train'")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ResumeError(f"checkpoint {path} cannot be read ({exc})") from None
+    blob = safe_torch_load(path, "wildreid model")
     if not isinstance(blob, dict) or "config" not in blob or ("state_dict" not in blob and "model" not in blob):
-        raise ResumeError(f"{path} is not a wildreid checkpoint (expected model weights and a config)")
+        found = f"a {type(blob).__name__}" + (f" with keys {sorted(map(str, blob))[:6]}" if isinstance(blob, dict) else "")
+        raise ResumeError(f"{path} is not a wildreid checkpoint: expected model weights and a config, found {found}")
     config = blob["config"]
     model = build_model(config["model"]["arch"], last_stride=config["model"]["last_stride"])
     model.load_state_dict(blob.get("state_dict") or blob["model"])

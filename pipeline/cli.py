@@ -19,7 +19,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from wildreid.errors import StoreError, WildreidError
+from wildreid.errors import Stopped, StoreError, WildreidError
+from wildreid.signals import GracefulStop
 from wildreid.units import format_bytes, parse_bytes, parse_size
 
 app = typer.Typer(
@@ -38,6 +39,9 @@ def friendly(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except Stopped as exc:
+            console.print(f"[yellow]{exc}[/]", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
         except WildreidError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
@@ -146,10 +150,10 @@ def shard(
     index = read_dataset(src, layout)
     how = "auto-detected" if layout == "auto" else "as asked"
     console.print(f"layout: {LAYOUTS[index.layout].description} ({how}), {index.count()} images listed")
-    with RichProgress() as progress:
+    with RichProgress() as progress, GracefulStop() as stop:
         manifest = pack_dataset(
             index, out_dir, max_samples=max_samples, max_bytes=shard_bytes,
-            workers=workers, strict=strict, progress=progress,
+            workers=workers, strict=strict, progress=progress, should_stop=stop,
         )  # fmt: skip
     _print_manifest(manifest)
 
@@ -235,8 +239,8 @@ def train(
     cfg = load_config(config, extra)
     options = TrainOptions(resume=resume, memory_budget=parse_bytes(memory_budget) if memory_budget else None,
                            device=device, deterministic=deterministic)  # fmt: skip
-    with RichProgress() as progress:
-        report = run_train(shards, store, cfg, options, progress=progress,
+    with RichProgress() as progress, GracefulStop() as stop:
+        report = run_train(shards, store, cfg, options, progress=progress, should_stop=stop,
                            log=lambda message: console.print(message, highlight=False, soft_wrap=True))  # fmt: skip
     table = Table(title=f"training run in {store}" + (" (TRANSDUCTIVE: trained on the test gallery too)"
                                                       if report["transductive"] else ""))  # fmt: skip
@@ -274,9 +278,11 @@ def mine(
 
     params = MineParams(k=k, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
     budget = parse_bytes(memory_budget) if memory_budget else None
-    with RichProgress() as progress:
+    with RichProgress() as progress, GracefulStop() as stop:
         report = run_mine(str(store), params, memory_budget=budget, workers=workers, scheduler=scheduler,
-                          progress=progress)  # fmt: skip
+                          progress=progress, should_stop=stop)  # fmt: skip
+    if "took_over" in report:
+        console.print(report["took_over"], highlight=False, soft_wrap=True)
     table = Table(title=f"DPLM positives of {store}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -340,7 +346,7 @@ def evaluate(
         from wildreid.checkpoint import load_model
         from wildreid.extract import extract_split
         from wildreid.shards.reader import split_entry
-        from wildreid.stores import FeatureStore
+        from wildreid.stores import LOCK_NAME, FeatureStore, WriterLock
 
         wanted = [(name, *pairs[name]) for name in splits[split]]
         sizes = {s: split_entry(shards, s)["num_samples"] for _, q, g in wanted for s in (q, g)}  # before the model
@@ -352,20 +358,21 @@ def evaluate(
         label = digest.hexdigest()[:16]  # extract_split re-extracts rows of another checkpoint
         folder = features_dir if features_dir is not None else checkpoint.parent / "features"
         results = {}
-        with RichProgress() as progress:
+        with RichProgress() as progress, GracefulStop() as stop:
             for name, q_split, g_split in wanted:
                 for s in (q_split, g_split):
                     path = folder / s
-                    if path.exists() and any(path.iterdir()):
-                        store = FeatureStore.open(path, mode="r+")
-                        if (store.count(), store.dim()) != (sizes[s], model.feature_dim):
-                            raise StoreError(f"{path} holds {store.count()} x {store.dim()} features but split {s} "
-                                             f"needs {sizes[s]} x {model.feature_dim}; delete it or pass another "
-                                             "--features-dir")  # fmt: skip
-                    else:
-                        store = FeatureStore.create(path, sizes[s], model.feature_dim)
-                    extract_split(shards, s, model, store, image_size=tuple(config["model"]["image_size"]),
-                                  device=device, progress=progress, label=label)  # fmt: skip
+                    with WriterLock(path):  # extraction writes the group: one writer at a time
+                        if any(p.name != LOCK_NAME for p in path.iterdir()):
+                            store = FeatureStore.open(path, mode="r+")
+                            if (store.count(), store.dim()) != (sizes[s], model.feature_dim):
+                                raise StoreError(f"{path} holds {store.count()} x {store.dim()} features but split "
+                                                 f"{s} needs {sizes[s]} x {model.feature_dim}; delete it or pass "
+                                                 "another --features-dir")  # fmt: skip
+                        else:
+                            store = FeatureStore.create(path, sizes[s], model.feature_dim)
+                        extract_split(shards, s, model, store, image_size=tuple(config["model"]["image_size"]),
+                                      device=device, progress=progress, label=label, should_stop=stop)  # fmt: skip
                 results[name] = evaluate_groups(folder / q_split, folder / g_split, memory_budget=budget,
                                                 device=device, rerank=rerank)  # fmt: skip
                 results[name].update(query_split=q_split, gallery_split=g_split, checkpoint_sha256=label,

@@ -296,9 +296,7 @@ def config_digest(config: Config) -> str:
 
 
 def save_config(config: Config, path: str | Path) -> Path:
-    """Write ``config`` as YAML to ``path`` atomically (``*.partial``, then ``os.replace``)."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    """Write ``config`` as YAML to ``path`` atomically and durably."""
+    from wildreid.stores.durable import atomic_write
+
+    return atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -52,3 +52,19 @@ class ResumeError(WildreidError, ValueError):
     """Resume state does not match the job being resumed."""
 
     exit_code = 7
+
+
+class DamagedDataError(StoreError):
+    """A chunk of a Zarr array or a checkpoint file fails its checksum, or is truncated."""
+
+
+class LockedError(WildreidError, BlockingIOError):
+    """Another live process is writing the same store or shard folder."""
+
+    exit_code = 8
+
+
+class Stopped(WildreidError):
+    """SIGTERM or SIGINT asked the command to stop; it stopped where a re-run resumes."""
+
+    exit_code = 75  # EX_TEMPFAIL (sysexits.h): "try again later", what a scheduler should requeue on

@@ -30,7 +30,6 @@ per-element search). Rank of the k-th match (k from 0) is 1 + k + that count.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -481,22 +480,11 @@ def evaluate_groups(query_path, gallery_path, *, memory_budget: int, device: str
     return out
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write ``path`` whole or not at all: a ``*.partial`` file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    with open(partial, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    return path
-
-
 def write_results(path, results: dict) -> Path:
     """The results as indented JSON, written atomically."""
-    return atomic_write_bytes(path, (json.dumps(results, indent=2, sort_keys=True) + "\n").encode())
+    from wildreid.stores.durable import atomic_write
+
+    return atomic_write(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------- ranked lists for pictures

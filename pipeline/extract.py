@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wildreid.errors import StoreError
+from wildreid.errors import Stopped, StoreError
 from wildreid.shards.reader import ShardDataset, split_entries
 from wildreid.stores import FeatureStore
 from wildreid.transforms import normalise
@@ -55,6 +55,7 @@ def extract_split(
     device="cpu",
     progress: Callable[[str, int, int], None] = lambda phase, advance, total: None,
     label: str = "",
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> FeatureStore:
     """Fill ``store.features`` with the model's features of every sample of ``split``, resumably.
 
@@ -62,7 +63,8 @@ def extract_split(
     splits fills it split after split (a transductive training run). Progress is kept
     in the store's ``extraction`` attribute together with ``label`` (what produced
     the features, e.g. a checkpoint digest): a store extracted by something else
-    starts again from row 0.
+    starts again from row 0. When ``should_stop()`` turns true, :class:`Stopped` is
+    raised after the next whole chunk is written. The caller holds the store's writer lock.
     """
     n = store.count()
     samples = sum(entry["num_samples"] for _, entry, _ in split_entries(shards_root, split))
@@ -71,7 +73,7 @@ def extract_split(
         raise StoreError(f"store {store.path} has {n} rows but split {name} has {samples} samples; "
                          "use a new store path for this split")  # fmt: skip
     meta = {"split": name, "shards": split_fingerprint(shards_root, split), "label": label}
-    state = dict(store.group.attrs).get("extraction", {})
+    state = store.meta("extraction", {})
     done = int(state.get("rows_done", 0)) if state.get("meta") == meta else 0
     chunk = store.chunk_rows
     phase = f"features {name}"
@@ -82,27 +84,29 @@ def extract_split(
     model.eval()
     dataset = ShardDataset(shards_root, split, image_size=image_size, shuffle=False, chunk=min(chunk, 256))
     dataset.set_epoch(0, done)
-    pending: list[np.ndarray] = []
-    ids, camids = store.group["ids"], store.group["camids"]
+    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (features, ids, camids) not yet written
     start = done
     try:
         for images, idx, vid, camid in dataset:
-            expected = np.arange(start + sum(len(p) for p in pending), start + sum(len(p) for p in pending) + len(idx))
-            if not np.array_equal(idx.numpy(), expected):
-                raise StoreError(f"split {name} yielded sample indices out of order at {expected[0]}; "
+            rows = sum(len(p[0]) for p in pending)
+            if not np.array_equal(idx.numpy(), np.arange(start + rows, start + rows + len(idx))):
+                raise StoreError(f"split {name} yielded sample indices out of order at {start + rows}; "
                                  "re-shard the data set")  # fmt: skip
-            pending.append(extract_features(model, images, device))
-            ids[expected[0] : expected[-1] + 1] = vid.numpy()
-            camids[expected[0] : expected[-1] + 1] = camid.numpy()
-            rows = sum(len(p) for p in pending)
+            pending.append((extract_features(model, images, device), vid.numpy(), camid.numpy()))
+            rows += len(idx)
             if rows >= chunk or start + rows >= n:
-                block = np.concatenate(pending)
+                block, vids, camids = (np.concatenate(column) for column in zip(*pending))
                 whole = len(block) if start + len(block) >= n else len(block) // chunk * chunk
+                # labels first: the rows count as done only once the features are written
+                store.write_labels(start, vids[:whole], camids[:whole])
                 store.write_rows(start, block[:whole])
+                pending = [(block[whole:], vids[whole:], camids[whole:])] if whole < len(block) else []
                 start += whole
-                pending = [block[whole:]] if whole < len(block) else []
-                store.group.attrs["extraction"] = {"meta": meta, "rows_done": start}
+                store.set_meta("extraction", {"meta": meta, "rows_done": start})
                 progress(phase, whole, n)
+                if should_stop() and start < n:
+                    raise Stopped(f"extraction of {name} stopped after {start} of {n} rows; "
+                                  "run the same command again to resume")  # fmt: skip
     finally:
         model.train(was_training)
     return store

@@ -21,15 +21,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import faiss
 import numpy as np
-import zarr
 from threadpoolctl import ThreadpoolController
 from wildreid.budget import default_budget, peak_rss_bytes
 from wildreid.dplm import (
@@ -39,9 +38,21 @@ from wildreid.dplm import (
     plan_rows,
     quality_sums,
 )
-from wildreid.errors import ConfigError, StoreError
+from wildreid.errors import ConfigError, Stopped, StoreError
 from wildreid.knn import knn_rows, set_temp_elements
-from wildreid.stores import FeatureStore, PageCache
+from wildreid.stores import FeatureStore, PageCache, WriterLock
+from wildreid.stores.derived import (
+    assemble_positives,
+    graph_reader,
+    knn_pending,
+    mark_complete,
+    open_derived,
+    parts_pending,
+    positives_quality,
+    prepare_knn,
+    write_knn_rows,
+    write_positives_part,
+)
 from wildreid.tasks import run_tasks
 
 __all__ = ["MineParams", "block_plan", "graph_reader", "mine"]
@@ -120,21 +131,6 @@ def _fingerprint(store: FeatureStore, params: MineParams, plan: BlockPlan, stage
     if stage == "rules":
         out["rule_rows"] = plan.rule_rows
     return out
-
-
-def _ensure_group(store: FeatureStore, name: str, fingerprint: dict) -> tuple[zarr.Group, bool]:
-    """The group ``name``, emptied first if it was computed from something else; and whether it is complete."""
-    root = store.group
-    if name in root:
-        group = root[name]
-        if dict(group.attrs).get("fingerprint") == fingerprint:
-            return group, bool(group.attrs.get("complete", False))
-        shutil.rmtree(store.path / name, ignore_errors=True)
-        root = zarr.open_group(str(store.path), mode="r+")
-    group = root.create_group(name)
-    group.attrs["fingerprint"] = fingerprint
-    group.attrs["complete"] = False
-    return group, False
 
 
 def _crash_point(name: str) -> None:
@@ -239,7 +235,6 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int
     _share_cores(plan.workers)
     set_temp_elements(plan.temp_elements)
     store = FeatureStore.open(path, mode="r+")
-    graph = store.group["knn"]
     q0 = block * plan.query_rows
     q1 = min(q0 + plan.query_rows, store.count())
     query = np.asarray(store.features[q0:q1])
@@ -248,10 +243,7 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int
     sim, idx, counts = knn_rows(query, np.arange(q0, q1), lambda dtype: _base_blocks(store, plan.base_rows, cache, dtype),
                                 params.k, threshold=params.threshold, margin=params.margin,
                                 stored_dtype=store.features.dtype)  # fmt: skip
-    graph["indices"][q0:q1] = idx
-    graph["similarities"][q0:q1] = sim
-    graph["counts"][q0:q1] = counts
-    graph["done"][block] = 1
+    write_knn_rows(store, block, q0, idx, sim, counts)
     _crash_point(f"knn:{block}")
     return block
 
@@ -268,7 +260,7 @@ def _cache(store: FeatureStore, name: str, budget: int) -> PageCache:
             # pages of another store, dictionary, array version or budget are of no use any more
             for old in [k for k in _CACHES if k[:2] == key[:2] or k[0] != key[0] or k[2] != key[2]]:
                 del _CACHES[old]
-            array = store.group[name]
+            array = store.array(name)
             budget = max(budget, array.chunks[0] * array.shape[1] * array.dtype.itemsize)
             _CACHES[key] = PageCache(array, host_budget=budget, dtype=array.dtype)
         return _CACHES[key]
@@ -286,7 +278,7 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     set_temp_elements(plan.temp_elements)
     store = FeatureStore.open(path, mode="r+")
     n = store.count()
-    graph = store.group["knn"]
+    graph = {name: store.array(f"knn/{name}") for name in ("indices", "similarities", "counts")}
     r0, r1 = block * plan.rule_rows, min((block + 1) * plan.rule_rows, n)
     features = _cache(store, "features", plan.cache_bytes // 2)
     neighbours = _cache(store, "knn/indices", plan.cache_bytes // 2)
@@ -300,11 +292,7 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     indptr, indices = finish_rows(row_plan, ranks)
     ids, id_sizes = _labels(str(store.path), repr(store.fingerprint()))
     quality = quality_sums(np.arange(r0, r1), indptr, indices, ids, id_sizes)
-    part = zarr.open_group(str(store.path / "positives" / "parts"), mode="a").create_group(f"{block:06d}", overwrite=True)
-    part.create_array("counts", data=np.diff(indptr), chunks=(max(1, r1 - r0),))
-    part.create_array("indices", data=indices if len(indices) else np.zeros(0, np.int64), chunks=(max(1, len(indices)),))
-    part.attrs["quality"] = {**quality, "pending": row_plan.n_pending}
-    part.attrs["complete"] = True
+    write_positives_part(store, block, np.diff(indptr), indices, {**quality, "pending": row_plan.n_pending})
     _crash_point(f"rules:{block}")
     return block
 
@@ -321,133 +309,92 @@ def mine(
     scheduler: str | None = None,
     progress=lambda phase, advance, total: None,
     graph_only: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+    locked: bool = False,
 ) -> dict:
     """Compute the k-NN graph and the DPLM positives of the store at ``path``; returns a report.
 
     ``graph_only`` stops after the k-NN stage (the positives group is left as it is).
+    The store's writer lock is taken for the run unless the caller holds it (``locked``).
+    When ``should_stop()`` turns true, blocks not yet started are skipped and
+    :class:`Stopped` is raised: a re-run resumes after the finished blocks.
     """
     started = time.perf_counter()
-    store = FeatureStore.open(path, mode="r+")
-    n, dim = store.count(), store.dim()
-    if n == 0:
-        raise StoreError(f"{path}/features has no rows")
-    if params.k > n:
-        raise ConfigError(f"graph width K={params.k} is larger than the {n} rows of {path}; use --k {n} or less")
-    check_dplm_args(n=n, graph_width=params.k, threshold=params.threshold,
-                    min_candidates=params.min_candidates, adjacency=params.adjacency)  # fmt: skip
-    budget = memory_budget or default_budget()
-    plan = block_plan(n, dim, store.features.dtype.itemsize, params.k, params.adjacency, budget, workers,
-                      store.chunk_rows)
-    with _one_blas_thread():
-        _LIMITED.append(True)
-        try:
-            timings = _run_stages(store, params, plan, workers, scheduler, progress, graph_only)
-        finally:
-            _LIMITED.clear()
-    if graph_only:
-        report = {"n": n, "dim": dim, **asdict(params), "memory_budget_bytes": budget, "blocks": asdict(plan)}
-    else:
-        report = _report(store, params, plan, budget)
-    report.update(timings, total_s=time.perf_counter() - started,
-                  peak_rss_bytes=peak_rss_bytes())  # fmt: skip
+    lock = None if locked else WriterLock(path)
+    try:
+        store = FeatureStore.open(path, mode="r+")
+        n, dim = store.count(), store.dim()
+        if n == 0:
+            raise StoreError(f"{path}/features has no rows")
+        if params.k > n:
+            raise ConfigError(f"graph width K={params.k} is larger than the {n} rows of {path}; use --k {n} or less")
+        check_dplm_args(n=n, graph_width=params.k, threshold=params.threshold,
+                        min_candidates=params.min_candidates, adjacency=params.adjacency)  # fmt: skip
+        budget = memory_budget or default_budget()
+        plan = block_plan(n, dim, store.features.dtype.itemsize, params.k, params.adjacency, budget, workers,
+                          store.chunk_rows)  # fmt: skip
+        with _one_blas_thread():
+            _LIMITED.append(True)
+            try:
+                timings = _run_stages(store, params, plan, workers, scheduler, progress, graph_only, should_stop)
+            finally:
+                _LIMITED.clear()
+        if graph_only:
+            report = {"n": n, "dim": dim, **asdict(params), "memory_budget_bytes": budget, "blocks": asdict(plan)}
+        else:
+            report = _report(store, params, plan, budget)
+    finally:
+        if lock is not None:
+            lock.release()
+    report.update(timings, total_s=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes())
+    if lock is not None and lock.took_over_message:
+        report["took_over"] = lock.took_over_message
     return report
 
 
+def _stop_if_asked(should_stop: Callable[[], bool], stage: str) -> None:
+    if should_stop():
+        raise Stopped(f"mining stopped during the {stage} stage after its finished blocks; "
+                      "run the same command again to resume")  # fmt: skip
+
+
 def _run_stages(store: FeatureStore, params: MineParams, plan: BlockPlan, workers: int, scheduler, progress,
-                graph_only: bool = False) -> dict:  # fmt: skip
+                graph_only: bool, should_stop: Callable[[], bool]) -> dict:  # fmt: skip
     n = store.count()
     timings = {}
-    graph, complete = _ensure_group(store, "knn", _fingerprint(store, params, plan, "knn"))
+    _, complete = open_derived(store, "knn", _fingerprint(store, params, plan, "knn"))
     blocks = -(-n // plan.query_rows)
     if not complete:
-        for name, dtype, fill in (("indices", "int64", -1), ("similarities", "float64", 0.0)):
-            if name not in graph:
-                graph.create_array(name, shape=(n, params.k), chunks=(plan.query_rows, params.k), dtype=dtype,
-                                   compressors=None, fill_value=fill)  # fmt: skip
-        if "counts" not in graph:
-            graph.create_array("counts", shape=(n,), chunks=(plan.query_rows,), dtype="int64", fill_value=0)
-            graph.create_array("done", shape=(blocks,), chunks=(1,), dtype="uint8", fill_value=0)
-        done = graph["done"][:]
-        todo = [b for b in range(blocks) if not done[b]]
+        prepare_knn(store, params.k, plan.query_rows)
+        todo = knn_pending(store)
         progress("k-NN graph", blocks - len(todo), blocks)
         began = time.perf_counter()
         run_tasks("knn", [(_knn_task, (str(store.path), b, params, plan)) for b in todo], scheduler=scheduler,
                   workers=workers, on_done=lambda: progress("k-NN graph", 1, blocks),
-                  cleanup=_release_buffers)  # fmt: skip
+                  cleanup=_release_buffers, should_stop=should_stop)  # fmt: skip
+        _stop_if_asked(should_stop, "k-NN")
         timings["knn_s"] = time.perf_counter() - began
-        graph.attrs["complete"] = True
+        mark_complete(store, "knn")
     _crash_point("knn-complete")
     if graph_only:
         return timings
 
-    _, complete = _ensure_group(store, "positives", _fingerprint(store, params, plan, "rules"))
+    _, complete = open_derived(store, "positives", _fingerprint(store, params, plan, "rules"))
     if not complete:
         rule_blocks = -(-n // plan.rule_rows)
-        parts = zarr.open_group(str(store.path / "positives" / "parts"), mode="a")
-        todo = [b for b in range(rule_blocks)
-                if f"{b:06d}" not in parts or not parts[f"{b:06d}"].attrs.get("complete", False)]  # fmt: skip
+        todo = parts_pending(store, rule_blocks)
         progress("DPLM rules", rule_blocks - len(todo), rule_blocks)
         began = time.perf_counter()
         run_tasks("rules", [(_rules_task, (str(store.path), b, params, plan)) for b in todo],
-                            scheduler=scheduler, workers=workers,
-                            on_done=lambda: progress("DPLM rules", 1, rule_blocks))  # fmt: skip
+                  scheduler=scheduler, workers=workers, on_done=lambda: progress("DPLM rules", 1, rule_blocks),
+                  should_stop=should_stop)  # fmt: skip
+        _stop_if_asked(should_stop, "rules")
         timings["rules_s"] = time.perf_counter() - began
-        _assemble(store, rule_blocks)
+        assemble_positives(store, rule_blocks)
     return timings
 
 
-def _assemble(store: FeatureStore, rule_blocks: int) -> None:
-    n = store.count()
-    group = store.group["positives"]
-    parts = group["parts"]
-    sizes = np.concatenate([parts[f"{b:06d}"]["counts"][:] for b in range(rule_blocks)])
-    sums = [dict(parts[f"{b:06d}"].attrs["quality"]) for b in range(rule_blocks)]
-    known = all(q["precision"] is not None for q in sums)
-    group.attrs["quality"] = {
-        "precision": sum(q["precision"] for q in sums) / n if known else None,
-        "recall": sum(q["recall"] for q in sums) / n if known else None,
-        "mean_positives": sum(q["positives"] for q in sums) / n,
-        "pending_pairs": sum(q["pending"] for q in sums),
-    }
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(sizes, out=indptr[1:])
-    for name in ("indptr", "indices"):
-        if name in group:
-            del group[name]
-    group.create_array("indptr", data=indptr, chunks=(min(n + 1, 1 << 20),))
-    indices = group.create_array("indices", shape=(int(indptr[-1]),), chunks=(max(1, min(int(indptr[-1]), 1 << 20)),),
-                                 dtype="int64", fill_value=-1)  # fmt: skip
-    position = 0
-    for b in range(rule_blocks):  # streamed: one part in memory at a time
-        part = parts[f"{b:06d}"]["indices"][:]
-        indices[position : position + len(part)] = part
-        position += len(part)
-    group.attrs["complete"] = True
-    shutil.rmtree(store.path / "positives" / "parts", ignore_errors=True)
-
-
-def graph_reader(store: FeatureStore, k: int, host_budget: int):
-    """``rows -> (len(rows), K)`` int64 graph rows of the store's latest complete k-NN graph.
-
-    Reads go through a page cache of ``host_budget`` bytes over ``knn/indices``, so
-    memory is bounded whatever N; when the N x K array fits the budget it ends up
-    wholly resident. ConfigError when the graph is missing, incomplete, of another
-    dictionary size or of another width than ``k``.
-    """
-    graph = store.group["knn"] if "knn" in store.group else None
-    if graph is None or "indices" not in graph or not graph.attrs.get("complete", False):
-        raise ConfigError(f"expected a complete k-NN graph in {store.path}/knn, found "
-                          f"{'none' if graph is None else 'an unfinished one'}; run the mining (wildreid mine) first")  # fmt: skip
-    shape = tuple(graph["indices"].shape)
-    if shape != (store.count(), k):
-        raise ConfigError(f"expected a k-NN graph of shape ({store.count()}, {k}) (rows, mining.k), found {shape}: "
-                          "it belongs to another dictionary or mining; mine this store again")  # fmt: skip
-    array = graph["indices"]
-    cache = PageCache(array, host_budget=max(host_budget, array.chunks[0] * k * 8), dtype=array.dtype)
-    return cache.get_rows
-
-
 def _report(store: FeatureStore, params: MineParams, plan: BlockPlan, budget: int) -> dict:
-    quality = dict(store.group["positives"].attrs["quality"])
+    quality = positives_quality(store)
     return {"n": store.count(), "dim": store.dim(), **asdict(params), **quality,
             "memory_budget_bytes": budget, "blocks": asdict(plan)}  # fmt: skip

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from wildreid.errors import ConfigError, StoreError
-from wildreid.evaluate import atomic_write_bytes, topk_lists
+from wildreid.evaluate import topk_lists
+from wildreid.stores.durable import atomic_write
 
 __all__ = ["cmc_curve", "nice_ticks", "ranked_grid", "render_ranked_lists", "training_curves"]
 
@@ -31,7 +32,7 @@ def _font(size: int = 12):
 def _save(image: Image.Image, path) -> Path:
     buf = io.BytesIO()
     image.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(buf, format="PNG", optimize=True)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- ranked lists

@@ -25,6 +25,10 @@ class _Progress(Callback):
             self.on_done()
 
 
+def _unless_stopped(should_stop: Callable[[], bool], fn: Callable, *args):
+    return None if should_stop() else fn(*args)
+
+
 def run_tasks(
     name: str,
     calls: Sequence[tuple[Callable, tuple]],
@@ -33,8 +37,13 @@ def run_tasks(
     workers: int = 2,
     on_done: Callable[[], None] = lambda: None,
     cleanup: Callable[[], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> list:
     """Run ``fn(*args)`` for every (fn, args) as one dask task each; results in order.
+
+    Once ``should_stop()`` is true, tasks not yet started are skipped (their result is
+    None): on local threads each task asks before it starts; on a cluster the
+    futures not yet finished are cancelled. Tasks that are running finish.
 
     ``scheduler`` None runs on local threads (``workers`` of them); otherwise it
     is the address of a dask.distributed scheduler (e.g. tcp://host:8786).
@@ -43,9 +52,9 @@ def run_tasks(
     """
     if not calls:
         return []
-    tasks = [dask.delayed(fn, pure=False)(*args, dask_key_name=(f"wildreid-{name}", i))
-             for i, (fn, args) in enumerate(calls)]  # fmt: skip
     if scheduler is None:
+        tasks = [dask.delayed(_unless_stopped, pure=False)(should_stop, fn, *args, dask_key_name=(f"wildreid-{name}", i))
+                 for i, (fn, args) in enumerate(calls)]  # fmt: skip
         try:
             with _Progress(on_done):
                 return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
@@ -54,11 +63,16 @@ def run_tasks(
                 cleanup()
     from distributed import Client, as_completed
 
+    tasks = [dask.delayed(fn, pure=False)(*args, dask_key_name=(f"wildreid-{name}", i))
+             for i, (fn, args) in enumerate(calls)]  # fmt: skip
     with Client(scheduler) as client:
         try:
             futures = client.compute(tasks)
-            for _ in as_completed(futures):
+            for future in as_completed(futures):
                 on_done()
+                if should_stop():
+                    client.cancel([f for f in futures if not f.done()])
+                    return [f.result() if f.status == "finished" else None for f in futures]
             return client.gather(futures)
         finally:
             if cleanup is not None:

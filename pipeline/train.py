@@ -44,23 +44,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from wildreid.budget import default_budget, peak_rss_bytes
-from wildreid.checkpoint import (
-    latest_checkpoint,
-    load_positives,
-    load_state,
-    restore_dictionary,
-    save_checkpoint,
-    save_model,
-)
+from wildreid.checkpoint import load_positives, restore_dictionary, resume_checkpoint, save_checkpoint, save_model
 from wildreid.config import Config, config_digest
 from wildreid.dplm import dplm_rows, dplm_rows_bytes, pseudo_label_quality, quality_means, quality_sums
 from wildreid.dtl import batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
-from wildreid.errors import ConfigError, ResumeError, ShardNotFoundError, StoreError
+from wildreid.errors import ConfigError, ResumeError, ShardNotFoundError, Stopped, StoreError
 from wildreid.extract import extract_split
-from wildreid.mining import MineParams, graph_reader, mine
+from wildreid.mining import MineParams, mine
 from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
 from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry
-from wildreid.stores import FeatureStore, PageCache
+from wildreid.signals import ignore_stop_signals
+from wildreid.stores import LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write
+from wildreid.stores.derived import graph_reader, read_positives
 from wildreid.transforms import train_transform
 
 __all__ = ["TrainOptions", "dictionary_sha256", "dictionary_step", "train"]
@@ -69,6 +64,12 @@ SPLIT = "train"
 TRANSDUCTIVE_SPLIT = "gallery"  # VeRi-776's image_test: what the published VeRi-776 run also trained on
 _CRASH_AFTER_STEPS = int(os.environ.get("WILDREID_CRASH_AFTER_STEPS", "-1"))
 Progress = Callable[[str, int, int], None]
+
+
+def _signal_point(name: str) -> None:
+    """Test hook: WILDREID_SIGNAL_AT=<name> sends this process a SIGTERM here (``step:N``, ``extract:E``, ``mine:E``)."""
+    if os.environ.get("WILDREID_SIGNAL_AT") == name:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,10 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and plain values (what ``torch.load(weights_only=True)`` reads back)."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": numpy_state["state"]["key"].tolist(), "pos": int(numpy_state["state"]["pos"])}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -102,7 +106,10 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {"key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32),
+                            "pos": numpy_state["state"]["pos"]}  # fmt: skip
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -122,9 +129,9 @@ def _check_device(device: str) -> torch.device:
 
 def _open_store(path: Path, n: int, dim: int, resume: bool, digest: str) -> FeatureStore:
     """The run's store: created, or reopened for --resume after checking it belongs to this run."""
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
         store = FeatureStore.open(path, mode="r+")
-        run = dict(store.group.attrs).get("train_run")
+        run = store.meta("train_run")
         if run is None:
             raise StoreError(f"{path} holds a store that no training run wrote; choose a new --store path")
         if run["config"] != digest or store.count() != n or store.dim() != dim:
@@ -135,7 +142,7 @@ def _open_store(path: Path, n: int, dim: int, resume: bool, digest: str) -> Feat
                               "or choose a new --store path")  # fmt: skip
         return store
     store = FeatureStore.create(path, n, dim, dtype="float16")
-    store.group.attrs["train_run"] = {"config": digest}
+    store.set_meta("train_run", {"config": digest})
     return store
 
 
@@ -155,17 +162,18 @@ def _self_positives(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int64)
 
 
-def _mine(store: FeatureStore, config: Config, budget: int, workers: int, progress: Progress, graph_only=False):
-    """DPLM on the current dictionary: ``(positives CSR, report)``; ``graph_only``: the k-NN graph, ``(None, report)``."""
-    store.bump_features_version()  # the dictionary moved since the last mining
+def _mine(store: FeatureStore, config: Config, budget: int, workers: int, progress: Progress, should_stop,
+          graph_only=False):  # fmt: skip
+    """DPLM on the current dictionary: ``(positives CSR, report)``; ``graph_only``: the k-NN graph, ``(None, report)``.
+
+    Every write to the features bumped their version, so a graph of older features is not reused.
+    """
     m = config.mining
     report = mine(str(store.path), MineParams(k=m.k, threshold=m.threshold, min_candidates=m.min_candidates,
                                                adjacency=m.adjacency), memory_budget=budget,
-                  workers=max(1, workers), progress=progress, graph_only=graph_only)  # fmt: skip
-    if graph_only:
-        return None, report
-    group = store.group["positives"]
-    return (group["indptr"][:], group["indices"][:]), report
+                  workers=max(1, workers), progress=progress, graph_only=graph_only, should_stop=should_stop,
+                  locked=True)  # fmt: skip
+    return (None if graph_only else read_positives(store)), report
 
 
 def train(
@@ -176,9 +184,27 @@ def train(
     *,
     progress: Progress = lambda phase, advance, total: None,
     log: Callable[[str], None] = lambda message: None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> dict:
-    """Train (or resume) SSML-FD on the ``train`` split of ``shards``; returns the run's report."""
+    """Train (or resume) SSML-FD on the ``train`` split of ``shards``; returns the run's report.
+
+    The store's writer lock is held for the whole run. When ``should_stop()`` turns
+    true (``wildreid.signals.GracefulStop``), the current step finishes, a checkpoint
+    is written and :class:`Stopped` says where; ``--resume`` continues from there.
+    """
     device = _check_device(options.device)
+    lock = WriterLock(store_path)
+    if lock.took_over_message:
+        log(lock.took_over_message)
+    try:
+        return _train(shards, Path(store_path), config, options, device, progress, log, should_stop)
+    finally:
+        lock.release()
+
+
+def _train(shards, store_path: Path, config: Config, options: TrainOptions, device: torch.device, progress, log,
+           should_stop) -> dict:  # fmt: skip
+    """``train`` with the store's lock held."""
     if options.deterministic:
         torch.use_deterministic_algorithms(True)
     tc = config.train
@@ -193,7 +219,6 @@ def train(
     budget = options.memory_budget or default_budget()
     if tc.mining == "batch":
         _check_batch_mining(n, ARCHS[config.model.arch][1], tc.batch_size, config.mining.adjacency, budget)
-    store_path = Path(store_path)
     run_dir = store_path / "train"
 
     store = _open_store(store_path, n, ARCHS[config.model.arch][1], options.resume, config_digest(config))
@@ -212,17 +237,16 @@ def train(
 
     epoch, position, step, history = 0, 0, 0, []
     positives = _self_positives(n)
-    ckpt = latest_checkpoint(run_dir) if options.resume else None
+    found = resume_checkpoint(run_dir, log) if options.resume else None
+    ckpt, state = found if found is not None else (None, {})
     if ckpt is not None:
-        state = load_state(ckpt)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         epoch, position, step, history = state["epoch"], state["position"], state["step"], state["history"]
-        restore_dictionary(ckpt, store.path / "features")
-        store = FeatureStore.open(store.path, mode="r+")
+        restore_dictionary(ckpt, store)
         # an extraction recorded after this checkpoint described rows that were just replaced
-        store.group.attrs["extraction"] = {}
+        store.set_meta("extraction", {})
         positives = load_positives(ckpt)
         log(f"resumed from {ckpt.name}: epoch {epoch}, sample {position}, step {step}")
     _write_history(run_dir, history)
@@ -240,27 +264,41 @@ def train(
     def checkpoint(cache: PageCache, positives, partial: dict) -> None:
         cache.flush()
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                 "epoch": epoch, "position": position, "step": step, "history": history, "partial": partial,
+                 "epoch": epoch, "position": position, "step": step, "history": history, "partial": _plain(partial),
                  "config": config.to_dict()}  # fmt: skip
         save_checkpoint(run_dir, step, state, store.path / "features", positives)
 
-    partial = state.get("partial", {}) if ckpt is not None else {}
+    def stop_here() -> None:
+        if should_stop():
+            raise Stopped(f"stopped at epoch {epoch} step {step}; resume with --resume")
+
+    def epoch_start(positives):
+        """Re-extraction and mining before the epoch's first step; returns the epoch's positives."""
+        if epoch % tc.reextract_every == 0:
+            _signal_point(f"extract:{epoch}")
+            extract_split(shards, splits, model, store, image_size=tuple(config.model.image_size), device=device,
+                          progress=progress, label=f"epoch-{epoch}-step-{step}", should_stop=should_stop)  # fmt: skip
+        _signal_point(f"mine:{epoch}")
+        if tc.is_warmup(epoch):
+            return _self_positives(n)
+        if tc.mining == "epoch" and (epoch - tc.warmup_epochs) % tc.remine_every == 0:
+            return _mine(store, config, budget // 2, tc.workers, progress, should_stop)[0]
+        if use_graph:  # no DPLM this epoch, but graph negatives need a fresh graph
+            _mine(store, config, budget // 2, tc.workers, progress, should_stop, graph_only=True)
+        return positives
+
+    partial = state.get("partial", {})
     while epoch < tc.epochs:
         began = time.perf_counter()
         if position == 0:
             partial = {}
             cache = graph = None  # the last epoch's caches (flushed at its checkpoint): their memory goes to mining
-            if epoch % tc.reextract_every == 0:
-                extract_split(shards, splits, model, store, image_size=tuple(config.model.image_size), device=device,
-                              progress=progress, label=f"epoch-{epoch}-step-{step}")  # fmt: skip
-            mined_graph = False
-            if tc.is_warmup(epoch):
-                positives = _self_positives(n)
-            elif tc.mining == "epoch" and (epoch - tc.warmup_epochs) % tc.remine_every == 0:
-                positives, _ = _mine(store, config, budget // 2, tc.workers, progress)
-                mined_graph = True
-            if use_graph and not mined_graph:  # no DPLM this epoch, but graph negatives need a fresh graph
-                _mine(store, config, budget // 2, tc.workers, progress, graph_only=True)
+            try:
+                stop_here()
+                positives = epoch_start(positives)
+            except Stopped:  # extraction and mining stop after a finished chunk or block: what resume redoes
+                raise Stopped(f"stopped at epoch {epoch} step {step}, before the epoch's first step; "
+                              "resume with --resume") from None  # fmt: skip
         per_batch = tc.mining == "batch" and not tc.is_warmup(epoch)
         labels = _labels(store.ids()) if per_batch else None
         cache = PageCache(store.features, host_budget=max(cache_budget, _page_bytes(store)), dtype=store.features.dtype)
@@ -269,7 +307,7 @@ def train(
         _set_lr(optimizer, config, epoch)
         model.train()
         dataset.set_epoch(epoch, position)
-        loader = DataLoader(dataset, batch_size=None, num_workers=tc.workers,
+        loader = DataLoader(dataset, batch_size=None, num_workers=tc.workers, worker_init_fn=ignore_stop_signals,
                             pin_memory=device.type == "cuda", persistent_workers=False)  # fmt: skip
         losses = partial.get("losses", [])
         seen = partial.get("seen", 0)
@@ -295,8 +333,12 @@ def train(
             steps_here += 1
             progress(f"epoch {epoch}", len(idx), n)
             partial = {"losses": losses, "seen": seen, "mined": mined}
-            if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0 and position < n:
+            _signal_point(f"step:{steps_here}")
+            stopping = should_stop() and position < n  # at the epoch's end its own checkpoint comes first
+            if position < n and (stopping or tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0):
                 checkpoint(cache, positives, partial)
+            if stopping:
+                stop_here()
             if steps_here == _CRASH_AFTER_STEPS:
                 os.kill(os.getpid(), signal.SIGKILL)  # tests: a kill -9 at a chosen step
         quality = quality_means(mined) if per_batch else pseudo_label_quality(*positives, store.ids())
@@ -306,11 +348,13 @@ def train(
                   "mean_positives": quality["mean_positives"], "images_per_s": seen / (time.perf_counter() - began),
                   "peak_rss_bytes": peak_rss_bytes(), "lr": config.train.lr_at(epoch),
                   "transductive": tc.transductive, "negatives": config.loss.negatives}  # fmt: skip
-        history.append(record)
+        history.append(_plain(record))
         epoch, position, partial = epoch + 1, 0, {}
         checkpoint(cache, positives, partial)
         _write_history(run_dir, history)
         log(json.dumps(record))
+        if epoch < tc.epochs:
+            stop_here()
 
     if tc.epochs == 0 or not history:
         # the untrained baseline (--epochs 0): the dictionary is the initial model's features
@@ -399,11 +443,13 @@ def _blocks(cache: PageCache, device):
         yield start, torch.from_numpy(block).to(device).float()
 
 
+def _plain(value):
+    """Plain Python values only (NumPy scalars become floats and ints): what a checkpoint may hold."""
+    return json.loads(json.dumps(value))
+
+
 def _write_history(run_dir: Path, history: list[dict]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "history.jsonl.partial"
-    tmp.write_text("".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
-    tmp.replace(run_dir / "history.jsonl")
+    atomic_write(run_dir / "history.jsonl", "".join(json.dumps(h, sort_keys=True) + "\n" for h in history))
 
 
 def _plot(run_dir: Path, history: list[dict]) -> None:

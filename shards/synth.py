@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from wildreid.errors import ConfigError
+from wildreid.stores.durable import publish
 
 __all__ = ["write_synthetic"]
 
@@ -503,7 +504,7 @@ def write_synthetic(out, *, train_vehicles: int = 120, test_vehicles: int = 40, 
     _write_split_files(tmp / "train_test_split", plan, vehicles, train_vehicles)
     if out.exists():
         out.rmdir()
-    os.replace(tmp, out)
+    publish(tmp, out)
 
     summary = {"out": str(out), "seed": seed, "models": n_models, "colors": len(COLORS), "cameras": cameras,
                "images": n_vehicles * images_per_vehicle,

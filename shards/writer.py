@@ -31,10 +31,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from wildreid.errors import BadImageError, ShardError, ShardNotFoundError
+from wildreid.errors import BadImageError, ShardError, ShardNotFoundError, Stopped
 from wildreid.shards.images import image_extension
 from wildreid.shards.layouts import DatasetIndex, Record, Reject
 from wildreid.shards.tario import BLOCK, ShardSink, file_sha256, padded, read_file
+from wildreid.signals import ignore_stop_signals
+from wildreid.stores.durable import atomic_write, publish
+from wildreid.stores.lock import LOCK_NAME, WriterLock
 
 __all__ = [
     "MANIFEST_NAME",
@@ -232,14 +235,7 @@ def plan_shards(split: str, samples: Sequence[Sample], *, max_samples: int, max_
 
 def _write_receipt(out: Path, plan: ShardPlan, sha256: str, nbytes: int) -> None:
     receipt = out / PROGRESS_DIR / f"{plan.split}-{plan.number:06d}.json"
-    _atomic_write_text(receipt, json.dumps({"plan": plan.digest, "sha256": sha256, "bytes": nbytes}))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(receipt, json.dumps({"plan": plan.digest, "sha256": sha256, "bytes": nbytes}))
 
 
 @dataclass(frozen=True)
@@ -286,7 +282,7 @@ def write_shard(root: str, out: str, plan: ShardPlan) -> ShardResult:
             return ShardResult("", 0, tuple(bad))
         # Receipt first: a shard that exists under its final name always has one.
         _write_receipt(Path(out), plan, sink.sha.hexdigest(), sink.size)
-        os.replace(partial, final)
+        publish(partial, final)
     except OSError as exc:
         partial.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
@@ -319,7 +315,7 @@ def _reusable(out: Path, plan: ShardPlan, known: dict[str, tuple[str, str]]) -> 
     return ShardResult(sha, final.stat().st_size) if sha in expected else None
 
 
-def _write_all(out, source, plans, known, pool, progress) -> dict[str, ShardResult]:
+def _write_all(out, source, plans, known, pool, progress, should_stop) -> dict[str, ShardResult]:
     total = sum(len(p) for p in plans)
     results: dict[str, ShardResult] = {}
     todo = []
@@ -339,6 +335,9 @@ def _write_all(out, source, plans, known, pool, progress) -> dict[str, ShardResu
         results[plan.file] = result
         progress("writing shards", len(plan), total)
         _crash_point(f"shard:{plan.file}")
+        if should_stop():
+            raise Stopped(f"sharding stopped after {plan.file} ({len(results)} of {len(plans)} shards written); "
+                          "run the same command again to resume")  # fmt: skip
     return results
 
 
@@ -346,7 +345,9 @@ def _write_all(out, source, plans, known, pool, progress) -> dict[str, ShardResu
 
 
 def _exit_with_parent(parent: int) -> None:
-    """Pool initializer: a worker whose parent was killed (kill -9, OOM) exits instead of lingering."""
+    """Pool initializer: a worker whose parent was killed (kill -9, OOM) exits instead of lingering;
+    stop signals are its parent's to handle (it finishes the shard it is writing)."""
+    ignore_stop_signals()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -407,7 +408,7 @@ def _check_out_folder(out: Path, source: str, layout: str) -> dict[str, tuple[st
             owner = (j.get("source"), j.get("layout"))
         except ValueError:
             owner = None
-    elif any(out.iterdir()):
+    elif any(p.name != LOCK_NAME for p in out.iterdir()):
         raise ShardError(f"output folder {out} is not empty and holds no wildreid shards; choose a new folder")
     if owner is not None and owner != (source, layout):
         raise ShardError(
@@ -438,11 +439,25 @@ def pack_dataset(
     workers: int = 1,
     strict: bool = False,
     progress: ProgressFn = _no_progress,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> dict:
-    """Shard every split of ``index`` into ``out``; returns the manifest that was written."""
+    """Shard every split of ``index`` into ``out``; returns the manifest that was written.
+
+    The folder's writer lock is held throughout. When ``should_stop()`` turns true,
+    :class:`Stopped` is raised after the shard being written: a re-run reuses every
+    finished shard.
+    """
     if max_samples < 1 or max_bytes < 4 * BLOCK:
         raise ShardError(f"expected --max-samples >= 1 and --max-bytes >= 2048, found {max_samples} and {max_bytes}")
     out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"output {out} exists and is not a folder")
+    _check_out_folder(out, str(index.root), index.layout)  # before the lock file goes into a folder of others
+    with WriterLock(out):
+        return _pack(index, out, max_samples, max_bytes, workers, strict, progress, should_stop)
+
+
+def _pack(index: DatasetIndex, out: Path, max_samples, max_bytes, workers, strict, progress, should_stop) -> dict:
     source = str(index.root)
     known = _check_out_folder(out, source, index.layout)
     pool = worker_pool(workers)
@@ -457,7 +472,7 @@ def pack_dataset(
                 )
         else:
             samples, rejects = stat_records(index, pool=pool, progress=progress)
-        _atomic_write_text(out / PROGRESS_DIR / "job.json", json.dumps({"source": source, "layout": index.layout}))
+        atomic_write(out / PROGRESS_DIR / "job.json", json.dumps({"source": source, "layout": index.layout}))
         _crash_point("scanned")
         while True:
             plans = [
@@ -465,7 +480,7 @@ def pack_dataset(
                 for split, split_samples in samples.items()
                 for plan in plan_shards(split, split_samples, max_samples=max_samples, max_bytes=max_bytes)
             ]
-            results = _write_all(out, source, plans, known, pool, progress)
+            results = _write_all(out, source, plans, known, pool, progress, should_stop)
             bad = {(plan.split, path): reason for plan in plans for path, reason in results[plan.file].bad}
             if not bad:
                 break
@@ -482,7 +497,7 @@ def pack_dataset(
         stale.unlink(missing_ok=True)
     rejects.sort(key=lambda r: (r.split, r.path))
     manifest = _manifest(index, samples, plans, results, rejects, max_samples, max_bytes)
-    _atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    atomic_write(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     _crash_point("manifest")
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     return manifest

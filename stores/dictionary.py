@@ -1,32 +1,39 @@
-"""The feature dictionary: a Zarr v3 group every stage reads and writes.
+"""The feature dictionary: a Zarr v3 group every stage reads and writes through this class.
 
-Layout (all arrays chunked by rows, uncompressed: features do not compress):
+Layout (all arrays chunked by rows; every array wildreid writes ends its codec
+chain with crc32c, so a damaged chunk is found on read):
 
     features          (N, D) float16 (or float32)   one L2-normalised row per image
     ids               (N,)   int64   vehicle id, -1 when unknown (diagnostics only)
     camids            (N,)   int64   camera id, -1 when unknown
     keys              (N,)   str     sample key in the shards
-    knn/indices       (N, K) int64   sigma_i[0:K]: self first, then by similarity
-    knn/similarities  (N, K) float64
-    knn/counts        (N,)   int64   C_i, rows with similarity >= threshold (self included)
-    positives/indptr  (N+1,) int64   CSR of the mined positives, ascending
-    positives/indices (nnz,) int64
+    knn/, positives/  the k-NN graph and the DPLM positives (wildreid.stores.derived)
+    .wildreid.lock    the writer lock (wildreid.stores.lock)
 
 Any group with ``features`` (and optionally ``ids``, ``camids``) is a valid
-input, so features of other models can be mined or evaluated.
+input, so features of other models can be mined or evaluated; stores written
+before checksums existed open and read as before.
+
+``features_version`` (a root attribute) is bumped before every write to the
+features (rows, page write-backs, a restored checkpoint), so a k-NN graph whose
+fingerprint names an older version is never taken for one of these features.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from wildreid.errors import StoreError
+from wildreid.errors import DamagedDataError, StoreError, WildreidError
+from wildreid.stores.durable import DurableLocalStore, fsync_dir, fsync_tree, remove_tree
+from wildreid.stores.lock import LOCK_NAME
 
-__all__ = ["CHUNK_BYTES", "FeatureStore", "rows_per_chunk"]
+__all__ = ["CHUNK_BYTES", "CheckedArray", "FeatureStore", "create_checked_array", "rows_per_chunk"]
 
 CHUNK_BYTES = 16 << 20  # 8-32 MB row chunks: large sequential reads, few files (see README)
 
@@ -35,8 +42,82 @@ def rows_per_chunk(row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return max(1, chunk_bytes // max(1, row_bytes))
 
 
+def create_checked_array(group: zarr.Group, name: str, *, compress: bool = False, **kwargs) -> zarr.Array:
+    """``group.create_array`` with a crc32c checksum after the (optional) zstd compression."""
+    codecs = [ZstdCodec(), Crc32cCodec()] if compress else [Crc32cCodec()]
+    return group.create_array(name, compressors=codecs, **kwargs)
+
+
+def _remedy(store_path: Path, name: str) -> str:
+    top = name.split("/")[0]
+    if top == "features":
+        return ("resume training from its last checkpoint (wildreid train --resume restores the dictionary), "
+                "or extract the features again into a new store")  # fmt: skip
+    if top in ("knn", "positives"):
+        return f"remove {store_path / top} and run 'wildreid mine' (or training with --resume) to compute it again"
+    return "extract the features again into a new store"
+
+
+class CheckedArray:
+    """A Zarr array whose reads turn a damaged chunk (checksum, truncation) into one DamagedDataError.
+
+    Everything else (``shape``, ``chunks``, ``dtype``, writes) is the array's own; ``on_write``
+    runs before every write.
+    """
+
+    def __init__(self, array: zarr.Array, store_path: Path, on_write=None):
+        self.array = array
+        self.store_path = store_path
+        self.on_write = on_write
+
+    def __getattr__(self, name):
+        return getattr(self.array, name)
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def __getitem__(self, selection):
+        try:
+            return self.array[selection]
+        except WildreidError:
+            raise
+        except Exception as exc:  # zarr's decoders raise ValueError, RuntimeError, ... for a bad chunk
+            damaged = self._find_damage(selection)
+            if damaged is None:
+                raise  # every chunk reads alone: not damage, a real bug
+            raise damaged from None
+
+    def __setitem__(self, selection, values) -> None:
+        if self.on_write is not None:
+            self.on_write()
+        self.array[selection] = values
+
+    def _find_damage(self, selection) -> DamagedDataError | None:
+        rows = self.array.chunks[0]
+        first = selection[0] if isinstance(selection, tuple) else selection
+        if isinstance(first, slice):
+            start, stop, _ = first.indices(self.array.shape[0])
+            chunks = range(start // rows, -(-stop // rows))
+        elif first is Ellipsis:
+            chunks = range(-(-self.array.shape[0] // rows))
+        else:
+            chunks = np.unique(np.atleast_1d(np.asarray(first, dtype=np.int64)) // rows).tolist()
+        for chunk in chunks:
+            lo, hi = chunk * rows, min((chunk + 1) * rows, self.array.shape[0])
+            try:
+                self.array[lo:hi]
+            except Exception as exc:
+                why = "fails its checksum" if "checksum" in str(exc) else f"cannot be decoded ({exc})"
+                key = "/".join(["c", str(chunk)] + ["0"] * (len(self.array.shape) - 1))
+                name = self.array.path
+                return DamagedDataError(f"chunk {chunk} of {name} (rows {lo}-{hi - 1}, file "
+                                        f"{self.store_path / name / key}) {why}: the store is damaged; "
+                                        f"{_remedy(self.store_path, name)}")  # fmt: skip
+        return None
+
+
 class FeatureStore:
-    """A thin synchronous wrapper over the Zarr group; ``read_only`` is checked in one place."""
+    """The only door to a store's Zarr group; ``read_only`` is checked in one place."""
 
     def __init__(self, path: str | Path, group: zarr.Group, read_only: bool):
         self.path = Path(path)
@@ -45,7 +126,7 @@ class FeatureStore:
         if "features" not in group or len(group["features"].shape) != 2:
             raise StoreError(f"{path} has no 2-D 'features' array; expected a store written by wildreid or "
                              "any Zarr group with features (N, D)")  # fmt: skip
-        self.features = group["features"]
+        self.features = self.array("features")
         n = self.features.shape[0]
         for name in ("ids", "camids"):
             if name in group and group[name].shape != (n,):
@@ -57,8 +138,13 @@ class FeatureStore:
     def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
         if not Path(path).exists():
             raise StoreError(f"store {path} does not exist; create it with 'wildreid train' or pass a Zarr group")
+        if mode != "r":
+            _finish_features_swap(Path(path))
+        elif not (Path(path) / "features").exists() and (Path(path) / "features.old").exists():
+            raise StoreError(f"{path} was interrupted while restoring a checkpoint's dictionary; "
+                             "run 'wildreid train --resume' (or open it for writing) to finish that")  # fmt: skip
         try:
-            group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+            group = zarr.open_group(store=DurableLocalStore(str(path), read_only=mode == "r"), mode="r" if mode == "r" else "r+")
         except (FileNotFoundError, ValueError, KeyError) as exc:
             raise StoreError(f"{path} is not a Zarr group ({exc})") from None
         return cls(path, group, read_only=mode == "r")
@@ -78,19 +164,21 @@ class FeatureStore:
     ) -> FeatureStore:
         if dtype not in ("float16", "float32"):
             raise StoreError(f"feature dtype must be float16 or float32, found {dtype}")
-        if Path(path).exists() and any(Path(path).iterdir()):
+        path = Path(path)
+        if path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
             raise StoreError(f"{path} exists and is not empty; choose a new store path")
-        group = zarr.open_group(str(path), mode="w")
+        path.mkdir(parents=True, exist_ok=True)
+        group = zarr.open_group(store=DurableLocalStore(str(path)), mode="a")  # "w" would also clear the lock file
         rows = rows_per_chunk(dim * np.dtype(dtype).itemsize, chunk_bytes)
-        group.create_array("features", shape=(n, dim), chunks=(min(rows, max(n, 1)), dim), dtype=dtype,
-                           compressors=None, fill_value=0)  # fmt: skip
+        create_checked_array(group, "features", shape=(n, dim), chunks=(min(rows, max(n, 1)), dim), dtype=dtype,
+                             fill_value=0)  # fmt: skip
         for name, values in (("ids", ids), ("camids", camids)):
-            arr = group.create_array(name, shape=(n,), chunks=(max(min(n, 1 << 20), 1),), dtype="int64",
-                                     compressors=None, fill_value=-1)  # fmt: skip
+            arr = create_checked_array(group, name, shape=(n,), chunks=(max(min(n, 1 << 20), 1),), dtype="int64",
+                                       fill_value=-1)  # fmt: skip
             if values is not None:
                 arr[:] = np.asarray(values, dtype=np.int64)
         if keys is not None:
-            arr = group.create_array("keys", shape=(n,), chunks=(max(min(n, 1 << 18), 1),), dtype=str)
+            arr = create_checked_array(group, "keys", shape=(n,), chunks=(max(min(n, 1 << 18), 1),), dtype=str)
             arr[:] = np.asarray(keys, dtype=str)
         group.attrs["wildreid"] = {"format": "wildreid-store", "version": 1, "features_version": 0}
         return cls(path, group, read_only=False)
@@ -98,6 +186,13 @@ class FeatureStore:
     def _check_writable(self) -> None:
         if self.read_only:
             raise StoreError(f"store {self.path} is open read-only")
+
+    def array(self, name: str) -> CheckedArray:
+        """The array ``name`` (e.g. ``knn/indices``), its reads checked; writes to ``features`` bump its version."""
+        if name not in self.group:
+            raise StoreError(f"{self.path} has no array {name!r}; expected it from an earlier stage")
+        on_write = self.bump_features_version if name == "features" else None
+        return CheckedArray(self.group[name], self.path, on_write)
 
     # ------------------------------------------------------------------ the data interface
 
@@ -112,10 +207,10 @@ class FeatureStore:
         return self.features.chunks[0]
 
     def ids(self) -> np.ndarray:
-        return self.group["ids"][:] if "ids" in self.group else np.full(self.count(), -1, dtype=np.int64)
+        return self.array("ids")[:] if "ids" in self.group else np.full(self.count(), -1, dtype=np.int64)
 
     def camids(self) -> np.ndarray:
-        return self.group["camids"][:] if "camids" in self.group else np.full(self.count(), -1, dtype=np.int64)
+        return self.array("camids")[:] if "camids" in self.group else np.full(self.count(), -1, dtype=np.int64)
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32."""
@@ -131,16 +226,31 @@ class FeatureStore:
             raise StoreError(f"expected rows of dimension {self.dim()}, found shape {block.shape}")
         self.features[start : start + len(block)] = block.astype(self.features.dtype)
 
+    def write_labels(self, start: int, ids: np.ndarray, camids: np.ndarray) -> None:
+        self._check_writable()
+        self.group["ids"][start : start + len(ids)] = ids
+        self.group["camids"][start : start + len(camids)] = camids
+
+    # ------------------------------------------------------------------ attributes
+
+    def meta(self, name: str, default=None):
+        """The root attribute ``name`` (e.g. ``train_run``, ``extraction``)."""
+        return dict(self.group.attrs).get(name, default)
+
+    def set_meta(self, name: str, value) -> None:
+        self._check_writable()
+        self.group.attrs[name] = value
+
     # ------------------------------------------------------------------ provenance
 
     @property
     def features_version(self) -> int:
         """Bumped by every writer that changes the dictionary, so derived arrays know they are stale."""
-        return int(dict(self.group.attrs).get("wildreid", {}).get("features_version", 0))
+        return int(self.meta("wildreid", {}).get("features_version", 0))
 
     def bump_features_version(self) -> None:
         self._check_writable()
-        meta = dict(dict(self.group.attrs).get("wildreid", {}))
+        meta = dict(self.meta("wildreid", {}))
         meta["features_version"] = int(meta.get("features_version", 0)) + 1
         self.group.attrs["wildreid"] = meta
 
@@ -148,3 +258,53 @@ class FeatureStore:
         """What derived results (k-NN graph, positives) depend on."""
         return {"n": self.count(), "dim": self.dim(), "dtype": str(self.features.dtype),
                 "features_version": self.features_version}  # fmt: skip
+
+    # ------------------------------------------------------------------ features as a whole
+
+    def replace_features(self, source: Path) -> None:
+        """Make a copy of the array folder ``source`` (a checkpoint's dictionary) the store's ``features``.
+
+        Crash-safe: the copy is made and fsynced as ``features.restore`` first; a kill -9
+        between the two renames that follow leaves ``features.old`` or ``features.restore``,
+        and the next opening for writing finishes or undoes the swap, so the store is never
+        left without features.
+        """
+        self._check_writable()
+        self.bump_features_version()
+        building, incoming = self.path / "features.copying", self.path / "features.restore"
+        remove_tree(building)
+        shutil.copytree(source, building)
+        fsync_tree(building)
+        building.rename(incoming)
+        fsync_dir(self.path)
+        outgoing = self.path / "features.old"
+        remove_tree(outgoing)
+        (self.path / "features").rename(outgoing)
+        fsync_dir(self.path)
+        incoming.rename(self.path / "features")
+        fsync_dir(self.path)
+        remove_tree(outgoing)
+        self.group = zarr.open_group(store=DurableLocalStore(str(self.path)), mode="r+")
+        self.features = self.array("features")
+
+    def remove(self, name: str) -> None:
+        """Remove a derived group or array (``knn``, ``positives``, ``positives/parts``), durably."""
+        self._check_writable()
+        remove_tree(self.path / name)
+        self.group = zarr.open_group(store=DurableLocalStore(str(self.path)), mode="r+")
+        self.features = self.array("features")
+
+
+def _finish_features_swap(path: Path) -> None:
+    """Complete or undo a ``replace_features`` that a crash interrupted (see there)."""
+    features, incoming, outgoing = path / "features", path / "features.restore", path / "features.old"
+    if not features.exists():
+        if incoming.exists():
+            incoming.rename(features)  # the copy was whole before the first rename: finish the swap
+        elif outgoing.exists():
+            outgoing.rename(features)
+        else:
+            return
+        fsync_dir(path)
+    for leftover in (path / "features.copying", incoming, outgoing):
+        remove_tree(leftover)

@@ -1,0 +1,65 @@
+"""Graceful stop on SIGTERM / SIGINT: the handler only records the request; the work stops at a safe point.
+
+Schedulers (SLURM, Kubernetes, spot instances) send SIGTERM and allow a grace
+period. Saving from inside a signal handler could interrupt a half-written
+file; instead the handler sets a flag, and each long loop asks ``stop()`` at the
+points where stopping loses nothing (after a training step, an extraction
+chunk, a mining block, a shard) and raises :class:`wildreid.errors.Stopped`.
+A second signal means "now": the default action is restored and the signal
+re-raised, so the process ends at once with 128 + the signal's number (what
+resumes then is whatever the last checkpoint or finished block holds).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+__all__ = ["GracefulStop", "ignore_stop_signals"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class GracefulStop:
+    """Context manager installing the handlers; calling the object says whether a stop was asked for."""
+
+    def __init__(self, signals=STOP_SIGNALS):
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else ""
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+def ignore_stop_signals(*_args) -> None:
+    """Worker initializer: a DataLoader or pool worker ignores SIGTERM/SIGINT and leaves stopping to its parent.
+
+    A terminal's Ctrl-C and SLURM's scancel signal every process of the job; a worker
+    that died of it would turn a graceful stop into a "worker exited unexpectedly" crash.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

@@ -1,0 +1,148 @@
+"""Durable writes: the one way wildreid puts a file or a folder in place.
+
+A write is durable after a kill -9 when it is atomic (the final name appears
+only once the content is whole) and after a power loss when, in addition, the
+content and the directory entry have reached the disk. Every writer in
+wildreid goes through :func:`atomic_write` (files), :func:`publish` (a folder or
+file written under a temporary name) or :class:`DurableLocalStore` (Zarr
+chunks and metadata), which all follow the same order:
+
+    write <name>.<pid>.partial -> fsync it -> rename over <name> -> fsync the folder
+
+Without the last fsync a rename may be lost by a power cut even though the
+file's data reached the disk (see fsync(2): "Calling fsync() does not
+necessarily ensure that the entry in the directory containing the file has
+also reached disk").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from zarr.storage import LocalStore
+
+__all__ = ["DurableLocalStore", "atomic_write", "fsync_dir", "fsync_tree", "partial_name", "publish", "remove_tree"]
+
+
+def partial_name(path: Path) -> Path:
+    """The temporary name of ``path`` while it is written; the pid keeps two processes' attempts apart."""
+    return path.with_name(f"{path.name}.{os.getpid()}.partial")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of folder ``path`` (renames, new files, removals) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and every folder below ``root`` (a tree written before it is published)."""
+    root = Path(root)
+    if root.is_file():
+        with open(root, "rb") as f:
+            os.fsync(f.fileno())
+        return
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def _partial_file(path: Path) -> Iterator[tuple[Path, BinaryIO]]:
+    tmp = partial_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield tmp, f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` whole or not at all, durably; ``data`` is bytes, text (UTF-8) or ``writer(file)``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _partial_file(path) as (tmp, f):
+        if callable(data):
+            data(f)
+        else:
+            f.write(data.encode() if isinstance(data, str) else data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def publish(tmp: str | Path, final: str | Path) -> Path:
+    """Put the finished file or folder ``tmp`` in place as ``final`` (replacing a file, not a folder), durably."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return final
+
+
+def remove_tree(path: str | Path) -> None:
+    """Remove a folder (or file) if it exists, and make the removal durable."""
+    path = Path(path)
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    else:
+        return
+    fsync_dir(path.parent)
+
+
+def _put_durably(path: Path, value, exclusive: bool) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Zarr's own name for an unfinished chunk, so its tools recognise leftovers
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            written = f.write(value.as_buffer_like())
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, path)  # FileExistsError when another writer got there first
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return written
+
+
+class DurableLocalStore(LocalStore):
+    """zarr's LocalStore whose chunk and metadata writes are fsynced, file and folder.
+
+    zarr-python (>= 3.1.3) already writes each key under a temporary name and
+    renames it, so a kill -9 never leaves half a chunk; it does not fsync, so a
+    power loss could. This store adds the two fsyncs of :func:`atomic_write`.
+    """
+
+    async def _set(self, key: str, value, exclusive: bool = False) -> None:
+        import asyncio
+
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        await asyncio.to_thread(_put_durably, self.root / key, value, exclusive)
