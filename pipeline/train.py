@@ -280,8 +280,8 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
                           progress=progress, label=f"epoch-{epoch}-step-{step}", should_stop=should_stop)  # fmt: skip
         _signal_point(f"mine:{epoch}")
         if tc.is_warmup(epoch):
-            return _self_positives(n)
-        if tc.mining == "epoch" and (epoch - tc.warmup_epochs) % tc.remine_every == 0:
+            positives = _self_positives(n)
+        elif tc.mining == "epoch" and (epoch - tc.warmup_epochs) % tc.remine_every == 0:
             return _mine(store, config, budget // 2, tc.workers, progress, should_stop)[0]
         if use_graph:  # no DPLM this epoch, but graph negatives need a fresh graph
             _mine(store, config, budget // 2, tc.workers, progress, should_stop, graph_only=True)
