@@ -53,6 +53,7 @@ from wildreid.stores.derived import (
     write_knn_rows,
     write_positives_part,
 )
+from wildreid.signals import signal_point
 from wildreid.tasks import run_tasks
 
 __all__ = ["MineParams", "block_plan", "graph_reader", "mine"]
@@ -245,6 +246,7 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int
                                 stored_dtype=store.features.dtype)  # fmt: skip
     write_knn_rows(store, block, q0, idx, sim, counts)
     _crash_point(f"knn:{block}")
+    signal_point(f"knn:{block}")
     return block
 
 
@@ -294,6 +296,7 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     quality = quality_sums(np.arange(r0, r1), indptr, indices, ids, id_sizes)
     write_positives_part(store, block, np.diff(indptr), indices, {**quality, "pending": row_plan.n_pending})
     _crash_point(f"rules:{block}")
+    signal_point(f"rules:{block}")
     return block
 
 

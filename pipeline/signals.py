@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 
-__all__ = ["GracefulStop", "ignore_stop_signals"]
+__all__ = ["GracefulStop", "ignore_stop_signals", "signal_point"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -53,6 +53,16 @@ class GracefulStop:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+def signal_point(name: str) -> None:
+    """Test hook: WILDREID_SIGNAL_AT=<name> sends this process a SIGTERM here, as a scheduler would.
+
+    Points: ``step:N`` (after the N-th training step of the process), ``extract:E`` and
+    ``mine:E`` (training, epoch E), ``knn:B`` and ``rules:B`` (a mining block), ``shard:FILE``.
+    """
+    if os.environ.get("WILDREID_SIGNAL_AT") == name:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def ignore_stop_signals(*_args) -> None:

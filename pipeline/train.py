@@ -53,7 +53,7 @@ from wildreid.extract import extract_split
 from wildreid.mining import MineParams, mine
 from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
 from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry
-from wildreid.signals import ignore_stop_signals
+from wildreid.signals import ignore_stop_signals, signal_point
 from wildreid.stores import LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write
 from wildreid.stores.derived import graph_reader, read_positives
 from wildreid.transforms import train_transform
@@ -65,11 +65,6 @@ TRANSDUCTIVE_SPLIT = "gallery"  # VeRi-776's image_test: what the published VeRi
 _CRASH_AFTER_STEPS = int(os.environ.get("WILDREID_CRASH_AFTER_STEPS", "-1"))
 Progress = Callable[[str, int, int], None]
 
-
-def _signal_point(name: str) -> None:
-    """Test hook: WILDREID_SIGNAL_AT=<name> sends this process a SIGTERM here (``step:N``, ``extract:E``, ``mine:E``)."""
-    if os.environ.get("WILDREID_SIGNAL_AT") == name:
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -275,10 +270,10 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
     def epoch_start(positives):
         """Re-extraction and mining before the epoch's first step; returns the epoch's positives."""
         if epoch % tc.reextract_every == 0:
-            _signal_point(f"extract:{epoch}")
+            signal_point(f"extract:{epoch}")
             extract_split(shards, splits, model, store, image_size=tuple(config.model.image_size), device=device,
                           progress=progress, label=f"epoch-{epoch}-step-{step}", should_stop=should_stop)  # fmt: skip
-        _signal_point(f"mine:{epoch}")
+        signal_point(f"mine:{epoch}")
         if tc.is_warmup(epoch):
             positives = _self_positives(n)
         elif tc.mining == "epoch" and (epoch - tc.warmup_epochs) % tc.remine_every == 0:
@@ -333,7 +328,7 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
             steps_here += 1
             progress(f"epoch {epoch}", len(idx), n)
             partial = {"losses": losses, "seen": seen, "mined": mined}
-            _signal_point(f"step:{steps_here}")
+            signal_point(f"step:{steps_here}")
             stopping = should_stop() and position < n  # at the epoch's end its own checkpoint comes first
             if position < n and (stopping or tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0):
                 checkpoint(cache, positives, partial)

@@ -35,7 +35,7 @@ from wildreid.errors import BadImageError, ShardError, ShardNotFoundError, Stopp
 from wildreid.shards.images import image_extension
 from wildreid.shards.layouts import DatasetIndex, Record, Reject
 from wildreid.shards.tario import BLOCK, ShardSink, file_sha256, padded, read_file
-from wildreid.signals import ignore_stop_signals
+from wildreid.signals import ignore_stop_signals, signal_point
 from wildreid.stores.durable import atomic_write, publish
 from wildreid.stores.lock import LOCK_NAME, WriterLock
 
@@ -335,6 +335,7 @@ def _write_all(out, source, plans, known, pool, progress, should_stop) -> dict[s
         results[plan.file] = result
         progress("writing shards", len(plan), total)
         _crash_point(f"shard:{plan.file}")
+        signal_point(f"shard:{plan.file}")
         if should_stop():
             raise Stopped(f"sharding stopped after {plan.file} ({len(results)} of {len(plans)} shards written); "
                           "run the same command again to resume")  # fmt: skip
