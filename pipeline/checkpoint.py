@@ -26,6 +26,7 @@ import hashlib
 import json
 import pickle
 import shutil
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -196,7 +197,9 @@ def safe_torch_load(path: Path, what: str) -> object:
     a truncated or damaged one) is one ResumeError saying what was found.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on legacy pickles: the error below says it better
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         found = _what_it_is(path)
         detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__

@@ -1,0 +1,355 @@
+"""Nothing lost, nothing silently wrong: writer locks, checksums, damaged checkpoints, safe loading, durable swaps."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from test_mining import clustered, make_store
+from test_train import final_json, train_cli
+from typer.testing import CliRunner
+from wildreid.checkpoint import latest_checkpoint, load_model
+from wildreid.cli import app
+from wildreid.errors import DamagedDataError, LockedError, ResumeError, StoreError
+from wildreid.mining import mine
+from wildreid.stores import LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write
+from wildreid.stores.derived import read_positives
+
+runner = CliRunner()
+MINE = ["--k", "11", "--adjacency", "10", "--memory-budget", "200MiB", "--workers", "1"]
+
+
+def _one_error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in output, output[-3000:]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- writer locks
+
+
+def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
+    folder = tmp_path / "store"
+    folder.mkdir()
+    with WriterLock(folder, "wildreid train --store store") as held:
+        assert held.took_over is None
+        probe = "from wildreid.stores import WriterLock; import sys; WriterLock(sys.argv[1])"
+        run = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True)
+        assert run.returncode != 0 and "LockedError" in run.stderr
+        assert f"pid {os.getpid()}" in run.stderr and "wildreid train --store store" in run.stderr
+    assert (folder / LOCK_NAME).read_text() == ""  # released: empty, and free for the next writer
+    with WriterLock(folder) as again:
+        assert again.took_over is None
+
+
+def test_a_lock_left_by_kill_9_is_taken_over(tmp_path):
+    folder = tmp_path / "store"
+    folder.mkdir()
+    holder = "from wildreid.stores import WriterLock; import os, sys; WriterLock(sys.argv[1], 'victim'); os.kill(os.getpid(), 9)"
+    run = subprocess.run([sys.executable, "-c", holder, str(folder)], capture_output=True, text=True)
+    assert run.returncode == -signal.SIGKILL
+    assert '"command": "victim"' in (folder / LOCK_NAME).read_text()  # the dead holder's record is still there
+    with WriterLock(folder) as lock:
+        assert lock.took_over["command"] == "victim"
+        assert "victim" in lock.took_over_message and "without releasing it" in lock.took_over_message
+
+
+def test_a_failed_command_leaves_no_folder_behind(tmp_path):
+    with WriterLock(tmp_path / "new"):
+        pass
+    assert not (tmp_path / "new").exists()
+
+
+@contextlib.contextmanager
+def _held_by_another_process(folder: Path, command: str):
+    """The writer lock of ``folder`` held by a live child process (POSIX locks belong to processes)."""
+    holder = ("from wildreid.stores import WriterLock; import sys, time; WriterLock(sys.argv[1], sys.argv[2]); "
+              "print('held', flush=True); time.sleep(120)")  # fmt: skip
+    with subprocess.Popen([sys.executable, "-c", holder, str(folder), command], stdout=subprocess.PIPE,
+                          text=True) as proc:  # fmt: skip
+        try:
+            assert proc.stdout.readline().strip() == "held"
+            yield proc
+        finally:
+            proc.kill()
+
+
+def test_shard_and_mine_refuse_a_folder_being_written(veriwild_root, tmp_path):
+    out = tmp_path / "shards"
+    with _held_by_another_process(out, "wildreid shard (the other one)"):
+        result = runner.invoke(app, ["shard", str(veriwild_root), str(out), "--max-samples", "12"])
+    assert result.exit_code == LockedError.exit_code
+    assert "wildreid shard (the other one)" in _one_error_line(result.output)
+    assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # nothing was written
+
+    x, labels = clustered(600, 16, clusters=20, noise=0.5)
+    store = make_store(tmp_path / "s.zarr", x, labels)
+    with _held_by_another_process(store, "wildreid train (the other one)"):
+        result = runner.invoke(app, ["mine", "--store", str(store), *MINE])
+    assert result.exit_code == LockedError.exit_code
+    assert "wildreid train (the other one)" in _one_error_line(result.output)
+    assert "knn" not in zarr.open_group(str(store), mode="r")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shard_root, tmp_path_factory) -> dict:
+    return final_json(train_cli(shard_root, tmp_path_factory.mktemp("run") / "store"))
+
+
+def _wait_for_lock(folder: Path, proc: subprocess.Popen) -> None:
+    for _ in range(600):
+        if (folder / LOCK_NAME).exists() and (folder / LOCK_NAME).read_text():
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError("the first writer never took the lock")
+
+
+def test_two_trainings_and_a_mining_on_one_store(uninterrupted, shard_root, tmp_path):
+    """train/train and train/mine: the second writer exits 8 at once, the first ends as if alone."""
+    from test_stop import _train_cmd
+
+    store = tmp_path / "store"
+    first = subprocess.Popen(_train_cmd(shard_root, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_lock(store, first)
+    second = train_cli(shard_root, store, "--resume")
+    mining = subprocess.run([sys.executable, "-m", "wildreid.cli", "mine", "--store", str(store), *MINE],
+                            capture_output=True, text=True)  # fmt: skip
+    out, err = first.communicate(timeout=600)
+    for refused in (second, mining):
+        assert refused.returncode == LockedError.exit_code, refused.stderr[-2000:]
+        line = _one_error_line(refused.stderr)
+        assert f"pid {first.pid}" in line and "train" in line
+    assert first.returncode == 0, err[-3000:]
+    alone = final_json(subprocess.CompletedProcess(first.args, 0, out, err))
+    assert alone["weights_sha256"] == uninterrupted["weights_sha256"]
+    assert alone["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
+
+
+# --------------------------------------------------------------------------- checksums
+
+
+def _chunk_file(store: Path, name: str, chunk: int = 0) -> Path:
+    ndim = len(zarr.open_group(str(store), mode="r")[name].shape)
+    return store / name / "c" / str(chunk) / Path(*(["0"] * (ndim - 1)))
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 3] ^= 0x10
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def mined_store(tmp_path_factory) -> Path:
+    x, labels = clustered(700, 16, clusters=25, noise=0.5)
+    store = make_store(tmp_path_factory.mktemp("mined") / "s.zarr", x, labels)
+    mine(str(store), params_from(MINE), memory_budget=200 << 20, workers=1)
+    return store
+
+
+def params_from(args: list[str]):
+    from wildreid.mining import MineParams
+
+    return MineParams(k=int(args[1]), adjacency=int(args[3]))
+
+
+@pytest.mark.parametrize("name", ["features", "ids", "knn/indices", "knn/similarities", "knn/counts",
+                                  "positives/indptr", "positives/indices"])  # fmt: skip
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_damaged_chunk_is_found_and_named(mined_store, tmp_path, name, how):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(mined_store, store)
+    chunk = 1 if name == "features" else 0  # features in chunks of 128 rows; the others in one chunk
+    _damage(_chunk_file(store, name, chunk), how)
+    opened = FeatureStore.open(store)
+    with pytest.raises(DamagedDataError) as caught:
+        opened.array(name)[:]
+    message = str(caught.value)
+    assert f"chunk {chunk} of {name}" in message and str(_chunk_file(store, name, chunk)) in message
+    assert "fails its checksum" in message  # a truncated chunk's last 4 bytes are not its checksum either
+    top = name.split("/")[0]
+    expected = {"features": "wildreid train --resume", "knn": "run 'wildreid mine'", "positives": "run 'wildreid mine'",
+                "ids": "extract the features again"}[top]  # fmt: skip
+    assert expected in message
+    assert "\n" not in message
+    if name == "features":  # the rows of the other chunks still read
+        assert opened.read_rows(0, 128).shape == (128, 16) and opened.read_rows(256, 700).shape == (444, 16)
+
+
+def test_mine_reports_damaged_features_and_graph_in_one_line(tmp_path):
+    x, labels = clustered(700, 16, clusters=25, noise=0.5)
+    store = make_store(tmp_path / "s.zarr", x, labels)
+    _damage(_chunk_file(store, "features", 2), "flip")
+    result = runner.invoke(app, ["mine", "--store", str(store), *MINE])
+    assert result.exit_code == StoreError.exit_code
+    assert "chunk 2 of features" in _one_error_line(result.output)
+
+    store = make_store(tmp_path / "t.zarr", x, labels)
+    cmd = [sys.executable, "-m", "wildreid.cli", "mine", "--store", str(store), *MINE]
+    crashed = subprocess.run(cmd, env={**os.environ, "WILDREID_CRASH_AT": "knn-complete"}, capture_output=True)
+    assert crashed.returncode == -signal.SIGKILL
+    _damage(_chunk_file(store, "knn/indices", 0), "truncate")
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == StoreError.exit_code
+    line = _one_error_line(run.stderr)
+    assert "chunk 0 of knn/indices" in line and f"remove {store / 'knn'}" in line
+    shutil.rmtree(store / "knn")  # what the message says to do
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    clean = make_store(tmp_path / "clean.zarr", x, labels)
+    mine(str(clean), params_from(MINE), memory_budget=200 << 20, workers=1)
+    assert np.array_equal(read_positives(FeatureStore.open(clean))[1], read_positives(FeatureStore.open(store))[1])
+
+
+def test_stores_without_checksums_still_open_and_damage_is_still_caught(tmp_path):
+    group = zarr.open_group(str(tmp_path / "old.zarr"), mode="w")
+    array = group.create_array("features", shape=(8, 4), chunks=(4, 4), dtype="float32", compressors=None)
+    array[:] = np.arange(32, dtype=np.float32).reshape(8, 4)
+    store = FeatureStore.open(tmp_path / "old.zarr")
+    assert store.read_rows(0, 8).sum() == np.arange(32).sum()
+    _damage(tmp_path / "old.zarr" / "features" / "c" / "1" / "0", "truncate")
+    with pytest.raises(DamagedDataError, match="chunk 1 of features .* cannot be decoded"):
+        FeatureStore.open(tmp_path / "old.zarr").read_rows(0, 8)
+
+
+def test_every_write_path_changes_the_fingerprint(tmp_path):
+    """A k-NN graph is reused only for the very features it was computed from."""
+    x, labels = clustered(600, 16, clusters=20, noise=0.5)
+    path = make_store(tmp_path / "s.zarr", x, labels)
+    store = FeatureStore.open(path, mode="r+")
+    seen = [store.fingerprint()]
+    store.write_rows(0, x[:10])
+    seen.append(store.fingerprint())
+    cache = PageCache(store.features, host_budget=1 << 20, dtype=store.features.dtype)
+    cache.set_rows(np.arange(5), -x[:5])
+    cache.flush()
+    seen.append(store.fingerprint())
+    shutil.copytree(path / "features", tmp_path / "copy")
+    store.replace_features(tmp_path / "copy")
+    seen.append(store.fingerprint())
+    assert len({repr(f) for f in seen}) == len(seen)
+    # mining after a page-cache write recomputes the graph instead of reusing it
+    mine(str(path), params_from(MINE), memory_budget=200 << 20, workers=1)
+    before = FeatureStore.open(path).array("knn/indices")[:]
+    store = FeatureStore.open(path, mode="r+")
+    flipped = np.ascontiguousarray(x[::-1])
+    cache = PageCache(store.features, host_budget=1 << 20, dtype=store.features.dtype)
+    cache.set_rows(np.arange(len(x)), flipped)
+    cache.flush()
+    mine(str(path), params_from(MINE), memory_budget=200 << 20, workers=1)
+    after = FeatureStore.open(path).array("knn/indices")[:]
+    fresh = make_store(tmp_path / "fresh.zarr", flipped, labels[::-1])
+    mine(str(fresh), params_from(MINE), memory_budget=200 << 20, workers=1)
+    assert not np.array_equal(before, after)
+    assert np.array_equal(after, FeatureStore.open(fresh).array("knn/indices")[:])
+
+
+# --------------------------------------------------------------------------- a crash-safe features swap
+
+
+@pytest.mark.parametrize("left", ["features.old", "features.restore"])
+def test_a_swap_killed_between_its_renames_is_finished_on_open(tmp_path, left):
+    x, labels = clustered(300, 16, clusters=10, noise=0.5)
+    path = make_store(tmp_path / "s.zarr", x, labels)
+    shutil.copytree(path / "features", path / "features.restore")
+    if left == "features.old":  # killed after the first rename (features -> features.old)
+        os.replace(path / "features", path / "features.old")
+        shutil.rmtree(path / "features.restore")
+    else:  # killed after the first rename, the copy complete
+        os.replace(path / "features", path / "features.old")
+    with pytest.raises(StoreError, match="interrupted while restoring"):
+        FeatureStore.open(path)
+    store = FeatureStore.open(path, mode="r+")
+    assert np.array_equal(store.read_rows(0, len(x)), x.astype(np.float32))
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith("features")) == ["features"]
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted, shard_root, tmp_path):
+    store = tmp_path / "store"
+    killed = train_cli(shard_root, store, env={"WILDREID_CRASH_AFTER_STEPS": "8"})  # checkpoints at 3, 5, 6
+    assert killed.returncode == -signal.SIGKILL
+    latest = latest_checkpoint(store / "train")
+    chunk = next(p for p in sorted((latest / "dictionary").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    _damage(chunk, "flip")
+    resumed = train_cli(shard_root, store, "--resume")
+    report = final_json(resumed)
+    assert f"checkpoint {latest.name} is damaged (dictionary/" in resumed.stderr
+    assert "resuming from the previous one, ckpt-0000000005" in resumed.stderr
+    assert (latest.parent / f"damaged-{latest.name}").is_dir()
+    assert report["weights_sha256"] == uninterrupted["weights_sha256"]
+    assert report["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
+    assert "took over the writer lock" in resumed.stderr  # the killed run's lock record
+
+
+def test_no_intact_checkpoint_is_one_error(shard_root, tmp_path):
+    store = tmp_path / "store"
+    assert train_cli(shard_root, store, env={"WILDREID_CRASH_AFTER_STEPS": "4"}).returncode == -signal.SIGKILL
+    for ckpt in (store / "train" / "checkpoints").glob("ckpt-*"):
+        _damage(ckpt / "state.pt", "truncate")
+    run = train_cli(shard_root, store, "--resume")
+    assert run.returncode == ResumeError.exit_code
+    assert "no intact checkpoint to resume from" in _one_error_line(run.stderr)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {_RunsCode.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch-zip", "text", "empty"])
+def test_eval_refuses_files_that_are_not_checkpoints(shard_root, tmp_path, kind):
+    bad = tmp_path / "model.pt"
+    _RunsCode.marker = tmp_path / "pwned"
+    if kind == "pickle":
+        bad.write_bytes(pickle.dumps({"config": {}, "state_dict": _RunsCode()}))
+    elif kind == "torch-zip":
+        torch.save({"config": {}, "state_dict": _RunsCode()}, bad)
+    elif kind == "text":
+        bad.write_text("not a checkpoint at all\n" * 20)
+    else:
+        bad.write_bytes(b"")
+    result = runner.invoke(app, ["eval", "--shards", str(shard_root), "--checkpoint", str(bad), "--split", "small"])
+    assert result.exit_code == ResumeError.exit_code
+    line = _one_error_line(result.output)
+    assert f"{bad} is not a readable wildreid model" in line and "found" in line
+    assert not _RunsCode.marker.exists()  # nothing in the file ran
+
+
+def test_a_model_file_loads_safely(uninterrupted):
+    model, config = load_model(uninterrupted["checkpoint"])
+    assert config["train"]["epochs"] == 3 and model.feature_dim == 512
+
+
+# --------------------------------------------------------------------------- the atomic-write helper
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "sub" / "f.json"
+    atomic_write(target, "old")
+
+    def fails(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(target, fails)
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["f.json"]
+    atomic_write(target, lambda f: f.write(b"new"))
+    assert target.read_text() == "new"
