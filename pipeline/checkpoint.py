@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import pickle
 import shutil
 import warnings
 import zipfile
@@ -111,7 +110,8 @@ def _damage(ckpt: Path) -> str | None:
     return None
 
 
-def resume_checkpoint(run_dir: str | Path, log: Callable[[str], None] = lambda message: None) -> tuple[Path, dict] | None:
+def resume_checkpoint(run_dir: str | Path, log: Callable[[str], None] = lambda message: None
+                      ) -> tuple[Path, dict] | None:  # fmt: skip
     """The newest intact checkpoint and its loaded state, or None when the run has none.
 
     A damaged one (checksums, unreadable state) is moved aside and the one before it
@@ -200,13 +200,19 @@ def safe_torch_load(path: Path, what: str) -> object:
         with warnings.catch_warnings():  # torch's notes on legacy pickles: the error below says it better
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-        found = _what_it_is(path)
-        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise ResumeError(f"{path} is not a readable {what}: expected a file written by 'wildreid train' "
-                          f"(tensors and plain values), found {found} ({detail})") from None  # fmt: skip
     except OSError as exc:
         raise ResumeError(f"{path} cannot be read ({exc.strerror}); expected a {what}") from None
+    except Exception as exc:  # the unpickler meets arbitrary bytes: any failure means "not a checkpoint"
+        found = _what_it_is(path)
+        text = str(exc)
+        if text.startswith("Weights only load failed"):  # keep the paragraph of torch's message that names the reason
+            paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+            text = paragraphs[1] if len(paragraphs) > 2 else ""
+            text = text.split("WeightsUnpickler error:", 1)[-1].strip()
+        reason = text.splitlines()[0][:160] if text.strip() and not isinstance(exc, LookupError) else ""
+        detail = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+        raise ResumeError(f"{path} is not a readable {what}: expected a file written by 'wildreid train' "
+                          f"(tensors and plain values), found {found} ({detail})") from None  # fmt: skip
 
 
 def load_state(ckpt: Path) -> dict:
@@ -252,7 +258,8 @@ def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
         raise ResumeError(f"checkpoint {path} does not exist; pass a model.pt written by 'wildreid train'")
     blob = safe_torch_load(path, "wildreid model")
     if not isinstance(blob, dict) or "config" not in blob or ("state_dict" not in blob and "model" not in blob):
-        found = f"a {type(blob).__name__}" + (f" with keys {sorted(map(str, blob))[:6]}" if isinstance(blob, dict) else "")
+        keys = f" with keys {sorted(map(str, blob))[:6]}" if isinstance(blob, dict) else ""
+        found = f"a {type(blob).__name__}{keys}"
         raise ResumeError(f"{path} is not a wildreid checkpoint: expected model weights and a config, found {found}")
     config = blob["config"]
     model = build_model(config["model"]["arch"], last_stride=config["model"]["last_stride"])

@@ -456,7 +456,7 @@ def _open_checked(path, what: str):
     if store.count() == 0:
         raise StoreError(f"{what} store {path} has 0 rows; expected the features of the {what} split")
     for name in ("ids", "camids"):
-        if name not in store.group:
+        if not store.has(name):
             raise StoreError(f"{what} store {path} has no '{name}' array; expected vehicle ids and camera ids "
                              "per row: extract features from shards that carry them")  # fmt: skip
     ids = store.ids()

@@ -53,7 +53,8 @@ def run_tasks(
     if not calls:
         return []
     if scheduler is None:
-        tasks = [dask.delayed(_unless_stopped, pure=False)(should_stop, fn, *args, dask_key_name=(f"wildreid-{name}", i))
+        tasks = [dask.delayed(_unless_stopped, pure=False)(should_stop, fn, *args,
+                                                           dask_key_name=(f"wildreid-{name}", i))
                  for i, (fn, args) in enumerate(calls)]  # fmt: skip
         try:
             with _Progress(on_done):

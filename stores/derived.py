@@ -93,12 +93,14 @@ def graph_reader(store: FeatureStore, k: int, host_budget: int):
     """
     graph = store.group["knn"] if "knn" in store.group else None
     if graph is None or "indices" not in graph or not graph.attrs.get("complete", False):
-        raise ConfigError(f"expected a complete k-NN graph in {store.path}/knn, found "
-                          f"{'none' if graph is None else 'an unfinished one'}; run the mining (wildreid mine) first")  # fmt: skip
+        found = "none" if graph is None else "an unfinished one"
+        raise ConfigError(f"expected a complete k-NN graph in {store.path}/knn, found {found}; "
+                          "run the mining (wildreid mine) first")  # fmt: skip
     array = store.array("knn/indices")
     if tuple(array.shape) != (store.count(), k):
         raise ConfigError(f"expected a k-NN graph of shape ({store.count()}, {k}) (rows, mining.k), found "
-                          f"{tuple(array.shape)}: it belongs to another dictionary or mining; mine this store again")  # fmt: skip
+                          f"{tuple(array.shape)}: it belongs to another dictionary or mining; "
+                          "mine this store again")  # fmt: skip
     cache = PageCache(array, host_budget=max(host_budget, array.chunks[0] * k * 8), dtype=array.dtype)
     return cache.get_rows
 

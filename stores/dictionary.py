@@ -81,7 +81,7 @@ class CheckedArray:
             return self.array[selection]
         except WildreidError:
             raise
-        except Exception as exc:  # zarr's decoders raise ValueError, RuntimeError, ... for a bad chunk
+        except Exception:  # zarr's decoders raise ValueError, RuntimeError, ... for a bad chunk
             damaged = self._find_damage(selection)
             if damaged is None:
                 raise  # every chunk reads alone: not damage, a real bug
@@ -144,7 +144,9 @@ class FeatureStore:
             raise StoreError(f"{path} was interrupted while restoring a checkpoint's dictionary; "
                              "run 'wildreid train --resume' (or open it for writing) to finish that")  # fmt: skip
         try:
-            group = zarr.open_group(store=DurableLocalStore(str(path), read_only=mode == "r"), mode="r" if mode == "r" else "r+")
+            read_only = mode == "r"
+            group = zarr.open_group(store=DurableLocalStore(str(path), read_only=read_only),
+                                    mode="r" if read_only else "r+")  # fmt: skip
         except (FileNotFoundError, ValueError, KeyError) as exc:
             raise StoreError(f"{path} is not a Zarr group ({exc})") from None
         return cls(path, group, read_only=mode == "r")
@@ -186,6 +188,10 @@ class FeatureStore:
     def _check_writable(self) -> None:
         if self.read_only:
             raise StoreError(f"store {self.path} is open read-only")
+
+    def has(self, name: str) -> bool:
+        """Whether the store holds the array or group ``name`` (e.g. ``ids``, ``knn/indices``)."""
+        return name in self.group
 
     def array(self, name: str) -> CheckedArray:
         """The array ``name`` (e.g. ``knn/indices``), its reads checked; writes to ``features`` bump its version."""

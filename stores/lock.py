@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from wildreid.errors import LockedError
+from wildreid.errors import LockedError, StoreError
 
 __all__ = ["LOCK_NAME", "WriterLock"]
 
@@ -58,6 +58,8 @@ class WriterLock:
         self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
         self.took_over: dict | None = None
         self._fd: int | None = None
+        if self.folder.exists() and not self.folder.is_dir():
+            raise StoreError(f"{self.folder} is a file; expected a folder (a store or shard folder) to write into")
         self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

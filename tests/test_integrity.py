@@ -56,7 +56,8 @@ def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
 def test_a_lock_left_by_kill_9_is_taken_over(tmp_path):
     folder = tmp_path / "store"
     folder.mkdir()
-    holder = "from wildreid.stores import WriterLock; import os, sys; WriterLock(sys.argv[1], 'victim'); os.kill(os.getpid(), 9)"
+    holder = ("from wildreid.stores import WriterLock; import os, sys; WriterLock(sys.argv[1], 'victim'); "
+              "os.kill(os.getpid(), 9)")  # fmt: skip
     run = subprocess.run([sys.executable, "-c", holder, str(folder)], capture_output=True, text=True)
     assert run.returncode == -signal.SIGKILL
     assert '"command": "victim"' in (folder / LOCK_NAME).read_text()  # the dead holder's record is still there
@@ -100,6 +101,31 @@ def test_shard_and_mine_refuse_a_folder_being_written(veriwild_root, tmp_path):
     assert result.exit_code == LockedError.exit_code
     assert "wildreid train (the other one)" in _one_error_line(result.output)
     assert "knn" not in zarr.open_group(str(store), mode="r")
+
+
+def test_two_shard_commands_on_one_folder(veriwild_root, shard_root, tmp_path):
+    """The first is frozen (SIGSTOP) while it holds the lock; the second exits 8; the first then ends as if alone."""
+    from conftest import tree_digest
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "wildreid.cli", "shard", str(veriwild_root), str(out), "--max-samples", "12"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as first:
+        for _ in range(20000):
+            if (out / LOCK_NAME).is_file() and (out / LOCK_NAME).read_text() or first.poll() is not None:
+                break
+            time.sleep(0.001)
+        first.send_signal(signal.SIGSTOP)
+        try:
+            assert first.poll() is None, "the first shard command finished before it could be frozen"
+            second = subprocess.run(cmd, capture_output=True, text=True)
+        finally:
+            first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    assert second.returncode == LockedError.exit_code, second.stderr
+    line = _one_error_line(second.stderr)
+    assert f"pid {first.pid}" in line and "shard" in line
+    assert first.returncode == 0, err
+    assert tree_digest(out) == tree_digest(shard_root)
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +339,7 @@ class _RunsCode:
         return (os.system, (f"touch {_RunsCode.marker}",))
 
 
-@pytest.mark.parametrize("kind", ["pickle", "torch-zip", "text", "empty"])
+@pytest.mark.parametrize("kind", ["pickle", "torch-zip", "text", "garbage", "empty"])
 def test_eval_refuses_files_that_are_not_checkpoints(shard_root, tmp_path, kind):
     bad = tmp_path / "model.pt"
     _RunsCode.marker = tmp_path / "pwned"
@@ -323,6 +349,8 @@ def test_eval_refuses_files_that_are_not_checkpoints(shard_root, tmp_path, kind)
         torch.save({"config": {}, "state_dict": _RunsCode()}, bad)
     elif kind == "text":
         bad.write_text("not a checkpoint at all\n" * 20)
+    elif kind == "garbage":
+        bad.write_bytes(b"hello")  # the weights-only unpickler fails on this with a bare KeyError
     else:
         bad.write_bytes(b"")
     result = runner.invoke(app, ["eval", "--shards", str(shard_root), "--checkpoint", str(bad), "--split", "small"])
