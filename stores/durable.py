@@ -17,11 +17,10 @@ also reached disk").
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -58,34 +57,33 @@ def fsync_tree(root: str | Path) -> None:
         fsync_dir(folder)
 
 
-@contextlib.contextmanager
-def _partial_file(path: Path) -> Iterator[tuple[Path, BinaryIO]]:
-    tmp = partial_name(path)
+def _write_durably(path: Path, tmp: Path, write: Callable[[BinaryIO], object], exclusive: bool = False):
+    """write(file) into ``tmp``, fsync, rename to ``path`` (``exclusive``: only if absent), fsync the folder."""
     try:
         with open(tmp, "wb") as f:
-            yield tmp, f
+            result = write(f)
             f.flush()
             os.fsync(f.fileno())
+        if exclusive:
+            os.link(tmp, path)  # FileExistsError when another writer got there first
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+    return result
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` whole or not at all, durably; ``data`` is bytes, text (UTF-8) or ``writer(file)``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _partial_file(path) as (tmp, f):
-        if callable(data):
-            data(f)
-        else:
-            f.write(data.encode() if isinstance(data, str) else data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    if not callable(data):
+        content = data.encode() if isinstance(data, str) else data
+        data = lambda f: f.write(content)  # noqa: E731
+    _write_durably(path, partial_name(path), data)
     return path
 
 
@@ -112,23 +110,9 @@ def remove_tree(path: str | Path) -> None:
 
 def _put_durably(path: Path, value, exclusive: bool) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Zarr's own name for an unfinished chunk, so its tools recognise leftovers
+    # zarr's own name for an unfinished chunk, so its tools recognise leftovers
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            written = f.write(value.as_buffer_like())
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            os.link(tmp, path)  # FileExistsError when another writer got there first
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return written
+    return _write_durably(path, tmp, lambda f: f.write(value.as_buffer_like()), exclusive)
 
 
 class DurableLocalStore(LocalStore):
