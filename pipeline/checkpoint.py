@@ -96,11 +96,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def _damage(ckpt: Path) -> str | None:
     """What is wrong with a checkpoint's files, or None when they match their recorded checksums."""
     try:
-        complete = json.loads((ckpt / "COMPLETE").read_text())
+        text = (ckpt / "COMPLETE").read_text()
+        complete = "older" if text.strip() == "ok" else json.loads(text)  # "ok": before checksums
     except (OSError, ValueError):
         return "its COMPLETE record is missing or unreadable"
     if not isinstance(complete, dict) or complete.get("format") != FORMAT:
-        return "it was written without checksums by an older wildreid"
+        raise ResumeError(f"checkpoint {ckpt} was written by an older wildreid (no checksums, not safely "
+                          "loadable); resume it with that version, or start a new run with a new --store path")  # fmt: skip
     for name, expected in complete["sha256"].items():
         path = ckpt / name
         if not path.is_file():
@@ -114,8 +116,9 @@ def resume_checkpoint(run_dir: str | Path, log: Callable[[str], None] = lambda m
                       ) -> tuple[Path, dict] | None:  # fmt: skip
     """The newest intact checkpoint and its loaded state, or None when the run has none.
 
-    A damaged one (checksums, unreadable state) is moved aside and the one before it
-    is tried, saying so; ResumeError when checkpoints exist but none is intact.
+    A damaged one (a file missing or not matching its sha256) is moved aside and the
+    one before it is tried, saying so; ResumeError when checkpoints exist but none is
+    intact, or when an intact one cannot be loaded (another format: nothing is moved).
     """
     run_dir = Path(run_dir)
     latest = latest_checkpoint(run_dir)
@@ -127,13 +130,8 @@ def resume_checkpoint(run_dir: str | Path, log: Callable[[str], None] = lambda m
     damaged = []
     for ckpt in candidates:
         problem = _damage(ckpt)
-        state = None
         if problem is None:
-            try:
-                state = load_state(ckpt)
-            except ResumeError as exc:
-                problem = str(exc)
-        if state is not None:
+            state = load_state(ckpt)  # its files are as written: a failure here is not damage
             if damaged:
                 atomic_write(run_dir / "LATEST", ckpt.name)
                 log(f"checkpoint {'; '.join(damaged)}; resuming from the previous one, {ckpt.name}")
@@ -257,11 +255,18 @@ def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     if not path.exists():
         raise ResumeError(f"checkpoint {path} does not exist; pass a model.pt written by 'wildreid train'")
     blob = safe_torch_load(path, "wildreid model")
-    if not isinstance(blob, dict) or "config" not in blob or ("state_dict" not in blob and "model" not in blob):
+    config = blob.get("config") if isinstance(blob, dict) else None
+    weights = (blob.get("state_dict") or blob.get("model")) if isinstance(blob, dict) else None
+    model_config = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(weights, dict) or not isinstance(model_config, dict) or "arch" not in model_config:
         keys = f" with keys {sorted(map(str, blob))[:6]}" if isinstance(blob, dict) else ""
-        found = f"a {type(blob).__name__}{keys}"
-        raise ResumeError(f"{path} is not a wildreid checkpoint: expected model weights and a config, found {found}")
-    config = blob["config"]
-    model = build_model(config["model"]["arch"], last_stride=config["model"]["last_stride"])
-    model.load_state_dict(blob.get("state_dict") or blob["model"])
+        raise ResumeError(f"{path} is not a wildreid checkpoint: expected model weights and a config naming the "
+                          f"model, found a {type(blob).__name__}{keys}")  # fmt: skip
+    try:
+        model = build_model(model_config["arch"], last_stride=model_config.get("last_stride", 1))
+        model.load_state_dict(weights)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ResumeError(f"{path} holds weights that do not fit its model ({model_config['arch']}): {reason}; "
+                          "pass a model.pt written by 'wildreid train'") from None  # fmt: skip
     return model.to(device).eval(), config

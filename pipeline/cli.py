@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -57,6 +58,10 @@ def friendly(command):
             raise typer.Exit(StoreError.exit_code) from None
 
     return wrapper
+
+
+def _say(message: str) -> None:
+    console.print(message, highlight=False, soft_wrap=True)
 
 
 class RichProgress:
@@ -153,7 +158,7 @@ def shard(
     with RichProgress() as progress, GracefulStop() as stop:
         manifest = pack_dataset(
             index, out_dir, max_samples=max_samples, max_bytes=shard_bytes,
-            workers=workers, strict=strict, progress=progress, should_stop=stop,
+            workers=workers, strict=strict, progress=progress, should_stop=stop, log=_say,
         )  # fmt: skip
     _print_manifest(manifest)
 
@@ -280,9 +285,7 @@ def mine(
     budget = parse_bytes(memory_budget) if memory_budget else None
     with RichProgress() as progress, GracefulStop() as stop:
         report = run_mine(str(store), params, memory_budget=budget, workers=workers, scheduler=scheduler,
-                          progress=progress, should_stop=stop)  # fmt: skip
-    if "took_over" in report:
-        console.print(report["took_over"], highlight=False, soft_wrap=True)
+                          progress=progress, should_stop=stop, log=_say)  # fmt: skip
     table = Table(title=f"DPLM positives of {store}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -315,7 +318,7 @@ def evaluate(
     import hashlib
 
     from wildreid.budget import default_budget
-    from wildreid.errors import ConfigError, StoreError
+    from wildreid.errors import ConfigError
     from wildreid.evaluate import evaluate_groups, write_results
     from wildreid.plots import cmc_curve
 
@@ -346,7 +349,7 @@ def evaluate(
         from wildreid.checkpoint import load_model
         from wildreid.extract import extract_split
         from wildreid.shards.reader import split_entry
-        from wildreid.stores import LOCK_NAME, FeatureStore, WriterLock
+        from wildreid.stores import WriterLock
 
         wanted = [(name, *pairs[name]) for name in splits[split]]
         sizes = {s: split_entry(shards, s)["num_samples"] for _, q, g in wanted for s in (q, g)}  # before the model
@@ -360,21 +363,16 @@ def evaluate(
         results = {}
         with RichProgress() as progress, GracefulStop() as stop:
             for name, q_split, g_split in wanted:
-                for s in (q_split, g_split):
-                    path = folder / s
-                    with WriterLock(path):  # extraction writes the group: one writer at a time
-                        if any(p.name != LOCK_NAME for p in path.iterdir()):
-                            store = FeatureStore.open(path, mode="r+")
-                            if (store.count(), store.dim()) != (sizes[s], model.feature_dim):
-                                raise StoreError(f"{path} holds {store.count()} x {store.dim()} features but split "
-                                                 f"{s} needs {sizes[s]} x {model.feature_dim}; delete it or pass "
-                                                 "another --features-dir")  # fmt: skip
-                        else:
-                            store = FeatureStore.create(path, sizes[s], model.feature_dim)
+                # both groups stay locked until they are evaluated: another eval writing into the same
+                # --features-dir (another checkpoint) would otherwise swap rows under this one
+                with contextlib.ExitStack() as held:
+                    for s in (q_split, g_split):
+                        held.enter_context(WriterLock(folder / s, log=_say))
+                        store = _feature_group(folder / s, sizes[s], model.feature_dim)
                         extract_split(shards, s, model, store, image_size=tuple(config["model"]["image_size"]),
                                       device=device, progress=progress, label=label, should_stop=stop)  # fmt: skip
-                results[name] = evaluate_groups(folder / q_split, folder / g_split, memory_budget=budget,
-                                                device=device, rerank=rerank)  # fmt: skip
+                    results[name] = evaluate_groups(folder / q_split, folder / g_split, memory_budget=budget,
+                                                    device=device, rerank=rerank)  # fmt: skip
                 results[name].update(query_split=q_split, gallery_split=g_split, checkpoint_sha256=label,
                                      transductive=bool(config.get("train", {}).get("transductive", False)))  # fmt: skip
         if output is None:
@@ -401,6 +399,19 @@ def evaluate(
     if as_json:
         lines = {name: {k: v for k, v in r.items() if k != "cmc"} for name, r in results.items()}
         print(json.dumps(lines[query.name] if query is not None else lines, sort_keys=True))
+
+
+def _feature_group(path: Path, rows: int, dim: int):
+    """The feature group at ``path`` (created when new), checked to hold ``rows`` x ``dim`` features."""
+    from wildreid.stores import LOCK_NAME, FeatureStore
+
+    if not any(p.name != LOCK_NAME for p in path.iterdir()):
+        return FeatureStore.create(path, rows, dim)
+    store = FeatureStore.open(path, mode="r+")
+    if (store.count(), store.dim()) != (rows, dim):
+        raise StoreError(f"{path} holds {store.count()} x {store.dim()} features but needs {rows} x {dim}; "
+                         "delete it or pass another --features-dir")  # fmt: skip
+    return store
 
 
 @app.command()

@@ -74,7 +74,9 @@ def extract_split(
                          "use a new store path for this split")  # fmt: skip
     meta = {"split": name, "shards": split_fingerprint(shards_root, split), "label": label}
     state = store.meta("extraction", {})
-    done = int(state.get("rows_done", 0)) if state.get("meta") == meta else 0
+    # rows count as extracted only if nothing wrote the features since (e.g. training steps before a kill -9)
+    unchanged = state.get("features_version") == store.features_version
+    done = int(state.get("rows_done", 0)) if state.get("meta") == meta and unchanged else 0
     chunk = store.chunk_rows
     phase = f"features {name}"
     progress(phase, done, n)
@@ -102,7 +104,8 @@ def extract_split(
                 store.write_rows(start, block[:whole])
                 pending = [(block[whole:], vids[whole:], camids[whole:])] if whole < len(block) else []
                 start += whole
-                store.set_meta("extraction", {"meta": meta, "rows_done": start})
+                store.set_meta("extraction", {"meta": meta, "rows_done": start,
+                                              "features_version": store.features_version})  # fmt: skip
                 progress(phase, whole, n)
                 if should_stop() and start < n:
                     raise Stopped(f"extraction of {name} stopped after {start} of {n} rows; "

@@ -314,6 +314,7 @@ def mine(
     graph_only: bool = False,
     should_stop: Callable[[], bool] = lambda: False,
     locked: bool = False,
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """Compute the k-NN graph and the DPLM positives of the store at ``path``; returns a report.
 
@@ -323,7 +324,7 @@ def mine(
     :class:`Stopped` is raised: a re-run resumes after the finished blocks.
     """
     started = time.perf_counter()
-    lock = None if locked else WriterLock(path)
+    lock = None if locked else WriterLock(path, log=log)
     try:
         store = FeatureStore.open(path, mode="r+")
         n, dim = store.count(), store.dim()
@@ -350,8 +351,6 @@ def mine(
         if lock is not None:
             lock.release()
     report.update(timings, total_s=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes())
-    if lock is not None and lock.took_over_message:
-        report["took_over"] = lock.took_over_message
     return report
 
 

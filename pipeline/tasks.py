@@ -42,8 +42,10 @@ def run_tasks(
     """Run ``fn(*args)`` for every (fn, args) as one dask task each; results in order.
 
     Once ``should_stop()`` is true, tasks not yet started are skipped (their result is
-    None): on local threads each task asks before it starts; on a cluster the
-    futures not yet finished are cancelled. Tasks that are running finish.
+    None) and the tasks that are running finish before this returns: on local threads
+    each task asks before it starts; on a cluster tasks are handed out a few more than
+    the cluster has threads, and no more are handed out (a running dask task cannot
+    be cancelled, so none may be left running once the caller lets go of the store).
 
     ``scheduler`` None runs on local threads (``workers`` of them); otherwise it
     is the address of a dask.distributed scheduler (e.g. tcp://host:8786).
@@ -64,17 +66,28 @@ def run_tasks(
                 cleanup()
     from distributed import Client, as_completed
 
-    tasks = [dask.delayed(fn, pure=False)(*args, dask_key_name=(f"wildreid-{name}", i))
-             for i, (fn, args) in enumerate(calls)]  # fmt: skip
     with Client(scheduler) as client:
         try:
-            futures = client.compute(tasks)
-            for future in as_completed(futures):
+            results: list = [None] * len(calls)
+            queue = iter(enumerate(calls))
+            running: dict = {}
+            finished = as_completed()
+
+            def hand_out() -> None:
+                i, (fn, args) = next(queue, (None, (None, None)))
+                if i is not None:
+                    future = client.submit(fn, *args, key=f"wildreid-{name}-{i}", pure=False)
+                    running[future] = i
+                    finished.add(future)
+
+            for _ in range(sum(client.nthreads().values()) + 2):
+                hand_out()
+            for future in finished:
+                results[running.pop(future)] = future.result()
                 on_done()
-                if should_stop():
-                    client.cancel([f for f in futures if not f.done()])
-                    return [f.result() if f.status == "finished" else None for f in futures]
-            return client.gather(futures)
+                if not should_stop():
+                    hand_out()
+            return results
         finally:
             if cleanup is not None:
                 client.run(cleanup)

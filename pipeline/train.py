@@ -55,7 +55,7 @@ from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
 from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry
 from wildreid.signals import ignore_stop_signals, signal_point
 from wildreid.stores import LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write
-from wildreid.stores.derived import graph_reader, read_positives
+from wildreid.stores.derived import complete_fingerprint, graph_reader, read_positives
 from wildreid.transforms import train_transform
 
 __all__ = ["TrainOptions", "dictionary_sha256", "dictionary_step", "train"]
@@ -188,9 +188,7 @@ def train(
     is written and :class:`Stopped` says where; ``--resume`` continues from there.
     """
     device = _check_device(options.device)
-    lock = WriterLock(store_path)
-    if lock.took_over_message:
-        log(lock.took_over_message)
+    lock = WriterLock(store_path, log=log)
     try:
         return _train(shards, Path(store_path), config, options, device, progress, log, should_stop)
     finally:
@@ -260,6 +258,7 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
         cache.flush()
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
                  "epoch": epoch, "position": position, "step": step, "history": history, "partial": _plain(partial),
+                 "graph": complete_fingerprint(store, "knn") if use_graph else None,
                  "config": config.to_dict()}  # fmt: skip
         save_checkpoint(run_dir, step, state, store.path / "features", positives)
 
@@ -294,6 +293,11 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
             except Stopped:  # extraction and mining stop after a finished chunk or block: what resume redoes
                 raise Stopped(f"stopped at epoch {epoch} step {step}, before the epoch's first step; "
                               "resume with --resume") from None  # fmt: skip
+        elif use_graph and complete_fingerprint(store, "knn") != state.get("graph"):
+            # resumed mid-epoch from a checkpoint older than the stored graph (a damaged newer one was set aside)
+            log(f"the k-NN graph of epoch {epoch} was replaced after {ckpt.name}; mining it again from that "
+                "checkpoint's dictionary: the run goes on, but is no longer bit-identical to an uninterrupted one")  # fmt: skip
+            _mine(store, config, budget // 2, tc.workers, progress, should_stop, graph_only=True)
         per_batch = tc.mining == "batch" and not tc.is_warmup(epoch)
         labels = _labels(store.ids()) if per_batch else None
         cache = PageCache(store.features, host_budget=max(cache_budget, _page_bytes(store)), dtype=store.features.dtype)

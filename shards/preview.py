@@ -7,6 +7,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from wildreid.shards.layouts import read_dataset
+from wildreid.stores.durable import atomic_write
 
 __all__ = ["identity_grid"]
 
@@ -29,7 +30,5 @@ def identity_grid(root: str | Path, out_png: str | Path, *, vehicles: int = 8, p
                 thumb = image.convert("RGB").resize((tile[1], tile[0]))
             grid.paste(thumb, (label_w + c * tile[1], r * tile[0]))
             draw.text((label_w + c * tile[1] + 3, r * tile[0] + 2), f"c{record.camid}", fill="yellow")
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    grid.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out_png, optimize=True)  # a small file
-    return out_png
+    small = grid.quantize(colors=128, method=Image.Quantize.MEDIANCUT)  # a small file
+    return atomic_write(out_png, lambda f: small.save(f, format="PNG", optimize=True))

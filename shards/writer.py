@@ -98,13 +98,19 @@ def sample_key(rel_path: str) -> str:
 # --------------------------------------------------------------------------- listing and checking
 
 
-def _samples(index: DatasetIndex, sizes: Callable[[str, list[Record]], list[int | str]], progress: ProgressFn):
-    """Samples per split and rejects, given a function giving each record's size or why it is bad."""
+def _samples(index: DatasetIndex, sizes: Callable[[str, list[Record]], list[int | str]], progress: ProgressFn,
+             should_stop: Callable[[], bool] = lambda: False):  # fmt: skip
+    """Samples per split and rejects, given a function giving each record's size or why it is bad.
+
+    Nothing is written while listing, so a stop asked for here ends it at once (Stopped)."""
     samples: dict[str, list[Sample]] = {}
     rejects = list(index.rejects)
     for split, records in index.records.items():
         samples[split], seen = [], set()
         for start in range(0, len(records), 512):
+            if should_stop():
+                raise Stopped("sharding stopped while listing and checking images, before anything was written; "
+                              "run the same command again")  # fmt: skip
             chunk = records[start : start + 512]
             for record, size in zip(chunk, sizes(split, chunk)):
                 key = sample_key(record.path)
@@ -168,14 +174,16 @@ def _pooled(index: DatasetIndex, pool: ProcessPoolExecutor | None, check: Callab
     return sizes
 
 
-def stat_records(index: DatasetIndex, *, pool: ProcessPoolExecutor | None = None, progress: ProgressFn = _no_progress):
+def stat_records(index: DatasetIndex, *, pool: ProcessPoolExecutor | None = None, progress: ProgressFn = _no_progress,
+                 should_stop: Callable[[], bool] = lambda: False):  # fmt: skip
     """Samples from file sizes alone (images are checked while shards are written)."""
-    return _samples(index, _pooled(index, pool, _stat_chunk), progress)
+    return _samples(index, _pooled(index, pool, _stat_chunk), progress, should_stop)
 
 
-def scan_records(index: DatasetIndex, *, pool: ProcessPoolExecutor | None = None, progress: ProgressFn = _no_progress):
+def scan_records(index: DatasetIndex, *, pool: ProcessPoolExecutor | None = None, progress: ProgressFn = _no_progress,
+                 should_stop: Callable[[], bool] = lambda: False):  # fmt: skip
     """Samples after reading and checking every image: what ``strict`` needs before writing anything."""
-    return _samples(index, _pooled(index, pool, _scan_chunk), progress)
+    return _samples(index, _pooled(index, pool, _scan_chunk), progress, should_stop)
 
 
 # --------------------------------------------------------------------------- plan
@@ -441,6 +449,7 @@ def pack_dataset(
     strict: bool = False,
     progress: ProgressFn = _no_progress,
     should_stop: Callable[[], bool] = lambda: False,
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict:
     """Shard every split of ``index`` into ``out``; returns the manifest that was written.
 
@@ -454,7 +463,7 @@ def pack_dataset(
     if out.exists() and not out.is_dir():
         raise ShardError(f"output {out} exists and is not a folder")
     _check_out_folder(out, str(index.root), index.layout)  # before the lock file goes into a folder of others
-    with WriterLock(out):
+    with WriterLock(out, log=log):
         return _pack(index, out, max_samples, max_bytes, workers, strict, progress, should_stop)
 
 
@@ -464,7 +473,7 @@ def _pack(index: DatasetIndex, out: Path, max_samples, max_bytes, workers, stric
     pool = worker_pool(workers)
     try:
         if strict:
-            samples, rejects = scan_records(index, pool=pool, progress=progress)
+            samples, rejects = scan_records(index, pool=pool, progress=progress, should_stop=should_stop)
             if rejects:
                 first = rejects[0]
                 raise BadImageError(
@@ -472,7 +481,7 @@ def _pack(index: DatasetIndex, out: Path, max_samples, max_bytes, workers, stric
                     "nothing was written (drop --strict to skip and list them)"
                 )
         else:
-            samples, rejects = stat_records(index, pool=pool, progress=progress)
+            samples, rejects = stat_records(index, pool=pool, progress=progress, should_stop=should_stop)
         atomic_write(out / PROGRESS_DIR / "job.json", json.dumps({"source": source, "layout": index.layout}))
         _crash_point("scanned")
         while True:

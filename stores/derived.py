@@ -24,6 +24,7 @@ from wildreid.stores.page_cache import PageCache
 
 __all__ = [
     "assemble_positives",
+    "complete_fingerprint",
     "graph_reader",
     "knn_pending",
     "mark_complete",
@@ -39,8 +40,8 @@ __all__ = [
 
 def open_derived(store: FeatureStore, name: str, fingerprint: dict) -> tuple[zarr.Group, bool]:
     """The group ``name``, emptied first if it was computed from something else; and whether it is complete."""
-    if name in store.group:
-        group = store.group[name]
+    if store.has(name):
+        group = store.group_of(name)
         if dict(group.attrs).get("fingerprint") == fingerprint:
             return group, bool(group.attrs.get("complete", False))
         store.remove(name)
@@ -50,8 +51,16 @@ def open_derived(store: FeatureStore, name: str, fingerprint: dict) -> tuple[zar
     return group, False
 
 
+def complete_fingerprint(store: FeatureStore, name: str) -> dict | None:
+    """The fingerprint of the derived group ``name`` if it is complete, else None."""
+    if not store.has(name):
+        return None
+    group = store.group_of(name)
+    return dict(group.attrs["fingerprint"]) if group.attrs.get("complete", False) else None
+
+
 def mark_complete(store: FeatureStore, name: str) -> None:
-    store.group[name].attrs["complete"] = True
+    store.group_of(name).attrs["complete"] = True
 
 
 # --------------------------------------------------------------------------- the k-NN graph
@@ -59,7 +68,7 @@ def mark_complete(store: FeatureStore, name: str) -> None:
 
 def prepare_knn(store: FeatureStore, k: int, block_rows: int) -> None:
     """Create the graph's arrays (if missing) in chunks of ``block_rows`` rows: one query block, one chunk."""
-    n, graph = store.count(), store.group["knn"]
+    n, graph = store.count(), store.group_of("knn")
     for name, dtype, fill in (("indices", "int64", -1), ("similarities", "float64", 0.0)):
         if name not in graph:
             create_checked_array(graph, name, shape=(n, k), chunks=(block_rows, k), dtype=dtype, fill_value=fill)
@@ -76,7 +85,7 @@ def knn_pending(store: FeatureStore) -> list[int]:
 
 def write_knn_rows(store: FeatureStore, block: int, start: int, idx, sim, counts) -> None:
     """One query block's graph rows (whole chunks), then its done flag."""
-    graph = store.group["knn"]
+    graph = store.group_of("knn")
     graph["indices"][start : start + len(idx)] = idx
     graph["similarities"][start : start + len(idx)] = sim
     graph["counts"][start : start + len(idx)] = counts
@@ -91,7 +100,7 @@ def graph_reader(store: FeatureStore, k: int, host_budget: int):
     wholly resident. ConfigError when the graph is missing, incomplete, of another
     dictionary size or of another width than ``k``.
     """
-    graph = store.group["knn"] if "knn" in store.group else None
+    graph = store.group_of("knn") if store.has("knn") else None
     if graph is None or "indices" not in graph or not graph.attrs.get("complete", False):
         found = "none" if graph is None else "an unfinished one"
         raise ConfigError(f"expected a complete k-NN graph in {store.path}/knn, found {found}; "
@@ -114,14 +123,14 @@ def _part_name(block: int) -> str:
 
 def parts_pending(store: FeatureStore, blocks: int) -> list[int]:
     """Rules blocks without a complete part (creates ``positives/parts`` when missing)."""
-    parts = store.group["positives"].require_group("parts")
+    parts = store.group_of("positives").require_group("parts")
     return [b for b in range(blocks)
             if _part_name(b) not in parts or not parts[_part_name(b)].attrs.get("complete", False)]  # fmt: skip
 
 
 def write_positives_part(store: FeatureStore, block: int, counts: np.ndarray, indices: np.ndarray,
                          quality: dict) -> None:  # fmt: skip
-    part = store.group["positives"]["parts"].create_group(_part_name(block), overwrite=True)
+    part = store.group_of("positives")["parts"].create_group(_part_name(block), overwrite=True)
     create_checked_array(part, "counts", data=counts, chunks=(max(1, len(counts)),), compress=True)
     indices = indices if len(indices) else np.zeros(0, np.int64)
     create_checked_array(part, "indices", data=indices, chunks=(max(1, len(indices)),), compress=True)
@@ -132,7 +141,7 @@ def write_positives_part(store: FeatureStore, block: int, counts: np.ndarray, in
 def assemble_positives(store: FeatureStore, blocks: int) -> None:
     """Concatenate the parts into ``positives/indptr`` and ``indices`` (one part in memory at a time)."""
     n = store.count()
-    group = store.group["positives"]
+    group = store.group_of("positives")
     sizes = np.concatenate([store.array(f"positives/parts/{_part_name(b)}/counts")[:] for b in range(blocks)])
     sums = [dict(group["parts"][_part_name(b)].attrs["quality"]) for b in range(blocks)]
     known = all(q["precision"] is not None for q in sums)
@@ -147,7 +156,7 @@ def assemble_positives(store: FeatureStore, blocks: int) -> None:
     for name in ("indptr", "indices"):
         if name in group:
             store.remove(f"positives/{name}")
-    group = store.group["positives"]
+    group = store.group_of("positives")
     create_checked_array(group, "indptr", data=indptr, chunks=(min(n + 1, 1 << 20),), compress=True)
     nnz = int(indptr[-1])
     indices = create_checked_array(group, "indices", shape=(nnz,), chunks=(max(1, min(nnz, 1 << 20)),),
@@ -167,4 +176,4 @@ def read_positives(store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
 
 
 def positives_quality(store: FeatureStore) -> dict:
-    return dict(store.group["positives"].attrs["quality"])
+    return dict(store.group_of("positives").attrs["quality"])

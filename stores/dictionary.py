@@ -123,14 +123,14 @@ class FeatureStore:
         self.path = Path(path)
         self.group = group
         self.read_only = read_only
-        if "features" not in group or len(group["features"].shape) != 2:
+        if not self.has("features") or len(self._node("features").shape) != 2:
             raise StoreError(f"{path} has no 2-D 'features' array; expected a store written by wildreid or "
                              "any Zarr group with features (N, D)")  # fmt: skip
         self.features = self.array("features")
         n = self.features.shape[0]
         for name in ("ids", "camids"):
-            if name in group and group[name].shape != (n,):
-                raise StoreError(f"{path}/{name} has shape {group[name].shape}, expected ({n},) to match features")
+            if self.has(name) and self._node(name).shape != (n,):
+                raise StoreError(f"{path}/{name} has shape {self._node(name).shape}, expected ({n},) to match features")
 
     # ------------------------------------------------------------------ opening
 
@@ -189,16 +189,35 @@ class FeatureStore:
         if self.read_only:
             raise StoreError(f"store {self.path} is open read-only")
 
+    def _node(self, name: str):
+        """The array or group ``name``; damaged metadata (``zarr.json``) is one DamagedDataError."""
+        try:
+            return self.group[name]
+        except KeyError:
+            raise
+        except Exception as exc:  # a truncated or garbled zarr.json: JSON, codec or shape errors
+            raise DamagedDataError(f"{self.path / name / 'zarr.json'} cannot be read ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:120] if str(exc) else ''}): the store's metadata "
+                                   f"is damaged; {_remedy(self.path, name)}") from None  # fmt: skip
+
     def has(self, name: str) -> bool:
         """Whether the store holds the array or group ``name`` (e.g. ``ids``, ``knn/indices``)."""
-        return name in self.group
+        try:
+            self._node(name)
+        except KeyError:
+            return False
+        return True
 
     def array(self, name: str) -> CheckedArray:
         """The array ``name`` (e.g. ``knn/indices``), its reads checked; writes to ``features`` bump its version."""
-        if name not in self.group:
+        if not self.has(name):
             raise StoreError(f"{self.path} has no array {name!r}; expected it from an earlier stage")
         on_write = self.bump_features_version if name == "features" else None
-        return CheckedArray(self.group[name], self.path, on_write)
+        return CheckedArray(self._node(name), self.path, on_write)
+
+    def group_of(self, name: str) -> zarr.Group:
+        """The derived group ``name`` (``knn``, ``positives``), its metadata checked."""
+        return self._node(name)
 
     # ------------------------------------------------------------------ the data interface
 
@@ -213,10 +232,10 @@ class FeatureStore:
         return self.features.chunks[0]
 
     def ids(self) -> np.ndarray:
-        return self.array("ids")[:] if "ids" in self.group else np.full(self.count(), -1, dtype=np.int64)
+        return self.array("ids")[:] if self.has("ids") else np.full(self.count(), -1, dtype=np.int64)
 
     def camids(self) -> np.ndarray:
-        return self.array("camids")[:] if "camids" in self.group else np.full(self.count(), -1, dtype=np.int64)
+        return self.array("camids")[:] if self.has("camids") else np.full(self.count(), -1, dtype=np.int64)
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32."""

@@ -57,6 +57,21 @@ def fsync_tree(root: str | Path) -> None:
         fsync_dir(folder)
 
 
+def make_dirs(folder: Path) -> None:
+    """``mkdir -p`` whose new folders are durable too (each new entry's parent is fsynced).
+
+    Without it a power loss could drop a new chunk folder (``c/<row>``) and with it a
+    chunk whose write was already acknowledged; Zarr would read the fill value back.
+    """
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        fsync_dir(new.parent)
+
+
 def _write_durably(path: Path, tmp: Path, write: Callable[[BinaryIO], object], exclusive: bool = False):
     """write(file) into ``tmp``, fsync, rename to ``path`` (``exclusive``: only if absent), fsync the folder."""
     try:
@@ -79,7 +94,7 @@ def _write_durably(path: Path, tmp: Path, write: Callable[[BinaryIO], object], e
 def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], None]) -> Path:
     """Write ``path`` whole or not at all, durably; ``data`` is bytes, text (UTF-8) or ``writer(file)``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     if not callable(data):
         content = data.encode() if isinstance(data, str) else data
         data = lambda f: f.write(content)  # noqa: E731
@@ -109,7 +124,7 @@ def remove_tree(path: str | Path) -> None:
 
 
 def _put_durably(path: Path, value, exclusive: bool) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     # zarr's own name for an unfinished chunk, so its tools recognise leftovers
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
     return _write_durably(path, tmp, lambda f: f.write(value.as_buffer_like()), exclusive)
@@ -130,3 +145,10 @@ class DurableLocalStore(LocalStore):
             await self._open()
         self._check_writable()
         await asyncio.to_thread(_put_durably, self.root / key, value, exclusive)
+
+    def set_sync(self, key: str, value) -> None:  # zarr's synchronous write path: the same durable write
+        opener = getattr(self, "_ensure_open_sync", None)  # zarr's own step before a sync write, where it has one
+        if opener is not None:
+            opener()
+        self._check_writable()
+        _put_durably(self.root / key, value, False)

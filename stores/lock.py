@@ -31,6 +31,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from wildreid.errors import LockedError, StoreError
@@ -49,10 +50,10 @@ class WriterLock:
     """The exclusive writer lock of ``folder``; use as a context manager or call :meth:`release`.
 
     ``took_over`` is the record of a previous holder that died without releasing
-    (kill -9, power loss), or None.
+    (kill -9, power loss), or None; ``log`` is told about it.
     """
 
-    def __init__(self, folder: str | Path, command: str | None = None):
+    def __init__(self, folder: str | Path, command: str | None = None, log: Callable[[str], None] | None = None):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
@@ -80,6 +81,8 @@ class WriterLock:
         os.pwrite(fd, json.dumps(record).encode(), 0)
         os.fsync(fd)
         self._fd = fd
+        if self.took_over is not None and log is not None:
+            log(self.took_over_message)
 
     @property
     def took_over_message(self) -> str | None:
@@ -95,8 +98,11 @@ class WriterLock:
             os.ftruncate(self._fd, 0)  # an empty lock file: nobody holds it
             if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
                 # the command made the folder and then wrote nothing (it failed early): leave no trace
-                self.path.unlink()
-                self.folder.rmdir()
+                try:
+                    self.path.unlink()
+                    self.folder.rmdir()
+                except OSError:
+                    pass  # something else appeared in the folder meanwhile: leave it
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
         finally:
             os.close(self._fd)

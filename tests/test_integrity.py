@@ -287,21 +287,61 @@ def test_every_write_path_changes_the_fingerprint(tmp_path):
 # --------------------------------------------------------------------------- a crash-safe features swap
 
 
-@pytest.mark.parametrize("left", ["features.old", "features.restore"])
-def test_a_swap_killed_between_its_renames_is_finished_on_open(tmp_path, left):
+@pytest.mark.parametrize(
+    "killed, expected",
+    [("copying", "old"),  # while copying the checkpoint's dictionary
+     ("copied", "old"),  # the copy complete (features.restore), before the first rename: undone
+     ("between", "new"),  # after features -> features.old, before features.restore -> features: finished
+     ("renamed", "new")],  # both renames done, features.old not yet removed
+)  # fmt: skip
+def test_a_features_swap_killed_anywhere_leaves_whole_features(tmp_path, killed, expected):
     x, labels = clustered(300, 16, clusters=10, noise=0.5)
     path = make_store(tmp_path / "s.zarr", x, labels)
-    shutil.copytree(path / "features", path / "features.restore")
-    if left == "features.old":  # killed after the first rename (features -> features.old)
+    new = make_store(tmp_path / "new.zarr", -x, labels)
+    old_rows, new_rows = x.astype(np.float32), -x.astype(np.float32)
+    if killed == "copying":
+        shutil.copytree(new / "features", path / "features.copying")
+        shutil.rmtree(next((path / "features.copying" / "c").iterdir()))  # half copied
+    elif killed == "copied":
+        shutil.copytree(new / "features", path / "features.restore")
+    elif killed == "between":
+        shutil.copytree(new / "features", path / "features.restore")
         os.replace(path / "features", path / "features.old")
-        shutil.rmtree(path / "features.restore")
-    else:  # killed after the first rename, the copy complete
+        with pytest.raises(StoreError, match="interrupted while restoring"):
+            FeatureStore.open(path)  # a reader does not repair; it says what to run
+    else:
         os.replace(path / "features", path / "features.old")
-    with pytest.raises(StoreError, match="interrupted while restoring"):
-        FeatureStore.open(path)
+        shutil.copytree(new / "features", path / "features")
     store = FeatureStore.open(path, mode="r+")
-    assert np.array_equal(store.read_rows(0, len(x)), x.astype(np.float32))
+    assert np.array_equal(store.read_rows(0, len(x)), old_rows if expected == "old" else new_rows)
     assert sorted(p.name for p in path.iterdir() if p.name.startswith("features")) == ["features"]
+
+
+def test_damaged_metadata_is_one_line(tmp_path):
+    x, labels = clustered(300, 16, clusters=10, noise=0.5)
+    path = make_store(tmp_path / "s.zarr", x, labels)
+    meta = path / "features" / "zarr.json"
+    meta.write_bytes(meta.read_bytes()[:40])
+    result = runner.invoke(app, ["mine", "--store", str(path), *MINE])
+    assert result.exit_code == StoreError.exit_code
+    line = _one_error_line(result.output)
+    assert f"{meta} cannot be read" in line and "metadata is damaged" in line
+
+
+def test_extraction_does_not_resume_over_rows_written_since(shard_root, tmp_path):
+    """kill -9 mid-epoch before any checkpoint: the written-back rows make the recorded extraction stale."""
+    from wildreid.extract import extract_split
+    from wildreid.model import build_model
+
+    model = build_model("resnet18")
+    store = FeatureStore.create(tmp_path / "s.zarr", 80, 512)
+    extract_split(shard_root, "train", model, store, image_size=(64, 32), label="epoch-0")
+    extracted = store.read_rows(0, 80)
+    cache = PageCache(store.features, host_budget=1 << 20, dtype=store.features.dtype)
+    cache.set_rows(np.arange(4), np.zeros((4, 512), np.float32))  # a training step's momentum update
+    cache.flush()
+    extract_split(shard_root, "train", model, store, image_size=(64, 32), label="epoch-0")
+    assert np.array_equal(store.read_rows(0, 80), extracted)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -332,6 +372,30 @@ def test_no_intact_checkpoint_is_one_error(shard_root, tmp_path):
     run = train_cli(shard_root, store, "--resume")
     assert run.returncode == ResumeError.exit_code
     assert "no intact checkpoint to resume from" in _one_error_line(run.stderr)
+
+
+def test_a_checkpoint_of_an_older_wildreid_is_refused_and_kept(shard_root, tmp_path):
+    store = tmp_path / "store"
+    assert train_cli(shard_root, store, env={"WILDREID_CRASH_AFTER_STEPS": "4"}).returncode == -signal.SIGKILL
+    latest = latest_checkpoint(store / "train")
+    (latest / "COMPLETE").write_text("ok\n")  # what checkpoints held before checksums
+    run = train_cli(shard_root, store, "--resume")
+    assert run.returncode == ResumeError.exit_code
+    assert "written by an older wildreid" in _one_error_line(run.stderr)
+    assert latest.is_dir() and not (latest.parent / f"damaged-{latest.name}").exists()
+
+
+def test_a_torch_file_that_is_not_a_wildreid_model(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"config": {}, "state_dict": {}}, other)
+    with pytest.raises(ResumeError, match="expected model weights and a config naming the model"):
+        load_model(other)
+    torch.save({"config": {"model": {"arch": "resnet18", "last_stride": 1}}, "state_dict": {"w": torch.zeros(2)}},
+               other)  # fmt: skip
+    result = runner.invoke(app, ["eval", "--shards", str(tmp_path), "--checkpoint", str(other)])
+    assert result.exit_code != 0
+    with pytest.raises(ResumeError, match="holds weights that do not fit its model"):
+        load_model(other)
 
 
 class _RunsCode:

@@ -57,25 +57,32 @@ def test_sigterm_stops_after_the_step_and_resume_is_exact(point, expected, unint
 
 
 def test_sigterm_at_random_moments(uninterrupted, shard_root, tmp_path):
-    """A scheduler's SIGTERM from outside, twice at random moments, then --resume: the uninterrupted digests."""
+    """A scheduler's SIGTERM from outside at random moments of two attempts, then --resume: the uninterrupted
+    digests, and every stop kept the step it stopped at (its checkpoint is the one LATEST names)."""
     rng = random.Random(11)
     store = tmp_path / "store"
-    stops = []
     for attempt in range(2):
         args = ["--resume"] if attempt else []
-        proc = subprocess.Popen(_train_cmd(shard_root, store, *args), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-        time.sleep(rng.uniform(5.0, 9.0))  # a run takes about 9 s; the handler is in place after ~3 s
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode in (0, STOPPED), err[-3000:]
-        assert "Traceback" not in err
-        stops.append(proc.returncode)
-        if proc.returncode == 0:
-            break
+        with subprocess.Popen(_train_cmd(shard_root, store, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as proc:  # fmt: skip
+            latest = store / "train" / "LATEST"
+            first = latest.read_text() if latest.exists() else ""
+            # the handler is in place once training runs: wait for a new checkpoint, then a random moment
+            while (latest.read_text() if latest.exists() else "") == first and proc.poll() is None:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 1.5))
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=600)
+        if attempt == 0:
+            assert proc.returncode == STOPPED, err[-3000:]
+        assert proc.returncode in (0, STOPPED) and "Traceback" not in err, err[-3000:]
+        if proc.returncode == STOPPED:
+            line = next(line for line in err.splitlines() if line.startswith("stopped at epoch"))
+            step = int(line.split(" step ")[1].split(";")[0].split(",")[0])
+            assert latest.read_text() == f"ckpt-{step:010d}", line
     resumed = final_json(train_cli(shard_root, store, "--resume"))
-    assert resumed["weights_sha256"] == uninterrupted["weights_sha256"], stops
-    assert resumed["dictionary_sha256"] == uninterrupted["dictionary_sha256"], stops
+    assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
+    assert resumed["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
 
 
 def _train_cmd(shards, store, *args) -> list[str]:
