@@ -364,6 +364,24 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(uninterrupte
     assert "took over the writer lock" in resumed.stderr  # the killed run's lock record
 
 
+def test_graph_negatives_after_a_fallback_mine_the_graph_again(shard_root, tmp_path):
+    """Falling back past a later mining: the stored k-NN graph is not the one the checkpoint trained with."""
+    from test_train import SMALL
+
+    graph = [*SMALL, "loss.negatives=graph", "loss.r=0.2"]
+    store = tmp_path / "store"
+    # 5 steps an epoch, a checkpoint every 3 steps and at epoch ends: killed after step 11 (epoch 2, its graph
+    # mined at step 10) with checkpoints 9 (mid epoch 1) and 10 (end of epoch 1) on disk
+    killed = train_cli(shard_root, store, overrides=graph, env={"WILDREID_CRASH_AFTER_STEPS": "11"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    _damage(latest_checkpoint(store / "train") / "state.pt", "flip")
+    resumed = train_cli(shard_root, store, "--resume", overrides=graph)
+    report = final_json(resumed)
+    assert "resuming from the previous one, ckpt-0000000009" in resumed.stderr
+    assert "the k-NN graph of epoch 1 was replaced after ckpt-0000000009; mining it again" in resumed.stderr
+    assert [h["epoch"] for h in report["history"]] == [0, 1, 2]
+
+
 def test_no_intact_checkpoint_is_one_error(shard_root, tmp_path):
     store = tmp_path / "store"
     assert train_cli(shard_root, store, env={"WILDREID_CRASH_AFTER_STEPS": "4"}).returncode == -signal.SIGKILL
