@@ -30,6 +30,15 @@ def shard_root(veriwild_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def uninterrupted(shard_root, tmp_path_factory) -> dict:
+    """The --json report of one uninterrupted training run (test_train's SMALL settings; read only):
+    what every crash, stop and resume test must end with."""
+    from test_train import final_json, train_cli
+
+    return final_json(train_cli(shard_root, tmp_path_factory.mktemp("run") / "store"))
+
+
 def _folder_layout(veriwild_root: Path, dest: Path, folders: dict[str, str], name) -> Path:
     """Re-file the synthetic VeRi-Wild images under a folder layout, renamed as that layout names them."""
     index = read_veriwild(veriwild_root)

@@ -128,11 +128,6 @@ def test_two_shard_commands_on_one_folder(veriwild_root, shard_root, tmp_path):
     assert tree_digest(out) == tree_digest(shard_root)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(shard_root, tmp_path_factory) -> dict:
-    return final_json(train_cli(shard_root, tmp_path_factory.mktemp("run") / "store"))
-
-
 def _wait_for_lock(folder: Path, proc: subprocess.Popen) -> None:
     for _ in range(600):
         if (folder / LOCK_NAME).exists() and (folder / LOCK_NAME).read_text():

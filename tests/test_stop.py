@@ -22,11 +22,6 @@ from wildreid.stores import LOCK_NAME
 STOPPED = Stopped.exit_code
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(shard_root, tmp_path_factory) -> dict:
-    return final_json(train_cli(shard_root, tmp_path_factory.mktemp("run") / "store"))
-
-
 def _stop_line(run: subprocess.CompletedProcess) -> str:
     lines = [line for line in run.stderr.splitlines() if line.startswith("stopped at epoch")]
     assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]

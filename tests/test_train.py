@@ -44,11 +44,6 @@ def final_json(run: subprocess.CompletedProcess) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(shard_root, tmp_path_factory) -> dict:
-    return final_json(train_cli(shard_root, tmp_path_factory.mktemp("run") / "store"))
-
-
 def test_uninterrupted_run(uninterrupted, shard_root):
     history = uninterrupted["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
