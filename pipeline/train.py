@@ -66,7 +66,6 @@ _CRASH_AFTER_STEPS = int(os.environ.get("WILDREID_CRASH_AFTER_STEPS", "-1"))
 Progress = Callable[[str, int, int], None]
 
 
-
 @dataclass(frozen=True)
 class TrainOptions:
     resume: bool = False
