@@ -131,8 +131,15 @@ def test_distributed_cluster_equals_local_threads(tmp_path):
     remote = make_store(tmp_path / "remote.zarr", x, labels)
     params = MineParams(k=11, adjacency=10)
     mine(str(local), params, memory_budget=BUDGET)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        mine(str(remote), params, memory_budget=BUDGET, scheduler=cluster.scheduler_address)
+    saved = dict(os.environ)
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+            mine(str(remote), params, memory_budget=BUDGET, scheduler=cluster.scheduler_address)
+    finally:
+        # the nannies set OMP_NUM_THREADS=1 (and more) in this process's environment and leave it there: later
+        # training subprocesses would then sum in another order and miss the digests of earlier runs
+        os.environ.clear()
+        os.environ.update(saved)
     for a, b in zip(graph(local) + positives(local), graph(remote) + positives(remote)):
         assert np.array_equal(a, b)
 
