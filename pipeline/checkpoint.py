@@ -22,7 +22,6 @@ only tensors and plain Python values, so no code from a file runs on load.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import shutil
 import warnings
@@ -35,6 +34,7 @@ import torch
 
 from wildreid.errors import DamagedDataError, ResumeError, StoreError
 from wildreid.model import build_model
+from wildreid.shards.tario import file_sha256
 from wildreid.stores import atomic_write, publish, remove_tree
 
 __all__ = [
@@ -72,16 +72,8 @@ def _disk_error(exc: OSError, what: str, keep: Path | None) -> StoreError:
     return StoreError(f"cannot write {what}: {reason}; {kept}. Free space (or fix permissions) and run with --resume")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -107,7 +99,7 @@ def _damage(ckpt: Path) -> str | None:
         path = ckpt / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != expected:
+        if file_sha256(path) != expected:
             return f"{name} does not match its sha256"
     return None
 
@@ -219,11 +211,6 @@ def load_state(ckpt: Path) -> dict:
         raise ResumeError(f"{ckpt / 'state.pt'} is not a wildreid training checkpoint (expected model, optimizer, "
                           "RNG states and position)")  # fmt: skip
     return state
-
-
-def restore_dictionary(ckpt: Path, store) -> None:
-    """Put the checkpoint's dictionary back as the store's ``features`` (a crash-safe swap by the store)."""
-    store.replace_features(ckpt / "dictionary")
 
 
 def load_positives(ckpt: Path) -> tuple[np.ndarray, np.ndarray]:

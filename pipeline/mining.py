@@ -364,7 +364,7 @@ def _run_stages(store: FeatureStore, params: MineParams, plan: BlockPlan, worker
                 graph_only: bool, should_stop: Callable[[], bool]) -> dict:  # fmt: skip
     n = store.count()
     timings = {}
-    _, complete = open_derived(store, "knn", _fingerprint(store, params, plan, "knn"))
+    complete = open_derived(store, "knn", _fingerprint(store, params, plan, "knn"))
     blocks = -(-n // plan.query_rows)
     if not complete:
         prepare_knn(store, params.k, plan.query_rows)
@@ -381,7 +381,7 @@ def _run_stages(store: FeatureStore, params: MineParams, plan: BlockPlan, worker
     if graph_only:
         return timings
 
-    _, complete = open_derived(store, "positives", _fingerprint(store, params, plan, "rules"))
+    complete = open_derived(store, "positives", _fingerprint(store, params, plan, "rules"))
     if not complete:
         rule_blocks = -(-n // plan.rule_rows)
         todo = parts_pending(store, rule_blocks)

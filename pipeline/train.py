@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from wildreid.budget import default_budget, peak_rss_bytes
-from wildreid.checkpoint import load_positives, restore_dictionary, resume_checkpoint, save_checkpoint, save_model
+from wildreid.checkpoint import load_positives, resume_checkpoint, save_checkpoint, save_model
 from wildreid.config import Config, config_digest
 from wildreid.dplm import dplm_rows, dplm_rows_bytes, pseudo_label_quality, quality_means, quality_sums
 from wildreid.dtl import batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
@@ -236,7 +236,7 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
         epoch, position, step, history = state["epoch"], state["position"], state["step"], state["history"]
-        restore_dictionary(ckpt, store)
+        store.replace_features(ckpt / "dictionary")  # a crash-safe swap (FeatureStore.replace_features)
         # an extraction recorded after this checkpoint described rows that were just replaced
         store.set_meta("extraction", {})
         positives = load_positives(ckpt)

@@ -16,7 +16,6 @@ fingerprint is removed before anything is written, never mixed in.
 from __future__ import annotations
 
 import numpy as np
-import zarr
 
 from wildreid.errors import ConfigError
 from wildreid.stores.dictionary import FeatureStore, create_checked_array
@@ -38,17 +37,18 @@ __all__ = [
 ]
 
 
-def open_derived(store: FeatureStore, name: str, fingerprint: dict) -> tuple[zarr.Group, bool]:
-    """The group ``name``, emptied first if it was computed from something else; and whether it is complete."""
+def open_derived(store: FeatureStore, name: str, fingerprint: dict) -> bool:
+    """Make sure group ``name`` holds results of ``fingerprint`` (emptied first if it was computed from
+    something else); returns whether it is complete."""
     if store.has(name):
         group = store.group_of(name)
         if dict(group.attrs).get("fingerprint") == fingerprint:
-            return group, bool(group.attrs.get("complete", False))
+            return bool(group.attrs.get("complete", False))
         store.remove(name)
     group = store.group.create_group(name)
     group.attrs["fingerprint"] = fingerprint
     group.attrs["complete"] = False
-    return group, False
+    return False
 
 
 def complete_fingerprint(store: FeatureStore, name: str) -> dict | None:

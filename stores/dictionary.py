@@ -210,10 +210,12 @@ class FeatureStore:
 
     def array(self, name: str) -> CheckedArray:
         """The array ``name`` (e.g. ``knn/indices``), its reads checked; writes to ``features`` bump its version."""
-        if not self.has(name):
-            raise StoreError(f"{self.path} has no array {name!r}; expected it from an earlier stage")
+        try:
+            node = self._node(name)
+        except KeyError:
+            raise StoreError(f"{self.path} has no array {name!r}; expected it from an earlier stage") from None
         on_write = self.bump_features_version if name == "features" else None
-        return CheckedArray(self._node(name), self.path, on_write)
+        return CheckedArray(node, self.path, on_write)
 
     def group_of(self, name: str) -> zarr.Group:
         """The derived group ``name`` (``knn``, ``positives``), its metadata checked."""
