@@ -138,12 +138,16 @@ def resume_checkpoint(run_dir: str | Path, log: Callable[[str], None] = lambda m
     return None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, features_dir: Path, positives) -> Path:
-    """Write checkpoint ``step`` (state dict, dictionary chunks, positives) atomically; returns its folder."""
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, features_dir: Path, positives, tag: str = "") -> Path:
+    """Write checkpoint ``step`` (state dict, dictionary chunks, positives) atomically; returns its folder.
+
+    ``tag`` tells apart checkpoints written between two steps (a dictionary rebuild's):
+    ``ckpt-<step><tag>`` sorts after ``ckpt-<step>`` and before ``ckpt-<step + 1>``.
+    """
     run_dir = Path(run_dir)
     root = run_dir / "checkpoints"
-    final = root / f"ckpt-{step:010d}"
-    tmp = root / f"ckpt-{step:010d}.partial"
+    final = root / f"ckpt-{step:010d}{tag}"
+    tmp = root / f"ckpt-{step:010d}{tag}.partial"
     previous = latest_checkpoint(run_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -273,6 +273,7 @@ def mine(
     threshold: float = typer.Option(0.6, help="DPLM similarity threshold t."),
     min_candidates: int = typer.Option(10, help="DPLM minimum candidates l."),
     adjacency: int = typer.Option(100, help="DPLM adjacency size a."),
+    order: str = typer.Option("similarity", help="DPLM candidate order: similarity or published (SSML-FD code)."),
     memory_budget: Optional[str] = typer.Option(None, help="Working-set bound, e.g. 512MiB (default: 1/4 of free memory)."),
     workers: int = typer.Option(2, help="Concurrent block tasks (local threads)."),
     scheduler: Optional[str] = typer.Option(None, help="dask.distributed scheduler address (default: local threads)."),
@@ -281,7 +282,7 @@ def mine(
     """Mine DPLM positives out of core: blockwise exact k-NN graph, then the rules (resumable)."""
     from wildreid.mining import MineParams, mine as run_mine
 
-    params = MineParams(k=k, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
+    params = MineParams(k=k, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order)
     budget = parse_bytes(memory_budget) if memory_budget else None
     with RichProgress() as progress, GracefulStop() as stop:
         report = run_mine(str(store), params, memory_budget=budget, workers=workers, scheduler=scheduler,
@@ -312,6 +313,8 @@ def evaluate(
     memory_budget: Optional[str] = typer.Option(None, help="Working-set bound, e.g. 1GiB (default: 1/4 of free RAM)."),
     device: str = typer.Option("cpu", help="cpu or cuda (feature extraction and distances)."),
     output: Optional[Path] = typer.Option(None, help="Results JSON (with --checkpoint: CKPT_DIR/eval-SPLIT.json)."),
+    feature: Optional[str] = typer.Option(None, help="bnneck or pool5 (with --checkpoint; default: the model's "
+                                          "model.eval_feature)."),  # fmt: skip
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
 ):
     """mAP, mINP and CMC of query against gallery features, exact and blockwise (no Q x G matrix)."""
@@ -354,6 +357,9 @@ def evaluate(
         wanted = [(name, *pairs[name]) for name in splits[split]]
         sizes = {s: split_entry(shards, s)["num_samples"] for _, q, g in wanted for s in (q, g)}  # before the model
         model, config = load_model(checkpoint, device)
+        feature = feature or config["model"].get("eval_feature", "bnneck")
+        if feature not in ("bnneck", "pool5"):
+            raise ConfigError(f"expected --feature bnneck or pool5, found {feature!r}")
         digest = hashlib.sha256()
         with open(checkpoint / "state.pt" if checkpoint.is_dir() else checkpoint, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -370,11 +376,13 @@ def evaluate(
                         held.enter_context(WriterLock(folder / s, log=_say))
                         store = _feature_group(folder / s, sizes[s], model.feature_dim)
                         extract_split(shards, s, model, store, image_size=tuple(config["model"]["image_size"]),
-                                      device=device, progress=progress, label=label, should_stop=stop)  # fmt: skip
+                                      device=device, progress=progress, label=label, should_stop=stop,
+                                      feature=feature)  # fmt: skip
                     results[name] = evaluate_groups(folder / q_split, folder / g_split, memory_budget=budget,
                                                     device=device, rerank=rerank)  # fmt: skip
+                transductive = bool(config.get("train", {}).get("transductive", False))
                 results[name].update(query_split=q_split, gallery_split=g_split, checkpoint_sha256=label,
-                                     transductive=bool(config.get("train", {}).get("transductive", False)))  # fmt: skip
+                                     feature=feature, transductive=transductive)  # fmt: skip
         if output is None:
             output = checkpoint.parent / f"eval-{split}{tag}.json"
 

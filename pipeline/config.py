@@ -1,7 +1,7 @@
 """Run configuration: defaults -> YAML file (one shallow ``_base_``) -> CLI overrides -> frozen dataclass.
 
-A YAML file holds any of the sections ``model``, ``train``, ``loss``, ``mining``
-with any of their keys; a file may name one base file (``_base_: veriwild.yaml``,
+A YAML file holds any of the sections ``model``, ``train``, ``loss``, ``mining``,
+``dictionary`` with any of their keys; a file may name one base file (``_base_: veriwild.yaml``,
 relative to itself) whose values it overrides, and the base may not name another.
 Overrides are ``section.key=value`` strings whose value is parsed as YAML
 (``train.lr_steps=[30,45]``, ``model.pretrained=null``). Every value is checked
@@ -27,6 +27,7 @@ from wildreid.errors import ConfigError
 
 __all__ = [
     "Config",
+    "DictionaryConfig",
     "LossConfig",
     "MiningConfig",
     "ModelConfig",
@@ -39,6 +40,10 @@ __all__ = [
 ARCHS = ("resnet18", "resnet34", "resnet50")
 NEGATIVES = ("exact", "graph")  # how DTL finds hard negatives (wildreid.dtl)
 MINING_SCHEDULES = ("epoch", "batch")
+REFRESHES = ("published", "eval")  # how the dictionary is rebuilt (wildreid.train)
+MINING_ORDERS = ("similarity", "published")  # the DPLM candidate order (wildreid.dplm)
+EVAL_FEATURES = ("bnneck", "pool5")  # what evaluation extracts (wildreid.model.ReidNet)
+DICTIONARY_DTYPES = ("float16", "float32")
 
 
 def _need(ok: bool, name: str, expected: str, found) -> None:
@@ -52,6 +57,9 @@ class ModelConfig:
     last_stride: int = 1
     image_size: tuple[int, int] = (256, 128)  # H, W
     pretrained: str | None = None  # a local torchvision state dict; None = random weights
+    # the feature evaluation extracts: the L2-normalised BN-neck output (what the dictionary holds)
+    # or the L2-normalised pooled feature before the neck (what the published code evaluates)
+    eval_feature: str = "bnneck"
 
     def __post_init__(self):
         _need(self.arch in ARCHS, "model.arch", f"one of {list(ARCHS)}", self.arch)
@@ -63,6 +71,8 @@ class ModelConfig:
             list(self.image_size),
         )
         _need(self.pretrained != "", "model.pretrained", "a file path or null", self.pretrained)
+        _need(self.eval_feature in EVAL_FEATURES, "model.eval_feature", " or ".join(map(repr, EVAL_FEATURES)),
+              self.eval_feature)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,10 @@ class TrainConfig:
     # "epoch": DPLM once per epoch from the k-NN graph (this project); "batch": every step's positives
     # mined against the live dictionary (the published implementation; small N only)
     mining: str = "epoch"
+    # "published": the dictionary starts at zeros and is rebuilt every reextract_every epochs (not at
+    # epoch 0) by a no-grad pass in train mode on augmented images, as the published code does;
+    # "eval": extracted in eval mode without augmentation at epoch 0 and every reextract_every epochs
+    refresh: str = "published"
 
     def __post_init__(self):
         _need(self.epochs >= 0, "train.epochs", "an int >= 0 (0 writes the untrained model)", self.epochs)
@@ -99,6 +113,7 @@ class TrainConfig:
         _need(self.batch_size >= 2, "train.batch_size", "an int >= 2 (BatchNorm needs two samples)", self.batch_size)
         _need(self.lr > 0, "train.lr", "a float > 0", self.lr)
         _need(self.mining in MINING_SCHEDULES, "train.mining", " or ".join(map(repr, MINING_SCHEDULES)), self.mining)
+        _need(self.refresh in REFRESHES, "train.refresh", " or ".join(map(repr, REFRESHES)), self.refresh)
         _need(
             0 <= self.backbone_lr_factor <= 1, "train.backbone_lr_factor", "a float in [0, 1]", self.backbone_lr_factor
         )
@@ -142,12 +157,25 @@ class MiningConfig:
     threshold: float = 0.6
     min_candidates: int = 10
     adjacency: int = 100
+    # "similarity": candidates and adjacency by true similarity; "published": rows below the
+    # threshold follow id order, as the published code's clamp-then-sort leaves them
+    order: str = "similarity"
 
     def __post_init__(self):
         _need(-1 < self.threshold <= 1, "mining.threshold", "a float in (-1, 1]", self.threshold)
         _need(self.min_candidates >= 1, "mining.min_candidates", "an int >= 1", self.min_candidates)
         _need(self.adjacency >= 1, "mining.adjacency", "an int >= 1", self.adjacency)
         _need(self.k >= self.adjacency + 1, "mining.k", f"an int >= adjacency + 1 = {self.adjacency + 1}", self.k)
+        _need(self.order in MINING_ORDERS, "mining.order", " or ".join(map(repr, MINING_ORDERS)), self.order)
+
+
+@dataclass(frozen=True)
+class DictionaryConfig:
+    dtype: str = "float16"  # the stored feature dictionary's dtype (the published code holds float32)
+
+    def __post_init__(self):
+        _need(self.dtype in DICTIONARY_DTYPES, "dictionary.dtype", " or ".join(map(repr, DICTIONARY_DTYPES)),
+              self.dtype)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -156,6 +184,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
+    dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
+
+    def __post_init__(self):
+        if self.train.refresh == "published" and self.loss.negatives == "graph" and self.train.epochs > 0:
+            raise ConfigError("loss.negatives=graph needs a k-NN graph of the dictionary from epoch 0, but "
+                              "train.refresh=published starts the dictionary at zeros; use train.refresh=eval "
+                              "with graph negatives")  # fmt: skip
 
     def to_dict(self) -> dict:
         """Plain nested dict (tuples as lists): what ``save_config`` writes and ``load_config`` reads back."""
@@ -167,7 +202,8 @@ class Config:
         }
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig, "mining": MiningConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig, "mining": MiningConfig,
+                             "dictionary": DictionaryConfig}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- values

@@ -18,6 +18,36 @@ everything except a rank check whose j does not list i while k_i >= K: such
 (j, i) pairs are "pending" and need a counting pass (``knn.exact_ranks``).
 Only the checks j < min(k_i, a) matter: node_i lies in sigma_i[0:a], so once
 those pass, min(step + 1, C_i) already covers node_i (C_i >= a) or equals C_i.
+
+Candidate order (``order``). "similarity" is the order above. "published" is the
+order of the published SSML-FD code (andreYoo/VeRI_SSML_FD,
+lib/onlinesamplemining/dplm.py, ``DPLM.predict``), which sets every s_ij < t to -1
+before sorting, so that past the first C_i entries the order is the sort's tie
+order; made deterministic here:
+
+  sigma^pub_i = i; the rows j != i with s_ij >= t by descending s_ij, ties by
+  ascending id (as in rule 1); then every other row by ascending id.
+
+T_i, A_i and rule 7 use sigma^pub_i; rule 6 ranks i in the true order sigma_j of
+rule 1 (no threshold there). Two more quirks of that code are reproduced:
+
+(a) its ``topk_idx`` is a view of the sorted index row, and when C_i > 1 every
+    candidate of T_i not in N_i is overwritten with -1 in place ("removed"); its rank
+    check then gathers ``memory[topk_idx]``, so a removed position j checks the rank of
+    i in sigma_{N-1} (row -1 is the last row of the dictionary), not in sigma_{T_i[j]};
+(b) ``multilabel[i, index_sorted[i, 0:step]] = 1`` sets column N-1 as well whenever a
+    removed position lies below step; positives are node_i & that row, so N-1 is a
+    positive of i iff N-1 is in node_i and (its position < step or a removed one is).
+
+With C_i == 1 nothing is removed (node_i = {i}). Only positions >= C_i differ
+between the orders, and a check at j >= C_i cannot lower step below C_i, so the
+orders give different positives only where k_i < a' = min(a, N) (l < a and
+C_i < a: A_i, hence N_i, changes and candidates get removed). A graph row gives
+sigma^pub_i[0:a'] as well: it keeps sigma_i[0:C_i] and fills the rest with the
+smallest other ids (``published_order``). The argument for j < min(k_i, a) above
+still holds, since a removed position beyond a' adds nothing: N-1 in node_i sits
+below a'. ``dplm_published_dense`` is a literal transcription of ``DPLM.predict``,
+the reference for the other paths.
 """
 
 from __future__ import annotations
@@ -31,28 +61,45 @@ from wildreid.knn import (
     check_features,
     exact_ranks,
     knn_graph,
+    pair_similarity,
     similarity,
     validate_rows,
 )
 
 __all__ = [
+    "ORDERS",
     "RowPlan",
     "check_dplm_args",
+    "check_order",
     "dplm_blockwise",
     "dplm_dense",
+    "dplm_published_dense",
     "dplm_rows",
     "dplm_rows_bytes",
     "finish_rows",
     "pending_ranks",
     "plan_rows",
     "pseudo_label_quality",
+    "published_order",
     "quality_means",
     "quality_sums",
 ]
 
 
-def check_dplm_args(*, n: int, graph_width: int | None, threshold: float, min_candidates: int, adjacency: int):
-    """ConfigError unless t in (-1, 1], l >= 1, a >= 1 and the graph width K >= a + 1 or K >= N."""
+ORDERS = ("similarity", "published")
+
+
+def check_order(order) -> str:
+    """ConfigError unless ``order`` is one of :data:`ORDERS`; returns it."""
+    if not isinstance(order, str) or order not in ORDERS:
+        raise ConfigError(f"expected a DPLM order of {' or '.join(ORDERS)}, found {order!r}")
+    return order
+
+
+def check_dplm_args(*, n: int, graph_width: int | None, threshold: float, min_candidates: int, adjacency: int,
+                    order: str = "similarity"):  # fmt: skip
+    """ConfigError unless t in (-1, 1], l >= 1, a >= 1, the graph width K >= a + 1 or K >= N, and a known order."""
+    check_order(order)
     if not -1.0 < threshold <= 1.0:
         raise ConfigError(f"expected a DPLM threshold in (-1, 1], found {threshold}")
     if int(min_candidates) != min_candidates or min_candidates < 1:
@@ -86,6 +133,29 @@ def _sigma_rows(s: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.lexsort((np.broadcast_to(np.arange(s.shape[1]), s.shape), -first), axis=1)
 
 
+def published_order(sigma, counts) -> np.ndarray:
+    """sigma^pub_i[0:W] of every row from its sigma_i[0:W] and C_i, with W = ``sigma.shape[1]`` <= N.
+
+    Keeps sigma_i[0:C_i] (i, then the rows at or above t) and fills the positions from C_i
+    with the smallest ids not kept: at most C_i of the ids 0..W-1 are kept, so those suffice.
+    """
+    sigma = np.asarray(sigma, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    out = sigma.copy()
+    width = sigma.shape[1]
+    short = np.flatnonzero(counts < width)
+    if len(short):
+        head, c = sigma[short], counts[short][:, None]
+        pos = np.arange(width)[None, :]
+        kept = pos < c
+        taken = np.zeros(head.shape, dtype=bool)
+        r, p = np.nonzero(kept & (head < width))
+        taken[r, head[r, p]] = True
+        free = np.argsort(taken, axis=1, kind="stable")  # the ids below W not kept, ascending, come first
+        out[short] = np.where(kept, head, np.take_along_axis(free, np.maximum(pos - c, 0), axis=1))
+    return out
+
+
 def _csr(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     indptr = np.zeros(len(lists) + 1, dtype=np.int64)
     indptr[1:] = np.cumsum([len(x) for x in lists])
@@ -93,34 +163,109 @@ def _csr(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return indptr, indices
 
 
-def dplm_dense(features, *, threshold: float = 0.6, min_candidates: int = 10, adjacency: int = 100):
-    """Reference DPLM over the full N x N similarity (tests, small N): CSR ``(indptr, indices)``."""
+def dplm_dense(features, *, threshold: float = 0.6, min_candidates: int = 10, adjacency: int = 100,
+               order: str = "similarity"):  # fmt: skip
+    """Reference DPLM over the full N x N similarity (tests, small N): CSR ``(indptr, indices)``.
+
+    ``order="published"`` applies sigma^pub and quirks (a) and (b) rule by rule; it equals
+    ``dplm_published_dense``, which transcribes the published code instead.
+    """
+    return _dense(features, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order,
+                  alias=True)  # fmt: skip
+
+
+def _dense(features, *, threshold: float, min_candidates: int, adjacency: int, order: str, alias: bool):
+    """``dplm_dense``; ``alias=False`` leaves quirks (a) and (b) out (tests show that they matter)."""
     m = np.asarray(features)
     check_features(m)
     n = len(m)
-    check_dplm_args(n=n, graph_width=None, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
+    check_dplm_args(n=n, graph_width=None, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency,
+                    order=order)  # fmt: skip
     s = similarity(m, m)
     sigma = _sigma_rows(s, np.arange(n))
     rank = np.empty((n, n), dtype=np.int64)
     np.put_along_axis(rank, sigma, np.broadcast_to(np.arange(n), (n, n)), axis=1)  # rank[j, i]: i in sigma_j
+    counts = 1 + np.count_nonzero(s >= threshold, axis=1) - (np.diagonal(s) >= threshold)
+    published = order == "published"
+    cand = published_order(sigma, counts) if published else sigma
     out = []
     for i in range(n):
-        c = 1 + int(np.count_nonzero(s[i] >= threshold)) - int(s[i, i] >= threshold)
+        c = int(counts[i])
         k = min(max(c, min_candidates), n)
-        t_i, a_i = sigma[i, :k], sigma[i, :adjacency]
+        t_i, a_i = cand[i, :k], cand[i, :adjacency]
         n_i = a_i[_adjacency_order(m[a_i])[:k]]
         node = {i} if c == 1 else {i} | (set(t_i.tolist()) & set(n_i.tolist()))
+        removed = ~np.isin(t_i, n_i) if alias and published and c > 1 else np.zeros(k, dtype=bool)
+        checked = np.where(removed, n - 1, t_i)  # quirk (a): a removed candidate checks row N-1
         step = 1
         for j in range(k):
-            if rank[t_i[j], i] > k:
+            if rank[checked[j], i] > k:
                 break
             step = max(step, j)
         step = min(step + 1, c)
-        out.append(np.array(sorted(node & set(sigma[i, :step].tolist())), dtype=np.int64))
+        head = set(cand[i, :step].tolist()) | ({n - 1} if removed[:step].any() else set())  # quirk (b)
+        out.append(np.array(sorted(node & head), dtype=np.int64))
     return _csr(out)
 
 
-def dplm_rows(features, rows, *, threshold: float = 0.6, min_candidates: int = 10, adjacency: int = 100):
+def dplm_published_dense(features, *, threshold: float = 0.6, min_candidates: int = 10, adjacency: int = 100):
+    """``DPLM.predict`` of the published code (lib/onlinesamplemining/dplm.py) over every row, in numpy: CSR.
+
+    Its control flow step by step, made deterministic as the module docstring says: exact
+    float64 similarities, i first and ties by ascending id in every sort, the stable rule-4
+    sort, k_i and A_i at most N. The writes of -1 through the view ``topk_idx`` and the
+    gathers with index -1 act as they do in torch (numpy reads index -1 as the last row too).
+    """
+    m = np.asarray(features)
+    check_features(m)
+    n = len(m)
+    check_dplm_args(n=n, graph_width=None, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
+    ids = np.arange(n)
+    sim = similarity(m, m)  # memory.mm(memory.t())
+    node_sim = sim.copy()
+    node_sim[node_sim < threshold] = -1.0
+    node_sim[ids, ids] = np.inf  # i first: s_ii = 1 tops a normalised row, but may tie with a copy of i
+    index_sorted = np.lexsort((np.broadcast_to(ids, (n, n)), -node_sim), axis=1)  # descending, ties by id
+    node_sim_sorted = np.take_along_axis(node_sim, index_sorted, axis=1)
+    mask_num = np.count_nonzero(node_sim_sorted != -1.0, axis=1)  # C_i
+    sim_sorted = _sigma_rows(sim, ids)  # row r: the sort of memory[r].mm(memory.t()), r first
+    nodeclass = np.zeros((n, n), dtype=bool)
+    multilabel = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        topk = max(int(mask_num[i]), min_candidates)
+        topk = min(topk, n)  # published: no cap (it assumes N >= topk)
+        topk_idx = index_sorted[i, :topk]  # a view: the -1 written below lands in index_sorted
+        g_top_index = index_sorted[i, :adjacency]
+        adj_index = g_top_index[_adjacency_order(m[g_top_index])]  # cdist + sort; fancy indexing copies
+        topk_idx_nbased = adj_index[:topk]
+        if mask_num[i] == 1:
+            nodeclass[i, i] = True
+        else:
+            nodeclass[i, i] = True
+            for j in range(topk):
+                if topk_idx[j] in topk_idx_nbased:
+                    continue
+                topk_idx[j] = -1
+            nodeclass[i, topk_idx[topk_idx != -1]] = True
+            nodeclass[i, i] = True
+        idx_sorted = sim_sorted[topk_idx]  # memory[topk_idx]: index -1 gathers row N-1
+        step = 1
+        for j in range(topk):
+            pos = int(np.flatnonzero(idx_sorted[j] == index_sorted[i, 0])[0])
+            if pos > topk:
+                break
+            step = max(step, j)
+        step = step + 1
+        step = min(step, int(mask_num[i]))
+        if step <= 0:
+            continue
+        multilabel[i, index_sorted[i, 0:step]] = True  # a -1 below step marks column N-1
+    mining_results = nodeclass & multilabel
+    return _csr([np.flatnonzero(row) for row in mining_results])
+
+
+def dplm_rows(features, rows, *, threshold: float = 0.6, min_candidates: int = 10, adjacency: int = 100,
+              order: str = "similarity"):  # fmt: skip
     """DPLM positives of ``rows`` only, against the whole dictionary: CSR over ``rows``, in their order.
 
     Equal to those rows of ``dplm_dense(features, ...)``. Rules 4-7 run through
@@ -132,7 +277,8 @@ def dplm_rows(features, rows, *, threshold: float = 0.6, min_candidates: int = 1
     check_features(m)
     n = len(m)
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    check_dplm_args(n=n, graph_width=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
+    check_dplm_args(n=n, graph_width=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency,
+                    order=order)  # fmt: skip
     if len(rows) and (rows.min() < 0 or rows.max() >= n):
         raise ConfigError(
             f"expected rows in 0..{n - 1}, found {rows.min()}..{rows.max()}; mine rows of this dictionary"
@@ -146,7 +292,7 @@ def dplm_rows(features, rows, *, threshold: float = 0.6, min_candidates: int = 1
     counts = 1 + np.count_nonzero(s >= threshold, axis=1) - (s[np.arange(len(rows)), rows] >= threshold)
     plan = plan_rows(
         rows, sigma, np.take_along_axis(s, sigma, axis=1), counts, lambda ids: full_rows(ids)[1], lambda ids: m[ids],
-        n=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency,
+        n=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order,
     )  # fmt: skip
     return finish_rows(plan, np.zeros(0, dtype=np.int64))
 
@@ -166,11 +312,14 @@ def dplm_rows_bytes(n: int, dim: int, rows: int, adjacency: int) -> int:
 class RowPlan:
     """Per-row DPLM state of one block of rows, between ``plan_rows`` and ``finish_rows``.
 
-    Positions are positions in sigma_i (0 = i itself), up to a' = min(a, N).
+    Positions are positions in sigma_i (or sigma^pub_i; 0 = i itself), up to a' = min(a, N).
     ``ranks[b, p]`` is the known rank of row b in sigma_{sigma_b[p]} for p < ``stop[b]``,
     -1 where pending; ``stop[b]`` is the first check that certainly breaks, else
     min(k_i, a'). The ``pending_*`` arrays list the pairs (j, i, s_ji) whose rank is
     still needed, with where they go (``pending_row``, ``pending_pos``).
+    ``removed[b, p]``: quirk (a) of the published order, position p checks row ``n`` - 1
+    instead (all False in the similarity order). A removed position is never pending:
+    it needs k_i < a' <= K, and with k_i < K a rank is found in the graph row or breaks.
     """
 
     rows: np.ndarray
@@ -186,6 +335,8 @@ class RowPlan:
     pending_j: np.ndarray
     pending_i: np.ndarray
     pending_sim: np.ndarray
+    removed: np.ndarray
+    n: int
 
     @property
     def n_pending(self) -> int:
@@ -205,6 +356,7 @@ def plan_rows(
     min_candidates: int = 10,
     adjacency: int = 100,
     validated: bool = False,
+    order: str = "similarity",
 ) -> RowPlan:
     """Rules 1-6 for one block of rows, as far as the stored graph allows.
 
@@ -214,13 +366,16 @@ def plan_rows(
     ``n`` the dictionary size. Each callable is called once, with unique ids.
     ``validated``: every dictionary row was checked already (the k-NN stage checks each
     as a query row), so the feature rows fetched here are not checked again.
+    ``order="published"``: the graph rows (similarity order) are reordered into sigma^pub
+    (``published_order``); the features of row N-1 are fetched too, for quirk (a).
     """
     rows = np.asarray(rows, dtype=np.int64)
     graph_idx = np.asarray(graph_idx, dtype=np.int64)
     graph_sim = np.asarray(graph_sim, dtype=np.float64)
     counts = np.asarray(counts, dtype=np.int64)
     n_rows, width = graph_idx.shape if graph_idx.ndim == 2 else (len(rows), -1)
-    check_dplm_args(n=n, graph_width=width, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
+    check_dplm_args(n=n, graph_width=width, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency,
+                    order=order)  # fmt: skip
     if rows.shape != (n_rows,) or graph_sim.shape != graph_idx.shape or counts.shape != (n_rows,):
         raise ConfigError(
             f"expected rows (B,), graph rows (B, K) and counts (B,), found {rows.shape}, "
@@ -234,25 +389,33 @@ def plan_rows(
         raise StoreError(f"expected C_i = 1 + knn counts in [1, {n}], found {counts.min()}..{counts.max()}")
     k = np.minimum(np.maximum(counts, min_candidates), n)
     checks = np.minimum(k, span)
+    published = order == "published"
+    if published:
+        sigma = published_order(sigma, counts)
 
-    feat_ids, feat_at = np.unique(sigma, return_inverse=True)
+    extra = np.array([n - 1] if published else [], dtype=np.int64)  # quirk (a) checks row N-1
+    feat_ids, feat_at = np.unique(np.concatenate([sigma.reshape(-1), extra]), return_inverse=True)
     feats = np.asarray(features(feat_ids))
     if not validated:
         validate_rows(feats, feat_ids)
+    feat_at = feat_at.reshape(-1)[: sigma.size].reshape(sigma.shape)
     look = np.arange(span)[None, :] < checks[:, None]
-    nbr_ids, nbr_at = np.unique(sigma[look], return_inverse=True)
-    nbr_rows = np.asarray(neighbour_idx(nbr_ids), dtype=np.int64)
-    if nbr_rows.shape != (len(nbr_ids), width):
-        raise StoreError(f"expected neighbour rows of shape {(len(nbr_ids), width)}, found {nbr_rows.shape}")
-    nbr_of = np.full(sigma.shape, -1, dtype=np.int64)
-    nbr_of[look] = nbr_at.reshape(-1)
-    feat_at = feat_at.reshape(sigma.shape)
 
     node = np.zeros(sigma.shape, dtype=bool)
     node[:, 0] = True
     for b in np.flatnonzero(counts > 1):  # rule 4 needs one small Gram matrix per row
         near = _adjacency_order(feats[feat_at[b]])[: int(k[b])]
         node[b, near[near < k[b]]] = True
+    # i is always in N_i, so below k_i "not in node_i" is "not in N_i"
+    removed = look & ~node & (counts > 1)[:, None] if published else np.zeros(sigma.shape, dtype=bool)
+    check = np.where(removed, n - 1, sigma)  # the row whose rank of i each check reads
+
+    nbr_ids, nbr_at = np.unique(check[look], return_inverse=True)
+    nbr_rows = np.asarray(neighbour_idx(nbr_ids), dtype=np.int64)
+    if nbr_rows.shape != (len(nbr_ids), width):
+        raise StoreError(f"expected neighbour rows of shape {(len(nbr_ids), width)}, found {nbr_rows.shape}")
+    nbr_of = np.full(sigma.shape, -1, dtype=np.int64)
+    nbr_of[look] = nbr_at.reshape(-1)
 
     # rule 6, vectorised over the block: where row i sits in the graph rows of its candidates.
     # A rank above k_i breaks, so only the first k_i + 1 entries of those rows are searched:
@@ -265,10 +428,15 @@ def plan_rows(
     breaks = look & np.where(found, pos > k[:, None], (k < window)[:, None])
     stop = np.where(breaks.any(axis=1), breaks.argmax(axis=1), checks)
     p_row, p_pos = np.nonzero(look & ~found & (np.arange(span)[None, :] < stop[:, None]))
+    p_j = check[p_row, p_pos]
+    if published:  # sigma^pub is not the graph's order: s_ji of the pairs, exact
+        p_sim = pair_similarity(feats[np.searchsorted(feat_ids, p_j)], feats[np.searchsorted(feat_ids, rows[p_row])])
+    else:
+        p_sim = graph_sim[p_row, p_pos]
     return RowPlan(
         rows=rows, width=width, sigma=sigma, counts=counts, k=k, node=node, ranks=ranks, stop=stop,
-        pending_row=p_row, pending_pos=p_pos, pending_j=sigma[p_row, p_pos], pending_i=rows[p_row],
-        pending_sim=graph_sim[p_row, p_pos],
+        pending_row=p_row, pending_pos=p_pos, pending_j=p_j, pending_i=rows[p_row], pending_sim=p_sim,
+        removed=removed, n=n,
     )  # fmt: skip
 
 
@@ -293,6 +461,9 @@ def finish_rows(plan: RowPlan, exact_rank) -> tuple[np.ndarray, np.ndarray]:
     broke_at = np.where(fails.any(axis=1), np.argmax(fails, axis=1), plan.stop)
     step = np.minimum(np.maximum(broke_at - 1, 1) + 1, plan.counts)
     keep = plan.node & (pos < step[:, None])
+    if plan.removed.any():  # quirk (b): a removed position below step marks N-1, kept if in node_i
+        marks = (plan.removed & (pos < step[:, None])).any(axis=1)
+        keep |= plan.node & (plan.sigma == plan.n - 1) & marks[:, None]
     return _csr([np.sort(plan.sigma[b, keep[b]]) for b in range(len(plan.rows))])
 
 
@@ -316,6 +487,7 @@ def dplm_blockwise(
     adjacency: int = 100,
     margin: int = 16,
     stats: dict | None = None,
+    order: str = "similarity",
 ) -> tuple[np.ndarray, np.ndarray]:
     """DPLM through the blockwise functions, in memory, in the order an out-of-core run uses.
 
@@ -325,14 +497,15 @@ def dplm_blockwise(
     m = np.asarray(features)
     n = len(m)
     k = adjacency + 1 if k is None else k
-    check_dplm_args(n=n, graph_width=k, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency)
+    check_dplm_args(n=n, graph_width=k, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency,
+                    order=order)  # fmt: skip
     sim, idx, counts = knn_graph(m, k, threshold=threshold, block_rows=block_rows, block_base=block_base, margin=margin)
     parts, pending = [], 0
     for r0 in range(0, n, block_rows):
         r1 = min(r0 + block_rows, n)
         plan = plan_rows(
             np.arange(r0, r1), idx[r0:r1], sim[r0:r1], counts[r0:r1], lambda ids: idx[ids], lambda ids: m[ids],
-            n=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency,
+            n=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order,
         )  # fmt: skip
         blocks = ((np.arange(b0, min(b0 + block_base, n)), m[b0 : b0 + block_base]) for b0 in range(0, n, block_base))
         rank = pending_ranks(plan, m[plan.pending_j], blocks)

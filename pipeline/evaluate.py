@@ -46,6 +46,7 @@ __all__ = [
     "evaluate_groups",
     "grid_distances",
     "metrics_from_ranks",
+    "per_query_metrics",
     "plan_query_rows",
     "squared_norms",
     "topk_lists",
@@ -331,6 +332,30 @@ def evaluate_distances(dist: np.ndarray, q_ids, q_cams, g_ids, g_cams, *, max_ra
     return {"mAP": float(np.mean(aps)), "mINP": float(np.mean(inps)),
             **{f"rank{r}": float(np.mean(first <= r)) for r in (1, 5, 10, 20)},
             "cmc": cmc, "valid_queries": valid, "skipped_queries": nq - valid}  # fmt: skip
+
+
+def per_query_metrics(dist: np.ndarray, q_ids, q_cams, g_ids, g_cams) -> tuple[np.ndarray, np.ndarray]:
+    """(AP, rank-1 hit) of every query of a full (Q, G) distance matrix, the protocol of ``evaluate_distances``.
+
+    Two float64 arrays of length Q; a query without a true match (skipped by the metrics) is NaN in both,
+    so the arrays of two models on one query set stay aligned. ``np.nanmean`` of them gives mAP and rank-1.
+    """
+    dist = np.asarray(dist)
+    if dist.ndim != 2:
+        raise ConfigError(f"expected a (Q, G) distance matrix, found shape {dist.shape}")
+    nq, ng = dist.shape
+    q_ids, q_cams = _labels(q_ids, nq, "query ids"), _labels(q_cams, nq, "query camids")
+    g_ids, g_cams = _labels(g_ids, ng, "gallery ids"), _labels(g_cams, ng, "gallery camids")
+    ap, hit1 = np.full(nq, np.nan), np.full(nq, np.nan)
+    for i in range(nq):
+        order = np.argsort(dist[i], kind="stable")
+        same = (g_ids[order] == q_ids[i]) & (q_ids[i] >= 0)
+        hits = same[~(same & (g_cams[order] == q_cams[i]))]
+        pos = np.flatnonzero(hits)
+        if len(pos):
+            ap[i] = np.mean(np.arange(1, len(pos) + 1) / (pos + 1.0))
+            hit1[i] = float(pos[0] == 0)
+    return ap, hit1
 
 
 def evaluate_dense(qf, q_ids, q_cams, gf, g_ids, g_cams, *, tile=TILE, device: str = "cpu",

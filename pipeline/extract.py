@@ -21,7 +21,15 @@ from wildreid.shards.reader import ShardDataset, split_entries
 from wildreid.stores import FeatureStore
 from wildreid.transforms import normalise
 
-__all__ = ["extract_features", "extract_split", "split_fingerprint"]
+__all__ = ["extract_features", "extract_split", "refresh_key", "split_fingerprint"]
+
+REFRESH_KEYS = 1_000_000  # refresh_key(epoch) = REFRESH_KEYS + epoch: never a training epoch's key
+
+
+def refresh_key(epoch: int) -> int:
+    """The order and augmentation key of epoch ``epoch``'s dictionary rebuild: its own draw, as the
+    published rebuild iterates the (reshuffled, re-augmented) training loader once more."""
+    return REFRESH_KEYS + epoch
 
 
 def split_fingerprint(shards_root: str | Path, split: str | Sequence[str]) -> str:
@@ -35,14 +43,14 @@ def split_fingerprint(shards_root: str | Path, split: str | Sequence[str]) -> st
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, images: torch.Tensor, device) -> np.ndarray:
-    """L2-normalised features (B, D) of a uint8 batch (B, 3, H, W), in eval mode, as float32."""
+def extract_features(model: torch.nn.Module, images: torch.Tensor, device, feature: str = "bnneck") -> np.ndarray:
+    """L2-normalised ``feature`` (B, D) of a uint8 batch (B, 3, H, W), in the model's mode, as float32."""
     x = normalise(images.to(device, non_blocking=True))
     if torch.device(device).type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return model(x).float().cpu().numpy()
-    return model(x).cpu().numpy()
+            return model(x, feature).float().cpu().numpy()
+    return model(x, feature).cpu().numpy()
 
 
 def extract_split(
@@ -56,14 +64,15 @@ def extract_split(
     progress: Callable[[str, int, int], None] = lambda phase, advance, total: None,
     label: str = "",
     should_stop: Callable[[], bool] = lambda: False,
+    feature: str = "bnneck",
 ) -> FeatureStore:
     """Fill ``store.features`` with the model's features of every sample of ``split``, resumably.
 
     ``store`` must have one row per sample (row i = sample index i); a sequence of
     splits fills it split after split (a transductive training run). Progress is kept
     in the store's ``extraction`` attribute together with ``label`` (what produced
-    the features, e.g. a checkpoint digest): a store extracted by something else
-    starts again from row 0. When ``should_stop()`` turns true, :class:`Stopped` is
+    the features, e.g. a checkpoint digest) and ``feature`` (``ReidNet.forward``'s):
+    a store extracted by something else starts again from row 0. When ``should_stop()`` turns true, :class:`Stopped` is
     raised after the next whole chunk is written. The caller holds the store's writer lock.
     """
     n = store.count()
@@ -73,6 +82,8 @@ def extract_split(
         raise StoreError(f"store {store.path} has {n} rows but split {name} has {samples} samples; "
                          "use a new store path for this split")  # fmt: skip
     meta = {"split": name, "shards": split_fingerprint(shards_root, split), "label": label}
+    if feature != "bnneck":  # records of bnneck extractions stay as they were
+        meta["feature"] = feature
     state = store.meta("extraction", {})
     # rows count as extracted only if nothing wrote the features since (e.g. training steps before a kill -9)
     unchanged = state.get("features_version") == store.features_version
@@ -94,7 +105,7 @@ def extract_split(
             if not np.array_equal(idx.numpy(), np.arange(start + rows, start + rows + len(idx))):
                 raise StoreError(f"split {name} yielded sample indices out of order at {start + rows}; "
                                  "re-shard the data set")  # fmt: skip
-            pending.append((extract_features(model, images, device), vid.numpy(), camid.numpy()))
+            pending.append((extract_features(model, images, device, feature), vid.numpy(), camid.numpy()))
             rows += len(idx)
             if rows >= chunk or start + rows >= n:
                 block, vids, camids = (np.concatenate(column) for column in zip(*pending))

@@ -13,7 +13,9 @@ atomically, and a per-block flag is set after them):
 
 A fingerprint of the dictionary and the parameters is kept in each group's
 attributes; results of another dictionary or other parameters are discarded,
-never mixed in.
+never mixed in. The candidate order (``MineParams.order``) is a parameter of the
+positives only: the graph is the same for both orders, and its fingerprint
+leaves the order out, so a graph is reused across orders but positives are not.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from threadpoolctl import ThreadpoolController
 from wildreid.budget import default_budget, peak_rss_bytes
 from wildreid.dplm import (
     check_dplm_args,
+    check_order,
     finish_rows,
     pending_ranks,
     plan_rows,
@@ -73,6 +76,7 @@ class MineParams:
     min_candidates: int = 10
     adjacency: int = 100
     margin: int = 16
+    order: str = "similarity"  # DPLM candidate order: "similarity" or "published" (see wildreid.dplm)
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,11 @@ def block_plan(n: int, dim: int, itemsize: int, k: int, adjacency: int, budget: 
 
 
 def _fingerprint(store: FeatureStore, params: MineParams, plan: BlockPlan, stage: str) -> dict:
-    out = {"store": store.fingerprint(), "params": asdict(params), "query_rows": plan.query_rows}
+    """What decides whether a stage's stored results can be reused: the order only for the positives."""
+    values = asdict(params)
+    if stage != "rules":
+        del values["order"]  # the graph does not depend on it
+    out = {"store": store.fingerprint(), "params": values, "query_rows": plan.query_rows}
     if stage == "rules":
         out["rule_rows"] = plan.rule_rows
     return out
@@ -287,7 +295,7 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     row_plan = plan_rows(
         np.arange(r0, r1), graph["indices"][r0:r1], graph["similarities"][r0:r1], graph["counts"][r0:r1],
         neighbours.get_rows, features.get_rows, n=n, threshold=params.threshold,
-        min_candidates=params.min_candidates, adjacency=params.adjacency,
+        min_candidates=params.min_candidates, adjacency=params.adjacency, order=params.order,
         validated=True,  # the k-NN graph of these very features (its fingerprint) checked every row
     )  # fmt: skip
     ranks = pending_ranks(row_plan, features.get_rows(row_plan.pending_j), _base_blocks(store, plan.base_rows))
@@ -324,6 +332,7 @@ def mine(
     :class:`Stopped` is raised: a re-run resumes after the finished blocks.
     """
     started = time.perf_counter()
+    check_order(params.order)
     lock = None if locked else WriterLock(path, log=log)
     try:
         store = FeatureStore.open(path, mode="r+")
@@ -333,7 +342,8 @@ def mine(
         if params.k > n:
             raise ConfigError(f"graph width K={params.k} is larger than the {n} rows of {path}; use --k {n} or less")
         check_dplm_args(n=n, graph_width=params.k, threshold=params.threshold,
-                        min_candidates=params.min_candidates, adjacency=params.adjacency)  # fmt: skip
+                        min_candidates=params.min_candidates, adjacency=params.adjacency,
+                        order=params.order)  # fmt: skip
         budget = memory_budget or default_budget()
         plan = block_plan(n, dim, store.features.dtype.itemsize, params.k, params.adjacency, budget, workers,
                           store.chunk_rows)  # fmt: skip

@@ -2,7 +2,9 @@
 
 ``forward`` returns the L2-normalised BN-neck feature (B, feature_dim) in train and
 eval mode alike: SSML-FD feeds the normalised feature to the dictionary triplet
-loss and stores it in the dictionary. Nothing is downloaded: ``pretrained`` names
+loss and stores it in the dictionary. ``forward(x, "pool5")`` returns the
+L2-normalised pooled feature before the neck instead, what the published code
+evaluates (``model.eval_feature``). Nothing is downloaded: ``pretrained`` names
 a local torchvision ImageNet state dict (``fc.*`` keys are ignored); without it
 training starts from random weights, and ``model.pretrained_from`` is None.
 """
@@ -20,7 +22,7 @@ from torch import nn
 from torchvision import models
 from wildreid.errors import ConfigError
 
-__all__ = ["ARCHS", "ReidNet", "build_model", "load_backbone_weights", "param_groups", "weights_sha256"]
+__all__ = ["ARCHS", "FEATURES", "ReidNet", "build_model", "load_backbone_weights", "param_groups", "weights_sha256"]
 
 # arch -> (constructor, feature dim)
 ARCHS: dict[str, tuple[Callable[..., models.ResNet], int]] = {
@@ -28,6 +30,8 @@ ARCHS: dict[str, tuple[Callable[..., models.ResNet], int]] = {
     "resnet34": (models.resnet34, 512),
     "resnet50": (models.resnet50, 2048),
 }
+
+FEATURES = ("bnneck", "pool5")
 
 
 def _set_last_stride(resnet: models.ResNet, stride: int) -> None:
@@ -62,9 +66,11 @@ class ReidNet(nn.Module):
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
         return b.layer4(b.layer3(b.layer2(b.layer1(x))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, feature: str = "bnneck") -> torch.Tensor:
+        if feature not in FEATURES:
+            raise ConfigError(f"expected a feature in {list(FEATURES)}, found {feature!r}")
         pooled = self.feature_map(x).mean(dim=(2, 3))
-        return F.normalize(self.neck(pooled), dim=1)
+        return F.normalize(pooled if feature == "pool5" else self.neck(pooled), dim=1)
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:

@@ -56,13 +56,17 @@ class GracefulStop:
 
 
 def signal_point(name: str) -> None:
-    """Test hook: WILDREID_SIGNAL_AT=<name> sends this process a SIGTERM here, as a scheduler would.
+    """Test hook: WILDREID_SIGNAL_AT=<name> sends this process a SIGTERM here, as a scheduler would;
+    WILDREID_KILL_AT=<name> a SIGKILL (the OOM killer).
 
     Points: ``step:N`` (after the N-th training step of the process), ``extract:E`` and
-    ``mine:E`` (training, epoch E), ``knn:B`` and ``rules:B`` (a mining block), ``shard:FILE``.
+    ``mine:E`` (training, epoch E), ``refresh:E:B`` (after batch B of epoch E's dictionary
+    rebuild), ``knn:B`` and ``rules:B`` (a mining block), ``shard:FILE``.
     """
     if os.environ.get("WILDREID_SIGNAL_AT") == name:
         os.kill(os.getpid(), signal.SIGTERM)
+    if os.environ.get("WILDREID_KILL_AT") == name:  # a kill -9 at the same points
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def ignore_stop_signals(*_args) -> None:

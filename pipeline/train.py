@@ -18,6 +18,25 @@ neighbours instead (``wildreid.dtl.graph_negatives``): the graph is mined at the
 start of every epoch, warm-up included (there only its k-NN stage), and read
 through a page cache of 1/8 of the budget over ``knn/indices``.
 
+Dictionary refresh (``train.refresh``). "published" (default) does what the
+published code does (andreYoo/VeRI_SSML_FD, lib/models/graph.py and
+lib/trainer.py): the dictionary starts at zeros, each training step's momentum
+update fills the rows of its batch (from a zero row the update is the feature
+itself), and at every epoch with ``epoch % reextract_every == 0 and epoch != 0``
+it is rebuilt before the epoch's steps by a pass over the training loader under
+``torch.no_grad()`` with the model in train mode, on the training augmentation:
+BatchNorm normalises with each batch's statistics and moves its running
+statistics as much as a training epoch's forward passes do, and the rows are
+overwritten, not blended. The pass reads the epoch's data in its own order and
+augmentation (``refresh_key``); a one-sample batch, which train-mode BatchNorm
+cannot normalise, is taken in eval mode. The pass checkpoints like training
+steps do (``ckpt-<step>-refresh-<samples>``), so a kill -9 or a stop inside it
+resumes exactly. "eval" re-extracts the dictionary in eval mode without
+augmentation at epoch 0 and every ``reextract_every`` epochs
+(``wildreid.extract``), leaving BatchNorm's statistics alone. In "published"
+runs a one-sample training batch updates its row from an eval-mode feature
+(no step), so that no row is still zero when mining starts.
+
 Mining schedule (``train.mining``): "epoch" (default) mines DPLM once per epoch
 from the exact k-NN graph (``wildreid.mining``). "batch" is the published
 behaviour: after warm-up, each step's positives are ``dplm_rows`` of the batch
@@ -49,16 +68,16 @@ from wildreid.config import Config, config_digest
 from wildreid.dplm import dplm_rows, dplm_rows_bytes, pseudo_label_quality, quality_means, quality_sums
 from wildreid.dtl import batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
 from wildreid.errors import ConfigError, ResumeError, ShardNotFoundError, Stopped, StoreError
-from wildreid.extract import extract_split
+from wildreid.extract import extract_split, refresh_key
 from wildreid.mining import MineParams, mine
 from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
-from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry
+from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry, split_labels
 from wildreid.signals import ignore_stop_signals, signal_point
 from wildreid.stores import LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write
 from wildreid.stores.derived import complete_fingerprint, graph_reader, read_positives
 from wildreid.transforms import train_transform
 
-__all__ = ["TrainOptions", "dictionary_sha256", "dictionary_step", "train"]
+__all__ = ["TrainOptions", "dictionary_sha256", "dictionary_step", "refresh_features", "train"]
 
 SPLIT = "train"
 TRANSDUCTIVE_SPLIT = "gallery"  # VeRi-776's image_test: what the published VeRi-776 run also trained on
@@ -121,8 +140,9 @@ def _check_device(device: str) -> torch.device:
     return dev
 
 
-def _open_store(path: Path, n: int, dim: int, resume: bool, digest: str) -> FeatureStore:
-    """The run's store: created, or reopened for --resume after checking it belongs to this run."""
+def _open_store(path: Path, n: int, dim: int, resume: bool, digest: str, dtype: str, labels) -> FeatureStore:
+    """The run's store: created (``labels()`` gives its ids and camids), or reopened for --resume
+    after checking it belongs to this run."""
     if path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
         store = FeatureStore.open(path, mode="r+")
         run = store.meta("train_run")
@@ -135,7 +155,8 @@ def _open_store(path: Path, n: int, dim: int, resume: bool, digest: str) -> Feat
             raise ResumeError(f"{path} already holds a training run; pass --resume to continue it "
                               "or choose a new --store path")  # fmt: skip
         return store
-    store = FeatureStore.create(path, n, dim, dtype="float16")
+    store = FeatureStore.create(path, n, dim, dtype=dtype)  # zeros until extracted or filled by steps
+    store.write_labels(0, *labels())  # what mining quality is scored against before any extraction
     store.set_meta("train_run", {"config": digest})
     return store
 
@@ -164,7 +185,7 @@ def _mine(store: FeatureStore, config: Config, budget: int, workers: int, progre
     """
     m = config.mining
     report = mine(str(store.path), MineParams(k=m.k, threshold=m.threshold, min_candidates=m.min_candidates,
-                                               adjacency=m.adjacency), memory_budget=budget,
+                                               adjacency=m.adjacency, order=m.order), memory_budget=budget,
                   workers=max(1, workers), progress=progress, graph_only=graph_only, should_stop=should_stop,
                   locked=True)  # fmt: skip
     return (None if graph_only else read_positives(store)), report
@@ -213,7 +234,8 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
         _check_batch_mining(n, ARCHS[config.model.arch][1], tc.batch_size, config.mining.adjacency, budget)
     run_dir = store_path / "train"
 
-    store = _open_store(store_path, n, ARCHS[config.model.arch][1], options.resume, config_digest(config))
+    store = _open_store(store_path, n, ARCHS[config.model.arch][1], options.resume, config_digest(config),
+                        config.dictionary.dtype, lambda: split_labels(shards, splits))  # fmt: skip
     _seed_everything(tc.seed)
     model = build_model(config.model.arch, pretrained=config.model.pretrained, last_stride=config.model.last_stride)
     if model.pretrained_from is None:
@@ -253,21 +275,49 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
     steps_here = 0
     use_graph = config.loss.negatives == "graph"
 
-    def checkpoint(cache: PageCache, positives, partial: dict) -> None:
+    def checkpoint(cache: PageCache, positives, partial: dict, refreshed: int = 0) -> None:
+        """``refreshed``: samples of this epoch's dictionary rebuild done (0: none, or it is over)."""
         cache.flush()
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
                  "epoch": epoch, "position": position, "step": step, "history": history, "partial": _plain(partial),
-                 "graph": complete_fingerprint(store, "knn") if use_graph else None,
+                 "graph": complete_fingerprint(store, "knn") if use_graph else None, "refreshed": refreshed,
                  "config": config.to_dict()}  # fmt: skip
-        save_checkpoint(run_dir, step, state, store.path / "features", positives)
+        tag = f"-refresh-{refreshed:010d}" if refreshed else ""
+        save_checkpoint(run_dir, step, state, store.path / "features", positives, tag=tag)
 
     def stop_here() -> None:
         if should_stop():
             raise Stopped(f"stopped at epoch {epoch} step {step}; resume with --resume")
 
+    def rebuild(start: int) -> None:
+        """The published refresh (module docstring), from sample ``start`` of its pass."""
+        model.train()
+        cache = PageCache(store.features, host_budget=max(cache_budget, _page_bytes(store)), dtype=store.features.dtype)
+        key = refresh_key(epoch)
+        dataset.set_epoch(key, start)
+        loader = DataLoader(dataset, batch_size=None, num_workers=tc.workers, worker_init_fn=ignore_stop_signals,
+                            pin_memory=device.type == "cuda", persistent_workers=False)  # fmt: skip
+        done, batches = start, 0
+        for images, idx, _vid, _cam in loader:
+            if tc.decode_on_device:
+                images = decode_batch(images, tuple(config.model.image_size), device)
+            x = refresh_features(model, augment(images.to(device, non_blocking=True), idx, key))
+            cache.set_rows(idx.numpy(), x.float().cpu().numpy())
+            done += len(idx)
+            batches += 1
+            progress(f"refresh {epoch}", len(idx), n)
+            signal_point(f"refresh:{epoch}:{batches}")
+            stopping = should_stop() and done < n
+            if done < n and (stopping or tc.checkpoint_every_steps and batches % tc.checkpoint_every_steps == 0):
+                checkpoint(cache, positives, {}, refreshed=done)
+            if stopping:
+                raise Stopped(f"stopped at epoch {epoch} step {step}, in the dictionary rebuild ({done} of {n} "
+                              "samples); resume with --resume")  # fmt: skip
+        cache.flush()
+
     def epoch_start(positives):
-        """Re-extraction and mining before the epoch's first step; returns the epoch's positives."""
-        if epoch % tc.reextract_every == 0:
+        """Eval-mode re-extraction and mining before the epoch's first step; returns the epoch's positives."""
+        if tc.refresh == "eval" and epoch % tc.reextract_every == 0:
             signal_point(f"extract:{epoch}")
             extract_split(shards, splits, model, store, image_size=tuple(config.model.image_size), device=device,
                           progress=progress, label=f"epoch-{epoch}-step-{step}", should_stop=should_stop)  # fmt: skip
@@ -281,13 +331,17 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
         return positives
 
     partial = state.get("partial", {})
+    refreshed = state.get("refreshed", 0)  # a rebuild interrupted at this many samples
     while epoch < tc.epochs:
         began = time.perf_counter()
         if position == 0:
             partial = {}
             cache = graph = None  # the last epoch's caches (flushed at its checkpoint): their memory goes to mining
+            stop_here()
+            if tc.refresh == "published" and epoch % tc.reextract_every == 0 and epoch != 0:
+                rebuild(refreshed)  # stops with its own checkpoint
+            refreshed = 0
             try:
-                stop_here()
                 positives = epoch_start(positives)
             except Stopped:  # extraction and mining stop after a finished chunk or block: what resume redoes
                 raise Stopped(f"stopped at epoch {epoch} step {step}, before the epoch's first step; "
@@ -312,16 +366,13 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
         mined = partial.get("mined", {"rows": 0, "positives": 0, "precision": 0.0, "recall": 0.0})
         for images, idx, _vid, _cam in loader:
             position += len(idx)
-            if len(idx) < 2:
-                continue  # BatchNorm cannot train on one sample; the order stays the same on resume
+            if len(idx) < 2:  # BatchNorm cannot train on one sample; the order stays the same on resume
+                if tc.refresh == "published":
+                    _fill_row(model, augment(images.to(device), idx, epoch), idx, cache)
+                continue
             if tc.decode_on_device:
                 images = decode_batch(images, tuple(config.model.image_size), device)
-            batch = augment(images.to(device, non_blocking=True), idx, epoch)
-            if device.type == "cuda":  # bf16 autocast and channels-last on the GPU; the same step on the CPU
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    x = model(batch.contiguous(memory_format=torch.channels_last)).float()
-            else:
-                x = model(batch)
+            x = _forward(model, augment(images.to(device, non_blocking=True), idx, epoch))
             used = _mine_batch(cache, idx.numpy(), config, labels, mined) if per_batch else positives
             loss = dictionary_step(x, idx, cache, used, config.loss.r, config.loss.delta, optimizer,
                                    gather_rows=gather_rows, graph=graph, of_batch=per_batch)  # fmt: skip
@@ -345,7 +396,8 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
                   "recall": quality["recall"],
                   "mean_positives": quality["mean_positives"], "images_per_s": seen / (time.perf_counter() - began),
                   "peak_rss_bytes": peak_rss_bytes(), "lr": config.train.lr_at(epoch),
-                  "transductive": tc.transductive, "negatives": config.loss.negatives}  # fmt: skip
+                  "transductive": tc.transductive, "negatives": config.loss.negatives,
+                  "refresh": tc.refresh}  # fmt: skip
         history.append(_plain(record))
         epoch, position, partial = epoch + 1, 0, {}
         checkpoint(cache, positives, partial)
@@ -403,6 +455,39 @@ def dictionary_step(x: torch.Tensor, idx: torch.Tensor, cache: PageCache, positi
     return float(out["loss"].detach())
 
 
+def refresh_features(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """One batch of the published dictionary rebuild: the model's features without grad, in train mode.
+
+    Train mode is the point (lib/trainer.py runs the rebuild after ``model.train()``):
+    BatchNorm uses the batch's statistics and updates its running statistics as a
+    training forward pass does. A one-sample batch is taken in eval mode instead.
+    """
+    with torch.no_grad():
+        if len(batch) < 2:
+            was_training = model.training
+            model.eval()
+            try:
+                return _forward(model, batch)
+            finally:
+                model.train(was_training)
+        return _forward(model, batch)
+
+
+def _forward(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """The training forward: bf16 autocast and channels-last on the GPU; the same step on the CPU."""
+    if batch.device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(batch.contiguous(memory_format=torch.channels_last)).float()
+    return model(batch)
+
+
+def _fill_row(model: torch.nn.Module, batch: torch.Tensor, idx: torch.Tensor, cache: PageCache) -> None:
+    """Momentum update of a one-sample batch's row from its eval-mode feature (no training step)."""
+    x = refresh_features(model, batch).float()
+    current = cache.get_rows_tensor(idx.numpy(), x.device).float()
+    cache.set_rows(idx.numpy(), momentum_update(current, x, idx.to(x.device)).cpu().numpy())
+
+
 def _check_batch_mining(n: int, dim: int, batch: int, adjacency: int, budget: int) -> None:
     need = dplm_rows_bytes(n, dim, batch, adjacency)
     if need > budget // 4:
@@ -421,7 +506,7 @@ def _mine_batch(cache: PageCache, rows: np.ndarray, config: Config, labels, mine
     """DPLM positives of ``rows`` against the live dictionary; adds their quality sums to ``mined``."""
     m = config.mining
     found = dplm_rows(cache.read_range(0, cache.n), rows, threshold=m.threshold, min_candidates=m.min_candidates,
-                      adjacency=m.adjacency)  # fmt: skip
+                      adjacency=m.adjacency, order=m.order)  # fmt: skip
     sums = quality_sums(rows, *found, *labels)
     for key in ("rows", "positives", "precision", "recall"):
         mined[key] = None if mined[key] is None or sums[key] is None else mined[key] + sums[key]

@@ -178,7 +178,10 @@ def training(work: Path, vehicles: int) -> list[dict]:
     write_synthetic(data, train_vehicles=vehicles, test_vehicles=30, images_per_vehicle=8, seed=0)
     pack_dataset(read_dataset(data), shards)
     out = []
-    for name, extra in (("untrained", ["--epochs", "0"]), ("exact", []), ("graph", ["--set", "loss.negatives=graph"])):
+    # graph negatives need the eval-mode refresh (a k-NN graph from epoch 0): both runs use it, to compare alike
+    eval_refresh = ["--set", "train.refresh=eval"]
+    for name, extra in (("untrained", ["--epochs", "0"]), ("exact", eval_refresh),
+                        ("graph", [*eval_refresh, "--set", "loss.negatives=graph"])):  # fmt: skip
         store = work / f"train-store-{name}"
         shutil.rmtree(store, ignore_errors=True)
         began = time.perf_counter()

@@ -10,6 +10,7 @@ iterating (no persistent workers, so the new epoch reaches them).
 from __future__ import annotations
 
 import json
+import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -310,6 +311,37 @@ def read_split_samples(root: str | Path, split: str) -> Iterator[dict]:
     """Every raw sample of a split in index order (key, image bytes, index, vid, camid, path)."""
     files = [Path(root) / s["file"] for s in split_entry(root, split)["shards"]]
     yield from parse_meta(tar_samples(read_shards(files)))
+
+
+def split_labels(root: str | Path, splits: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(vid, camid) of every sample of ``splits`` by dense index, from the samples' .json members only.
+
+    Python's ``tarfile`` seeks over the image members, so this reads the tar headers and the
+    small label members, not the images: what a store needs before any image is embedded.
+    """
+    entries = split_entries(root, splits)
+    n = sum(entry["num_samples"] for _, entry, _ in entries)
+    vids, camids, seen = np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool)
+    for _, entry, first in entries:
+        for shard in entry["shards"]:
+            path = Path(root) / shard["file"]
+            try:
+                with tarfile.open(path) as tar:
+                    for member in tar:
+                        if member.isfile() and member.name.lower().endswith(".json"):
+                            meta = json.loads(tar.extractfile(member).read())
+                            i = first + int(meta["index"])
+                            vids[i], camids[i], seen[i] = meta["vid"], meta["camid"], True
+            except FileNotFoundError:
+                raise ShardNotFoundError(f"shard {path} is missing; run 'wildreid shard --verify' on the shard folder"
+                                         ) from None  # fmt: skip
+            except (tarfile.TarError, KeyError, ValueError, IndexError) as exc:
+                raise ShardError(f"cannot read the labels of shard {path} ({exc}); run 'wildreid shard --verify'"
+                                 ) from None  # fmt: skip
+    if not seen.all():
+        raise ShardError(f"{int((~seen).sum())} samples of {splits} have no .json label in their shards; "
+                         "run 'wildreid shard --verify'")  # fmt: skip
+    return vids, camids
 
 
 def read_back(root: str | Path, split: str, *, image_size=(256, 128), workers: int = 0, batch: int = 64) -> dict:

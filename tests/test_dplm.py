@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from conftest import clustered
 from wildreid.dplm import (
+    _dense,
     dplm_blockwise,
     dplm_dense,
+    dplm_published_dense,
     dplm_rows,
     dplm_rows_bytes,
     finish_rows,
@@ -15,7 +17,7 @@ from wildreid.dplm import (
     pseudo_label_quality,
 )
 from wildreid.errors import ConfigError, StoreError
-from wildreid.knn import knn_graph
+from wildreid.knn import knn_graph, pair_similarity
 
 
 def assert_same(a, b):
@@ -132,11 +134,26 @@ def test_bad_rows(row, value, match):
         ({"threshold": 1.5}, "threshold"),
         ({"min_candidates": 0}, "min_candidates"),
         ({"adjacency": 0}, "adjacency"),
+        ({"order": "nearest"}, "expected a DPLM order of similarity or published, found 'nearest'"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         dplm_blockwise(clustered(15), **kwargs)
+
+
+def test_bad_order_everywhere():
+    x = clustered(15)
+    sim, idx, counts = knn_graph(x, 101, threshold=0.6)
+    calls = [
+        lambda: dplm_dense(x, order="Published"),
+        lambda: dplm_rows(x, [0], order=None),
+        lambda: plan_rows(np.arange(3), idx[:3], sim[:3], counts[:3], lambda ids: idx[ids], lambda ids: x[ids],
+                          n=len(x), order="tie"),
+    ]  # fmt: skip
+    for call in calls:
+        with pytest.raises(ConfigError, match="similarity or published"):
+            call()
 
 
 def test_pseudo_label_quality():
@@ -152,3 +169,98 @@ def test_pseudo_label_quality():
     assert unknown == {"precision": None, "recall": None, "mean_positives": pytest.approx(7 / 5)}
     with pytest.raises(ConfigError):
         pseudo_label_quality(indptr, indices, ids[:4])
+
+
+# ----------------------------------------------------------------- the published candidate order
+
+# (threshold, adjacency, K, min_candidates, noise, pending expected): l < a, so that k_i < a for rows with
+# C_i < a and the orders differ; "dense" also has many rows with k_i >= K (pending rank pairs)
+PUBLISHED_REGIMES = {
+    "sparse": (0.6, 100, 101, 10, 0.5, False),
+    "dense": (0.5, 10, 11, 5, 0.3, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("regime", PUBLISHED_REGIMES)
+@pytest.mark.parametrize("dups", [0, 40])
+def test_published_blockwise_equals_the_transcription(dtype, regime, dups):
+    threshold, adjacency, k, min_candidates, noise, pending = PUBLISHED_REGIMES[regime]
+    x = clustered(10, dtype=dtype, noise=noise, dups=dups)
+    args = {"threshold": threshold, "min_candidates": min_candidates, "adjacency": adjacency}
+    published = dplm_published_dense(x, **args)
+    assert_same(dplm_dense(x, order="published", **args), published)
+    assert_rows_match(x, published, {**args, "order": "published"}, seed=22)
+    for block_rows, block_base in [(37, 53), (128, 1000)]:
+        stats = {}
+        got = dplm_blockwise(x, k=k, block_rows=block_rows, block_base=block_base, stats=stats, order="published",
+                             **args)  # fmt: skip
+        assert_same(got, published)
+        assert (stats["pending"] > 0) == pending
+    similarity = dplm_dense(x, **args)
+    assert not np.array_equal(np.diff(published[0]), np.diff(similarity[0]))  # the order matters here
+    assert_same(dplm_dense(x, order="similarity", **args), similarity)  # the default, unchanged
+    if pending:
+        counts = knn_graph(x, k, threshold=threshold)[2]
+        assert np.mean(counts > k) > 0.2 and np.mean(counts < adjacency) > 0.05
+
+
+@pytest.mark.parametrize(
+    ("n", "adjacency", "min_candidates", "k"),
+    [(30, 100, 10, None), (6, 100, 2, 6), (6, 3, 2, 4), (1, 5, 10, None), (40, 5, 3, 6), (40, 20, 5, 21)],
+)
+def test_published_small_dictionaries(n, adjacency, min_candidates, k):
+    x = clustered(11, clusters=6, dups=10)[:n]
+    args = {"threshold": 0.6, "min_candidates": min_candidates, "adjacency": adjacency}
+    published = dplm_published_dense(x, **args)
+    assert_same(dplm_dense(x, order="published", **args), published)
+    assert_same(dplm_blockwise(x, k=k, block_rows=4, block_base=7, order="published", **args), published)
+    assert_rows_match(x, published, {**args, "order": "published"}, seed=n)
+
+
+def blobs(seed: int):
+    """A few rows around 3 centres in 4-d (float32): small enough to hit every quirk of the published code."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(8, 30))
+    x = rng.standard_normal((3, 4))[rng.integers(0, 3, n)] + 0.6 * rng.standard_normal((n, 4))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_published_aliasing_matters():
+    """Quirk (a): removed candidates check row N-1, which changes step on clustered rows; quirk (b): it also makes
+    N-1 a positive of rows that without the aliasing do not get it. The blockwise path follows both."""
+    x = clustered(10, noise=0.5)
+    args = {"threshold": 0.6, "min_candidates": 10, "adjacency": 100}
+    published = dplm_published_dense(x, **args)
+    unaliased = _dense(x, order="published", alias=False, **args)
+    assert not np.array_equal(np.diff(published[0]), np.diff(unaliased[0]))
+
+    def last_row_gained(x, args) -> bool:
+        n = len(x)
+        ref, plain = dplm_published_dense(x, **args), _dense(x, order="published", alias=False, **args)
+        gained = [i for i in range(n) if n - 1 in ref[1][ref[0][i] : ref[0][i + 1]]
+                  and n - 1 not in plain[1][plain[0][i] : plain[0][i + 1]]]  # fmt: skip
+        if gained:
+            assert_same(dplm_blockwise(x, k=args["adjacency"] + 1, block_rows=5, block_base=7, order="published",
+                                       **args), ref)  # fmt: skip
+            assert_same(dplm_rows(x, gained, order="published", **args), rows_of(ref, gained))
+        return bool(gained)
+
+    cases = [(blobs(seed), {"threshold": t, "min_candidates": l, "adjacency": a})
+             for seed in (9, 18, 19, 2) for t, l, a in [(0.6, 2, 5), (0.5, 2, 6), (0.3, 3, 8)]]  # fmt: skip
+    assert sum(last_row_gained(x, args) for x, args in cases) >= 2
+
+
+def test_published_pending_pairs_carry_their_exact_similarity():
+    """With l >= K, rows with C_i < a are filled past C_i with ids the graph row does not hold, and their checks
+    may be pending: each pair carries s_ji of its own (j, i), as the counting pass needs."""
+    x = clustered(13, noise=0.5)
+    args = {"threshold": 0.6, "min_candidates": 16, "adjacency": 10}
+    sim, idx, counts = knn_graph(x, 11, threshold=0.6)
+    plan = plan_rows(np.arange(len(x)), idx, sim, counts, lambda ids: idx[ids], lambda ids: x[ids], n=len(x),
+                     order="published", **args)  # fmt: skip
+    filled = plan.pending_pos >= plan.counts[plan.pending_row]
+    assert filled.sum() > 10
+    np.testing.assert_array_equal(plan.pending_sim, pair_similarity(x[plan.pending_j], x[plan.pending_i]))
+    assert_same(dplm_blockwise(x, k=11, block_rows=64, block_base=100, order="published", **args),
+                dplm_published_dense(x, **args))  # fmt: skip

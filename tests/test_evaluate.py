@@ -19,6 +19,7 @@ from wildreid.evaluate import (
     evaluate_distances,
     evaluate_groups,
     grid_distances,
+    per_query_metrics,
     topk_lists,
     write_results,
 )
@@ -146,6 +147,32 @@ def test_perfect_features_score_one():
     q_ids = np.arange(6)
     out = evaluate_blockwise(centres, gf, q_ids, np.full(6, 9), g_ids, np.arange(30) % 4, memory_budget=16 << 20)
     assert out["mAP"] == 1.0 and out["mINP"] == 1.0 and out["rank1"] == 1.0 and out["cmc"][0] == 1.0
+
+
+@pytest.mark.parametrize("ints", [True, False], ids=["int-ties", "float"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_query_metrics_average_to_the_aggregates(ints, seed):
+    qf, q_ids, q_cams, gf, g_ids, g_cams = make_set(seed, 37, 150, ints=ints)
+    dist = grid_distances(qf, 0, gf, 0)
+    ap, hit1 = per_query_metrics(dist, q_ids, q_cams, g_ids, g_cams)
+    agg = evaluate_distances(dist, q_ids, q_cams, g_ids, g_cams)
+    assert ap.shape == hit1.shape == (37,) and ap.dtype == hit1.dtype == np.float64
+    assert (np.isnan(ap) == np.isnan(hit1)).all()
+    assert (int((~np.isnan(ap)).sum()), int(np.isnan(ap).sum())) == (agg["valid_queries"], agg["skipped_queries"])
+    assert 0 < agg["valid_queries"] < 37  # the set has skipped queries: NaN keeps the arrays aligned
+    assert np.nanmean(ap) == pytest.approx(agg["mAP"], abs=1e-12)
+    assert np.nanmean(hit1) == pytest.approx(agg["rank1"], abs=1e-12)
+    assert set(np.unique(hit1[~np.isnan(hit1)])) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize(("q_ids", "q_cams", "g_ids", "g_cams", "expected"), HAND)
+def test_per_query_metrics_hand_computed(q_ids, q_cams, g_ids, g_cams, expected):
+    dist = grid_distances(np.zeros((1, 1), np.float32), 0, np.array([[1], [-1], [2], [1], [0]], np.float32), 0)
+    ap, hit1 = per_query_metrics(dist, q_ids, q_cams, g_ids, g_cams)
+    if expected["valid"]:
+        assert (ap[0], hit1[0]) == (pytest.approx(expected["mAP"], abs=1e-15), expected["rank1"])
+    else:
+        assert np.isnan(ap[0]) and np.isnan(hit1[0])
 
 
 # --------------------------------------------------------------------------- the counting kernel

@@ -363,7 +363,7 @@ def test_graph_negatives_after_a_fallback_mine_the_graph_again(shard_root, tmp_p
     """Falling back past a later mining: the stored k-NN graph is not the one the checkpoint trained with."""
     from test_train import SMALL
 
-    graph = [*SMALL, "loss.negatives=graph", "loss.r=0.2"]
+    graph = [*SMALL, "train.refresh=eval", "loss.negatives=graph", "loss.r=0.2"]
     store = tmp_path / "store"
     # 5 steps an epoch, a checkpoint every 3 steps and at epoch ends: killed after step 11 (epoch 2, its graph
     # mined at step 10) with checkpoints 9 (mid epoch 1) and 10 (end of epoch 1) on disk

@@ -12,7 +12,7 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 from wildreid.cli import app
-from wildreid.dplm import dplm_dense
+from wildreid.dplm import dplm_dense, dplm_published_dense
 from wildreid.errors import ConfigError, StoreError
 from wildreid.mining import MineParams, graph_reader, mine
 from wildreid.stores import FeatureStore
@@ -94,6 +94,34 @@ def test_many_base_blocks_through_reused_buffers_on_two_threads(tmp_path, monkey
     got = positives(path)
     assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
     assert not mining._BUFFERS  # released when the stage ended
+
+
+def test_mine_published_order(tmp_path):
+    """``--order published`` mines what the transcription of the published code finds; the graph is shared by
+    both orders, the positives are not: switching the order recomputes them and nothing else."""
+    import dataclasses
+
+    x, labels = clustered(600, 32, clusters=100, noise=0.6)
+    path = make_store(tmp_path / "s.zarr", x, labels)
+    options = ["--k", "21", "--adjacency", "20", "--min-candidates", "5", "--memory-budget", "200MiB"]
+    result = runner.invoke(app, ["mine", "--store", str(path), *options, "--order", "published", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["order"] == "published"
+    args = {"threshold": 0.6, "min_candidates": 5, "adjacency": 20}
+    published, similarity = dplm_published_dense(x, **args), dplm_dense(x, **args)
+    assert not np.array_equal(np.diff(published[0]), np.diff(similarity[0]))  # the order matters on this store
+    assert all(np.array_equal(a, b) for a, b in zip(positives(path), published))
+
+    params = MineParams(k=21, adjacency=20, min_candidates=5, order="published")
+    report = mine(str(path), dataclasses.replace(params, order="similarity"), memory_budget=BUDGET)
+    assert "knn_s" not in report and "rules_s" in report  # the same graph, new positives
+    assert all(np.array_equal(a, b) for a, b in zip(positives(path), similarity))
+    report = mine(str(path), params, memory_budget=BUDGET)
+    assert "knn_s" not in report and "rules_s" in report
+    assert all(np.array_equal(a, b) for a, b in zip(positives(path), published))
+
+    bad = runner.invoke(app, ["mine", "--store", str(path), *options, "--order", "nearest"])
+    assert bad.exit_code == ConfigError.exit_code and "similarity or published, found 'nearest'" in bad.output
 
 
 def test_graph_only_mining_and_its_reader(tmp_path):

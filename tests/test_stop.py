@@ -28,12 +28,12 @@ def _stop_line(run: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-# 5 steps an epoch (80 images, batch 16), epochs 0 (warm-up), 1, 2; re-extraction at epochs 0 and 2
+# 5 steps an epoch (80 images, batch 16), epochs 0 (warm-up), 1, 2; the dictionary rebuilt at epoch 2
 @pytest.mark.parametrize(
     "point, expected",
     [("step:2", "stopped at epoch 0 step 2; resume with --resume"),  # before the first periodic checkpoint
      ("step:7", "stopped at epoch 1 step 7; resume with --resume"),  # a DPLM epoch, between checkpoints
-     ("extract:2", "stopped at epoch 2 step 10, before the epoch's first step; resume with --resume"),
+     ("refresh:2:2", "stopped at epoch 2 step 10, in the dictionary rebuild (32 of 80 samples); resume with --resume"),
      ("mine:1", "stopped at epoch 1 step 5, before the epoch's first step; resume with --resume")],
 )  # fmt: skip
 def test_sigterm_stops_after_the_step_and_resume_is_exact(point, expected, uninterrupted, shard_root, tmp_path):

