@@ -93,6 +93,31 @@ def test_eval_checkpoint_extracts_once_and_matches_the_dense_reference(shard_roo
     _same(second["small"], _dense(features / "query-small", features / "gallery-small"))
 
 
+def test_eval_feature_pool5_extracts_the_pooled_feature_again(shard_root, tmp_path):
+    """--feature pool5 (the published evaluation feature) re-extracts the groups and evaluates those; the model's
+    model.eval_feature is the default."""
+    model = _model(0)
+    with torch.no_grad():  # a neck that is not the identity, as after training
+        model.neck.running_mean.normal_(generator=torch.Generator().manual_seed(1))
+    ckpt = save_model(tmp_path / "model.pt", model, load_config(REPO / "configs" / "demo.yaml").to_dict())
+    args = [*EVAL, "--shards", shard_root, "--checkpoint", ckpt, "--split", "small", "--json"]
+    bnneck = _run(args)["small"]
+    query = FeatureStore.open(tmp_path / "features" / "query-small")
+    neck_rows = query.read_rows(0, query.count())
+    pool5 = _run([*args, "--feature", "pool5"])["small"]
+    assert (bnneck["feature"], pool5["feature"]) == ("bnneck", "pool5")
+    pooled_rows = FeatureStore.open(tmp_path / "features" / "query-small").read_rows(0, query.count())
+    assert not np.allclose(neck_rows, pooled_rows)
+    assert np.allclose(np.linalg.norm(pooled_rows.astype(np.float32), axis=1), 1, atol=1e-2)
+    _same(pool5, _dense(tmp_path / "features" / "query-small", tmp_path / "features" / "gallery-small"))
+    config = load_config(REPO / "configs" / "demo.yaml", ["model.eval_feature=pool5"]).to_dict()
+    other = save_model(tmp_path / "pool5.pt", _model(0), config)
+    assert _run([*EVAL, "--shards", shard_root, "--checkpoint", other, "--split", "small", "--json"])["small"][
+        "feature"] == "pool5"  # fmt: skip
+    bad = runner.invoke(app, [*map(str, args), "--feature", "pool4"])
+    assert bad.exit_code == 2 and "expected --feature bnneck or pool5" in bad.output
+
+
 def test_eval_all_splits_into_a_features_dir(shard_root, model_file, tmp_path):
     ckpt = Path(shutil.copy(model_file, tmp_path / "model.pt"))
     result = runner.invoke(app, [*EVAL, "--shards", str(shard_root), "--checkpoint", str(ckpt), "--split", "all",
