@@ -72,8 +72,9 @@ def extract_split(
     splits fills it split after split (a transductive training run). Progress is kept
     in the store's ``extraction`` attribute together with ``label`` (what produced
     the features, e.g. a checkpoint digest) and ``feature`` (``ReidNet.forward``'s):
-    a store extracted by something else starts again from row 0. When ``should_stop()`` turns true, :class:`Stopped` is
-    raised after the next whole chunk is written. The caller holds the store's writer lock.
+    a store extracted by something else starts again from row 0. When ``should_stop()``
+    turns true, :class:`Stopped` is raised after the next whole chunk is written. The
+    caller holds the store's writer lock.
     """
     n = store.count()
     samples = sum(entry["num_samples"] for _, entry, _ in split_entries(shards_root, split))

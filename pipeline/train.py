@@ -290,14 +290,18 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
         if should_stop():
             raise Stopped(f"stopped at epoch {epoch} step {step}; resume with --resume")
 
+    def loader_from(key: int, start: int) -> DataLoader:
+        """The training loader over order and augmentation ``key`` (an epoch, or its rebuild's), from ``start``."""
+        dataset.set_epoch(key, start)
+        return DataLoader(dataset, batch_size=None, num_workers=tc.workers, worker_init_fn=ignore_stop_signals,
+                          pin_memory=device.type == "cuda", persistent_workers=False)  # fmt: skip
+
     def rebuild(start: int) -> None:
         """The published refresh (module docstring), from sample ``start`` of its pass."""
         model.train()
         cache = PageCache(store.features, host_budget=max(cache_budget, _page_bytes(store)), dtype=store.features.dtype)
         key = refresh_key(epoch)
-        dataset.set_epoch(key, start)
-        loader = DataLoader(dataset, batch_size=None, num_workers=tc.workers, worker_init_fn=ignore_stop_signals,
-                            pin_memory=device.type == "cuda", persistent_workers=False)  # fmt: skip
+        loader = loader_from(key, start)
         done, batches = start, 0
         for images, idx, _vid, _cam in loader:
             if tc.decode_on_device:
@@ -359,9 +363,7 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
         graph = graph_reader(store, config.mining.k, budget // 8) if use_graph else None
         _set_lr(optimizer, config, epoch)
         model.train()
-        dataset.set_epoch(epoch, position)
-        loader = DataLoader(dataset, batch_size=None, num_workers=tc.workers, worker_init_fn=ignore_stop_signals,
-                            pin_memory=device.type == "cuda", persistent_workers=False)  # fmt: skip
+        loader = loader_from(epoch, position)
         losses = partial.get("losses", [])
         seen = partial.get("seen", 0)
         mined = partial.get("mined", {"rows": 0, "positives": 0, "precision": 0.0, "recall": 0.0})
