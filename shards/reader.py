@@ -10,6 +10,7 @@ iterating (no persistent workers, so the new epoch reaches them).
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,8 +25,8 @@ from torchvision.transforms.v2 import functional as tvf
 from wildreid.errors import ConfigError, ShardError, ShardNotFoundError
 from wildreid.shards.images import decode_rgb
 from wildreid.shards.order import Group, epoch_order, lane_groups, schedule_from
-from wildreid.shards.tario import tar_members
-from wildreid.shards.writer import load_manifest
+from wildreid.shards.tario import sample_key, tar_members
+from wildreid.shards.writer import load_manifest, load_sample_offsets
 
 __all__ = [
     "ShardDataset",
@@ -111,23 +112,12 @@ def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # --------------------------------------------------------------------------- stages
 
 
-def read_shards(paths: Iterable[Path]) -> Iterator[tuple[str, bytes]]:
-    """(url, bytes) of each shard; a group of shards is held in memory to be permuted anyway."""
-    for path in paths:
-        try:
-            yield str(path), path.read_bytes()
-        except FileNotFoundError:
-            raise ShardNotFoundError(
-                f"shard {path} is missing; run 'wildreid shard --verify' on the shard folder"
-            ) from None
-
-
 def tar_samples(shards: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
     """Members grouped into samples the WebDataset way: the key is the name up to the first dot of its base name."""
     for url, data in shards:
         sample: dict | None = None
         for name, content in tar_members(url, data):
-            key, _, ext = name.partition(".") if "/" not in name else _split_key(name)
+            key, ext = sample_key(name)
             if sample is None or sample["__key__"] != key:
                 if sample is not None:
                     yield sample
@@ -135,12 +125,6 @@ def tar_samples(shards: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
             sample[ext.lower()] = content
         if sample is not None:
             yield sample
-
-
-def _split_key(name: str) -> tuple[str, str, str]:
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return f"{folder}/{stem}", dot, ext
 
 
 def parse_meta(samples: Iterable[dict]) -> Iterator[dict]:
@@ -152,14 +136,47 @@ def parse_meta(samples: Iterable[dict]) -> Iterator[dict]:
         yield {"key": sample["__key__"], "image": sample[ext], "url": sample["__url__"], **meta}
 
 
-def permuted(samples: list[dict], group: Group, skip: int) -> Iterator[dict]:
-    if len(samples) != len(group):
-        raise ShardError(
-            f"shards {group.shards} hold {len(samples)} samples, the manifest says {len(group)}; "
-            "run 'wildreid shard --verify'"
-        )
-    for position in group.permutation[skip:]:
-        yield samples[position]
+class IndexedShard:
+    """One shard read a sample at a time by offset (``os.pread``): memory is one sample, whatever the shard size."""
+
+    def __init__(self, path: Path, offsets: np.ndarray):
+        self.path, self.url, self.offsets = path, str(path), offsets
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ShardNotFoundError(f"shard {path} is missing; run 'wildreid shard --verify' on the shard folder"
+                                     ) from None  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def sample(self, i: int) -> dict:
+        """The raw sample ``i`` of the shard (``__key__``, ``__url__`` and one entry per member extension)."""
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        data = os.pread(self.fd, end - start, start)
+        if len(data) != end - start:
+            raise ShardError(f"{self.url}: truncated at sample {i}; run 'wildreid shard --verify'")
+        samples = list(tar_samples([(self.url, data)]))
+        if len(samples) != 1:
+            raise ShardError(f"{self.url}: bytes {start}-{end} hold {len(samples)} samples, its index says one; "
+                             "run 'wildreid shard --verify'")  # fmt: skip
+        return samples[0]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def permuted(shards: Sequence[IndexedShard], group: Group, skip: int) -> Iterator[dict]:
+    """The group's raw samples in its permutation from position ``skip``, each read alone by offset."""
+    sizes = [len(shard) for shard in shards]
+    if sum(sizes) != len(group):
+        raise ShardError(f"shards {group.shards} hold {sum(sizes)} samples, the manifest says {len(group)}; "
+                         "run 'wildreid shard --verify'")  # fmt: skip
+    firsts = np.cumsum([0, *sizes])
+    positions = group.permutation[skip:]
+    which = np.searchsorted(firsts, positions, side="right") - 1
+    for k, position in zip(which.tolist(), positions.tolist()):
+        yield shards[k].sample(position - int(firsts[k]))
 
 
 def decoded(samples: Iterable[dict], transform: Callable[[torch.Tensor], object] | None) -> Iterator[tuple]:
@@ -199,12 +216,14 @@ class ShardDataset(IterableDataset):
             raise ConfigError(f"expected lanes, chunk and group >= 1, found {lanes}, {chunk}, {group}")
         self.root = Path(root)
         self.split = split
-        self.shard_files, self.shard_sizes, self._offsets = [], [], {}
+        self.shard_files, self.shard_sizes, self.shard_entries, self._offsets = [], [], [], {}
+        self._index_cache: dict[int, np.ndarray] = {}
         # several splits read as one: their dense indices run on, split after split
         for name, entry, first in split_entries(root, split):
             for shard in entry["shards"]:
                 self.shard_files.append(self.root / shard["file"])
                 self.shard_sizes.append(shard["samples"])
+                self.shard_entries.append(shard)
                 self._offsets[str(self.shard_files[-1])] = first
         self.num_samples = sum(self.shard_sizes)
         self.image_size = image_size
@@ -242,11 +261,27 @@ class ShardDataset(IterableDataset):
             if skip >= len(group):
                 skip -= len(group)  # consumed before the resume point: not even read
                 continue
-            samples = list(parse_meta(tar_samples(read_shards(self.shard_files[s] for s in group.shards))))
-            for sample in samples:
-                sample["index"] += self._offsets[sample["url"]]
-            yield from decoded(permuted(samples, group, skip), self._transform if self.decode else None)
+            shards = [IndexedShard(self.shard_files[s], self._sample_offsets(s)) for s in group.shards]
+            try:
+                samples = parse_meta(permuted(shards, group, skip))
+                yield from decoded(self._dense(samples), self._transform if self.decode else None)
+            finally:
+                for shard in shards:
+                    shard.close()
             skip = 0
+
+    def _sample_offsets(self, s: int) -> np.ndarray:
+        # One small array per shard (8 bytes a sample), loaded or scanned once per worker.
+        if s not in self._index_cache:
+            entry = self.shard_entries[s]
+            self._index_cache[s] = load_sample_offsets(self.shard_files[s], entry["samples"],
+                                                       sha256=entry.get("index_sha256"))  # fmt: skip
+        return self._index_cache[s]
+
+    def _dense(self, samples: Iterable[dict]) -> Iterator[dict]:
+        for sample in samples:
+            sample["index"] += self._offsets[sample["url"]]
+            yield sample
 
     def __iter__(self) -> Iterator[tuple]:
         lanes = lane_groups(
@@ -309,8 +344,13 @@ def split_entries(root: str | Path, splits: str | Sequence[str]) -> list[tuple[s
 
 def read_split_samples(root: str | Path, split: str) -> Iterator[dict]:
     """Every raw sample of a split in index order (key, image bytes, index, vid, camid, path)."""
-    files = [Path(root) / s["file"] for s in split_entry(root, split)["shards"]]
-    yield from parse_meta(tar_samples(read_shards(files)))
+    for entry in split_entry(root, split)["shards"]:
+        path = Path(root) / entry["file"]
+        shard = IndexedShard(path, load_sample_offsets(path, entry["samples"], sha256=entry.get("index_sha256")))
+        try:
+            yield from parse_meta(shard.sample(i) for i in range(len(shard)))
+        finally:
+            shard.close()
 
 
 def split_labels(root: str | Path, splits: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,17 @@ from pathlib import Path
 
 from wildreid.errors import ShardError
 
-__all__ = ["BLOCK", "ShardSink", "file_sha256", "padded", "read_file", "tar_header", "tar_members"]
+__all__ = [
+    "BLOCK",
+    "ShardSink",
+    "file_sha256",
+    "padded",
+    "read_file",
+    "sample_key",
+    "scan_sample_offsets",
+    "tar_header",
+    "tar_members",
+]
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # archives are padded to whole 10 KiB records
@@ -64,6 +74,11 @@ class ShardSink:
         self.size = 0
         self.parts: list[bytes] = []
         self.pending = 0
+
+    @property
+    def position(self) -> int:
+        """Archive offset of the next member's header (bytes written plus bytes buffered)."""
+        return self.size + self.pending
 
     def add(self, name: str, data: bytes) -> None:
         self.parts += (tar_header(name, len(data)), data, _ZEROS[: -len(data) % BLOCK])
@@ -147,3 +162,52 @@ def tar_members(url: str, data: bytes) -> Iterator[tuple[str, bytes]]:
         elif kind in (b"0", b"\0"):
             yield (long_name or _member_name(header)), bytes(content)
             long_name = None
+
+
+def sample_key(name: str) -> tuple[str, str]:
+    """(key, extension) of a member name, the WebDataset way: the key ends at the first dot of the base name."""
+    folder, slash, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return folder + slash + stem, ext
+
+
+def _header_size(url: str, header: bytes, pos: int) -> int:
+    try:
+        return int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise ShardError(f"{url}: corrupted tar header at byte {pos}; run 'wildreid shard --verify'") from None
+
+
+def scan_sample_offsets(path: str | Path) -> list[int]:
+    """Byte offsets where each sample of a shard begins, then where the last one ends (N + 1 values).
+
+    One pass over the member headers, seeking over their contents: what the reader
+    needs to read any sample alone. A sample begins at its first member's header
+    (or at the PAX / GNU long-name header before it) and runs to the next sample's.
+    """
+    url, offsets = str(path), []
+    current: str | None = None
+    with open(path, "rb") as f:
+        end, pos, extended_at, long_name = os.fstat(f.fileno()).st_size, 0, None, None
+        while pos + BLOCK <= end:
+            f.seek(pos)
+            header = f.read(BLOCK)
+            if not header.strip(b"\0"):
+                break  # end-of-archive blocks
+            size, kind = _header_size(url, header, pos), header[156:157]
+            body = pos + BLOCK
+            if body + size > end:
+                raise ShardError(f"{url}: truncated at byte {end}; run 'wildreid shard --verify'")
+            if kind in (b"x", b"L"):
+                content = f.read(size)
+                long_name = (_pax_path(content) if kind == b"x"
+                             else content.rstrip(b"\0").decode("utf-8", "surrogateescape"))  # fmt: skip
+                extended_at = pos if extended_at is None else extended_at
+            elif kind in (b"0", b"\0"):
+                key, _ = sample_key(long_name or _member_name(header))
+                if key != current:
+                    offsets.append(pos if extended_at is None else extended_at)
+                    current = key
+                extended_at, long_name = None, None
+            pos = body + padded(size)
+    return [*offsets, pos]

@@ -31,10 +31,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from wildreid.errors import BadImageError, ShardError, ShardNotFoundError, Stopped
 from wildreid.shards.images import image_extension
 from wildreid.shards.layouts import DatasetIndex, Record, Reject
-from wildreid.shards.tario import BLOCK, ShardSink, file_sha256, padded, read_file
+from wildreid.shards.tario import BLOCK, ShardSink, file_sha256, padded, read_file, scan_sample_offsets
 from wildreid.signals import ignore_stop_signals, signal_point
 from wildreid.stores.durable import atomic_write, publish
 from wildreid.stores.lock import LOCK_NAME, WriterLock
@@ -42,7 +43,9 @@ from wildreid.stores.lock import LOCK_NAME, WriterLock
 __all__ = [
     "MANIFEST_NAME",
     "Sample",
+    "index_path",
     "load_manifest",
+    "load_sample_offsets",
     "pack_dataset",
     "plan_shards",
     "scan_records",
@@ -54,6 +57,9 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "wildreid-shards"
 FORMAT_VERSION = 1
 PROGRESS_DIR = ".progress"
+# Beside each shard, the byte offset where each of its samples begins, then where the last one ends,
+# as little-endian uint64: the reader seeks to any sample without holding the shard in memory.
+INDEX_SUFFIX = ".idx"
 
 # One call per unit of work: (phase description, units done since last call, phase total).
 ProgressFn = Callable[[str, int, int], None]
@@ -251,6 +257,51 @@ class ShardResult:
     sha256: str
     nbytes: int
     bad: tuple[tuple[str, str], ...] = ()  # (path, reason); when not empty, no shard was kept
+    index_sha256: str = ""
+
+
+def index_path(shard: str | Path) -> Path:
+    """The sample-offset index beside a shard file."""
+    shard = Path(shard)
+    return shard.with_name(shard.name + INDEX_SUFFIX)
+
+
+def _write_index(shard: Path, offsets) -> str:
+    """Write the offset index of ``shard`` atomically; its sha256 (what the manifest records)."""
+    data = np.asarray(offsets, dtype="<u8").tobytes()
+    atomic_write(index_path(shard), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_sample_offsets(shard: str | Path, samples: int, *, sha256: str | None = None,
+                        shard_bytes: int | None = None) -> np.ndarray:
+    """The ``samples + 1`` sample offsets of a shard: its index file, or one scan of its headers if it has none.
+
+    A present index must match ``sha256`` (the manifest's) and fit the shard, else ShardError: a damaged index
+    is reported, not silently replaced.
+    """
+    shard, path = Path(shard), index_path(shard)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = None
+    if data is None:
+        try:
+            offsets = np.asarray(scan_sample_offsets(shard), dtype=np.int64)
+        except FileNotFoundError:
+            raise ShardNotFoundError(f"shard {shard} is missing; run 'wildreid shard --verify' on the shard folder"
+                                     ) from None  # fmt: skip
+    else:
+        if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+            raise ShardError(f"{path}: sha256 differs from the manifest (damaged index); delete it (the reader "
+                             "then scans the shard) or re-run 'wildreid shard'")  # fmt: skip
+        offsets = np.frombuffer(data, dtype="<u8").astype(np.int64) if len(data) % 8 == 0 else np.zeros(0, np.int64)
+    size = shard_bytes if shard_bytes is not None else (shard.stat().st_size if shard.exists() else None)
+    if len(offsets) != samples + 1 or (np.diff(offsets) <= 0).any() or (size is not None and offsets[-1] > size):
+        raise ShardError(f"{shard}: its index lists {len(offsets) - 1} samples in {offsets[-1] if len(offsets) else 0}"
+                         f" bytes, the manifest says {samples} samples in {size} bytes; run 'wildreid shard --verify'"
+                         )  # fmt: skip
+    return offsets
 
 
 def write_shard(root: str, out: str, plan: ShardPlan) -> ShardResult:
@@ -260,6 +311,7 @@ def write_shard(root: str, out: str, plan: ShardPlan) -> ShardResult:
     # The pid keeps an orphaned writer from a killed run off this run's file.
     partial = final.with_name(f"{final.name}.{os.getpid()}.partial")
     bad: list[tuple[str, str]] = []
+    offsets: list[int] = []
     try:
         with partial.open("wb") as f:
             sink = ShardSink(f)
@@ -281,14 +333,17 @@ def write_shard(root: str, out: str, plan: ShardPlan) -> ShardResult:
                         "re-run when the source is stable"
                     )
                 if not bad:  # after the first bad image, only check the rest
+                    offsets.append(sink.position)
                     sink.add(f"{key}.{ext}", data)
                     sink.add(f"{key}.json", meta)
             if not bad:
+                offsets.append(sink.position)
                 sink.close()
         if bad:
             partial.unlink()
             return ShardResult("", 0, tuple(bad))
-        # Receipt first: a shard that exists under its final name always has one.
+        # Index and receipt first: a shard that exists under its final name always has both.
+        index_sha = _write_index(final, offsets)
         _write_receipt(Path(out), plan, sink.sha.hexdigest(), sink.size)
         publish(partial, final)
     except OSError as exc:
@@ -299,7 +354,18 @@ def write_shard(root: str, out: str, plan: ShardPlan) -> ShardResult:
                 "(finished shards are kept and reused)"
             ) from None
         raise
-    return ShardResult(sink.sha.hexdigest(), sink.size)
+    return ShardResult(sink.sha.hexdigest(), sink.size, index_sha256=index_sha)
+
+
+def _reused_index(final: Path, samples: int) -> str:
+    """sha256 of a kept shard's index; written from a scan when missing or not matching the shard."""
+    if index_path(final).is_file():
+        try:
+            load_sample_offsets(final, samples)
+            return file_sha256(index_path(final))
+        except ShardError:
+            pass  # an index of another shard or a damaged one: the scan below replaces it
+    return _write_index(final, scan_sample_offsets(final))
 
 
 def _reusable(out: Path, plan: ShardPlan, known: dict[str, tuple[str, str]]) -> ShardResult | None:
@@ -320,7 +386,9 @@ def _reusable(out: Path, plan: ShardPlan, known: dict[str, tuple[str, str]]) -> 
     if not expected:
         return None
     sha = file_sha256(final)
-    return ShardResult(sha, final.stat().st_size) if sha in expected else None
+    if sha not in expected:
+        return None
+    return ShardResult(sha, final.stat().st_size, index_sha256=_reused_index(final, len(plan)))
 
 
 def _write_all(out, source, plans, known, pool, progress, should_stop) -> dict[str, ShardResult]:
@@ -428,14 +496,14 @@ def _check_out_folder(out: Path, source: str, layout: str) -> dict[str, tuple[st
 
 
 def _stale_files(out: Path, plans: Sequence[ShardPlan], splits: Sequence[str]) -> list[Path]:
-    wanted = {out / p.file for p in plans}
+    wanted = {out / p.file for p in plans} | {index_path(out / p.file) for p in plans}
     stale = []
     for split in splits:
         folder = out / split
         if folder.is_dir():
             stale += [p for p in folder.glob(f"{split}-*.tar*") if p not in wanted]
     if out.is_dir():
-        stale += [p for p in out.glob("*/*.tar") if p.parent.name not in splits]
+        stale += [p for p in out.glob("*/*.tar*") if p.parent.name not in splits and p.parent.name != PROGRESS_DIR]
     return stale
 
 
@@ -523,6 +591,7 @@ def _manifest(index, samples, plans, results, rejects, max_samples, max_bytes) -
                 "first_index": p.first_index,
                 "bytes": results[p.file].nbytes,
                 "sha256": results[p.file].sha256,
+                "index_sha256": results[p.file].index_sha256,
                 "plan": p.digest,
             }
             for p in plans
@@ -564,5 +633,12 @@ def verify_shards(out: str | Path, *, progress: ProgressFn = _no_progress) -> li
             problems.append(f"{shard['file']}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
         elif file_sha256(path) != shard["sha256"]:
             problems.append(f"{shard['file']}: sha256 differs from the manifest (corrupted)")
+        else:
+            index = index_path(path)
+            if shard.get("index_sha256") and not index.is_file():
+                problems.append(f"{index.relative_to(out)}: missing (the reader scans the shard instead; "
+                                "re-run 'wildreid shard' to write it)")  # fmt: skip
+            elif shard.get("index_sha256") and file_sha256(index) != shard["index_sha256"]:
+                problems.append(f"{index.relative_to(out)}: sha256 differs from the manifest (corrupted)")
         progress("verifying shards", shard["samples"], total)
     return problems
