@@ -310,6 +310,8 @@ def evaluate(
     split: str = typer.Option("small", help="small, medium, large, all (the three) or veri776 (with --checkpoint)."),
     features_dir: Optional[Path] = typer.Option(None, help="Folder for extracted groups (default: CKPT_DIR/features)."),
     rerank: bool = typer.Option(False, help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)."),
+    camera_norm: bool = typer.Option(False, help="Subtract each camera's mean feature (over its query and gallery "
+                                     "rows) before ranking; not the standard protocol."),  # fmt: skip
     memory_budget: Optional[str] = typer.Option(None, help="Working-set bound, e.g. 1GiB (default: 1/4 of free RAM)."),
     device: str = typer.Option("cpu", help="cpu or cuda (feature extraction and distances)."),
     output: Optional[Path] = typer.Option(None, help="Results JSON (with --checkpoint: CKPT_DIR/eval-SPLIT.json)."),
@@ -344,10 +346,11 @@ def evaluate(
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device} asked for but CUDA is not available here; use --device cpu")
     budget = parse_bytes(memory_budget) if memory_budget else default_budget()
-    tag = "-rerank" if rerank else ""
+    tag = ("-rerank" if rerank else "") + ("-camnorm" if camera_norm else "")
 
     if query is not None:
-        results = {query.name: evaluate_groups(query, gallery, memory_budget=budget, device=device, rerank=rerank)}
+        results = {query.name: evaluate_groups(query, gallery, memory_budget=budget, device=device, rerank=rerank,
+                                               camera_norm=camera_norm)}  # fmt: skip
     else:
         from wildreid.checkpoint import load_model
         from wildreid.extract import extract_split
@@ -379,7 +382,7 @@ def evaluate(
                                       device=device, progress=progress, label=label, should_stop=stop,
                                       feature=feature)  # fmt: skip
                     results[name] = evaluate_groups(folder / q_split, folder / g_split, memory_budget=budget,
-                                                    device=device, rerank=rerank)  # fmt: skip
+                                                    device=device, rerank=rerank, camera_norm=camera_norm)  # fmt: skip
                 transductive = bool(config.get("train", {}).get("transductive", False))
                 results[name].update(query_split=q_split, gallery_split=g_split, checkpoint_sha256=label,
                                      feature=feature, transductive=transductive)  # fmt: skip
@@ -389,7 +392,8 @@ def evaluate(
     from rich import box
 
     transductive = any(r.get("transductive") for r in results.values())
-    table = Table(title=f"evaluation in %{', re-ranked' if rerank else ''} (skipped: queries without a true match)"
+    table = Table(title=f"evaluation in %{', re-ranked' if rerank else ''}"
+                        f"{', camera-normalised' if camera_norm else ''} (skipped: queries without a true match)"
                         + (" of a TRANSDUCTIVE model (trained on the test gallery too)" if transductive else ""),
                   box=box.SIMPLE, pad_edge=False, collapse_padding=True)  # fmt: skip
     for col in ("split", "mAP", "mINP", "R-1", "R-5", "R-10", "R-20", "valid", "skipped", "gallery"):

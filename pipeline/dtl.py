@@ -78,20 +78,33 @@ def self_positives(rows, device: str | torch.device | None = None) -> tuple[torc
 
 
 def batch_positives(indptr, indices, rows, device: str | torch.device | None = None):
-    """The batch's slice ``(pos_indptr, pos_indices)`` of the store's CSR of positives (numpy or torch)."""
+    """The batch's slice ``(pos_indptr, pos_indices)`` of the store's CSR of positives (numpy or torch).
+
+    Only the batch's rows of the CSR are touched, where the CSR lives (O(B + its positives) per
+    step, never a conversion of the N-row CSR); the slice then moves to ``device``.
+    """
     device = torch.device(device) if device is not None else _device_of(rows)
-    indptr, indices, rows = _long(indptr, device), _long(indices, device), _long(rows, device)
+    home = indptr.device if isinstance(indptr, torch.Tensor) else torch.device("cpu")
+    rows = _long(rows, home)
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= len(indptr) - 1):
         raise ConfigError(
             f"expected batch rows in 0..{len(indptr) - 2}, found {rows.min()}..{rows.max()}; "
             "the positives belong to another dictionary"
         )
-    starts, counts = indptr[rows], indptr[rows + 1] - indptr[rows]
-    out_ptr = torch.zeros(len(rows) + 1, dtype=torch.long, device=device)
+    starts, stops = _take(indptr, rows), _take(indptr, rows + 1)
+    counts = stops - starts
+    out_ptr = torch.zeros(len(rows) + 1, dtype=torch.long, device=home)
     out_ptr[1:] = torch.cumsum(counts, 0)
-    seg = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
-    offsets = torch.arange(int(out_ptr[-1]), device=device) - out_ptr[seg]
-    return out_ptr, indices[starts[seg] + offsets]
+    seg = torch.repeat_interleave(torch.arange(len(rows), device=home), counts)
+    offsets = torch.arange(int(out_ptr[-1]), device=home) - out_ptr[seg]
+    return out_ptr.to(device), _take(indices, starts[seg] + offsets).to(device)
+
+
+def _take(a, at: torch.Tensor) -> torch.Tensor:
+    """``a[at]`` as a long tensor beside ``at``, for ``a`` a numpy array or a tensor on ``at``'s device."""
+    if isinstance(a, torch.Tensor):
+        return a[at].long()
+    return torch.from_numpy(np.asarray(a[at.numpy()], dtype=np.int64))
 
 
 def _device_of(a) -> torch.device:

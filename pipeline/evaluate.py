@@ -25,6 +25,14 @@ true matches are the thresholds; the matches and the junk are set to +inf;
 ``count_preceding`` counts, for every threshold, the strip entries ranked
 before it, with a per-row lookup table over the float bits (no sort, no
 per-element search). Rank of the k-th match (k from 0) is 1 + k + that count.
+
+Camera normalisation (``camera_norm``, off by default: the standard protocol
+is without it): every query and gallery feature has the mean feature of its
+camera subtracted (each camera's mean over the query and gallery rows it took,
+no labels used) and is L2-normalised again. Features learnt without labels
+carry much of each camera's look (background, light), so a camera's own
+images crowd each query's ranking; removing the per-camera mean is the
+test-time part of camera-based normalisation (Zhuang et al., ECCV 2020).
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ from wildreid.errors import ConfigError, StoreError
 __all__ = [
     "TILE",
     "ArrayFeatures",
+    "CameraNormalised",
+    "camera_means",
+    "camera_normalise",
     "count_preceding",
     "evaluate_blockwise",
     "evaluate_dense",
@@ -88,6 +99,51 @@ class ArrayFeatures:
 
 def _source(x) -> Features:
     return x if hasattr(x, "read_rows") else ArrayFeatures(x)
+
+
+def camera_means(sources: list[tuple[Features, np.ndarray]], *, block_rows: int = 16384) -> dict[int, np.ndarray]:
+    """Mean feature (float64) of every camera over the rows of all ``(features, camids)`` pairs, read blockwise."""
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    for features, cams in sources:
+        for start in range(0, features.count(), block_rows):
+            block = features.read_rows(start, min(features.count(), start + block_rows)).astype(np.float64)
+            block_cams = cams[start : start + len(block)]
+            for cam in np.unique(block_cams):
+                rows = block_cams == cam
+                sums[int(cam)] = sums.get(int(cam), 0.0) + block[rows].sum(axis=0)
+                counts[int(cam)] = counts.get(int(cam), 0) + int(rows.sum())
+    return {cam: sums[cam] / counts[cam] for cam in sums}
+
+
+def camera_normalise(x: np.ndarray, cams: np.ndarray, means: dict[int, np.ndarray]) -> np.ndarray:
+    """Rows of ``x`` minus their camera's mean, L2-normalised (a row equal to its camera's mean stays zero)."""
+    centred = np.asarray(x, np.float64) - np.stack([means[int(c)] for c in cams]) if len(x) else np.asarray(x)
+    norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    return (centred / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+class CameraNormalised:
+    """The feature interface over another source, its rows camera-normalised (``camera_normalise``) as read."""
+
+    def __init__(self, source: Features, cams: np.ndarray, means: dict[int, np.ndarray]):
+        self.source, self.cams, self.means = source, np.asarray(cams), means
+
+    def count(self) -> int:
+        return self.source.count()
+
+    def dim(self) -> int:
+        return self.source.dim()
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        return camera_normalise(self.source.read_rows(start, stop), self.cams[start:stop], self.means)
+
+
+def _camera_normalised(query, gallery, q_cams, g_cams) -> tuple[Features, Features]:
+    query, gallery = _source(query), _source(gallery)
+    q_cams, g_cams = np.asarray(q_cams), np.asarray(g_cams)
+    means = camera_means([(query, q_cams), (gallery, g_cams)])
+    return CameraNormalised(query, q_cams, means), CameraNormalised(gallery, g_cams, means)
 
 
 # --------------------------------------------------------------------------- distances
@@ -359,9 +415,13 @@ def per_query_metrics(dist: np.ndarray, q_ids, q_cams, g_ids, g_cams) -> tuple[n
 
 
 def evaluate_dense(qf, q_ids, q_cams, gf, g_ids, g_cams, *, tile=TILE, device: str = "cpu",
-                   rerank: bool = False, k1: int = 20, k2: int = 6, lambda_: float = 0.3) -> dict:  # fmt: skip
+                   rerank: bool = False, k1: int = 20, k2: int = 6, lambda_: float = 0.3,
+                   camera_norm: bool = False) -> dict:  # fmt: skip
     """The reference: the whole (Q, G) matrix of ``grid_distances`` (or ``rerank_dense``), then ``evaluate_distances``."""
     qf, gf = np.asarray(qf, np.float32), np.asarray(gf, np.float32)
+    if camera_norm:
+        means = camera_means([(ArrayFeatures(qf), np.asarray(q_cams)), (ArrayFeatures(gf), np.asarray(g_cams))])
+        qf, gf = camera_normalise(qf, np.asarray(q_cams), means), camera_normalise(gf, np.asarray(g_cams), means)
     if rerank:
         from wildreid.rerank import rerank_dense
 
@@ -435,12 +495,15 @@ def _strip_ranks(strip: np.ndarray, gallery: _Gallery, q_ids, q_cams) -> list[np
 
 def evaluate_blockwise(query, gallery, q_ids, q_cams, g_ids, g_cams, *, memory_budget: int, device: str = "cpu",
                        tile=TILE, query_rows: int | None = None, rerank: bool = False, k1: int = 20, k2: int = 6,
-                       lambda_: float = 0.3, max_rank: int = MAX_RANK) -> dict:  # fmt: skip
+                       lambda_: float = 0.3, max_rank: int = MAX_RANK, camera_norm: bool = False) -> dict:  # fmt: skip
     """The metrics of ``evaluate_dense``, one (bq, G) strip at a time; ``query``/``gallery`` are FeatureStores or arrays.
 
     ``query_rows`` overrides the strip height from the budget (a multiple of ``tile[0]``, for tests).
+    ``camera_norm`` reads the rows camera-normalised (one extra pass over both to get the camera means).
     """
     query, gallery = _source(query), _source(gallery)
+    if camera_norm:
+        query, gallery = _camera_normalised(query, gallery, q_cams, g_cams)
     nq, ng = query.count(), gallery.count()
     if query.dim() != gallery.dim():
         raise StoreError(f"query features have dimension {query.dim()} but gallery features {gallery.dim()}; "
@@ -492,7 +555,7 @@ def _open_checked(path, what: str):
 
 
 def evaluate_groups(query_path, gallery_path, *, memory_budget: int, device: str = "cpu", rerank: bool = False,
-                    k1: int = 20, k2: int = 6, lambda_: float = 0.3) -> dict:  # fmt: skip
+                    k1: int = 20, k2: int = 6, lambda_: float = 0.3, camera_norm: bool = False) -> dict:  # fmt: skip
     """``evaluate_blockwise`` on two Zarr feature groups (``features``, ``ids``, ``camids``)."""
     qs, q_ids, q_cams = _open_checked(query_path, "query")
     gs, g_ids, g_cams = _open_checked(gallery_path, "gallery")
@@ -500,8 +563,10 @@ def evaluate_groups(query_path, gallery_path, *, memory_budget: int, device: str
         raise StoreError(f"query features {query_path} have dimension {qs.dim()} but gallery features "
                          f"{gallery_path} have {gs.dim()}; evaluate features of one model")  # fmt: skip
     out = evaluate_blockwise(qs, gs, q_ids, q_cams, g_ids, g_cams, memory_budget=memory_budget, device=device,
-                             rerank=rerank, k1=k1, k2=k2, lambda_=lambda_)  # fmt: skip
+                             rerank=rerank, k1=k1, k2=k2, lambda_=lambda_, camera_norm=camera_norm)  # fmt: skip
     out.update(queries=qs.count(), gallery=gs.count(), rerank=bool(rerank))
+    if camera_norm:  # results of the standard protocol stay as they were
+        out["camera_norm"] = True
     return out
 
 

@@ -5,6 +5,9 @@ The group is the store format of :mod:`wildreid.stores.dictionary` (``features``
 Zarr chunks (a partial chunk is read, merged and rewritten, several times
 slower: see scripts/bench_store.py), and after every chunk the number of rows
 done is recorded, so a killed extraction resumes at the first unfinished chunk.
+The labels (``ids``, ``camids``) are written once, whole, before the first row
+(read from the shards' label members), never a batch at a time: their chunks
+hold up to 2^20 rows, so per-batch writes would rewrite a whole chunk each time.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 
 from wildreid.errors import Stopped, StoreError
-from wildreid.shards.reader import ShardDataset, split_entries
+from wildreid.shards.reader import ShardDataset, split_entries, split_labels
 from wildreid.stores import FeatureStore
 from wildreid.transforms import normalise
 
@@ -94,27 +97,28 @@ def extract_split(
     progress(phase, done, n)
     if done >= n:
         return store
+    vids, camids = split_labels(shards_root, split)
+    if not (np.array_equal(store.ids(), vids) and np.array_equal(store.camids(), camids)):
+        store.write_labels(0, vids, camids)  # whole arrays: O(N) bytes once, not a chunk rewrite per batch
     was_training = model.training
     model.eval()
     dataset = ShardDataset(shards_root, split, image_size=image_size, shuffle=False, chunk=min(chunk, 256))
     dataset.set_epoch(0, done)
-    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (features, ids, camids) not yet written
+    pending: list[np.ndarray] = []  # features not yet written
     start = done
     try:
-        for images, idx, vid, camid in dataset:
-            rows = sum(len(p[0]) for p in pending)
+        for images, idx, _, _ in dataset:
+            rows = sum(len(p) for p in pending)
             if not np.array_equal(idx.numpy(), np.arange(start + rows, start + rows + len(idx))):
                 raise StoreError(f"split {name} yielded sample indices out of order at {start + rows}; "
                                  "re-shard the data set")  # fmt: skip
-            pending.append((extract_features(model, images, device, feature), vid.numpy(), camid.numpy()))
+            pending.append(extract_features(model, images, device, feature))
             rows += len(idx)
             if rows >= chunk or start + rows >= n:
-                block, vids, camids = (np.concatenate(column) for column in zip(*pending))
+                block = np.concatenate(pending)
                 whole = len(block) if start + len(block) >= n else len(block) // chunk * chunk
-                # labels first: the rows count as done only once the features are written
-                store.write_labels(start, vids[:whole], camids[:whole])
                 store.write_rows(start, block[:whole])
-                pending = [(block[whole:], vids[whole:], camids[whole:])] if whole < len(block) else []
+                pending = [block[whole:]] if whole < len(block) else []
                 start += whole
                 store.set_meta("extraction", {"meta": meta, "rows_done": start,
                                               "features_version": store.features_version})  # fmt: skip

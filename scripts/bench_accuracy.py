@@ -70,6 +70,8 @@ DEFAULT_SETTINGS = "untrained,defaults,published,refresh-eval,order-published"
 DEFAULT_ADAPT_SETTINGS = "untrained,defaults,published"
 SCENARIOS = ("scratch", "adapt")
 BASELINES = ("untrained", "published")
+# (per-query key, metric): the standard protocol, then with camera normalisation (wildreid eval --camera-norm)
+METRICS = (("ap", "mAP"), ("hit1", "rank1"), ("ap_camnorm", "mAP_camnorm"), ("hit1_camnorm", "rank1_camnorm"))
 SPLIT = "large"  # every test vehicle, one query each
 PRETRAIN_SEED_OFFSET = 1000  # the pretraining set's generator seed: the study's + this
 # --quick: a smoke run of the whole pipeline in a few minutes
@@ -129,17 +131,25 @@ def seed_means(x) -> dict:
             "sd": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0}  # fmt: skip
 
 
+def _metrics(results: dict[str, dict[int, dict]]) -> list[tuple[str, str]]:
+    """(per-query key, metric name) pairs every finished run has: the standard protocol, then camera-normalised."""
+    runs = [r for by_seed in results.values() for r in by_seed.values()]
+    return [(key, metric) for key, metric in METRICS if runs and all(key in r for r in runs)]
+
+
 def compare(results: dict[str, dict[int, dict]], *, resamples: int = 2000, seed: int = 0) -> dict[str, dict]:
     """Per setting of one scenario: seeds, mean mAP / rank-1 and Δ against each baseline present.
 
-    ``results``: setting -> seed -> {"ap": [...], "hit1": [...]} over the valid queries (one order for all).
+    ``results``: setting -> seed -> {"ap": [...], "hit1": [...]} over the valid queries (one order for all),
+    and with "ap_camnorm" / "hit1_camnorm" the same under camera normalisation (``wildreid eval --camera-norm``).
     Each Δ uses the seeds both settings finished.
     """
     out = {}
+    metrics = _metrics(results)
     for name, runs in results.items():
         seeds = sorted(runs)
         row = {"seeds": seeds}
-        for key, metric in (("ap", "mAP"), ("hit1", "rank1")):
+        for key, metric in metrics:
             row[metric] = seed_means([runs[s][key] for s in seeds]) if seeds else None
         for base in BASELINES:
             common = sorted(set(seeds) & set(results.get(base, {})))
@@ -148,7 +158,7 @@ def compare(results: dict[str, dict[int, dict]], *, resamples: int = 2000, seed:
             row[f"vs_{base}"] = {
                 metric: paired_bootstrap([runs[s][key] for s in common], [results[base][s][key] for s in common],
                                          resamples=resamples, seed=seed)
-                for key, metric in (("ap", "mAP"), ("hit1", "rank1"))
+                for key, metric in metrics
             }  # fmt: skip
         out[name] = row
     return out
@@ -162,8 +172,12 @@ def _ci(c: dict | None) -> str:
     return "–" if c is None else f"{_pp(c['delta'])} [{_pp(c['low'])}, {_pp(c['high'])}]"
 
 
-def markdown(table: dict[str, dict[str, dict]]) -> str:
-    """The summary table: scenario -> setting -> a ``compare`` row; Δ in percentage points with 95% CI."""
+def markdown(table: dict[str, dict[str, dict]], protocol: str = "") -> str:
+    """The summary table: scenario -> setting -> a ``compare`` row; Δ in percentage points with 95% CI.
+
+    ``protocol`` "" is the standard one, "_camnorm" the camera-normalised metrics (rows lacking them are left out).
+    """
+    m, r1 = f"mAP{protocol}", f"rank1{protocol}"
     head = ("| scenario | setting | seeds | mAP (%) | rank-1 (%) | Δ mAP vs untrained | Δ rank-1 vs untrained "
             "| Δ mAP vs published | Δ rank-1 vs published |")  # fmt: skip
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -172,9 +186,11 @@ def markdown(table: dict[str, dict[str, dict]]) -> str:
             if not r["seeds"]:
                 lines.append(f"| {scenario} | {name} | 0 | – | – | – | – | – | – |")
                 continue
-            cells = [_ci(r.get(f"vs_{b}", {}).get(m)) for b in BASELINES for m in ("mAP", "rank1")]
-            lines.append(f"| {scenario} | {name} | {len(r['seeds'])} | {100 * r['mAP']['mean']:.1f} "
-                         f"| {100 * r['rank1']['mean']:.1f} | " + " | ".join(cells) + " |")  # fmt: skip
+            if r.get(m) is None:
+                continue
+            cells = [_ci(r.get(f"vs_{b}", {}).get(metric)) for b in BASELINES for metric in (m, r1)]
+            lines.append(f"| {scenario} | {name} | {len(r['seeds'])} | {100 * r[m]['mean']:.1f} "
+                         f"| {100 * r[r1]['mean']:.1f} | " + " | ".join(cells) + " |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -261,16 +277,21 @@ def _write_json(path: Path, value) -> None:
 
 
 def score_groups(features: Path, split: str = SPLIT) -> dict:
-    """Per-query AP and rank-1 hit of the extracted query/gallery groups (queries without a match dropped)."""
-    from wildreid.evaluate import grid_distances, per_query_metrics
+    """Per-query AP and rank-1 hit of the extracted query/gallery groups (queries without a match dropped),
+    under the standard protocol and camera-normalised (keys with ``_camnorm``)."""
+    from wildreid.evaluate import camera_means, camera_normalise, grid_distances, per_query_metrics
     from wildreid.stores import FeatureStore
 
     q, g = FeatureStore.open(features / f"query-{split}"), FeatureStore.open(features / f"gallery-{split}")
-    dist = grid_distances(q.read_rows(0, q.count()), 0, g.read_rows(0, g.count()), 0)
-    q_ids, q_cams = q.ids(), q.camids()
-    ap, hit1 = per_query_metrics(dist, q_ids, q_cams, g.ids(), g.camids())
+    qf, gf = q.read_rows(0, q.count()), g.read_rows(0, g.count())
+    q_ids, q_cams, g_ids, g_cams = q.ids(), q.camids(), g.ids(), g.camids()
+    ap, hit1 = per_query_metrics(grid_distances(qf, 0, gf, 0), q_ids, q_cams, g_ids, g_cams)
+    means = camera_means([(q, q_cams), (g, g_cams)])
+    qn, gn = camera_normalise(qf, q_cams, means), camera_normalise(gf, g_cams, means)
+    ap_cn, hit1_cn = per_query_metrics(grid_distances(qn, 0, gn, 0), q_ids, q_cams, g_ids, g_cams)
     valid = ~np.isnan(ap)
-    return {"ap": ap[valid].tolist(), "hit1": hit1[valid].tolist(),
+    return {"ap": ap[valid].tolist(), "hit1": hit1[valid].tolist(), "ap_camnorm": ap_cn[valid].tolist(),
+            "hit1_camnorm": hit1_cn[valid].tolist(),
             "queries": [[int(i), int(c)] for i, c in zip(q_ids[valid], q_cams[valid])]}  # fmt: skip
 
 
@@ -302,15 +323,20 @@ def train_and_score(job: dict, threads: int, keep: bool) -> dict:
     out = _run(_cli("eval", "--shards", job["shards"], "--checkpoint", str(ckpt), "--split", SPLIT, "--json",
                     "--memory-budget", job["budget"]), threads, "wildreid eval")  # fmt: skip
     agg = json.loads(out.strip().splitlines()[-1])[SPLIT]
+    out = _run(_cli("eval", "--shards", job["shards"], "--checkpoint", str(ckpt), "--split", SPLIT, "--json",
+                    "--camera-norm", "--memory-budget", job["budget"]), threads, "wildreid eval --camera-norm")  # fmt: skip
+    agg_cn = json.loads(out.strip().splitlines()[-1])[SPLIT]
     scores = score_groups(ckpt.parent / "features")
-    for key, metric in (("ap", "mAP"), ("hit1", "rank1")):
-        if len(scores[key]) != agg["valid_queries"] or abs(np.mean(scores[key]) - agg[metric]) > 1e-9:
-            raise RuntimeError(f"per-query {metric} {np.mean(scores[key]):.6f} over {len(scores[key])} queries does "
-                               f"not match wildreid eval's {agg[metric]:.6f} over {agg['valid_queries']}")  # fmt: skip
+    for key, metric, ref in (("ap", "mAP", agg), ("hit1", "rank1", agg), ("ap_camnorm", "mAP", agg_cn),
+                             ("hit1_camnorm", "rank1", agg_cn)):  # fmt: skip
+        if len(scores[key]) != ref["valid_queries"] or abs(np.mean(scores[key]) - ref[metric]) > 1e-9:
+            raise RuntimeError(f"per-query {key} {np.mean(scores[key]):.6f} over {len(scores[key])} queries does "
+                               f"not match wildreid eval's {ref[metric]:.6f} over {ref['valid_queries']}")  # fmt: skip
     history = [{k: h.get(k) for k in ("epoch", "loss", "precision", "recall", "mean_positives")}
                for h in report.get("history", [])]  # fmt: skip
     result = {**{k: job[k] for k in ("scenario", "setting", "seed", "overrides", "fingerprint", "config_digest")},
-              **scores, "mAP": agg["mAP"], "rank1": agg["rank1"], "pretrained": report.get("pretrained"),
+              **scores, "mAP": agg["mAP"], "rank1": agg["rank1"], "mAP_camnorm": agg_cn["mAP"],
+              "rank1_camnorm": agg_cn["rank1"], "pretrained": report.get("pretrained"),
               "epochs": report.get("epochs"), "train_s": train_s,
               "eval_s": time.perf_counter() - began, "history": history}  # fmt: skip
     _write_json(Path(job["result"]), result)
@@ -475,7 +501,8 @@ def _finished(job: dict) -> dict | None:
     if not path.exists():
         return None
     result = json.loads(path.read_text())
-    return result if result.get("fingerprint") == job["fingerprint"] else None
+    complete = all(key in result for key, _ in METRICS)  # results from before camera normalisation are redone
+    return result if result.get("fingerprint") == job["fingerprint"] and complete else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -601,7 +628,9 @@ def report(a, jobs: list[dict], failures: list[str], began: float, log, pre: lis
                "pretraining": pretraining, "failures": failures, "wall_s": wall, "runs_s": run_s, "jobs": a.jobs,
                "threads": a.threads, "quick": a.quick}  # fmt: skip
     _write_json(a.out / "summary.json", summary)
-    print(markdown(table))
+    print("Standard protocol:\n" + markdown(table))
+    if any(r.get("mAP_camnorm") for rows in table.values() for r in rows.values()):
+        print("\nCamera-normalised (wildreid eval --camera-norm):\n" + markdown(table, "_camnorm"))
     adapt = ""
     if "adapt" in a.scenarios:
         shared = "one backbone shared by all seeds" if a.backbones == "shared" else "one backbone per seed"

@@ -111,3 +111,22 @@ def test_compare_and_markdown():
     assert len(lines) == 5 and all(line.count("|") == 10 for line in lines)
     assert lines[2].startswith("| scratch | untrained | 3 |") and "| – | – | +0.0 [+0.0, +0.0] |" in lines[2]
     assert "[+" in lines[3] and lines[4].endswith("| – | – |")
+
+
+def test_camera_normalised_metrics_get_their_own_table():
+    base, _ = scores(9, (2, 40))
+
+    def run(x, shift):
+        return {s: {"ap": x[s].tolist(), "hit1": (x[s] > 0.5).astype(float).tolist(),
+                    "ap_camnorm": np.clip(x[s] + shift, 0, 1).tolist(),
+                    "hit1_camnorm": (x[s] + shift > 0.5).astype(float).tolist()} for s in range(len(x))}  # fmt: skip
+
+    table = bench.compare({"untrained": run(base, 0.0), "defaults": run(base, 0.3)}, resamples=300)
+    row = table["defaults"]
+    assert row["vs_untrained"]["mAP"]["delta"] == 0 and row["vs_untrained"]["mAP_camnorm"]["low"] > 0
+    plain, normalised = bench.markdown({"s": table}), bench.markdown({"s": table}, "_camnorm")
+    assert plain != normalised and "+30.0" not in plain and normalised.count("|") == plain.count("|")
+    # a run scored before camera normalisation lacks those keys: only the standard table is made
+    partial = {"untrained": run(base, 0.0), "defaults": run(base, 0.3)}
+    del partial["defaults"][1]["ap_camnorm"]
+    assert "mAP_camnorm" not in bench.compare(partial, resamples=100)["defaults"]

@@ -247,6 +247,35 @@ def test_batch_positives_cut_the_store_csr():
         batch_positives(indptr, indices, torch.tensor([4]))
 
 
+class _CountingArray:
+    """A numpy array that only supports indexing, and counts the elements each step reads."""
+
+    def __init__(self, a: np.ndarray):
+        self.a, self.read = a, 0
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, at):
+        out = self.a[at]
+        self.read += np.size(out)
+        return out
+
+
+def test_batch_positives_read_only_the_batch_rows_of_a_large_csr():
+    """A step's cost is O(B + its positives), not O(N): only those CSR entries are read (torch or numpy CSR)."""
+    n, rng = 200_000, np.random.default_rng(0)
+    counts = rng.integers(1, 4, n)
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    indices = rng.integers(0, n, int(indptr[-1]))
+    rows = torch.from_numpy(rng.choice(n, 64, replace=False))
+    lazy_ptr, lazy_idx = _CountingArray(indptr), _CountingArray(indices)
+    b_ptr, b_idx = batch_positives(lazy_ptr, lazy_idx, rows)
+    ref_ptr, ref_idx = batch_positives(torch.from_numpy(indptr), torch.from_numpy(indices), rows)
+    assert torch.equal(b_ptr, ref_ptr) and torch.equal(b_idx, ref_idx)
+    assert lazy_ptr.read == 2 * len(rows) and lazy_idx.read == int(counts[rows.numpy()].sum())
+
+
 def test_gathered_dot_gradient_with_repeated_pairs():
     rng = np.random.default_rng(7)
     m, x = normalised(rng, 10, 4), normalised(rng, 3, 4).requires_grad_(True)

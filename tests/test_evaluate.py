@@ -13,6 +13,8 @@ import zarr
 from PIL import Image
 from wildreid.errors import ConfigError, StoreError
 from wildreid.evaluate import (
+    camera_means,
+    camera_normalise,
     count_preceding,
     evaluate_blockwise,
     evaluate_dense,
@@ -81,6 +83,49 @@ def test_blockwise_equals_dense(ints, nq, ng, tile, query_rows):
     assert_same_metrics(dense, blockwise)
     if nq > 1:
         assert dense["skipped_queries"] > 0 and dense["valid_queries"] > 0  # the set exercises both
+
+
+@pytest.mark.parametrize(("tile", "query_rows"), [((1, 7), 1), ((3, 5), 6), ((256, 16384), None)])
+def test_camera_normalised_blockwise_equals_dense_and_a_plain_reference(tile, query_rows):
+    qf, q_ids, q_cams, gf, g_ids, g_cams = make_set(11, 37, 203, ints=False)
+    dense = evaluate_dense(qf, q_ids, q_cams, gf, g_ids, g_cams, tile=tile, camera_norm=True)
+    blockwise = evaluate_blockwise(qf, gf, q_ids, q_cams, g_ids, g_cams, memory_budget=64 << 20, tile=tile,
+                                   query_rows=query_rows, camera_norm=True)  # fmt: skip
+    assert_same_metrics(dense, blockwise)
+    # the same metrics from features normalised by hand: mean of each camera over query and gallery rows
+    rows, cams = np.concatenate([qf, gf]).astype(np.float64), np.concatenate([q_cams, g_cams])
+    means = {c: rows[cams == c].mean(axis=0) for c in np.unique(cams)}
+    streamed = camera_means([(_Rows(qf), q_cams), (_Rows(gf), g_cams)], block_rows=10)
+    assert sorted(streamed) == sorted(means) and all(np.allclose(means[c], streamed[c]) for c in means)
+    by_hand = [(x - np.stack([means[c] for c in cam])) for x, cam in ((qf, q_cams), (gf, g_cams))]
+    by_hand = [(x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32) for x in by_hand]
+    np.testing.assert_array_equal(by_hand[0], camera_normalise(qf, q_cams, means))
+    assert_same_metrics(dense, evaluate_dense(by_hand[0], q_ids, q_cams, by_hand[1], g_ids, g_cams, tile=tile))
+
+
+class _Rows:
+    def __init__(self, x):
+        self.x = x
+
+    def count(self):
+        return len(self.x)
+
+    def read_rows(self, start, stop):
+        return self.x[start:stop]
+
+
+def test_camera_normalisation_removes_a_per_camera_offset():
+    """Identity features plus a large offset per camera: the plain ranking is mostly camera; normalised, identity."""
+    rng = np.random.default_rng(4)
+    ids, cams = np.repeat(np.arange(40), 4), np.tile(np.arange(4), 40)
+    identity = rng.standard_normal((40, 32))[ids] + 0.3 * rng.standard_normal((160, 32))
+    x = (identity + 6.0 * rng.standard_normal((4, 32))[cams]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q, g = np.arange(0, 160, 4), np.setdiff1d(np.arange(160), np.arange(0, 160, 4))
+    args = (x[q], ids[q], cams[q], x[g], ids[g], cams[g])
+    plain, normalised = evaluate_dense(*args), evaluate_dense(*args, camera_norm=True)
+    assert plain["rank1"] < 0.5 < 0.9 < normalised["rank1"]
+    assert normalised["mAP"] > plain["mAP"] + 0.3
 
 
 def test_streamed_gallery_equals_dense():

@@ -458,3 +458,31 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["f.json"]
     atomic_write(target, lambda f: f.write(b"new"))
     assert target.read_text() == "new"
+
+
+def test_extraction_writes_each_chunk_once(shard_root, tmp_path, monkeypatch):
+    """O(N) bytes of writes: every features chunk once, the labels once (whole), whatever the batch size."""
+    from wildreid.extract import extract_split
+    from wildreid.model import build_model
+    from wildreid.stores import durable
+
+    written: list[tuple[str, int]] = []
+    real_put = durable._put_durably
+
+    def counting_put(path, value, exclusive):  # the real durable write, counted
+        written.append((str(Path(path).relative_to(tmp_path / "s.zarr")), len(value)))
+        return real_put(path, value, exclusive)
+
+    model = build_model("resnet18")
+    # 16-row feature chunks over 80 rows (5 chunks); the label arrays are one 80-row chunk each
+    store = FeatureStore.create(tmp_path / "s.zarr", 80, 512, chunk_bytes=16 * 512 * 2)
+    monkeypatch.setattr(durable, "_put_durably", counting_put)
+    extract_split(shard_root, "train", model, store, image_size=(64, 32), label="once")
+    chunks = [key for key, _ in written if "/c/" in key]
+    assert sorted(k for k in chunks if k.startswith("features/")) == [f"features/c/{i}/0" for i in range(5)]
+    assert sorted(k for k in chunks if not k.startswith("features/")) == ["camids/c/0", "ids/c/0"]
+    label_bytes = sum(size for key, size in written if key.startswith(("ids/c", "camids/c")))
+    assert label_bytes <= 2 * 80 * 8 + 64  # each label array written once (at most its raw size, plus framing)
+    written.clear()
+    extract_split(shard_root, "train", model, store, image_size=(64, 32), label="again")  # labels already there
+    assert not [key for key, _ in written if key.startswith(("ids/", "camids/"))]
