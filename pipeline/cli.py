@@ -214,6 +214,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in STORE."),
     memory_budget: Optional[str] = typer.Option(None, help="Host memory bound, e.g. 4GiB (default: 1/4 of free memory)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    device_budget: Optional[str] = typer.Option(None, help="Dictionary pages kept on --device, e.g. 8GiB (default: "
+                                                "half the free CUDA memory; 0 on the CPU)."),  # fmt: skip
     pretrained: Optional[Path] = typer.Option(None, help="Local torchvision ImageNet state dict for the backbone."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Override train.checkpoint_every_steps."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic torch kernels (CPU: bitwise)."),
@@ -243,7 +245,8 @@ def train(
         extra.append("train.decode_on_device=true")
     cfg = load_config(config, extra)
     options = TrainOptions(resume=resume, memory_budget=parse_bytes(memory_budget) if memory_budget else None,
-                           device=device, deterministic=deterministic)  # fmt: skip
+                           device=device, deterministic=deterministic,
+                           device_budget=parse_bytes(device_budget) if device_budget is not None else None)  # fmt: skip
     with RichProgress() as progress, GracefulStop() as stop:
         report = run_train(shards, store, cfg, options, progress=progress, should_stop=stop,
                            log=lambda message: console.print(message, highlight=False, soft_wrap=True))  # fmt: skip

@@ -91,6 +91,22 @@ class TrainOptions:
     memory_budget: int | None = None
     device: str = "cpu"
     deterministic: bool = False
+    device_budget: int | None = None  # the page cache's device tier; None: DEVICE_SHARE of free CUDA memory, 0 on CPU
+
+
+# Without --device-budget, a CUDA run gives the dictionary's device pages this share of the device memory that is
+# free when training starts; the rest stays for the model, its activations and the hard-negative scan.
+DEVICE_SHARE = 0.5
+
+
+def device_budget(options: TrainOptions, device: torch.device) -> int:
+    """Bytes of dictionary pages kept on ``device`` (``TrainOptions.device_budget``, or the CUDA default)."""
+    if options.device_budget is not None:
+        return options.device_budget
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * DEVICE_SHARE)
 
 
 def dictionary_sha256(store: FeatureStore, block_rows: int = 65536) -> str:
@@ -271,6 +287,21 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
     dataset = ShardDataset(shards, splits, image_size=tuple(config.model.image_size), seed=tc.seed, lanes=lanes,
                            chunk=tc.batch_size, decode=not tc.decode_on_device)  # fmt: skip
     cache_budget = budget // 2
+    on_device = device_budget(options, device)
+    cache_stats: dict[str, int] = {}
+
+    def page_cache() -> PageCache:
+        """This phase's cache over the dictionary: host pages within half the budget, device pages within
+        ``on_device`` (the whole dictionary there when it fits: it then stays for the phase)."""
+        cache = PageCache(store.features, host_budget=max(cache_budget, _page_bytes(store)), device_budget=on_device,
+                          device=device, dtype=store.features.dtype)  # fmt: skip
+        cache.load_all_to_device()
+        return cache
+
+    def count(cache: PageCache) -> None:
+        for key, value in cache.stats.items():
+            cache_stats[key] = cache_stats.get(key, 0) + value
+
     # gathered hard-negative rows (float32, with their gradient and a float16 copy) get 1/8 of the budget
     gather_rows = max(256, budget // 8 // (ARCHS[config.model.arch][1] * 12))
     steps_here = 0
@@ -299,7 +330,7 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
     def rebuild(start: int) -> None:
         """The published refresh (module docstring), from sample ``start`` of its pass."""
         model.train()
-        cache = PageCache(store.features, host_budget=max(cache_budget, _page_bytes(store)), dtype=store.features.dtype)
+        cache = page_cache()
         key = refresh_key(epoch)
         loader = loader_from(key, start)
         done, batches = start, 0
@@ -319,6 +350,7 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
                 raise Stopped(f"stopped at epoch {epoch} step {step}, in the dictionary rebuild ({done} of {n} "
                               "samples); resume with --resume")  # fmt: skip
         cache.flush()
+        count(cache)
 
     def epoch_start(positives):
         """Eval-mode re-extraction and mining before the epoch's first step; returns the epoch's positives."""
@@ -358,7 +390,7 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
             _mine(store, config, budget // 2, tc.workers, progress, should_stop, graph_only=True)
         per_batch = tc.mining == "batch" and not tc.is_warmup(epoch)
         labels = _labels(store.ids()) if per_batch else None
-        cache = PageCache(store.features, host_budget=max(cache_budget, _page_bytes(store)), dtype=store.features.dtype)
+        cache = page_cache()
         # the graph mined at this epoch's start (kept in the store, so a resumed epoch reads the same one)
         graph = graph_reader(store, config.mining.k, budget // 8) if use_graph else None
         _set_lr(optimizer, config, epoch)
@@ -393,6 +425,7 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
                 stop_here()
             if steps_here == _CRASH_AFTER_STEPS:
                 os.kill(os.getpid(), signal.SIGKILL)  # tests: a kill -9 at a chosen step
+        count(cache)
         quality = quality_means(mined) if per_batch else pseudo_label_quality(*positives, store.ids())
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "steps": len(losses),
                   "warmup": tc.is_warmup(epoch), "mining": tc.mining, "precision": quality["precision"],
@@ -418,7 +451,9 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
     _plot(run_dir, history)
     return {"checkpoint": str(model_path), "weights_sha256": weights_sha256(model),
             "dictionary_sha256": dictionary_sha256(store), "history": history, "epochs": tc.epochs,
-            "pretrained": model.pretrained_from, "transductive": tc.transductive}  # fmt: skip
+            "pretrained": model.pretrained_from, "transductive": tc.transductive,
+            # this process's page cache counts (not the run's: a resumed run starts them at 0)
+            "page_cache": {"device_budget_bytes": on_device, **cache_stats}}  # fmt: skip
 
 
 def dictionary_step(x: torch.Tensor, idx: torch.Tensor, cache: PageCache, positives, r: float, delta: float,
@@ -525,8 +560,8 @@ def _page_bytes(store: FeatureStore) -> int:
 
 
 def _blocks(cache: PageCache, device):
-    for start, block in cache.scan():
-        yield start, torch.from_numpy(block).to(device).float()
+    # device pages are scanned where they are: no copy through the host
+    yield from cache.scan_tensors(device)
 
 
 def _plain(value):

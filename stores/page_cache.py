@@ -8,6 +8,11 @@ cover it). A page lives in exactly one tier. Writes mark a page dirty; dirty
 pages are written back when evicted and on :meth:`flush`. Full scans read
 pages that are not resident straight from the store without caching them, so a
 scan does not flush the hot set.
+
+Readers that want tensors (:meth:`get_rows_tensor`, :meth:`scan_tensors`) take
+device pages as they are, on the device, with no host copy; when the whole array
+fits the device budget, :meth:`load_all_to_device` puts it there for good.
+``stats`` counts hits per tier, misses, promotions and evictions.
 """
 
 from __future__ import annotations
@@ -21,6 +26,12 @@ import numpy as np
 from wildreid.errors import ConfigError
 
 __all__ = ["PageCache"]
+
+
+def _torch_dtype(dtype: np.dtype):
+    import torch
+
+    return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[np.dtype(dtype)]
 
 
 class PageCache:
@@ -43,7 +54,7 @@ class PageCache:
         self.on_device: dict[int, object] = {}
         self.dirty: set[int] = set()
         self.uses: dict[int, int] = {}
-        self.stats = {"hits": 0, "misses": 0, "evictions": 0, "writebacks": 0}
+        self.stats = {"hits": 0, "device_hits": 0, "misses": 0, "promotions": 0, "evictions": 0, "writebacks": 0}
         self.lock = threading.RLock()
 
     # ------------------------------------------------------------------ pages
@@ -63,11 +74,17 @@ class PageCache:
         self.stats["writebacks"] += 1
 
     def _page(self, page: int) -> np.ndarray:
-        """The page's rows as a host array (a view of the device tensor when it lives there)."""
+        """The page's rows as a host array (a copy of the device tensor when it lives there)."""
+        resident = self._resident(page)
+        return resident if isinstance(resident, np.ndarray) else resident.cpu().numpy()
+
+    def _resident(self, page: int):
+        """The page where it lives after this use: a host array, or a tensor on the device."""
         self.uses[page] = self.uses.get(page, 0) + 1
         if page in self.on_device:
             self.stats["hits"] += 1
-            return self.on_device[page].cpu().numpy()
+            self.stats["device_hits"] += 1
+            return self.on_device[page]
         if page in self.host:
             self.stats["hits"] += 1
             self.host.move_to_end(page)
@@ -79,6 +96,7 @@ class PageCache:
             self.host[page] = values
         if self.device_capacity and self.uses[page] >= self.promote_after:
             self._promote(page)
+            return self.on_device.get(page, values)
         return values
 
     def _make_room(self) -> None:
@@ -99,6 +117,22 @@ class PageCache:
             self._make_room()
             self.host[coldest] = values  # demoted pages keep their dirty mark
         self.on_device[page] = torch.from_numpy(self.host.pop(page)).to(self.device)
+        self.stats["promotions"] += 1
+
+    def load_all_to_device(self) -> bool:
+        """Put every page on the device when the device budget holds them all (then they stay); whether it did."""
+        import torch
+
+        pages = -(-self.n // self.rows_per_page)
+        if not self.device_capacity or pages > self.device_capacity:
+            return False
+        with self.lock:
+            for page in range(pages):
+                if page not in self.on_device:
+                    values = self.host.pop(page) if page in self.host else self._read_page(page)
+                    self.on_device[page] = torch.from_numpy(values).to(self.device)
+                    self.stats["promotions"] += 1
+        return True
 
     # ------------------------------------------------------------------ rows
 
@@ -131,10 +165,29 @@ class PageCache:
         return out
 
     def get_rows_tensor(self, idx: np.ndarray, device=None):
-        """Rows ``idx`` as a torch tensor on ``device`` (default: the cache's device)."""
+        """Rows ``idx`` as a torch tensor on ``device`` (default: the cache's device), in the cache's dtype.
+
+        Rows of device pages are gathered on the device; only host rows cross over.
+        """
         import torch
 
-        return torch.from_numpy(self.get_rows(idx)).to(device or self.device)
+        device = torch.device(device or self.device)
+        idx = np.asarray(idx, dtype=np.int64)
+        if not self.on_device and not self.device_capacity:
+            return torch.from_numpy(self.get_rows(idx)).to(device)
+        out = torch.empty((len(idx), self.width), dtype=_torch_dtype(self.dtype), device=device)
+        with self.lock:
+            pages = idx // self.rows_per_page
+            for page in np.unique(pages):
+                sel = np.flatnonzero(pages == page)
+                resident = self._resident(int(page))
+                local = idx[sel] - page * self.rows_per_page
+                if isinstance(resident, np.ndarray):
+                    rows = torch.from_numpy(resident[local]).to(device)
+                else:
+                    rows = resident[torch.from_numpy(local).to(resident.device)].to(device)
+                out[torch.from_numpy(sel).to(device)] = rows
+        return out
 
     def set_rows(self, idx: np.ndarray, values: np.ndarray) -> None:
         """Overwrite rows; the store sees them at eviction or :meth:`flush`."""
@@ -170,6 +223,23 @@ class PageCache:
                     resident = resident.cpu().numpy() if resident is not None else self.host.get(page)
                     # resident pages may be dirty: they, not the store, hold the rows
                     block[lo - start : hi - start] = resident if resident is not None else self._read_page(page)
+            yield start, block
+
+    def scan_tensors(self, device) -> Iterator[tuple[int, object]]:
+        """(start, float32 tensor on ``device``) page by page, as :meth:`scan`; device pages are used in place."""
+        import torch
+
+        device = torch.device(device)
+        for start in range(0, self.n, self.rows_per_page):
+            page = start // self.rows_per_page
+            with self.lock:
+                resident = self.on_device.get(page)
+                if resident is not None:
+                    block = resident.to(device).float()
+                else:
+                    values = self.host.get(page)
+                    values = values if values is not None else self._read_page(page)
+                    block = torch.from_numpy(values).to(device).float()
             yield start, block
 
     def flush(self) -> None:

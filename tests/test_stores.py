@@ -62,18 +62,40 @@ def test_page_cache_matches_a_dense_mirror(tmp_path, device_pages):
             new = rng.standard_normal((len(idx), 8)).astype(np.float32)
             cache.set_rows(idx, new)
             mirror[idx] = new  # last write wins for repeated indices, as in numpy
-        else:
+        elif rng.random() < 0.5:
             assert np.array_equal(cache.get_rows(idx), mirror[idx])
+        else:  # the tensor path gathers device pages on the device
+            assert np.array_equal(cache.get_rows_tensor(idx, "cpu").numpy(), mirror[idx])
         assert cache.resident_bytes <= (3 + device_pages) * page_bytes
     assert cache.stats["evictions"] > 0 and cache.stats["writebacks"] > 0
     if device_pages:
         assert len(cache.on_device) == device_pages
+        assert cache.stats["promotions"] >= device_pages and cache.stats["device_hits"] > 0
         assert np.array_equal(cache.get_rows_tensor(np.arange(100)).numpy(), mirror)
-    # a scan sees dirty rows before they are written back
+    else:
+        assert cache.stats["device_hits"] == cache.stats["promotions"] == 0
+    # a scan sees dirty rows before they are written back, host or device pages alike
     assert np.array_equal(np.concatenate([b for _, b in cache.scan(20)]), mirror)
+    assert np.array_equal(np.concatenate([b.numpy() for _, b in cache.scan_tensors("cpu")]), mirror)
     cache.flush()
     assert not cache.dirty
     assert np.array_equal(store.read_rows(0, 100), mirror)
+
+
+def test_a_dictionary_within_the_device_budget_lives_there(tmp_path):
+    store, values = _store(tmp_path)
+    page_bytes = 10 * 8 * 4
+    small = PageCache(store.features, host_budget=page_bytes, device_budget=9 * page_bytes)
+    assert not small.load_all_to_device()  # 10 pages do not fit 9
+    cache = PageCache(store.features, host_budget=page_bytes, device_budget=10 * page_bytes)
+    assert cache.load_all_to_device() and len(cache.on_device) == 10 and not cache.host
+    cache.set_rows(np.array([3, 97]), np.ones((2, 8), np.float32))
+    values[[3, 97]] = 1
+    got = cache.get_rows_tensor(np.array([97, 3, 50]))
+    assert np.array_equal(got.numpy(), values[[97, 3, 50]])
+    assert cache.stats["misses"] == 0 and cache.stats["device_hits"] == cache.stats["hits"] > 0
+    cache.flush()
+    assert np.array_equal(store.read_rows(0, 100), values)
 
 
 def test_page_cache_budget_too_small(tmp_path):

@@ -285,3 +285,16 @@ def test_batch_mining_uses_dplm_rows_of_the_live_dictionary(shard_root, tmp_path
     lines = (tmp_path / "store" / "train" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["mining"] for line in lines] == ["batch", "batch"]
     assert not (tmp_path / "store" / "knn").exists()  # no k-NN graph was built
+
+
+def test_device_page_tier_is_used_and_changes_nothing(uninterrupted, shard_root, tmp_path):
+    """--device-budget on the CPU: the same code path as CUDA's device pages, with CPU tensors. The whole
+    dictionary fits, so it lives in the device tier for every phase; the run is bit-identical."""
+    report = final_json(train_cli(shard_root, tmp_path / "store", "--device-budget", "4MiB"))
+    cache = report["page_cache"]
+    assert cache["device_budget_bytes"] == 4 << 20
+    assert cache["promotions"] > 0 and cache["device_hits"] == cache["hits"] > 0 and cache["misses"] == 0
+    assert uninterrupted["page_cache"]["device_hits"] == uninterrupted["page_cache"]["promotions"] == 0
+    assert report["weights_sha256"] == uninterrupted["weights_sha256"]
+    assert report["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
+    assert [h["loss"] for h in report["history"]] == [h["loss"] for h in uninterrupted["history"]]
