@@ -218,6 +218,8 @@ def train(
                                                 "half the free CUDA memory; 0 on the CPU)."),  # fmt: skip
     pretrained: Optional[Path] = typer.Option(None, help="Local torchvision ImageNet state dict for the backbone."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Override train.checkpoint_every_steps."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps, checkpointed, as on SIGTERM "
+                                            "(exit 75; --resume goes on): e.g. a job's share of a time limit."),  # fmt: skip
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic torch kernels (CPU: bitwise)."),
     transductive: bool = typer.Option(False, "--transductive",
                                       help="Also train on the test gallery split (as the published VeRi-776 run did); "
@@ -244,9 +246,14 @@ def train(
     if decode_on_device:
         extra.append("train.decode_on_device=true")
     cfg = load_config(config, extra)
+    if max_steps is not None and max_steps < 1:
+        from wildreid.errors import ConfigError
+
+        raise ConfigError(f"expected --max-steps >= 1, found {max_steps}")
     options = TrainOptions(resume=resume, memory_budget=parse_bytes(memory_budget) if memory_budget else None,
                            device=device, deterministic=deterministic,
-                           device_budget=parse_bytes(device_budget) if device_budget is not None else None)  # fmt: skip
+                           device_budget=parse_bytes(device_budget) if device_budget is not None else None,
+                           max_steps=max_steps)  # fmt: skip
     with RichProgress() as progress, GracefulStop() as stop:
         report = run_train(shards, store, cfg, options, progress=progress, should_stop=stop,
                            log=lambda message: console.print(message, highlight=False, soft_wrap=True))  # fmt: skip

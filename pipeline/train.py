@@ -92,6 +92,7 @@ class TrainOptions:
     device: str = "cpu"
     deterministic: bool = False
     device_budget: int | None = None  # the page cache's device tier; None: DEVICE_SHARE of free CUDA memory, 0 on CPU
+    max_steps: int | None = None  # stop (checkpointed, resumable) after this many steps of this invocation
 
 
 # Without --device-budget, a CUDA run gives the dictionary's device pages this share of the device memory that is
@@ -305,6 +306,11 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
     # gathered hard-negative rows (float32, with their gradient and a float16 copy) get 1/8 of the budget
     gather_rows = max(256, budget // 8 // (ARCHS[config.model.arch][1] * 12))
     steps_here = 0
+    asked_to_stop = should_stop
+
+    def should_stop() -> bool:  # a signal, or --max-steps reached: the same checkpointed, resumable stop
+        return asked_to_stop() or (options.max_steps is not None and steps_here >= options.max_steps)
+
     use_graph = config.loss.negatives == "graph"
 
     def checkpoint(cache: PageCache, positives, partial: dict, refreshed: int = 0) -> None:

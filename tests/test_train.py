@@ -298,3 +298,14 @@ def test_device_page_tier_is_used_and_changes_nothing(uninterrupted, shard_root,
     assert report["weights_sha256"] == uninterrupted["weights_sha256"]
     assert report["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
     assert [h["loss"] for h in report["history"]] == [h["loss"] for h in uninterrupted["history"]]
+
+
+def test_max_steps_stops_like_a_signal_and_resumes_exactly(uninterrupted, shard_root, tmp_path):
+    store = tmp_path / "store"
+    stopped = train_cli(shard_root, store, "--max-steps", "4")
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert "stopped at epoch 0 step 4; resume with --resume" in stopped.stderr
+    resumed = final_json(train_cli(shard_root, store, "--resume"))
+    assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
+    assert resumed["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
+    assert train_cli(shard_root, tmp_path / "other", "--max-steps", "0").returncode == 2
