@@ -93,8 +93,10 @@ def _damage(ckpt: Path) -> str | None:
     except (OSError, ValueError):
         return "its COMPLETE record is missing or unreadable"
     if not isinstance(complete, dict) or complete.get("format") != FORMAT:
-        raise ResumeError(f"checkpoint {ckpt} was written by an older wildreid (no checksums, not safely "
-                          "loadable); resume it with that version, or start a new run with a new --store path")  # fmt: skip
+        raise ResumeError(
+            f"checkpoint {ckpt} was written by an older wildreid (no checksums, not safely "
+            "loadable); resume it with that version, or start a new run with a new --store path"
+        )
     for name, expected in complete["sha256"].items():
         path = ckpt / name
         if not path.is_file():
@@ -104,8 +106,9 @@ def _damage(ckpt: Path) -> str | None:
     return None
 
 
-def resume_checkpoint(run_dir: str | Path, log: Callable[[str], None] = lambda message: None
-                      ) -> tuple[Path, dict] | None:  # fmt: skip
+def resume_checkpoint(
+    run_dir: str | Path, log: Callable[[str], None] = lambda message: None
+) -> tuple[Path, dict] | None:
     """The newest intact checkpoint and its loaded state, or None when the run has none.
 
     A damaged one (a file missing or not matching its sha256) is moved aside and the
@@ -115,8 +118,18 @@ def resume_checkpoint(run_dir: str | Path, log: Callable[[str], None] = lambda m
     run_dir = Path(run_dir)
     latest = latest_checkpoint(run_dir)
     root = run_dir / "checkpoints"
-    candidates = sorted((p for p in root.glob("ckpt-*") if p.is_dir() and (p / "COMPLETE").exists()
-                         and not p.name.endswith(".partial")), reverse=True) if root.is_dir() else []  # fmt: skip
+    candidates = (
+        sorted(
+            (
+                p
+                for p in root.glob("ckpt-*")
+                if p.is_dir() and (p / "COMPLETE").exists() and not p.name.endswith(".partial")
+            ),
+            reverse=True,
+        )
+        if root.is_dir()
+        else []
+    )
     if latest is not None:  # never a checkpoint newer than LATEST: it belongs to an abandoned attempt
         candidates = [latest] + [p for p in candidates if p.name < latest.name]
     damaged = []
@@ -133,8 +146,9 @@ def resume_checkpoint(run_dir: str | Path, log: Callable[[str], None] = lambda m
         ckpt.rename(aside)
         damaged.append(f"{ckpt.name} is damaged ({problem}) and was moved aside to {aside}")
     if damaged:
-        raise ResumeError(f"no intact checkpoint to resume from: {'; '.join(damaged)}; start a new run "
-                          "with a new --store path")  # fmt: skip
+        raise ResumeError(
+            f"no intact checkpoint to resume from: {'; '.join(damaged)}; start a new run with a new --store path"
+        )
     return None
 
 
@@ -205,15 +219,19 @@ def safe_torch_load(path: Path, what: str) -> object:
             text = text.split("WeightsUnpickler error:", 1)[-1].strip()
         reason = text.splitlines()[0][:160] if text.strip() and not isinstance(exc, LookupError) else ""
         detail = f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
-        raise ResumeError(f"{path} is not a readable {what}: expected a file written by 'wildreid train' "
-                          f"(tensors and plain values), found {found} ({detail})") from None  # fmt: skip
+        raise ResumeError(
+            f"{path} is not a readable {what}: expected a file written by 'wildreid train' "
+            f"(tensors and plain values), found {found} ({detail})"
+        ) from None
 
 
 def load_state(ckpt: Path) -> dict:
     state = safe_torch_load(ckpt / "state.pt", "training checkpoint")
     if not isinstance(state, dict) or not {"model", "optimizer", "rng", "epoch", "step"} <= set(state):
-        raise ResumeError(f"{ckpt / 'state.pt'} is not a wildreid training checkpoint (expected model, optimizer, "
-                          "RNG states and position)")  # fmt: skip
+        raise ResumeError(
+            f"{ckpt / 'state.pt'} is not a wildreid training checkpoint (expected model, optimizer, "
+            "RNG states and position)"
+        )
     return state
 
 
@@ -222,15 +240,22 @@ def load_positives(ckpt: Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(ckpt / "positives.npz", allow_pickle=False) as f:
             return f["indptr"], f["indices"]
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DamagedDataError(f"{ckpt / 'positives.npz'} cannot be read ({exc}); resume from an earlier "
-                               "checkpoint by moving this one aside") from None  # fmt: skip
+        raise DamagedDataError(
+            f"{ckpt / 'positives.npz'} cannot be read ({exc}); resume from an earlier "
+            "checkpoint by moving this one aside"
+        ) from None
 
 
 def save_model(path: str | Path, model: torch.nn.Module, config: dict, extra: dict | None = None) -> Path:
     """The trained model alone (what ``wildreid eval --checkpoint`` reads), written atomically."""
     path = Path(path)
-    blob = {"format": "wildreid-model", "arch": model.arch, "state_dict": model.state_dict(), "config": config,
-            **(extra or {})}  # fmt: skip
+    blob = {
+        "format": "wildreid-model",
+        "arch": model.arch,
+        "state_dict": model.state_dict(),
+        "config": config,
+        **(extra or {}),
+    }
     try:
         atomic_write(path, lambda f: _save_torch(blob, f))
     except OSError as exc:
@@ -251,13 +276,17 @@ def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     model_config = config.get("model") if isinstance(config, dict) else None
     if not isinstance(weights, dict) or not isinstance(model_config, dict) or "arch" not in model_config:
         keys = f" with keys {sorted(map(str, blob))[:6]}" if isinstance(blob, dict) else ""
-        raise ResumeError(f"{path} is not a wildreid checkpoint: expected model weights and a config naming the "
-                          f"model, found a {type(blob).__name__}{keys}")  # fmt: skip
+        raise ResumeError(
+            f"{path} is not a wildreid checkpoint: expected model weights and a config naming the "
+            f"model, found a {type(blob).__name__}{keys}"
+        )
     try:
         model = build_model(model_config["arch"], last_stride=model_config.get("last_stride", 1))
         model.load_state_dict(weights)
     except (KeyError, ValueError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ResumeError(f"{path} holds weights that do not fit its model ({model_config['arch']}): {reason}; "
-                          "pass a model.pt written by 'wildreid train'") from None  # fmt: skip
+        raise ResumeError(
+            f"{path} holds weights that do not fit its model ({model_config['arch']}): {reason}; "
+            "pass a model.pt written by 'wildreid train'"
+        ) from None
     return model.to(device).eval(), config

@@ -20,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
 from wildreid.errors import Stopped, StoreError, WildreidError
 from wildreid.signals import GracefulStop
 from wildreid.units import format_bytes, parse_bytes, parse_size
@@ -52,9 +53,12 @@ def friendly(command):
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
                 raise
-            console.print(f"[bold red]error:[/] cannot write {exc.filename or 'output'}: {exc.strerror}; "
-                          "finished work is kept: free space (or fix permissions) and re-run to resume",
-                          highlight=False, soft_wrap=True)  # fmt: skip
+            console.print(
+                f"[bold red]error:[/] cannot write {exc.filename or 'output'}: {exc.strerror}; "
+                "finished work is kept: free space (or fix permissions) and re-run to resume",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(StoreError.exit_code) from None
 
     return wrapper
@@ -69,9 +73,14 @@ class RichProgress:
 
     def __init__(self):
         self.bar = Progress(
-            TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=console, transient=False, disable=not console.is_terminal and not _force_progress(),
-        )  # fmt: skip
+            TextColumn("{task.description:<18}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal and not _force_progress(),
+        )
         self.tasks: dict[str, int] = {}
 
     def __call__(self, phase: str, advance: int, total: int) -> None:
@@ -112,10 +121,16 @@ def synth(
     total = (train_vehicles + test_vehicles) * images_per_vehicle
     with RichProgress() as progress:
         summary = write_synthetic(
-            out_dir, train_vehicles=train_vehicles, test_vehicles=test_vehicles,
-            images_per_vehicle=images_per_vehicle, cameras=cameras, image_size=parse_size(image_size),
-            seed=seed, workers=workers, progress=lambda n: progress("drawing images", n, total),
-        )  # fmt: skip
+            out_dir,
+            train_vehicles=train_vehicles,
+            test_vehicles=test_vehicles,
+            images_per_vehicle=images_per_vehicle,
+            cameras=cameras,
+            image_size=parse_size(image_size),
+            seed=seed,
+            workers=workers,
+            progress=lambda n: progress("drawing images", n, total),
+        )
     out.print(f"wrote {total} images to {out_dir}")
     if preview is not None:
         from wildreid.shards.preview import identity_grid
@@ -157,9 +172,16 @@ def shard(
     console.print(f"layout: {LAYOUTS[index.layout].description} ({how}), {index.count()} images listed")
     with RichProgress() as progress, GracefulStop() as stop:
         manifest = pack_dataset(
-            index, out_dir, max_samples=max_samples, max_bytes=shard_bytes,
-            workers=workers, strict=strict, progress=progress, should_stop=stop, log=_say,
-        )  # fmt: skip
+            index,
+            out_dir,
+            max_samples=max_samples,
+            max_bytes=shard_bytes,
+            workers=workers,
+            strict=strict,
+            progress=progress,
+            should_stop=stop,
+            log=_say,
+        )
     _print_manifest(manifest)
 
 
@@ -168,8 +190,14 @@ def _print_manifest(manifest: dict) -> None:
     for col in ("split", "samples", "shards", "size", "vehicles", "cameras"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for name, split in manifest["splits"].items():
-        table.add_row(name, str(split["num_samples"]), str(len(split["shards"])), format_bytes(split["num_bytes"]),
-                      str(split["num_vehicles"]), str(split["num_cameras"]))  # fmt: skip
+        table.add_row(
+            name,
+            str(split["num_samples"]),
+            str(len(split["shards"])),
+            format_bytes(split["num_bytes"]),
+            str(split["num_vehicles"]),
+            str(split["num_cameras"]),
+        )
     out.print(table)
     skipped = manifest["skipped"]
     if skipped:
@@ -193,7 +221,9 @@ def inspect(
     from wildreid.shards.reader import read_back
 
     manifest = load_manifest(shards)
-    rows = [read_back(shards, split, image_size=parse_size(image_size), workers=workers) for split in manifest["splits"]]
+    rows = [
+        read_back(shards, split, image_size=parse_size(image_size), workers=workers) for split in manifest["splits"]
+    ]
     table = Table(title=f"read back from {shards}")
     for col in ("split", "samples", "vehicles", "cameras", "images/s"):
         table.add_column(col, justify="left" if col == "split" else "right")
@@ -212,27 +242,38 @@ def train(
     config: Optional[Path] = typer.Option(None, help="YAML config (configs/veriwild.yaml, veri776.yaml, demo.yaml)."),
     epochs: Optional[int] = typer.Option(None, help="Override train.epochs (0 writes the untrained baseline)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in STORE."),
-    memory_budget: Optional[str] = typer.Option(None, help="Host memory bound, e.g. 4GiB (default: 1/4 of free memory)."),
+    memory_budget: Optional[str] = typer.Option(
+        None, help="Host memory bound, e.g. 4GiB (default: 1/4 of free memory)."
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    device_budget: Optional[str] = typer.Option(None, help="Dictionary pages kept on --device, e.g. 8GiB (default: "
-                                                "half the free CUDA memory; 0 on the CPU)."),  # fmt: skip
+    device_budget: Optional[str] = typer.Option(
+        None, help="Dictionary pages kept on --device, e.g. 8GiB (default: half the free CUDA memory; 0 on the CPU)."
+    ),
     pretrained: Optional[Path] = typer.Option(None, help="Local torchvision ImageNet state dict for the backbone."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Override train.checkpoint_every_steps."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many steps, checkpointed, as on SIGTERM "
-                                            "(exit 75; --resume goes on): e.g. a job's share of a time limit."),  # fmt: skip
+    max_steps: Optional[int] = typer.Option(
+        None,
+        help="Stop after this many steps, checkpointed, as on SIGTERM "
+        "(exit 75; --resume goes on): e.g. a job's share of a time limit.",
+    ),
     deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic torch kernels (CPU: bitwise)."),
-    transductive: bool = typer.Option(False, "--transductive",
-                                      help="Also train on the test gallery split (as the published VeRi-776 run did); "
-                                           "every result then says so."),  # fmt: skip
-    decode_on_device: bool = typer.Option(False, "--decode-on-device",
-                                          help="Decode the JPEGs in batches on --device (nvJPEG on CUDA) instead of "
-                                               "in the DataLoader workers."),  # fmt: skip
+    transductive: bool = typer.Option(
+        False,
+        "--transductive",
+        help="Also train on the test gallery split (as the published VeRi-776 run did); every result then says so.",
+    ),
+    decode_on_device: bool = typer.Option(
+        False,
+        "--decode-on-device",
+        help="Decode the JPEGs in batches on --device (nvJPEG on CUDA) instead of in the DataLoader workers.",
+    ),
     overrides: list[str] = typer.Option([], "--set", help="Any config value, e.g. --set loss.delta=0.5 (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
 ):
     """Train SSML-FD on the unlabelled train split: dictionary, DPLM positives and DTL, crash-safe."""
     from wildreid.config import load_config
-    from wildreid.train import TrainOptions, train as run_train
+    from wildreid.train import TrainOptions
+    from wildreid.train import train as run_train
 
     extra = list(overrides)
     if epochs is not None:
@@ -250,21 +291,40 @@ def train(
         from wildreid.errors import ConfigError
 
         raise ConfigError(f"expected --max-steps >= 1, found {max_steps}")
-    options = TrainOptions(resume=resume, memory_budget=parse_bytes(memory_budget) if memory_budget else None,
-                           device=device, deterministic=deterministic,
-                           device_budget=parse_bytes(device_budget) if device_budget is not None else None,
-                           max_steps=max_steps)  # fmt: skip
+    options = TrainOptions(
+        resume=resume,
+        memory_budget=parse_bytes(memory_budget) if memory_budget else None,
+        device=device,
+        deterministic=deterministic,
+        device_budget=parse_bytes(device_budget) if device_budget is not None else None,
+        max_steps=max_steps,
+    )
     with RichProgress() as progress, GracefulStop() as stop:
-        report = run_train(shards, store, cfg, options, progress=progress, should_stop=stop,
-                           log=lambda message: console.print(message, highlight=False, soft_wrap=True))  # fmt: skip
-    table = Table(title=f"training run in {store}" + (" (TRANSDUCTIVE: trained on the test gallery too)"
-                                                      if report["transductive"] else ""))  # fmt: skip
+        report = run_train(
+            shards,
+            store,
+            cfg,
+            options,
+            progress=progress,
+            should_stop=stop,
+            log=lambda message: console.print(message, highlight=False, soft_wrap=True),
+        )
+    table = Table(
+        title=f"training run in {store}"
+        + (" (TRANSDUCTIVE: trained on the test gallery too)" if report["transductive"] else "")
+    )
     for col in ("epoch", "loss", "precision", "recall", "positives/img", "images/s", "peak RSS"):
         table.add_column(col, justify="right")
     for h in report["history"]:
-        table.add_row(str(h["epoch"]) + (" (warm-up)" if h["warmup"] else ""), _fmt(h["loss"]), _fmt(h["precision"]),
-                      _fmt(h["recall"]), _fmt(h["mean_positives"]), f"{h['images_per_s']:.0f}",
-                      format_bytes(h["peak_rss_bytes"]))  # fmt: skip
+        table.add_row(
+            str(h["epoch"]) + (" (warm-up)" if h["warmup"] else ""),
+            _fmt(h["loss"]),
+            _fmt(h["precision"]),
+            _fmt(h["recall"]),
+            _fmt(h["mean_positives"]),
+            f"{h['images_per_s']:.0f}",
+            format_bytes(h["peak_rss_bytes"]),
+        )
     out.print(table)
     out.print(f"model: {report['checkpoint']}", highlight=False)
     if as_json:
@@ -284,19 +344,30 @@ def mine(
     min_candidates: int = typer.Option(10, help="DPLM minimum candidates l."),
     adjacency: int = typer.Option(100, help="DPLM adjacency size a."),
     order: str = typer.Option("similarity", help="DPLM candidate order: similarity or published (SSML-FD code)."),
-    memory_budget: Optional[str] = typer.Option(None, help="Working-set bound, e.g. 512MiB (default: 1/4 of free memory)."),
+    memory_budget: Optional[str] = typer.Option(
+        None, help="Working-set bound, e.g. 512MiB (default: 1/4 of free memory)."
+    ),
     workers: int = typer.Option(2, help="Concurrent block tasks (local threads)."),
     scheduler: Optional[str] = typer.Option(None, help="dask.distributed scheduler address (default: local threads)."),
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
 ):
     """Mine DPLM positives out of core: blockwise exact k-NN graph, then the rules (resumable)."""
-    from wildreid.mining import MineParams, mine as run_mine
+    from wildreid.mining import MineParams
+    from wildreid.mining import mine as run_mine
 
     params = MineParams(k=k, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order)
     budget = parse_bytes(memory_budget) if memory_budget else None
     with RichProgress() as progress, GracefulStop() as stop:
-        report = run_mine(str(store), params, memory_budget=budget, workers=workers, scheduler=scheduler,
-                          progress=progress, should_stop=stop, log=_say)  # fmt: skip
+        report = run_mine(
+            str(store),
+            params,
+            memory_budget=budget,
+            workers=workers,
+            scheduler=scheduler,
+            progress=progress,
+            should_stop=stop,
+            log=_say,
+        )
     table = Table(title=f"DPLM positives of {store}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -320,13 +391,17 @@ def evaluate(
     split: str = typer.Option("small", help="small, medium, large, all (the three) or veri776 (with --checkpoint)."),
     features_dir: Optional[Path] = typer.Option(None, help="Folder for extracted groups (default: CKPT_DIR/features)."),
     rerank: bool = typer.Option(False, help="k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3)."),
-    camera_norm: bool = typer.Option(False, help="Subtract each camera's mean feature (over its query and gallery "
-                                     "rows) before ranking; not the standard protocol."),  # fmt: skip
+    camera_norm: bool = typer.Option(
+        False,
+        help="Subtract each camera's mean feature (over its query and gallery "
+        "rows) before ranking; not the standard protocol.",
+    ),
     memory_budget: Optional[str] = typer.Option(None, help="Working-set bound, e.g. 1GiB (default: 1/4 of free RAM)."),
     device: str = typer.Option("cpu", help="cpu or cuda (feature extraction and distances)."),
     output: Optional[Path] = typer.Option(None, help="Results JSON (with --checkpoint: CKPT_DIR/eval-SPLIT.json)."),
-    feature: Optional[str] = typer.Option(None, help="bnneck or pool5 (with --checkpoint; default: the model's "
-                                          "model.eval_feature)."),  # fmt: skip
+    feature: Optional[str] = typer.Option(
+        None, help="bnneck or pool5 (with --checkpoint; default: the model's model.eval_feature)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
 ):
     """mAP, mINP and CMC of query against gallery features, exact and blockwise (no Q x G matrix)."""
@@ -337,15 +412,22 @@ def evaluate(
     from wildreid.evaluate import evaluate_groups, write_results
     from wildreid.plots import cmc_curve
 
-    splits = {"small": ["small"], "medium": ["medium"], "large": ["large"], "all": ["small", "medium", "large"],
-              "veri776": ["veri776"]}  # fmt: skip
+    splits = {
+        "small": ["small"],
+        "medium": ["medium"],
+        "large": ["large"],
+        "all": ["small", "medium", "large"],
+        "veri776": ["veri776"],
+    }
     pairs = {name: (f"query-{name}", f"gallery-{name}") for name in ("small", "medium", "large")}
     pairs["veri776"] = ("query", "gallery")
     if (query is None) != (gallery is None) or (shards is None) != (checkpoint is None):
         raise ConfigError("expected --query with --gallery, or --shards with --checkpoint; one of a pair is missing")
     if (query is None) == (shards is None):
-        raise ConfigError("expected either --query/--gallery (existing feature groups) or --shards/--checkpoint "
-                          "(extract, then evaluate), not both and not neither")  # fmt: skip
+        raise ConfigError(
+            "expected either --query/--gallery (existing feature groups) or --shards/--checkpoint "
+            "(extract, then evaluate), not both and not neither"
+        )
     if split not in splits:
         raise ConfigError(f"expected --split to be one of {', '.join(splits)}, found {split!r}")
     if device.split(":")[0] not in ("cpu", "cuda"):
@@ -359,8 +441,11 @@ def evaluate(
     tag = ("-rerank" if rerank else "") + ("-camnorm" if camera_norm else "")
 
     if query is not None:
-        results = {query.name: evaluate_groups(query, gallery, memory_budget=budget, device=device, rerank=rerank,
-                                               camera_norm=camera_norm)}  # fmt: skip
+        results = {
+            query.name: evaluate_groups(
+                query, gallery, memory_budget=budget, device=device, rerank=rerank, camera_norm=camera_norm
+            )
+        }
     else:
         from wildreid.checkpoint import load_model
         from wildreid.extract import extract_split
@@ -388,29 +473,58 @@ def evaluate(
                     for s in (q_split, g_split):
                         held.enter_context(WriterLock(folder / s, log=_say))
                         store = _feature_group(folder / s, sizes[s], model.feature_dim)
-                        extract_split(shards, s, model, store, image_size=tuple(config["model"]["image_size"]),
-                                      device=device, progress=progress, label=label, should_stop=stop,
-                                      feature=feature)  # fmt: skip
-                    results[name] = evaluate_groups(folder / q_split, folder / g_split, memory_budget=budget,
-                                                    device=device, rerank=rerank, camera_norm=camera_norm)  # fmt: skip
+                        extract_split(
+                            shards,
+                            s,
+                            model,
+                            store,
+                            image_size=tuple(config["model"]["image_size"]),
+                            device=device,
+                            progress=progress,
+                            label=label,
+                            should_stop=stop,
+                            feature=feature,
+                        )
+                    results[name] = evaluate_groups(
+                        folder / q_split,
+                        folder / g_split,
+                        memory_budget=budget,
+                        device=device,
+                        rerank=rerank,
+                        camera_norm=camera_norm,
+                    )
                 transductive = bool(config.get("train", {}).get("transductive", False))
-                results[name].update(query_split=q_split, gallery_split=g_split, checkpoint_sha256=label,
-                                     feature=feature, transductive=transductive)  # fmt: skip
+                results[name].update(
+                    query_split=q_split,
+                    gallery_split=g_split,
+                    checkpoint_sha256=label,
+                    feature=feature,
+                    transductive=transductive,
+                )
         if output is None:
             output = checkpoint.parent / f"eval-{split}{tag}.json"
 
     from rich import box
 
     transductive = any(r.get("transductive") for r in results.values())
-    table = Table(title=f"evaluation in %{', re-ranked' if rerank else ''}"
-                        f"{', camera-normalised' if camera_norm else ''} (skipped: queries without a true match)"
-                        + (" of a TRANSDUCTIVE model (trained on the test gallery too)" if transductive else ""),
-                  box=box.SIMPLE, pad_edge=False, collapse_padding=True)  # fmt: skip
+    table = Table(
+        title=f"evaluation in %{', re-ranked' if rerank else ''}"
+        f"{', camera-normalised' if camera_norm else ''} (skipped: queries without a true match)"
+        + (" of a TRANSDUCTIVE model (trained on the test gallery too)" if transductive else ""),
+        box=box.SIMPLE,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     for col in ("split", "mAP", "mINP", "R-1", "R-5", "R-10", "R-20", "valid", "skipped", "gallery"):
         table.add_column(col, justify="left" if col == "split" else "right")
     for name, r in results.items():
-        table.add_row(name, *(f"{100 * r[k]:.2f}" for k in ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20")),
-                      str(r["valid_queries"]), str(r["skipped_queries"]), str(r["gallery"]))  # fmt: skip
+        table.add_row(
+            name,
+            *(f"{100 * r[k]:.2f}" for k in ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20")),
+            str(r["valid_queries"]),
+            str(r["skipped_queries"]),
+            str(r["gallery"]),
+        )
     out.print(table)
     if output is not None:
         saved = results[query.name] if query is not None else results
@@ -431,8 +545,10 @@ def _feature_group(path: Path, rows: int, dim: int):
         return FeatureStore.create(path, rows, dim)
     store = FeatureStore.open(path, mode="r+")
     if (store.count(), store.dim()) != (rows, dim):
-        raise StoreError(f"{path} holds {store.count()} x {store.dim()} features but needs {rows} x {dim}; "
-                         "delete it or pass another --features-dir")  # fmt: skip
+        raise StoreError(
+            f"{path} holds {store.count()} x {store.dim()} features but needs {rows} x {dim}; "
+            "delete it or pass another --features-dir"
+        )
     return store
 
 
@@ -488,13 +604,27 @@ def visualize(
         cams_of: dict[int, set] = {}
         for vid, cam in zip(g_ids.tolist(), g_cams.tolist()):
             cams_of.setdefault(vid, set()).add(cam)
-        chosen = [q for q, (vid, cam) in enumerate(zip(q_ids.tolist(), q_cams.tolist()))
-                  if vid >= 0 and cams_of.get(vid, set()) - {cam}][:num]  # fmt: skip
+        chosen = [
+            q
+            for q, (vid, cam) in enumerate(zip(q_ids.tolist(), q_cams.tolist()))
+            if vid >= 0 and cams_of.get(vid, set()) - {cam}
+        ][:num]
         if not chosen:
             raise ConfigError(f"no query of {query} has a true match in {gallery} (same id, another camera)")
     budget = parse_bytes(memory_budget) if memory_budget else None
-    path = render_ranked_lists(shards, query_split, gallery_split, qs, gs, chosen, out_png, k=k,
-                               memory_budget=budget, device=device, rerank=rerank)  # fmt: skip
+    path = render_ranked_lists(
+        shards,
+        query_split,
+        gallery_split,
+        qs,
+        gs,
+        chosen,
+        out_png,
+        k=k,
+        memory_budget=budget,
+        device=device,
+        rerank=rerank,
+    )
     out.print(f"ranked lists of queries {', '.join(map(str, chosen))}: {path}", highlight=False, soft_wrap=True)
     if history is not None:
         curves = curves if curves is not None else out_png.with_name(f"{out_png.stem}-curves.png")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
 from wildreid.errors import ConfigError
 
 __all__ = [
@@ -71,8 +72,12 @@ class ModelConfig:
             list(self.image_size),
         )
         _need(self.pretrained != "", "model.pretrained", "a file path or null", self.pretrained)
-        _need(self.eval_feature in EVAL_FEATURES, "model.eval_feature", " or ".join(map(repr, EVAL_FEATURES)),
-              self.eval_feature)  # fmt: skip
+        _need(
+            self.eval_feature in EVAL_FEATURES,
+            "model.eval_feature",
+            " or ".join(map(repr, EVAL_FEATURES)),
+            self.eval_feature,
+        )
 
 
 @dataclass(frozen=True)
@@ -174,8 +179,9 @@ class DictionaryConfig:
     dtype: str = "float16"  # the stored feature dictionary's dtype (the published code holds float32)
 
     def __post_init__(self):
-        _need(self.dtype in DICTIONARY_DTYPES, "dictionary.dtype", " or ".join(map(repr, DICTIONARY_DTYPES)),
-              self.dtype)  # fmt: skip
+        _need(
+            self.dtype in DICTIONARY_DTYPES, "dictionary.dtype", " or ".join(map(repr, DICTIONARY_DTYPES)), self.dtype
+        )
 
 
 @dataclass(frozen=True)
@@ -188,9 +194,11 @@ class Config:
 
     def __post_init__(self):
         if self.train.refresh == "published" and self.loss.negatives == "graph" and self.train.epochs > 0:
-            raise ConfigError("loss.negatives=graph needs a k-NN graph of the dictionary from epoch 0, but "
-                              "train.refresh=published starts the dictionary at zeros; use train.refresh=eval "
-                              "with graph negatives")  # fmt: skip
+            raise ConfigError(
+                "loss.negatives=graph needs a k-NN graph of the dictionary from epoch 0, but "
+                "train.refresh=published starts the dictionary at zeros; use train.refresh=eval "
+                "with graph negatives"
+            )
 
     def to_dict(self) -> dict:
         """Plain nested dict (tuples as lists): what ``save_config`` writes and ``load_config`` reads back."""
@@ -202,8 +210,13 @@ class Config:
         }
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig, "mining": MiningConfig,
-                             "dictionary": DictionaryConfig}  # fmt: skip
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "loss": LossConfig,
+    "mining": MiningConfig,
+    "dictionary": DictionaryConfig,
+}
 
 
 # --------------------------------------------------------------------------- values

@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from wildreid.errors import ConfigError, StoreError
 from wildreid.knn import (
     check_features,
@@ -96,8 +97,9 @@ def check_order(order) -> str:
     return order
 
 
-def check_dplm_args(*, n: int, graph_width: int | None, threshold: float, min_candidates: int, adjacency: int,
-                    order: str = "similarity"):  # fmt: skip
+def check_dplm_args(
+    *, n: int, graph_width: int | None, threshold: float, min_candidates: int, adjacency: int, order: str = "similarity"
+):
     """ConfigError unless t in (-1, 1], l >= 1, a >= 1, the graph width K >= a + 1 or K >= N, and a known order."""
     check_order(order)
     if not -1.0 < threshold <= 1.0:
@@ -163,15 +165,17 @@ def _csr(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return indptr, indices
 
 
-def dplm_dense(features, *, threshold: float = 0.6, min_candidates: int = 10, adjacency: int = 100,
-               order: str = "similarity"):  # fmt: skip
+def dplm_dense(
+    features, *, threshold: float = 0.6, min_candidates: int = 10, adjacency: int = 100, order: str = "similarity"
+):
     """Reference DPLM over the full N x N similarity (tests, small N): CSR ``(indptr, indices)``.
 
     ``order="published"`` applies sigma^pub and quirks (a) and (b) rule by rule; it equals
     ``dplm_published_dense``, which transcribes the published code instead.
     """
-    return _dense(features, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order,
-                  alias=True)  # fmt: skip
+    return _dense(
+        features, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order, alias=True
+    )
 
 
 def _dense(features, *, threshold: float, min_candidates: int, adjacency: int, order: str, alias: bool):
@@ -179,8 +183,9 @@ def _dense(features, *, threshold: float, min_candidates: int, adjacency: int, o
     m = np.asarray(features)
     check_features(m)
     n = len(m)
-    check_dplm_args(n=n, graph_width=None, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency,
-                    order=order)  # fmt: skip
+    check_dplm_args(
+        n=n, graph_width=None, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order
+    )
     s = similarity(m, m)
     sigma = _sigma_rows(s, np.arange(n))
     rank = np.empty((n, n), dtype=np.int64)
@@ -264,8 +269,9 @@ def dplm_published_dense(features, *, threshold: float = 0.6, min_candidates: in
     return _csr([np.flatnonzero(row) for row in mining_results])
 
 
-def dplm_rows(features, rows, *, threshold: float = 0.6, min_candidates: int = 10, adjacency: int = 100,
-              order: str = "similarity"):  # fmt: skip
+def dplm_rows(
+    features, rows, *, threshold: float = 0.6, min_candidates: int = 10, adjacency: int = 100, order: str = "similarity"
+):
     """DPLM positives of ``rows`` only, against the whole dictionary: CSR over ``rows``, in their order.
 
     Equal to those rows of ``dplm_dense(features, ...)``. Rules 4-7 run through
@@ -277,8 +283,9 @@ def dplm_rows(features, rows, *, threshold: float = 0.6, min_candidates: int = 1
     check_features(m)
     n = len(m)
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    check_dplm_args(n=n, graph_width=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency,
-                    order=order)  # fmt: skip
+    check_dplm_args(
+        n=n, graph_width=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order
+    )
     if len(rows) and (rows.min() < 0 or rows.max() >= n):
         raise ConfigError(
             f"expected rows in 0..{n - 1}, found {rows.min()}..{rows.max()}; mine rows of this dictionary"
@@ -291,9 +298,18 @@ def dplm_rows(features, rows, *, threshold: float = 0.6, min_candidates: int = 1
     s, sigma = full_rows(rows)
     counts = 1 + np.count_nonzero(s >= threshold, axis=1) - (s[np.arange(len(rows)), rows] >= threshold)
     plan = plan_rows(
-        rows, sigma, np.take_along_axis(s, sigma, axis=1), counts, lambda ids: full_rows(ids)[1], lambda ids: m[ids],
-        n=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order,
-    )  # fmt: skip
+        rows,
+        sigma,
+        np.take_along_axis(s, sigma, axis=1),
+        counts,
+        lambda ids: full_rows(ids)[1],
+        lambda ids: m[ids],
+        n=n,
+        threshold=threshold,
+        min_candidates=min_candidates,
+        adjacency=adjacency,
+        order=order,
+    )
     return finish_rows(plan, np.zeros(0, dtype=np.int64))
 
 
@@ -374,8 +390,9 @@ def plan_rows(
     graph_sim = np.asarray(graph_sim, dtype=np.float64)
     counts = np.asarray(counts, dtype=np.int64)
     n_rows, width = graph_idx.shape if graph_idx.ndim == 2 else (len(rows), -1)
-    check_dplm_args(n=n, graph_width=width, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency,
-                    order=order)  # fmt: skip
+    check_dplm_args(
+        n=n, graph_width=width, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order
+    )
     if rows.shape != (n_rows,) or graph_sim.shape != graph_idx.shape or counts.shape != (n_rows,):
         raise ConfigError(
             f"expected rows (B,), graph rows (B, K) and counts (B,), found {rows.shape}, "
@@ -434,10 +451,22 @@ def plan_rows(
     else:
         p_sim = graph_sim[p_row, p_pos]
     return RowPlan(
-        rows=rows, width=width, sigma=sigma, counts=counts, k=k, node=node, ranks=ranks, stop=stop,
-        pending_row=p_row, pending_pos=p_pos, pending_j=p_j, pending_i=rows[p_row], pending_sim=p_sim,
-        removed=removed, n=n,
-    )  # fmt: skip
+        rows=rows,
+        width=width,
+        sigma=sigma,
+        counts=counts,
+        k=k,
+        node=node,
+        ranks=ranks,
+        stop=stop,
+        pending_row=p_row,
+        pending_pos=p_pos,
+        pending_j=p_j,
+        pending_i=rows[p_row],
+        pending_sim=p_sim,
+        removed=removed,
+        n=n,
+    )
 
 
 def finish_rows(plan: RowPlan, exact_rank) -> tuple[np.ndarray, np.ndarray]:
@@ -497,16 +526,26 @@ def dplm_blockwise(
     m = np.asarray(features)
     n = len(m)
     k = adjacency + 1 if k is None else k
-    check_dplm_args(n=n, graph_width=k, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency,
-                    order=order)  # fmt: skip
+    check_dplm_args(
+        n=n, graph_width=k, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order
+    )
     sim, idx, counts = knn_graph(m, k, threshold=threshold, block_rows=block_rows, block_base=block_base, margin=margin)
     parts, pending = [], 0
     for r0 in range(0, n, block_rows):
         r1 = min(r0 + block_rows, n)
         plan = plan_rows(
-            np.arange(r0, r1), idx[r0:r1], sim[r0:r1], counts[r0:r1], lambda ids: idx[ids], lambda ids: m[ids],
-            n=n, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order,
-        )  # fmt: skip
+            np.arange(r0, r1),
+            idx[r0:r1],
+            sim[r0:r1],
+            counts[r0:r1],
+            lambda ids: idx[ids],
+            lambda ids: m[ids],
+            n=n,
+            threshold=threshold,
+            min_candidates=min_candidates,
+            adjacency=adjacency,
+            order=order,
+        )
         blocks = ((np.arange(b0, min(b0 + block_base, n)), m[b0 : b0 + block_base]) for b0 in range(0, n, block_base))
         rank = pending_ranks(plan, m[plan.pending_j], blocks)
         pending += plan.n_pending
@@ -559,6 +598,8 @@ def quality_means(sums: dict) -> dict:
     precision and recall (None when ids are unknown or no row was mined) and mean_positives."""
     rows = sums["rows"]
     known = sums["precision"] is not None and rows > 0
-    return {"precision": sums["precision"] / rows if known else None,
-            "recall": sums["recall"] / rows if known else None,
-            "mean_positives": sums["positives"] / max(rows, 1)}  # fmt: skip
+    return {
+        "precision": sums["precision"] / rows if known else None,
+        "recall": sums["recall"] / rows if known else None,
+        "mean_positives": sums["positives"] / max(rows, 1),
+    }

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from wildreid.errors import ConfigError
 
 __all__ = [
@@ -313,8 +314,10 @@ def graph_negatives(
     if cand.ndim != 2 or len(cand) != len(rows):
         raise ConfigError(f"expected graph candidates of shape ({len(rows)}, K), found {tuple(cand.shape)}")
     if cand.numel() and (int(cand.min()) < -1 or int(cand.max()) >= count):
-        raise ConfigError(f"expected graph rows in 0..{count - 1} (or -1), found {int(cand.min())}..{int(cand.max())}; "
-                          "the k-NN graph belongs to another dictionary: mine this one again")  # fmt: skip
+        raise ConfigError(
+            f"expected graph rows in 0..{count - 1} (or -1), found {int(cand.min())}..{int(cand.max())}; "
+            "the k-NN graph belongs to another dictionary: mine this one again"
+        )
     b = len(rows)
     h = hard_negative_counts(count - (indptr[1:] - indptr[:-1]), r).to(device)
     cand = torch.sort(cand, dim=1).values  # ascending rows: a stable sort by z then breaks ties by row
@@ -326,9 +329,11 @@ def graph_negatives(
     starved = (h > 0) & (n_cand == 0)
     if bool(starved.any()):
         e = int(torch.nonzero(starved)[0])
-        raise ConfigError(f"expected at least one hard-negative candidate beyond the positives in the k-NN graph row of "
-                          f"row {int(rows[e])}, found none among its {cand.shape[1]} neighbours; raise mining.k "
-                          "above mining.adjacency or use loss.negatives=exact")  # fmt: skip
+        raise ConfigError(
+            f"expected at least one hard-negative candidate beyond the positives in the k-NN graph row of "
+            f"row {int(rows[e])}, found none among its {cand.shape[1]} neighbours; raise mining.k "
+            "above mining.adjacency or use loss.negatives=exact"
+        )
     pair_b, pair_k = torch.nonzero(valid, as_tuple=True)
     z = torch.full(cand.shape, -math.inf, dtype=xq.dtype, device=device)
     z[pair_b, pair_k] = _pair_dots(xq, pair_b, cand[pair_b, pair_k], rows_fn, chunk_rows)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
 from wildreid.errors import ConfigError, StoreError
 
 __all__ = [
@@ -287,8 +288,15 @@ def _lookup_table(tb: np.ndarray, n_thr: np.ndarray, width: int):
     return shift, (lo_b - 1) << shift, w - 1, offset, table
 
 
-def count_preceding(strip: np.ndarray, thr_val: np.ndarray, thr_idx: np.ndarray, n_thr: np.ndarray,
-                    *, col0: int = 0, chunk: int | None = None) -> np.ndarray:  # fmt: skip
+def count_preceding(
+    strip: np.ndarray,
+    thr_val: np.ndarray,
+    thr_idx: np.ndarray,
+    n_thr: np.ndarray,
+    *,
+    col0: int = 0,
+    chunk: int | None = None,
+) -> np.ndarray:
     """cnt[r, k] = #{j : (strip[r, j], col0 + j) < (thr_val[r, k], thr_idx[r, k])}, for k < n_thr[r].
 
     ``strip`` holds non-negative float32/64 values; each row's thresholds are sorted by (value, index)
@@ -308,8 +316,9 @@ def count_preceding(strip: np.ndarray, thr_val: np.ndarray, thr_idx: np.ndarray,
     cw = max(1, (chunk or _COUNT_CHUNK) // rows)
     for r0 in range(0, bq, rows):
         r1 = min(bq, r0 + rows)
-        shift, origin, last, offset, table = _lookup_table(_bits(thr_val[r0:r1]).astype(np.int64), n_thr[r0:r1],
-                                                           _LUT_WIDTH)  # fmt: skip
+        shift, origin, last, offset, table = _lookup_table(
+            _bits(thr_val[r0:r1]).astype(np.int64), n_thr[r0:r1], _LUT_WIDTH
+        )
         itype = np.int32 if strip.dtype == np.float32 else np.int64  # int32 arithmetic is about 4x faster
         origin, last = (origin >> shift).astype(itype)[:, None], last.astype(itype)[:, None]
         offset = offset[:, None]
@@ -348,17 +357,26 @@ def metrics_from_ranks(ranks: list[np.ndarray], skipped: int, *, max_rank: int =
     """mAP, mINP and CMC from the 1-based ranks of each valid query's true matches (ascending)."""
     valid = len(ranks)
     if valid == 0:
-        return {"mAP": 0.0, "mINP": 0.0, **{f"rank{r}": 0.0 for r in (1, 5, 10, 20)},
-                "cmc": [0.0] * max_rank, "valid_queries": 0, "skipped_queries": int(skipped)}  # fmt: skip
+        return {
+            "mAP": 0.0,
+            "mINP": 0.0,
+            **{f"rank{r}": 0.0 for r in (1, 5, 10, 20)},
+            "cmc": [0.0] * max_rank,
+            "valid_queries": 0,
+            "skipped_queries": int(skipped),
+        }
     ap = np.array([np.mean(np.arange(1, len(r) + 1) / r) for r in ranks])
     inp = np.array([len(r) / r[-1] for r in ranks])
     first = np.array([r[0] for r in ranks])
     cmc = np.cumsum(np.bincount(np.minimum(first, max_rank + 1) - 1, minlength=max_rank + 1)[:max_rank]) / valid
     return {
-        "mAP": float(ap.mean()), "mINP": float(inp.mean()),
+        "mAP": float(ap.mean()),
+        "mINP": float(inp.mean()),
         **{f"rank{r}": float(cmc[r - 1]) if r <= max_rank else float(np.mean(first <= r)) for r in (1, 5, 10, 20)},
-        "cmc": [float(c) for c in cmc], "valid_queries": valid, "skipped_queries": int(skipped),
-    }  # fmt: skip
+        "cmc": [float(c) for c in cmc],
+        "valid_queries": valid,
+        "skipped_queries": int(skipped),
+    }
 
 
 def evaluate_distances(dist: np.ndarray, q_ids, q_cams, g_ids, g_cams, *, max_rank: int = MAX_RANK) -> dict:
@@ -385,9 +403,14 @@ def evaluate_distances(dist: np.ndarray, q_ids, q_cams, g_ids, g_cams, *, max_ra
         return metrics_from_ranks([], nq, max_rank=max_rank)
     first = np.array(firsts)
     cmc = [float(np.mean(first <= r)) for r in range(1, max_rank + 1)]
-    return {"mAP": float(np.mean(aps)), "mINP": float(np.mean(inps)),
-            **{f"rank{r}": float(np.mean(first <= r)) for r in (1, 5, 10, 20)},
-            "cmc": cmc, "valid_queries": valid, "skipped_queries": nq - valid}  # fmt: skip
+    return {
+        "mAP": float(np.mean(aps)),
+        "mINP": float(np.mean(inps)),
+        **{f"rank{r}": float(np.mean(first <= r)) for r in (1, 5, 10, 20)},
+        "cmc": cmc,
+        "valid_queries": valid,
+        "skipped_queries": nq - valid,
+    }
 
 
 def per_query_metrics(dist: np.ndarray, q_ids, q_cams, g_ids, g_cams) -> tuple[np.ndarray, np.ndarray]:
@@ -414,10 +437,24 @@ def per_query_metrics(dist: np.ndarray, q_ids, q_cams, g_ids, g_cams) -> tuple[n
     return ap, hit1
 
 
-def evaluate_dense(qf, q_ids, q_cams, gf, g_ids, g_cams, *, tile=TILE, device: str = "cpu",
-                   rerank: bool = False, k1: int = 20, k2: int = 6, lambda_: float = 0.3,
-                   camera_norm: bool = False) -> dict:  # fmt: skip
-    """The reference: the whole (Q, G) matrix of ``grid_distances`` (or ``rerank_dense``), then ``evaluate_distances``."""
+def evaluate_dense(
+    qf,
+    q_ids,
+    q_cams,
+    gf,
+    g_ids,
+    g_cams,
+    *,
+    tile=TILE,
+    device: str = "cpu",
+    rerank: bool = False,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_: float = 0.3,
+    camera_norm: bool = False,
+) -> dict:
+    """The reference: the whole (Q, G) matrix of ``grid_distances`` (or ``rerank_dense``), then
+    ``evaluate_distances``."""
     qf, gf = np.asarray(qf, np.float32), np.asarray(gf, np.float32)
     if camera_norm:
         means = camera_means([(ArrayFeatures(qf), np.asarray(q_cams)), (ArrayFeatures(gf), np.asarray(g_cams))])
@@ -444,13 +481,16 @@ def plan_query_rows(row_bytes: int, budget: int, *, tile_q: int, n_query: int, f
     least = max(1, min(tile_q, n_query))
     if rows < tile_q and room < least * row_bytes:
         need = fixed + _COUNT_CHUNK * 24 + least * row_bytes
-        raise ConfigError(f"memory budget of {budget} bytes is too small: a strip of {least} queries against the "
-                          f"gallery needs {need} bytes; raise --memory-budget to at least that")  # fmt: skip
+        raise ConfigError(
+            f"memory budget of {budget} bytes is too small: a strip of {least} queries against the "
+            f"gallery needs {need} bytes; raise --memory-budget to at least that"
+        )
     return int(max(tile_q, min(rows, -(-n_query // tile_q) * tile_q)))
 
 
 def _plain_strips(query: Features, gallery: Features, *, budget: int, tile, device: str, entry_bytes: int = 4):
-    """(rows per strip, strip(q0, q1) -> float32 (q1-q0, G)); the gallery is kept in memory when it fits half the budget."""
+    """(rows per strip, strip(q0, q1) -> float32 (q1-q0, G)); the gallery is kept in memory when it fits half
+    the budget."""
     tq, tg = _check_tile(tile)
     nq, ng, dim = query.count(), gallery.count(), gallery.dim()
     gallery_bytes = ng * dim * 4
@@ -493,10 +533,26 @@ def _strip_ranks(strip: np.ndarray, gallery: _Gallery, q_ids, q_cams) -> list[np
     return [ranks[r, : n_thr[r]] for r in range(bq)]
 
 
-def evaluate_blockwise(query, gallery, q_ids, q_cams, g_ids, g_cams, *, memory_budget: int, device: str = "cpu",
-                       tile=TILE, query_rows: int | None = None, rerank: bool = False, k1: int = 20, k2: int = 6,
-                       lambda_: float = 0.3, max_rank: int = MAX_RANK, camera_norm: bool = False) -> dict:  # fmt: skip
-    """The metrics of ``evaluate_dense``, one (bq, G) strip at a time; ``query``/``gallery`` are FeatureStores or arrays.
+def evaluate_blockwise(
+    query,
+    gallery,
+    q_ids,
+    q_cams,
+    g_ids,
+    g_cams,
+    *,
+    memory_budget: int,
+    device: str = "cpu",
+    tile=TILE,
+    query_rows: int | None = None,
+    rerank: bool = False,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_: float = 0.3,
+    max_rank: int = MAX_RANK,
+    camera_norm: bool = False,
+) -> dict:
+    """The metrics of ``evaluate_dense``, one (bq, G) strip at a time (``query``/``gallery``: stores or arrays).
 
     ``query_rows`` overrides the strip height from the budget (a multiple of ``tile[0]``, for tests).
     ``camera_norm`` reads the rows camera-normalised (one extra pass over both to get the camera means).
@@ -506,21 +562,26 @@ def evaluate_blockwise(query, gallery, q_ids, q_cams, g_ids, g_cams, *, memory_b
         query, gallery = _camera_normalised(query, gallery, q_cams, g_cams)
     nq, ng = query.count(), gallery.count()
     if query.dim() != gallery.dim():
-        raise StoreError(f"query features have dimension {query.dim()} but gallery features {gallery.dim()}; "
-                         "evaluate features of one model")  # fmt: skip
+        raise StoreError(
+            f"query features have dimension {query.dim()} but gallery features {gallery.dim()}; "
+            "evaluate features of one model"
+        )
     q_ids, q_cams = _labels(q_ids, nq, "query ids"), _labels(q_cams, nq, "query camids")
     g = _Gallery(_labels(g_ids, ng, "gallery ids"), _labels(g_cams, ng, "gallery camids"))
     if rerank:
         from wildreid.rerank import ReRanker
 
-        ranker = ReRanker(query, gallery, k1=k1, k2=k2, lambda_=lambda_, memory_budget=memory_budget,
-                          tile=tile, device=device)  # fmt: skip
+        ranker = ReRanker(
+            query, gallery, k1=k1, k2=k2, lambda_=lambda_, memory_budget=memory_budget, tile=tile, device=device
+        )
         bq, strip = ranker.query_rows, ranker.strip
     else:
         bq, strip = _plain_strips(query, gallery, budget=memory_budget, tile=tile, device=device)
     if query_rows is not None:
         if query_rows < 1 or query_rows % _check_tile(tile)[0]:
-            raise ConfigError(f"query_rows must be a positive multiple of the tile height {tile[0]}, found {query_rows}")
+            raise ConfigError(
+                f"query_rows must be a positive multiple of the tile height {tile[0]}, found {query_rows}"
+            )
         bq = query_rows
     ranks: list[np.ndarray] = []
     skipped = 0
@@ -545,25 +606,54 @@ def _open_checked(path, what: str):
         raise StoreError(f"{what} store {path} has 0 rows; expected the features of the {what} split")
     for name in ("ids", "camids"):
         if not store.has(name):
-            raise StoreError(f"{what} store {path} has no '{name}' array; expected vehicle ids and camera ids "
-                             "per row: extract features from shards that carry them")  # fmt: skip
+            raise StoreError(
+                f"{what} store {path} has no '{name}' array; expected vehicle ids and camera ids "
+                "per row: extract features from shards that carry them"
+            )
     ids = store.ids()
     if (ids < 0).all():
-        raise StoreError(f"{what} store {path} has only unknown ids (-1); expected the vehicle id of each row "
-                         "to evaluate: extract features from labelled shards")  # fmt: skip
+        raise StoreError(
+            f"{what} store {path} has only unknown ids (-1); expected the vehicle id of each row "
+            "to evaluate: extract features from labelled shards"
+        )
     return store, ids, store.camids()
 
 
-def evaluate_groups(query_path, gallery_path, *, memory_budget: int, device: str = "cpu", rerank: bool = False,
-                    k1: int = 20, k2: int = 6, lambda_: float = 0.3, camera_norm: bool = False) -> dict:  # fmt: skip
+def evaluate_groups(
+    query_path,
+    gallery_path,
+    *,
+    memory_budget: int,
+    device: str = "cpu",
+    rerank: bool = False,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_: float = 0.3,
+    camera_norm: bool = False,
+) -> dict:
     """``evaluate_blockwise`` on two Zarr feature groups (``features``, ``ids``, ``camids``)."""
     qs, q_ids, q_cams = _open_checked(query_path, "query")
     gs, g_ids, g_cams = _open_checked(gallery_path, "gallery")
     if qs.dim() != gs.dim():
-        raise StoreError(f"query features {query_path} have dimension {qs.dim()} but gallery features "
-                         f"{gallery_path} have {gs.dim()}; evaluate features of one model")  # fmt: skip
-    out = evaluate_blockwise(qs, gs, q_ids, q_cams, g_ids, g_cams, memory_budget=memory_budget, device=device,
-                             rerank=rerank, k1=k1, k2=k2, lambda_=lambda_, camera_norm=camera_norm)  # fmt: skip
+        raise StoreError(
+            f"query features {query_path} have dimension {qs.dim()} but gallery features "
+            f"{gallery_path} have {gs.dim()}; evaluate features of one model"
+        )
+    out = evaluate_blockwise(
+        qs,
+        gs,
+        q_ids,
+        q_cams,
+        g_ids,
+        g_cams,
+        memory_budget=memory_budget,
+        device=device,
+        rerank=rerank,
+        k1=k1,
+        k2=k2,
+        lambda_=lambda_,
+        camera_norm=camera_norm,
+    )
     out.update(queries=qs.count(), gallery=gs.count(), rerank=bool(rerank))
     if camera_norm:  # results of the standard protocol stay as they were
         out["camera_norm"] = True
@@ -580,8 +670,21 @@ def write_results(path, results: dict) -> Path:
 # --------------------------------------------------------------------------- ranked lists for pictures
 
 
-def topk_lists(query, gallery, q_ids, q_cams, g_ids, g_cams, queries, *, k: int = 10, tile=TILE,
-               device: str = "cpu", memory_budget: int | None = None, rerank: bool = False) -> list[dict]:  # fmt: skip
+def topk_lists(
+    query,
+    gallery,
+    q_ids,
+    q_cams,
+    g_ids,
+    g_cams,
+    queries,
+    *,
+    k: int = 10,
+    tile=TILE,
+    device: str = "cpu",
+    memory_budget: int | None = None,
+    rerank: bool = False,
+) -> list[dict]:
     """Per chosen query: its top-``k`` valid gallery rows and the junk rows ranked among them.
 
     Each dict: ``query``, ``ranked`` (gallery indices in rank order, junk included), ``flags`` (True =
@@ -617,6 +720,12 @@ def topk_lists(query, gallery, q_ids, q_cams, g_ids, g_cams, queries, *, k: int 
         end = valid_pos[k - 1] + 1 if len(valid_pos) >= k else len(order)
         ranked = order[:end]
         flags = [None if junk[j] else bool(same[j]) for j in ranked]
-        out.append({"query": int(q), "ranked": [int(j) for j in ranked], "flags": flags,
-                    "distances": [float(row[j]) for j in ranked]})  # fmt: skip
+        out.append(
+            {
+                "query": int(q),
+                "ranked": [int(j) for j in ranked],
+                "flags": flags,
+                "distances": [float(row[j]) for j in ranked],
+            }
+        )
     return out

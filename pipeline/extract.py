@@ -83,8 +83,10 @@ def extract_split(
     samples = sum(entry["num_samples"] for _, entry, _ in split_entries(shards_root, split))
     name = split if isinstance(split, str) else "+".join(split)
     if samples != n:
-        raise StoreError(f"store {store.path} has {n} rows but split {name} has {samples} samples; "
-                         "use a new store path for this split")  # fmt: skip
+        raise StoreError(
+            f"store {store.path} has {n} rows but split {name} has {samples} samples; "
+            "use a new store path for this split"
+        )
     meta = {"split": name, "shards": split_fingerprint(shards_root, split), "label": label}
     if feature != "bnneck":  # records of bnneck extractions stay as they were
         meta["feature"] = feature
@@ -110,8 +112,9 @@ def extract_split(
         for images, idx, _, _ in dataset:
             rows = sum(len(p) for p in pending)
             if not np.array_equal(idx.numpy(), np.arange(start + rows, start + rows + len(idx))):
-                raise StoreError(f"split {name} yielded sample indices out of order at {start + rows}; "
-                                 "re-shard the data set")  # fmt: skip
+                raise StoreError(
+                    f"split {name} yielded sample indices out of order at {start + rows}; re-shard the data set"
+                )
             pending.append(extract_features(model, images, device, feature))
             rows += len(idx)
             if rows >= chunk or start + rows >= n:
@@ -120,12 +123,14 @@ def extract_split(
                 store.write_rows(start, block[:whole])
                 pending = [block[whole:]] if whole < len(block) else []
                 start += whole
-                store.set_meta("extraction", {"meta": meta, "rows_done": start,
-                                              "features_version": store.features_version})  # fmt: skip
+                store.set_meta(
+                    "extraction", {"meta": meta, "rows_done": start, "features_version": store.features_version}
+                )
                 progress(phase, whole, n)
                 if should_stop() and start < n:
-                    raise Stopped(f"extraction of {name} stopped after {start} of {n} rows; "
-                                  "run the same command again to resume")  # fmt: skip
+                    raise Stopped(
+                        f"extraction of {name} stopped after {start} of {n} rows; run the same command again to resume"
+                    )
     finally:
         model.train(was_training)
     return store

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
+
 from wildreid.errors import ConfigError, StoreError
 
 __all__ = [
@@ -76,8 +77,10 @@ def check_features(block: np.ndarray, ids: np.ndarray | None = None, *, what: st
 def validate_rows(block: np.ndarray, ids: np.ndarray | None = None, *, what: str = "feature") -> None:
     """The checks of ``check_features`` without computing norms: cheap enough for rows seen before."""
     block = np.asarray(block)
-    if block.ndim != 2 or not np.issubdtype(block.dtype, np.floating) or not (
-        np.isfinite(block).all() and (block != 0).any(axis=1).all()
+    if (
+        block.ndim != 2
+        or not np.issubdtype(block.dtype, np.floating)
+        or not (np.isfinite(block).all() and (block != 0).any(axis=1).all())
     ):
         check_features(block, ids, what=what)  # finds the bad row and says which
 
@@ -393,8 +396,9 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
         last = np.where(cand[:, -1] >= 0, f32[:, -1], -np.inf)
         unsafe = np.flatnonzero((total - self_seen > width) & (last + eps >= sim[:, -1]))
         if len(unsafe):
-            sim[unsafe], idx[unsafe] = _exact_rows(query, qids, unsafe, base_blocks, sim[unsafe, -1] - eps[unsafe],
-                                                   others_k, free)  # fmt: skip
+            sim[unsafe], idx[unsafe] = _exact_rows(
+                query, qids, unsafe, base_blocks, sim[unsafe, -1] - eps[unsafe], others_k, free
+            )
     count = 1 + np.count_nonzero(sim >= threshold, axis=1)
     dense = np.flatnonzero(sim[:, -1] >= threshold) if others_k else np.arange(n_q)
     if len(dense):
@@ -445,7 +449,9 @@ def knn_graph(features, k: int, *, threshold: float, block_rows: int = 1024, blo
         raise ConfigError(f"expected k, block_rows, block_base >= 1, found {k}, {block_rows}, {block_base}")
     n = len(features)
     check_features(features)
-    blocks = [(np.arange(b0, min(b0 + block_base, n)), features[b0 : b0 + block_base]) for b0 in range(0, n, block_base)]
+    blocks = [
+        (np.arange(b0, min(b0 + block_base, n)), features[b0 : b0 + block_base]) for b0 in range(0, n, block_base)
+    ]
     sims, idxs, counts = [], [], []
     for q0 in range(0, n, block_rows):
         q, qids = features[q0 : q0 + block_rows], np.arange(q0, min(q0 + block_rows, n))

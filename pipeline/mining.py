@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import faiss
 import numpy as np
 from threadpoolctl import ThreadpoolController
+
 from wildreid.budget import default_budget, peak_rss_bytes
 from wildreid.dplm import (
     check_dplm_args,
@@ -43,6 +44,7 @@ from wildreid.dplm import (
 )
 from wildreid.errors import ConfigError, Stopped, StoreError
 from wildreid.knn import knn_rows, set_temp_elements
+from wildreid.signals import signal_point
 from wildreid.stores import FeatureStore, PageCache, WriterLock
 from wildreid.stores.derived import (
     assemble_positives,
@@ -56,7 +58,6 @@ from wildreid.stores.derived import (
     write_knn_rows,
     write_positives_part,
 )
-from wildreid.signals import signal_point
 from wildreid.tasks import run_tasks
 
 __all__ = ["MineParams", "block_plan", "graph_reader", "mine"]
@@ -89,8 +90,9 @@ class BlockPlan:
     workers: int
 
 
-def block_plan(n: int, dim: int, itemsize: int, k: int, adjacency: int, budget: int, workers: int,
-               chunk_rows: int) -> BlockPlan:  # fmt: skip
+def block_plan(
+    n: int, dim: int, itemsize: int, k: int, adjacency: int, budget: int, workers: int, chunk_rows: int
+) -> BlockPlan:
     """Block sizes that keep ``workers`` concurrent tasks and the page cache inside ``budget`` bytes.
 
     Zarr decodes a whole chunk (``chunk_rows`` rows) to return any of its rows,
@@ -112,9 +114,11 @@ def block_plan(n: int, dim: int, itemsize: int, k: int, adjacency: int, budget: 
         query //= 2  # smaller query blocks (and graph chunks) before giving up
     if task_bytes(query, least) > per_task:
         smallest = _PROCESS_BYTES + cache + workers * task_bytes(query, least)
-        raise ConfigError(f"memory budget of {budget / 2**20:.0f} MiB cannot hold one block of {dim}-d rows "
-                          f"(Zarr chunks of {chunk_rows} rows) with {workers} worker(s); the smallest budget "
-                          f"that works is {-(-smallest >> 20)} MiB")  # fmt: skip
+        raise ConfigError(
+            f"memory budget of {budget / 2**20:.0f} MiB cannot hold one block of {dim}-d rows "
+            f"(Zarr chunks of {chunk_rows} rows) with {workers} worker(s); the smallest budget "
+            f"that works is {-(-smallest >> 20)} MiB"
+        )
     base = least
     while base < n and task_bytes(query, min(2 * base, n)) <= per_task and base < (1 << 16):
         base = min(2 * base, n)
@@ -199,8 +203,11 @@ def _base_blocks(store: FeatureStore, base_rows: int, cache: PageCache | None = 
 def _numpy_blas() -> list:
     """NumPy's own BLAS pools (FAISS brings another one, driven by its per-thread OpenMP setting)."""
     numpy_dir = os.path.dirname(np.__file__)
-    return [lib for lib in ThreadpoolController().lib_controllers
-            if lib.user_api == "blas" and os.path.dirname(lib.filepath).startswith(numpy_dir)]  # fmt: skip
+    return [
+        lib
+        for lib in ThreadpoolController().lib_controllers
+        if lib.user_api == "blas" and os.path.dirname(lib.filepath).startswith(numpy_dir)
+    ]
 
 
 @contextlib.contextmanager
@@ -249,9 +256,15 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int
     query = np.asarray(store.features[q0:q1])
     # when the dictionary fits the cache, every query block after the first reads it from memory
     cache = _cache(store, "features", plan.cache_bytes)
-    sim, idx, counts = knn_rows(query, np.arange(q0, q1), lambda dtype: _base_blocks(store, plan.base_rows, cache, dtype),
-                                params.k, threshold=params.threshold, margin=params.margin,
-                                stored_dtype=store.features.dtype)  # fmt: skip
+    sim, idx, counts = knn_rows(
+        query,
+        np.arange(q0, q1),
+        lambda dtype: _base_blocks(store, plan.base_rows, cache, dtype),
+        params.k,
+        threshold=params.threshold,
+        margin=params.margin,
+        stored_dtype=store.features.dtype,
+    )
     write_knn_rows(store, block, q0, idx, sim, counts)
     _crash_point(f"knn:{block}")
     signal_point(f"knn:{block}")
@@ -293,11 +306,19 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     features = _cache(store, "features", plan.cache_bytes // 2)
     neighbours = _cache(store, "knn/indices", plan.cache_bytes // 2)
     row_plan = plan_rows(
-        np.arange(r0, r1), graph["indices"][r0:r1], graph["similarities"][r0:r1], graph["counts"][r0:r1],
-        neighbours.get_rows, features.get_rows, n=n, threshold=params.threshold,
-        min_candidates=params.min_candidates, adjacency=params.adjacency, order=params.order,
+        np.arange(r0, r1),
+        graph["indices"][r0:r1],
+        graph["similarities"][r0:r1],
+        graph["counts"][r0:r1],
+        neighbours.get_rows,
+        features.get_rows,
+        n=n,
+        threshold=params.threshold,
+        min_candidates=params.min_candidates,
+        adjacency=params.adjacency,
+        order=params.order,
         validated=True,  # the k-NN graph of these very features (its fingerprint) checked every row
-    )  # fmt: skip
+    )
     ranks = pending_ranks(row_plan, features.get_rows(row_plan.pending_j), _base_blocks(store, plan.base_rows))
     indptr, indices = finish_rows(row_plan, ranks)
     ids, id_sizes = _labels(str(store.path), repr(store.fingerprint()))
@@ -341,12 +362,18 @@ def mine(
             raise StoreError(f"{path}/features has no rows")
         if params.k > n:
             raise ConfigError(f"graph width K={params.k} is larger than the {n} rows of {path}; use --k {n} or less")
-        check_dplm_args(n=n, graph_width=params.k, threshold=params.threshold,
-                        min_candidates=params.min_candidates, adjacency=params.adjacency,
-                        order=params.order)  # fmt: skip
+        check_dplm_args(
+            n=n,
+            graph_width=params.k,
+            threshold=params.threshold,
+            min_candidates=params.min_candidates,
+            adjacency=params.adjacency,
+            order=params.order,
+        )
         budget = memory_budget or default_budget()
-        plan = block_plan(n, dim, store.features.dtype.itemsize, params.k, params.adjacency, budget, workers,
-                          store.chunk_rows)  # fmt: skip
+        plan = block_plan(
+            n, dim, store.features.dtype.itemsize, params.k, params.adjacency, budget, workers, store.chunk_rows
+        )
         with _one_blas_thread():
             _LIMITED.append(True)
             try:
@@ -366,12 +393,21 @@ def mine(
 
 def _stop_if_asked(should_stop: Callable[[], bool], stage: str) -> None:
     if should_stop():
-        raise Stopped(f"mining stopped during the {stage} stage after its finished blocks; "
-                      "run the same command again to resume")  # fmt: skip
+        raise Stopped(
+            f"mining stopped during the {stage} stage after its finished blocks; run the same command again to resume"
+        )
 
 
-def _run_stages(store: FeatureStore, params: MineParams, plan: BlockPlan, workers: int, scheduler, progress,
-                graph_only: bool, should_stop: Callable[[], bool]) -> dict:  # fmt: skip
+def _run_stages(
+    store: FeatureStore,
+    params: MineParams,
+    plan: BlockPlan,
+    workers: int,
+    scheduler,
+    progress,
+    graph_only: bool,
+    should_stop: Callable[[], bool],
+) -> dict:
     n = store.count()
     timings = {}
     complete = open_derived(store, "knn", _fingerprint(store, params, plan, "knn"))
@@ -381,9 +417,15 @@ def _run_stages(store: FeatureStore, params: MineParams, plan: BlockPlan, worker
         todo = knn_pending(store)
         progress("k-NN graph", blocks - len(todo), blocks)
         began = time.perf_counter()
-        run_tasks("knn", [(_knn_task, (str(store.path), b, params, plan)) for b in todo], scheduler=scheduler,
-                  workers=workers, on_done=lambda: progress("k-NN graph", 1, blocks),
-                  cleanup=_release_buffers, should_stop=should_stop)  # fmt: skip
+        run_tasks(
+            "knn",
+            [(_knn_task, (str(store.path), b, params, plan)) for b in todo],
+            scheduler=scheduler,
+            workers=workers,
+            on_done=lambda: progress("k-NN graph", 1, blocks),
+            cleanup=_release_buffers,
+            should_stop=should_stop,
+        )
         _stop_if_asked(should_stop, "k-NN")
         timings["knn_s"] = time.perf_counter() - began
         mark_complete(store, "knn")
@@ -397,9 +439,14 @@ def _run_stages(store: FeatureStore, params: MineParams, plan: BlockPlan, worker
         todo = parts_pending(store, rule_blocks)
         progress("DPLM rules", rule_blocks - len(todo), rule_blocks)
         began = time.perf_counter()
-        run_tasks("rules", [(_rules_task, (str(store.path), b, params, plan)) for b in todo],
-                  scheduler=scheduler, workers=workers, on_done=lambda: progress("DPLM rules", 1, rule_blocks),
-                  should_stop=should_stop)  # fmt: skip
+        run_tasks(
+            "rules",
+            [(_rules_task, (str(store.path), b, params, plan)) for b in todo],
+            scheduler=scheduler,
+            workers=workers,
+            on_done=lambda: progress("DPLM rules", 1, rule_blocks),
+            should_stop=should_stop,
+        )
         _stop_if_asked(should_stop, "rules")
         timings["rules_s"] = time.perf_counter() - began
         assemble_positives(store, rule_blocks)
@@ -408,5 +455,11 @@ def _run_stages(store: FeatureStore, params: MineParams, plan: BlockPlan, worker
 
 def _report(store: FeatureStore, params: MineParams, plan: BlockPlan, budget: int) -> dict:
     quality = positives_quality(store)
-    return {"n": store.count(), "dim": store.dim(), **asdict(params), **quality,
-            "memory_budget_bytes": budget, "blocks": asdict(plan)}  # fmt: skip
+    return {
+        "n": store.count(),
+        "dim": store.dim(),
+        **asdict(params),
+        **quality,
+        "memory_budget_bytes": budget,
+        "blocks": asdict(plan),
+    }

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import models
+
 from wildreid.errors import ConfigError
 
 __all__ = ["ARCHS", "FEATURES", "ReidNet", "build_model", "load_backbone_weights", "param_groups", "weights_sha256"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
 from wildreid.errors import ConfigError, StoreError
 from wildreid.evaluate import topk_lists
 from wildreid.stores.durable import atomic_write
@@ -42,17 +43,25 @@ def _thumb(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
 
 
-def ranked_grid(query_images: Sequence[Image.Image], gallery_images_per_query: Sequence[Sequence[Image.Image]],
-                flags: Sequence[Sequence[bool | None]], path, *, labels: Sequence[str] | None = None,
-                tile: tuple[int, int] = (64, 64)) -> Path:  # fmt: skip
+def ranked_grid(
+    query_images: Sequence[Image.Image],
+    gallery_images_per_query: Sequence[Sequence[Image.Image]],
+    flags: Sequence[Sequence[bool | None]],
+    path,
+    *,
+    labels: Sequence[str] | None = None,
+    tile: tuple[int, int] = (64, 64),
+) -> Path:
     """One row per query: the query (blue) then its ranked gallery images.
 
     ``flags[i][j]``: True = the same vehicle (green border), False = another vehicle (red),
     None = same-camera junk that the metrics skip (greyed, marked "same cam", not numbered).
     """
     if not (len(query_images) == len(gallery_images_per_query) == len(flags)):
-        raise ConfigError(f"expected as many queries, gallery lists and flag lists, found {len(query_images)}, "
-                          f"{len(gallery_images_per_query)} and {len(flags)}")  # fmt: skip
+        raise ConfigError(
+            f"expected as many queries, gallery lists and flag lists, found {len(query_images)}, "
+            f"{len(gallery_images_per_query)} and {len(flags)}"
+        )
     border, gap, head = 4, 6, 16
     th, tw = tile[0] + 2 * border, tile[1] + 2 * border
     cols = max([len(g) for g in gallery_images_per_query] + [1])
@@ -84,8 +93,9 @@ def ranked_grid(query_images: Sequence[Image.Image], gallery_images_per_query: S
 
 
 def _framed(canvas: Image.Image, thumb: Image.Image, x: int, y: int, colour, border: int) -> None:
-    ImageDraw.Draw(canvas).rectangle([x, y, x + thumb.width + 2 * border - 1, y + thumb.height + 2 * border - 1],
-                                     fill=colour)  # fmt: skip
+    ImageDraw.Draw(canvas).rectangle(
+        [x, y, x + thumb.width + 2 * border - 1, y + thumb.height + 2 * border - 1], fill=colour
+    )
     canvas.paste(thumb, (x + border, y + border))
 
 
@@ -99,28 +109,44 @@ def _split_images(root, split: str, wanted: set[int], ids: np.ndarray, cams: np.
         if index not in wanted:
             continue
         if index >= len(ids) or (ids[index], cams[index]) != (sample["vid"], sample["camid"]):
-            raise StoreError(f"split {split!r} sample {index} is vehicle {sample['vid']} camera {sample['camid']} but "
-                             f"the feature store row {index} says otherwise; pass the store extracted from this split")
+            raise StoreError(
+                f"split {split!r} sample {index} is vehicle {sample['vid']} camera {sample['camid']} but "
+                f"the feature store row {index} says otherwise; pass the store extracted from this split"
+            )
         found[index] = Image.open(io.BytesIO(sample["image"])).convert("RGB")
         if len(found) == len(wanted):
             break
     missing = wanted - set(found)
     if missing:
-        raise StoreError(f"split {split!r} has no samples {sorted(missing)[:5]}; pass the shards the store was made from")
+        raise StoreError(
+            f"split {split!r} has no samples {sorted(missing)[:5]}; pass the shards the store was made from"
+        )
     return found
 
 
-def render_ranked_lists(shards_root, query_split: str, gallery_split: str, query_store, gallery_store,
-                        queries: list[int], path, *, k: int = 10, memory_budget: int | None = None,
-                        device: str = "cpu", rerank: bool = False) -> Path:  # fmt: skip
+def render_ranked_lists(
+    shards_root,
+    query_split: str,
+    gallery_split: str,
+    query_store,
+    gallery_store,
+    queries: list[int],
+    path,
+    *,
+    k: int = 10,
+    memory_budget: int | None = None,
+    device: str = "cpu",
+    rerank: bool = False,
+) -> Path:
     """``topk_lists`` of the chosen queries, drawn by ``ranked_grid`` with images from the shards."""
     from wildreid.stores.dictionary import FeatureStore
 
     qs = query_store if isinstance(query_store, FeatureStore) else FeatureStore.open(query_store)
     gs = gallery_store if isinstance(gallery_store, FeatureStore) else FeatureStore.open(gallery_store)
     q_ids, q_cams, g_ids, g_cams = qs.ids(), qs.camids(), gs.ids(), gs.camids()
-    lists = topk_lists(qs, gs, q_ids, q_cams, g_ids, g_cams, queries, k=k, memory_budget=memory_budget,
-                       device=device, rerank=rerank)  # fmt: skip
+    lists = topk_lists(
+        qs, gs, q_ids, q_cams, g_ids, g_cams, queries, k=k, memory_budget=memory_budget, device=device, rerank=rerank
+    )
     q_images = _split_images(shards_root, query_split, set(queries), q_ids, q_cams)
     g_images = _split_images(shards_root, gallery_split, {j for entry in lists for j in entry["ranked"]}, g_ids, g_cams)
     return ranked_grid(
@@ -175,8 +201,11 @@ class _Axes:
             label = Image.new("L", (int(self.font.getlength(ylabel)) + 4, 16), 255)
             ImageDraw.Draw(label).text((2, 0), ylabel, fill=0, font=self.font)
             label = label.rotate(90, expand=True)
-            canvas.paste(Image.new("RGB", label.size, "black"), (self.x0 - 58, (self.y0 + self.y1 - label.height) // 2),
-                         Image.eval(label, lambda p: 255 - p))  # fmt: skip
+            canvas.paste(
+                Image.new("RGB", label.size, "black"),
+                (self.x0 - 58, (self.y0 + self.y1 - label.height) // 2),
+                Image.eval(label, lambda p: 255 - p),
+            )
         self.legend: list[tuple[str, tuple]] = []
         self.points: list[tuple[float, float]] = []
 
@@ -202,13 +231,23 @@ class _Axes:
             return
         w = 34 + max(self.font.getlength(label) for label, _ in self.legend)
         h = 16 * len(self.legend) + 8
-        corners = [(self.x0 + 8, self.y0 + 6), (self.x1 - 8 - w, self.y0 + 6),
-                   (self.x1 - 8 - w, self.y1 - 6 - h), (self.x0 + 8, self.y1 - 6 - h)]  # fmt: skip
+        corners = [
+            (self.x0 + 8, self.y0 + 6),
+            (self.x1 - 8 - w, self.y0 + 6),
+            (self.x1 - 8 - w, self.y1 - 6 - h),
+            (self.x0 + 8, self.y1 - 6 - h),
+        ]
         pts = np.array(self.points).reshape(-1, 2)
 
         def covered(c):
-            return int(np.sum((pts[:, 0] >= c[0] - 4) & (pts[:, 0] <= c[0] + w + 4) &
-                              (pts[:, 1] >= c[1] - 4) & (pts[:, 1] <= c[1] + h + 4)))  # fmt: skip
+            return int(
+                np.sum(
+                    (pts[:, 0] >= c[0] - 4)
+                    & (pts[:, 0] <= c[0] + w + 4)
+                    & (pts[:, 1] >= c[1] - 4)
+                    & (pts[:, 1] <= c[1] + h + 4)
+                )
+            )
 
         x, y = min(corners, key=covered)
         self.draw.rectangle([x, y, x + w, y + h], fill="white", outline=(200, 200, 200))
@@ -229,8 +268,15 @@ def cmc_curve(cmc, path, label: str = "CMC", *, size: tuple[int, int] = (480, 36
         raise ConfigError(f"expected a 1-D CMC array of rates, found shape {cmc.shape}")
     canvas = Image.new("RGB", size, "white")
     ranks = np.arange(1, len(cmc) + 1)
-    ax = _Axes(canvas, (70, 40, size[0] - 20, size[1] - 50), (1, max(2, len(cmc))), (0.0, 1.0),
-               title="Cumulative matching characteristic", xlabel="rank", ylabel="matching rate")  # fmt: skip
+    ax = _Axes(
+        canvas,
+        (70, 40, size[0] - 20, size[1] - 50),
+        (1, max(2, len(cmc))),
+        (0.0, 1.0),
+        title="Cumulative matching characteristic",
+        xlabel="rank",
+        ylabel="matching rate",
+    )
     ax.line(ranks, cmc, PALETTE[0], f"{label} (r1 {cmc[0]:.3f})", markers=len(cmc) <= 50)
     ax.draw_legend()
     return _save(canvas, path)
@@ -240,23 +286,37 @@ def training_curves(history: list[dict], path, *, size: tuple[int, int] = (760, 
     """Loss (left) and pseudo-label precision / recall (right) per epoch; missing keys are skipped."""
     canvas = Image.new("RGB", size, "white")
     half = size[0] // 2
-    panels = ((("loss",), (20, 40, half - 20, size[1] - 50), "loss"),
-              (("precision", "recall"), (half + 50, 40, size[0] - 20, size[1] - 50), "pseudo labels"))  # fmt: skip
+    panels = (
+        (("loss",), (20, 40, half - 20, size[1] - 50), "loss"),
+        (("precision", "recall"), (half + 50, 40, size[0] - 20, size[1] - 50), "pseudo labels"),
+    )
     for keys, box, title in panels:
         series = {}
         for key in keys:
-            pts = [(h.get("epoch", i), h[key]) for i, h in enumerate(history)
-                   if h.get(key) is not None and math.isfinite(float(h[key]))]  # fmt: skip
+            pts = [
+                (h.get("epoch", i), h[key])
+                for i, h in enumerate(history)
+                if h.get(key) is not None and math.isfinite(float(h[key]))
+            ]
             if pts:
                 series[key] = np.array(pts, dtype=np.float64)
         allx = np.concatenate([s[:, 0] for s in series.values()]) if series else np.array([0.0, 1.0])
         ally = np.concatenate([s[:, 1] for s in series.values()]) if series else np.array([0.0, 1.0])
         box = (box[0] + 50, box[1], box[2], box[3]) if keys == ("loss",) else box
-        ax = _Axes(canvas, box, (float(allx.min()), float(allx.max())), (float(min(0.0, ally.min())), float(ally.max())),
-                   title=title, xlabel="epoch", ylabel=" / ".join(keys))  # fmt: skip
+        ax = _Axes(
+            canvas,
+            box,
+            (float(allx.min()), float(allx.max())),
+            (float(min(0.0, ally.min())), float(ally.max())),
+            title=title,
+            xlabel="epoch",
+            ylabel=" / ".join(keys),
+        )
         for n, (key, s) in enumerate(series.items()):
             ax.line(s[:, 0], s[:, 1], PALETTE[n], key)
         if not series:
-            ax.draw.text(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "no data", fill=GREY, font=ax.font, anchor="mm")
+            ax.draw.text(
+                ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2), "no data", fill=GREY, font=ax.font, anchor="mm"
+            )
         ax.draw_legend()
     return _save(canvas, path)

@@ -24,6 +24,7 @@ at a time for ``evaluate_blockwise``.
 from __future__ import annotations
 
 import numpy as np
+
 from wildreid.errors import ConfigError, StoreError
 from wildreid.evaluate import (
     TILE,
@@ -196,8 +197,9 @@ def knn_lists(x: Features, k: int, *, budget: int, tile=TILE, device: str = "cpu
         top = np.zeros(r1 - r0, dtype=np.float32)
         for c0 in range(0, n, cols):
             c1 = min(n, c0 + cols)
-            d = grid_distances(xr, r0, cached[c0:c1] if cached is not None else x.read_rows(c0, c1), c0,
-                               tile=tile, device=device)  # fmt: skip
+            d = grid_distances(
+                xr, r0, cached[c0:c1] if cached is not None else x.read_rows(c0, c1), c0, tile=tile, device=device
+            )
             np.maximum(top, d.max(axis=1), out=top)
             keys = np.concatenate([best, _keys(d, np.arange(c0, c1, dtype=np.int64)[None, :])], axis=1)
             best = np.partition(keys, k - 1, axis=1)[:, :k] if keys.shape[1] > k else keys
@@ -211,15 +213,29 @@ def knn_lists(x: Features, k: int, *, budget: int, tile=TILE, device: str = "cpu
 class ReRanker:
     """Neighbour lists, V' (sparse rows) and its gallery inverted index, built once; ``strip`` gives final distances."""
 
-    def __init__(self, query, gallery, *, k1: int = 20, k2: int = 6, lambda_: float = 0.3, memory_budget: int,
-                 tile=TILE, device: str = "cpu"):  # fmt: skip
+    def __init__(
+        self,
+        query,
+        gallery,
+        *,
+        k1: int = 20,
+        k2: int = 6,
+        lambda_: float = 0.3,
+        memory_budget: int,
+        tile=TILE,
+        device: str = "cpu",
+    ):
         if k1 < 1 or not 1 <= k2 <= k1 + 1 or not 0.0 <= lambda_ <= 1.0:
-            raise ConfigError(f"expected k1 >= 1, 1 <= k2 <= k1 + 1 and 0 <= lambda <= 1, found k1={k1}, k2={k2}, "
-                              f"lambda={lambda_}; the paper's values are 20, 6, 0.3")  # fmt: skip
+            raise ConfigError(
+                f"expected k1 >= 1, 1 <= k2 <= k1 + 1 and 0 <= lambda <= 1, found k1={k1}, k2={k2}, "
+                f"lambda={lambda_}; the paper's values are 20, 6, 0.3"
+            )
         query, gallery = _source(query), _source(gallery)
         if query.dim() != gallery.dim():
-            raise StoreError(f"query features have dimension {query.dim()} but gallery features {gallery.dim()}; "
-                             "evaluate features of one model")  # fmt: skip
+            raise StoreError(
+                f"query features have dimension {query.dim()} but gallery features {gallery.dim()}; "
+                "evaluate features of one model"
+            )
         self.x = _Stacked(query, gallery)
         self.nq, self.n = query.count(), self.x.count()
         self.ng = self.n - self.nq
@@ -227,8 +243,9 @@ class ReRanker:
         tq, tg = _check_tile(tile)
         feat_bytes = self.n * self.x.dim() * 4
         self.cached = self.x.read_rows(0, self.n) if feat_bytes <= memory_budget // 2 else None
-        idx, dist, row_max = knn_lists(self.x, k1 + 1, budget=memory_budget, tile=tile, device=device,
-                                       cached=self.cached)  # fmt: skip
+        idx, dist, row_max = knn_lists(
+            self.x, k1 + 1, budget=memory_budget, tile=tile, device=device, cached=self.cached
+        )
         self.m = row_max.astype(np.float64)
         ptr, cols = _expansion(idx, k1)
         rows = np.repeat(np.arange(self.n), np.diff(ptr))

@@ -55,9 +55,10 @@ def run_tasks(
     if not calls:
         return []
     if scheduler is None:
-        tasks = [dask.delayed(_unless_stopped, pure=False)(should_stop, fn, *args,
-                                                           dask_key_name=(f"wildreid-{name}", i))
-                 for i, (fn, args) in enumerate(calls)]  # fmt: skip
+        tasks = [
+            dask.delayed(_unless_stopped, pure=False)(should_stop, fn, *args, dask_key_name=(f"wildreid-{name}", i))
+            for i, (fn, args) in enumerate(calls)
+        ]
         try:
             with _Progress(on_done):
                 return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))

@@ -137,8 +137,10 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     numpy_state = dict(state["numpy"])
-    numpy_state["state"] = {"key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32),
-                            "pos": numpy_state["state"]["pos"]}  # fmt: skip
+    numpy_state["state"] = {
+        "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32),
+        "pos": numpy_state["state"]["pos"],
+    }
     np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -166,11 +168,14 @@ def _open_store(path: Path, n: int, dim: int, resume: bool, digest: str, dtype: 
         if run is None:
             raise StoreError(f"{path} holds a store that no training run wrote; choose a new --store path")
         if run["config"] != digest or store.count() != n or store.dim() != dim:
-            raise StoreError(f"{path} belongs to another training run (other config or data set); "
-                             "choose a new --store path, or the same config to resume")  # fmt: skip
+            raise StoreError(
+                f"{path} belongs to another training run (other config or data set); "
+                "choose a new --store path, or the same config to resume"
+            )
         if not resume:
-            raise ResumeError(f"{path} already holds a training run; pass --resume to continue it "
-                              "or choose a new --store path")  # fmt: skip
+            raise ResumeError(
+                f"{path} already holds a training run; pass --resume to continue it or choose a new --store path"
+            )
         return store
     store = FeatureStore.create(path, n, dim, dtype=dtype)  # zeros until extracted or filled by steps
     store.write_labels(0, *labels())  # what mining quality is scored against before any extraction
@@ -185,8 +190,10 @@ def _train_splits(shards, transductive: bool) -> str | tuple[str, str]:
     try:
         split_entry(shards, TRANSDUCTIVE_SPLIT)
     except ShardNotFoundError as exc:
-        raise ConfigError(f"--transductive trains on the '{TRANSDUCTIVE_SPLIT}' split as well (VeRi-776 layout), "
-                          f"but {exc}; drop --transductive for these shards") from None  # fmt: skip
+        raise ConfigError(
+            f"--transductive trains on the '{TRANSDUCTIVE_SPLIT}' split as well (VeRi-776 layout), "
+            f"but {exc}; drop --transductive for these shards"
+        ) from None
     return (SPLIT, TRANSDUCTIVE_SPLIT)
 
 
@@ -194,17 +201,24 @@ def _self_positives(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int64)
 
 
-def _mine(store: FeatureStore, config: Config, budget: int, workers: int, progress: Progress, should_stop,
-          graph_only=False):  # fmt: skip
+def _mine(
+    store: FeatureStore, config: Config, budget: int, workers: int, progress: Progress, should_stop, graph_only=False
+):
     """DPLM on the current dictionary: ``(positives CSR, report)``; ``graph_only``: the k-NN graph, ``(None, report)``.
 
     Every write to the features bumped their version, so a graph of older features is not reused.
     """
     m = config.mining
-    report = mine(str(store.path), MineParams(k=m.k, threshold=m.threshold, min_candidates=m.min_candidates,
-                                               adjacency=m.adjacency, order=m.order), memory_budget=budget,
-                  workers=max(1, workers), progress=progress, graph_only=graph_only, should_stop=should_stop,
-                  locked=True)  # fmt: skip
+    report = mine(
+        str(store.path),
+        MineParams(k=m.k, threshold=m.threshold, min_candidates=m.min_candidates, adjacency=m.adjacency, order=m.order),
+        memory_budget=budget,
+        workers=max(1, workers),
+        progress=progress,
+        graph_only=graph_only,
+        should_stop=should_stop,
+        locked=True,
+    )
     return (None if graph_only else read_positives(store)), report
 
 
@@ -232,8 +246,9 @@ def train(
         lock.release()
 
 
-def _train(shards, store_path: Path, config: Config, options: TrainOptions, device: torch.device, progress, log,
-           should_stop) -> dict:  # fmt: skip
+def _train(
+    shards, store_path: Path, config: Config, options: TrainOptions, device: torch.device, progress, log, should_stop
+) -> dict:
     """``train`` with the store's lock held."""
     if options.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -241,18 +256,28 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
     splits = _train_splits(shards, tc.transductive)
     n = sum(entry["num_samples"] for _, entry, _ in split_entries(shards, splits))
     if tc.transductive:
-        log(f"TRANSDUCTIVE run: training also on the {n - split_entry(shards, SPLIT)['num_samples']} images of the "
-            f"'{TRANSDUCTIVE_SPLIT}' split (the test gallery); results are not comparable with inductive ones")  # fmt: skip
+        log(
+            f"TRANSDUCTIVE run: training also on the {n - split_entry(shards, SPLIT)['num_samples']} images of the "
+            f"'{TRANSDUCTIVE_SPLIT}' split (the test gallery); results are not comparable with inductive ones"
+        )
     if n < tc.batch_size:
-        raise ConfigError(f"the training split(s) have {n} images, fewer than one batch of {tc.batch_size}; "
-                          "lower train.batch_size")  # fmt: skip
+        raise ConfigError(
+            f"the training split(s) have {n} images, fewer than one batch of {tc.batch_size}; lower train.batch_size"
+        )
     budget = options.memory_budget or default_budget()
     if tc.mining == "batch":
         _check_batch_mining(n, ARCHS[config.model.arch][1], tc.batch_size, config.mining.adjacency, budget)
     run_dir = store_path / "train"
 
-    store = _open_store(store_path, n, ARCHS[config.model.arch][1], options.resume, config_digest(config),
-                        config.dictionary.dtype, lambda: split_labels(shards, splits))  # fmt: skip
+    store = _open_store(
+        store_path,
+        n,
+        ARCHS[config.model.arch][1],
+        options.resume,
+        config_digest(config),
+        config.dictionary.dtype,
+        lambda: split_labels(shards, splits),
+    )
     _seed_everything(tc.seed)
     model = build_model(config.model.arch, pretrained=config.model.pretrained, last_stride=config.model.last_stride)
     if model.pretrained_from is None:
@@ -264,8 +289,9 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
     for g in groups:
         g["lr_factor"] = g["lr"]
     # foreach: one fused update over all tensors, bit-identical to the per-tensor loop and ~30 % faster on the CPU
-    optimizer = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov,
-                                weight_decay=tc.weight_decay, foreach=True)  # fmt: skip
+    optimizer = torch.optim.SGD(
+        groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay, foreach=True
+    )
 
     epoch, position, step, history = 0, 0, 0, []
     positives = _self_positives(n)
@@ -285,8 +311,15 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
 
     augment = train_transform(config.model.image_size, seed=tc.seed)
     lanes = max(1, tc.workers)
-    dataset = ShardDataset(shards, splits, image_size=tuple(config.model.image_size), seed=tc.seed, lanes=lanes,
-                           chunk=tc.batch_size, decode=not tc.decode_on_device)  # fmt: skip
+    dataset = ShardDataset(
+        shards,
+        splits,
+        image_size=tuple(config.model.image_size),
+        seed=tc.seed,
+        lanes=lanes,
+        chunk=tc.batch_size,
+        decode=not tc.decode_on_device,
+    )
     cache_budget = budget // 2
     on_device = device_budget(options, device)
     cache_stats: dict[str, int] = {}
@@ -294,8 +327,13 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
     def page_cache() -> PageCache:
         """This phase's cache over the dictionary: host pages within half the budget, device pages within
         ``on_device`` (the whole dictionary there when it fits: it then stays for the phase)."""
-        cache = PageCache(store.features, host_budget=max(cache_budget, _page_bytes(store)), device_budget=on_device,
-                          device=device, dtype=store.features.dtype)  # fmt: skip
+        cache = PageCache(
+            store.features,
+            host_budget=max(cache_budget, _page_bytes(store)),
+            device_budget=on_device,
+            device=device,
+            dtype=store.features.dtype,
+        )
         cache.load_all_to_device()
         return cache
 
@@ -316,10 +354,19 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
     def checkpoint(cache: PageCache, positives, partial: dict, refreshed: int = 0) -> None:
         """``refreshed``: samples of this epoch's dictionary rebuild done (0: none, or it is over)."""
         cache.flush()
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
-                 "epoch": epoch, "position": position, "step": step, "history": history, "partial": _plain(partial),
-                 "graph": complete_fingerprint(store, "knn") if use_graph else None, "refreshed": refreshed,
-                 "config": config.to_dict()}  # fmt: skip
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": _rng_state(),
+            "epoch": epoch,
+            "position": position,
+            "step": step,
+            "history": history,
+            "partial": _plain(partial),
+            "graph": complete_fingerprint(store, "knn") if use_graph else None,
+            "refreshed": refreshed,
+            "config": config.to_dict(),
+        }
         tag = f"-refresh-{refreshed:010d}" if refreshed else ""
         save_checkpoint(run_dir, step, state, store.path / "features", positives, tag=tag)
 
@@ -330,8 +377,14 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
     def loader_from(key: int, start: int) -> DataLoader:
         """The training loader over order and augmentation ``key`` (an epoch, or its rebuild's), from ``start``."""
         dataset.set_epoch(key, start)
-        return DataLoader(dataset, batch_size=None, num_workers=tc.workers, worker_init_fn=ignore_stop_signals,
-                          pin_memory=device.type == "cuda", persistent_workers=False)  # fmt: skip
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=tc.workers,
+            worker_init_fn=ignore_stop_signals,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
 
     def rebuild(start: int) -> None:
         """The published refresh (module docstring), from sample ``start`` of its pass."""
@@ -353,8 +406,10 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
             if done < n and (stopping or tc.checkpoint_every_steps and batches % tc.checkpoint_every_steps == 0):
                 checkpoint(cache, positives, {}, refreshed=done)
             if stopping:
-                raise Stopped(f"stopped at epoch {epoch} step {step}, in the dictionary rebuild ({done} of {n} "
-                              "samples); resume with --resume")  # fmt: skip
+                raise Stopped(
+                    f"stopped at epoch {epoch} step {step}, in the dictionary rebuild ({done} of {n} "
+                    "samples); resume with --resume"
+                )
         cache.flush()
         count(cache)
 
@@ -362,8 +417,17 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
         """Eval-mode re-extraction and mining before the epoch's first step; returns the epoch's positives."""
         if tc.refresh == "eval" and epoch % tc.reextract_every == 0:
             signal_point(f"extract:{epoch}")
-            extract_split(shards, splits, model, store, image_size=tuple(config.model.image_size), device=device,
-                          progress=progress, label=f"epoch-{epoch}-step-{step}", should_stop=should_stop)  # fmt: skip
+            extract_split(
+                shards,
+                splits,
+                model,
+                store,
+                image_size=tuple(config.model.image_size),
+                device=device,
+                progress=progress,
+                label=f"epoch-{epoch}-step-{step}",
+                should_stop=should_stop,
+            )
         signal_point(f"mine:{epoch}")
         if tc.is_warmup(epoch):
             positives = _self_positives(n)
@@ -387,12 +451,15 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
             try:
                 positives = epoch_start(positives)
             except Stopped:  # extraction and mining stop after a finished chunk or block: what resume redoes
-                raise Stopped(f"stopped at epoch {epoch} step {step}, before the epoch's first step; "
-                              "resume with --resume") from None  # fmt: skip
+                raise Stopped(
+                    f"stopped at epoch {epoch} step {step}, before the epoch's first step; resume with --resume"
+                ) from None
         elif use_graph and complete_fingerprint(store, "knn") != state.get("graph"):
             # resumed mid-epoch from a checkpoint older than the stored graph (a damaged newer one was set aside)
-            log(f"the k-NN graph of epoch {epoch} was replaced after {ckpt.name}; mining it again from that "
-                "checkpoint's dictionary: the run goes on, but is no longer bit-identical to an uninterrupted one")  # fmt: skip
+            log(
+                f"the k-NN graph of epoch {epoch} was replaced after {ckpt.name}; mining it again from that "
+                "checkpoint's dictionary: the run goes on, but is no longer bit-identical to an uninterrupted one"
+            )
             _mine(store, config, budget // 2, tc.workers, progress, should_stop, graph_only=True)
         per_batch = tc.mining == "batch" and not tc.is_warmup(epoch)
         labels = _labels(store.ids()) if per_batch else None
@@ -415,8 +482,18 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
                 images = decode_batch(images, tuple(config.model.image_size), device)
             x = _forward(model, augment(images.to(device, non_blocking=True), idx, epoch))
             used = _mine_batch(cache, idx.numpy(), config, labels, mined) if per_batch else positives
-            loss = dictionary_step(x, idx, cache, used, config.loss.r, config.loss.delta, optimizer,
-                                   gather_rows=gather_rows, graph=graph, of_batch=per_batch)  # fmt: skip
+            loss = dictionary_step(
+                x,
+                idx,
+                cache,
+                used,
+                config.loss.r,
+                config.loss.delta,
+                optimizer,
+                gather_rows=gather_rows,
+                graph=graph,
+                of_batch=per_batch,
+            )
             losses.append(loss)
             seen += len(idx)
             step += 1
@@ -433,13 +510,22 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
                 os.kill(os.getpid(), signal.SIGKILL)  # tests: a kill -9 at a chosen step
         count(cache)
         quality = quality_means(mined) if per_batch else pseudo_label_quality(*positives, store.ids())
-        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None, "steps": len(losses),
-                  "warmup": tc.is_warmup(epoch), "mining": tc.mining, "precision": quality["precision"],
-                  "recall": quality["recall"],
-                  "mean_positives": quality["mean_positives"], "images_per_s": seen / (time.perf_counter() - began),
-                  "peak_rss_bytes": peak_rss_bytes(), "lr": config.train.lr_at(epoch),
-                  "transductive": tc.transductive, "negatives": config.loss.negatives,
-                  "refresh": tc.refresh}  # fmt: skip
+        record = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)) if losses else None,
+            "steps": len(losses),
+            "warmup": tc.is_warmup(epoch),
+            "mining": tc.mining,
+            "precision": quality["precision"],
+            "recall": quality["recall"],
+            "mean_positives": quality["mean_positives"],
+            "images_per_s": seen / (time.perf_counter() - began),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "lr": config.train.lr_at(epoch),
+            "transductive": tc.transductive,
+            "negatives": config.loss.negatives,
+            "refresh": tc.refresh,
+        }
         history.append(_plain(record))
         epoch, position, partial = epoch + 1, 0, {}
         checkpoint(cache, positives, partial)
@@ -450,21 +536,46 @@ def _train(shards, store_path: Path, config: Config, options: TrainOptions, devi
 
     if tc.epochs == 0 or not history:
         # the untrained baseline (--epochs 0): the dictionary is the initial model's features
-        extract_split(shards, splits, model, store, image_size=tuple(config.model.image_size), device=device,
-                      progress=progress, label=f"epoch-{epoch}-step-{step}")  # fmt: skip
-    model_path = save_model(run_dir / "model.pt", model, config.to_dict(),
-                            {"history": history, "transductive": tc.transductive})  # fmt: skip
+        extract_split(
+            shards,
+            splits,
+            model,
+            store,
+            image_size=tuple(config.model.image_size),
+            device=device,
+            progress=progress,
+            label=f"epoch-{epoch}-step-{step}",
+        )
+    model_path = save_model(
+        run_dir / "model.pt", model, config.to_dict(), {"history": history, "transductive": tc.transductive}
+    )
     _plot(run_dir, history)
-    return {"checkpoint": str(model_path), "weights_sha256": weights_sha256(model),
-            "dictionary_sha256": dictionary_sha256(store), "history": history, "epochs": tc.epochs,
-            "pretrained": model.pretrained_from, "transductive": tc.transductive,
-            # this process's page cache counts (not the run's: a resumed run starts them at 0)
-            "page_cache": {"device_budget_bytes": on_device, **cache_stats}}  # fmt: skip
+    return {
+        "checkpoint": str(model_path),
+        "weights_sha256": weights_sha256(model),
+        "dictionary_sha256": dictionary_sha256(store),
+        "history": history,
+        "epochs": tc.epochs,
+        "pretrained": model.pretrained_from,
+        "transductive": tc.transductive,
+        # this process's page cache counts (not the run's: a resumed run starts them at 0)
+        "page_cache": {"device_budget_bytes": on_device, **cache_stats},
+    }
 
 
-def dictionary_step(x: torch.Tensor, idx: torch.Tensor, cache: PageCache, positives, r: float, delta: float,
-                    optimizer: torch.optim.Optimizer | None = None, *, gather_rows: int = 4096,
-                    graph: Callable[[np.ndarray], np.ndarray] | None = None, of_batch: bool = False) -> float:  # fmt: skip
+def dictionary_step(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    cache: PageCache,
+    positives,
+    r: float,
+    delta: float,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    gather_rows: int = 4096,
+    graph: Callable[[np.ndarray], np.ndarray] | None = None,
+    of_batch: bool = False,
+) -> float:
     """One DTL step against the dictionary behind ``cache``: loss, backward, optimizer step, momentum update.
 
     ``positives`` is the CSR over all N rows, or with ``of_batch`` the batch's own CSR
@@ -483,11 +594,13 @@ def dictionary_step(x: torch.Tensor, idx: torch.Tensor, cache: PageCache, positi
     pos_ptr, pos_idx = batch_positives(positives[0], positives[1], cut, device=device)
     rows_fn = lambda ids: cache.get_rows_tensor(_np(ids), device).float()  # noqa: E731
     if graph is None:
-        out = dtl_streaming(x, _blocks(cache, device), rows_fn, rows, pos_ptr, pos_idx, r, delta, count=cache.n,
-                            chunk_rows=gather_rows)  # fmt: skip
+        out = dtl_streaming(
+            x, _blocks(cache, device), rows_fn, rows, pos_ptr, pos_idx, r, delta, count=cache.n, chunk_rows=gather_rows
+        )
     else:
-        hard, _ = graph_negatives(x, graph(idx.numpy()), rows_fn, pos_ptr, pos_idx, rows, r, count=cache.n,
-                                  chunk_rows=gather_rows)  # fmt: skip
+        hard, _ = graph_negatives(
+            x, graph(idx.numpy()), rows_fn, pos_ptr, pos_idx, rows, r, count=cache.n, chunk_rows=gather_rows
+        )
         out = dtl_loss(x, rows_fn, rows, pos_ptr, pos_idx, hard, delta, chunk_rows=gather_rows)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
@@ -535,10 +648,12 @@ def _fill_row(model: torch.nn.Module, batch: torch.Tensor, idx: torch.Tensor, ca
 def _check_batch_mining(n: int, dim: int, batch: int, adjacency: int, budget: int) -> None:
     need = dplm_rows_bytes(n, dim, batch, adjacency)
     if need > budget // 4:
-        raise ConfigError(f"train.mining=batch mines each batch against the whole dictionary: N = {n:,} needs "
-                          f"{need / 2**20:,.1f} MiB, more than a quarter of the memory budget "
-                          f"({budget / 2**20:,.1f} MiB); use train.mining=epoch "
-                          "or a larger --memory-budget")  # fmt: skip
+        raise ConfigError(
+            f"train.mining=batch mines each batch against the whole dictionary: N = {n:,} needs "
+            f"{need / 2**20:,.1f} MiB, more than a quarter of the memory budget "
+            f"({budget / 2**20:,.1f} MiB); use train.mining=epoch "
+            "or a larger --memory-budget"
+        )
 
 
 def _labels(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -549,8 +664,14 @@ def _labels(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _mine_batch(cache: PageCache, rows: np.ndarray, config: Config, labels, mined: dict):
     """DPLM positives of ``rows`` against the live dictionary; adds their quality sums to ``mined``."""
     m = config.mining
-    found = dplm_rows(cache.read_range(0, cache.n), rows, threshold=m.threshold, min_candidates=m.min_candidates,
-                      adjacency=m.adjacency, order=m.order)  # fmt: skip
+    found = dplm_rows(
+        cache.read_range(0, cache.n),
+        rows,
+        threshold=m.threshold,
+        min_candidates=m.min_candidates,
+        adjacency=m.adjacency,
+        order=m.order,
+    )
     sums = quality_sums(rows, *found, *labels)
     for key in ("rows", "positives", "precision", "recall"):
         mined[key] = None if mined[key] is None or sums[key] is None else mined[key] + sums[key]

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as tvf
+
 from wildreid.errors import ConfigError
 
 __all__ = [
@@ -182,8 +183,10 @@ def apply_params_batch(images, params: Sequence[AugmentParams], size: tuple[int,
     runs once for the batch with per-image parameters, and each image's result depends
     on its own image and parameters only (so a batch of one gives the same bits).
     """
-    crops = [tvf.resized_crop(img, *p.crop, list(size), interpolation=_BILINEAR, antialias=True)
-             for img, p in zip(images, params)]  # fmt: skip
+    crops = [
+        tvf.resized_crop(img, *p.crop, list(size), interpolation=_BILINEAR, antialias=True)
+        for img, p in zip(images, params)
+    ]
     x = tvf.to_dtype(torch.stack(crops), torch.float32, scale=True)
     flip = [k for k, p in enumerate(params) if p.flip]
     if flip:

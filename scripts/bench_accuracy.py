@@ -53,8 +53,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS: dict[str, list[str]] = {
     "untrained": ["train.epochs=0"],
     "defaults": [],
-    "published": ["train.refresh=published", "mining.order=published", "dictionary.dtype=float32",
-                  "model.eval_feature=pool5", "train.mining=batch"],
+    "published": [
+        "train.refresh=published",
+        "mining.order=published",
+        "dictionary.dtype=float32",
+        "model.eval_feature=pool5",
+        "train.mining=batch",
+    ],
     "refresh-eval": ["train.refresh=eval"],
     "refresh-published": ["train.refresh=published"],
     "order-published": ["mining.order=published"],
@@ -65,7 +70,7 @@ SETTINGS: dict[str, list[str]] = {
     "feature-bnneck": ["model.eval_feature=bnneck"],
     "mining-batch": ["train.mining=batch"],
     "mining-epoch": ["train.mining=epoch"],
-}  # fmt: skip
+}
 DEFAULT_SETTINGS = "untrained,defaults,published,refresh-eval,order-published"
 DEFAULT_ADAPT_SETTINGS = "untrained,defaults,published"
 SCENARIOS = ("scratch", "adapt")
@@ -75,9 +80,16 @@ METRICS = (("ap", "mAP"), ("hit1", "rank1"), ("ap_camnorm", "mAP_camnorm"), ("hi
 SPLIT = "large"  # every test vehicle, one query each
 PRETRAIN_SEED_OFFSET = 1000  # the pretraining set's generator seed: the study's + this
 # --quick: a smoke run of the whole pipeline in a few minutes
-QUICK = {"seeds": 2, "train_vehicles": 30, "test_vehicles": 40, "images_per_vehicle": 4, "pretrain_epochs": 1,
-         "overrides": ["train.epochs=3", "train.warmup_epochs=2"], "settings": "untrained,defaults",
-         "adapt_settings": "untrained,defaults"}  # fmt: skip
+QUICK = {
+    "seeds": 2,
+    "train_vehicles": 30,
+    "test_vehicles": 40,
+    "images_per_vehicle": 4,
+    "pretrain_epochs": 1,
+    "overrides": ["train.epochs=3", "train.warmup_epochs=2"],
+    "settings": "untrained,defaults",
+    "adapt_settings": "untrained,defaults",
+}
 
 
 # --------------------------------------------------------------------------- statistics (pure)
@@ -117,8 +129,7 @@ def paired_bootstrap(a, b, *, resamples: int = 2000, seed: int = 0, level: float
     stats = np.einsum("rs,sq,rq->r", ws.astype(np.float64), d, wq.astype(np.float64)) / (ns * nq)
     low, high = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
     delta = float(d.mean())
-    return {"delta": delta, "low": min(float(low), delta), "high": max(float(high), delta), "seeds": ns,
-            "queries": nq}  # fmt: skip
+    return {"delta": delta, "low": min(float(low), delta), "high": max(float(high), delta), "seeds": ns, "queries": nq}
 
 
 def seed_means(x) -> dict:
@@ -127,8 +138,11 @@ def seed_means(x) -> dict:
     if x.ndim != 2 or 0 in x.shape:
         raise ValueError(f"expected a non-empty (seeds, queries) array, found shape {x.shape}")
     per_seed = x.mean(axis=1)
-    return {"mean": float(per_seed.mean()), "per_seed": [float(v) for v in per_seed],
-            "sd": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0}  # fmt: skip
+    return {
+        "mean": float(per_seed.mean()),
+        "per_seed": [float(v) for v in per_seed],
+        "sd": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0,
+    }
 
 
 def _metrics(results: dict[str, dict[int, dict]]) -> list[tuple[str, str]]:
@@ -156,10 +170,14 @@ def compare(results: dict[str, dict[int, dict]], *, resamples: int = 2000, seed:
             if name == base or base not in results or not common:
                 continue
             row[f"vs_{base}"] = {
-                metric: paired_bootstrap([runs[s][key] for s in common], [results[base][s][key] for s in common],
-                                         resamples=resamples, seed=seed)
+                metric: paired_bootstrap(
+                    [runs[s][key] for s in common],
+                    [results[base][s][key] for s in common],
+                    resamples=resamples,
+                    seed=seed,
+                )
                 for key, metric in metrics
-            }  # fmt: skip
+            }
         out[name] = row
     return out
 
@@ -178,8 +196,10 @@ def markdown(table: dict[str, dict[str, dict]], protocol: str = "") -> str:
     ``protocol`` "" is the standard one, "_camnorm" the camera-normalised metrics (rows lacking them are left out).
     """
     m, r1 = f"mAP{protocol}", f"rank1{protocol}"
-    head = ("| scenario | setting | seeds | mAP (%) | rank-1 (%) | Δ mAP vs untrained | Δ rank-1 vs untrained "
-            "| Δ mAP vs published | Δ rank-1 vs published |")  # fmt: skip
+    head = (
+        "| scenario | setting | seeds | mAP (%) | rank-1 (%) | Δ mAP vs untrained | Δ rank-1 vs untrained "
+        "| Δ mAP vs published | Δ rank-1 vs published |"
+    )
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for scenario, rows in table.items():
         for name, r in rows.items():
@@ -189,8 +209,10 @@ def markdown(table: dict[str, dict[str, dict]], protocol: str = "") -> str:
             if r.get(m) is None:
                 continue
             cells = [_ci(r.get(f"vs_{b}", {}).get(metric)) for b in BASELINES for metric in (m, r1)]
-            lines.append(f"| {scenario} | {name} | {len(r['seeds'])} | {100 * r[m]['mean']:.1f} "
-                         f"| {100 * r[r1]['mean']:.1f} | " + " | ".join(cells) + " |")  # fmt: skip
+            lines.append(
+                f"| {scenario} | {name} | {len(r['seeds'])} | {100 * r[m]['mean']:.1f} "
+                f"| {100 * r[r1]['mean']:.1f} | " + " | ".join(cells) + " |"
+            )
     return "\n".join(lines)
 
 
@@ -231,8 +253,9 @@ def _run(cmd: list[str], threads: int, what: str) -> str:
     """Run ``cmd``; its stdout, or RuntimeError with the last line of its stderr (Stopped when signalled)."""
     if _STOP.is_set():
         raise Stopped(f"{what} not started: stopping")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(threads),
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(threads), start_new_session=True
+    )
     with _CHILDREN_LOCK:
         _CHILDREN.add(proc)
     try:
@@ -256,13 +279,31 @@ def prepare_data(out: Path, *, train: int, test: int, images: int, seed: int, th
     if not (data / "train_test_split" / "train_list.txt").exists():
         began = time.perf_counter()
         shutil.rmtree(data, ignore_errors=True)
-        _run(_cli("synth", str(data), "--train-vehicles", str(train), "--test-vehicles", str(test),
-                  "--images-per-vehicle", str(images), "--seed", str(seed), "--workers", str(threads)),
-             threads, "wildreid synth")  # fmt: skip
+        _run(
+            _cli(
+                "synth",
+                str(data),
+                "--train-vehicles",
+                str(train),
+                "--test-vehicles",
+                str(test),
+                "--images-per-vehicle",
+                str(images),
+                "--seed",
+                str(seed),
+                "--workers",
+                str(threads),
+            ),
+            threads,
+            "wildreid synth",
+        )
         log(f"synth {tag}: {time.perf_counter() - began:.0f} s")
     if not (shards / "manifest.json").exists():
-        _run(_cli("shard", str(data), str(shards), "--max-samples", "400", "--workers", str(threads)),
-             threads, "wildreid shard")  # fmt: skip
+        _run(
+            _cli("shard", str(data), str(shards), "--max-samples", "400", "--workers", str(threads)),
+            threads,
+            "wildreid shard",
+        )
     return shards
 
 
@@ -290,9 +331,13 @@ def score_groups(features: Path, split: str = SPLIT) -> dict:
     qn, gn = camera_normalise(qf, q_cams, means), camera_normalise(gf, g_cams, means)
     ap_cn, hit1_cn = per_query_metrics(grid_distances(qn, 0, gn, 0), q_ids, q_cams, g_ids, g_cams)
     valid = ~np.isnan(ap)
-    return {"ap": ap[valid].tolist(), "hit1": hit1[valid].tolist(), "ap_camnorm": ap_cn[valid].tolist(),
-            "hit1_camnorm": hit1_cn[valid].tolist(),
-            "queries": [[int(i), int(c)] for i, c in zip(q_ids[valid], q_cams[valid])]}  # fmt: skip
+    return {
+        "ap": ap[valid].tolist(),
+        "hit1": hit1[valid].tolist(),
+        "ap_camnorm": ap_cn[valid].tolist(),
+        "hit1_camnorm": hit1_cn[valid].tolist(),
+        "queries": [[int(i), int(c)] for i, c in zip(q_ids[valid], q_cams[valid])],
+    }
 
 
 def train_and_score(job: dict, threads: int, keep: bool) -> dict:
@@ -301,8 +346,19 @@ def train_and_score(job: dict, threads: int, keep: bool) -> dict:
     for other in run.parent.glob(f"seed-{job['seed']}-*"):  # runs of other overrides or data: never resumed
         if other != run:
             shutil.rmtree(other, ignore_errors=True)
-    cmd = _cli("train", "--shards", job["shards"], "--store", str(run), "--config", job["config"], "--json",
-               "--memory-budget", job["budget"], *[a for o in job["overrides"] for a in ("--set", o)])  # fmt: skip
+    cmd = _cli(
+        "train",
+        "--shards",
+        job["shards"],
+        "--store",
+        str(run),
+        "--config",
+        job["config"],
+        "--json",
+        "--memory-budget",
+        job["budget"],
+        *[a for o in job["overrides"] for a in ("--set", o)],
+    )
     began = time.perf_counter()
     if run.exists():
         try:
@@ -320,25 +376,70 @@ def train_and_score(job: dict, threads: int, keep: bool) -> dict:
     train_s = time.perf_counter() - began
     began = time.perf_counter()
     ckpt = Path(report["checkpoint"])
-    out = _run(_cli("eval", "--shards", job["shards"], "--checkpoint", str(ckpt), "--split", SPLIT, "--json",
-                    "--memory-budget", job["budget"]), threads, "wildreid eval")  # fmt: skip
+    out = _run(
+        _cli(
+            "eval",
+            "--shards",
+            job["shards"],
+            "--checkpoint",
+            str(ckpt),
+            "--split",
+            SPLIT,
+            "--json",
+            "--memory-budget",
+            job["budget"],
+        ),
+        threads,
+        "wildreid eval",
+    )
     agg = json.loads(out.strip().splitlines()[-1])[SPLIT]
-    out = _run(_cli("eval", "--shards", job["shards"], "--checkpoint", str(ckpt), "--split", SPLIT, "--json",
-                    "--camera-norm", "--memory-budget", job["budget"]), threads, "wildreid eval --camera-norm")  # fmt: skip
+    out = _run(
+        _cli(
+            "eval",
+            "--shards",
+            job["shards"],
+            "--checkpoint",
+            str(ckpt),
+            "--split",
+            SPLIT,
+            "--json",
+            "--camera-norm",
+            "--memory-budget",
+            job["budget"],
+        ),
+        threads,
+        "wildreid eval --camera-norm",
+    )
     agg_cn = json.loads(out.strip().splitlines()[-1])[SPLIT]
     scores = score_groups(ckpt.parent / "features")
-    for key, metric, ref in (("ap", "mAP", agg), ("hit1", "rank1", agg), ("ap_camnorm", "mAP", agg_cn),
-                             ("hit1_camnorm", "rank1", agg_cn)):  # fmt: skip
+    for key, metric, ref in (
+        ("ap", "mAP", agg),
+        ("hit1", "rank1", agg),
+        ("ap_camnorm", "mAP", agg_cn),
+        ("hit1_camnorm", "rank1", agg_cn),
+    ):
         if len(scores[key]) != ref["valid_queries"] or abs(np.mean(scores[key]) - ref[metric]) > 1e-9:
-            raise RuntimeError(f"per-query {key} {np.mean(scores[key]):.6f} over {len(scores[key])} queries does "
-                               f"not match wildreid eval's {ref[metric]:.6f} over {ref['valid_queries']}")  # fmt: skip
-    history = [{k: h.get(k) for k in ("epoch", "loss", "precision", "recall", "mean_positives")}
-               for h in report.get("history", [])]  # fmt: skip
-    result = {**{k: job[k] for k in ("scenario", "setting", "seed", "overrides", "fingerprint", "config_digest")},
-              **scores, "mAP": agg["mAP"], "rank1": agg["rank1"], "mAP_camnorm": agg_cn["mAP"],
-              "rank1_camnorm": agg_cn["rank1"], "pretrained": report.get("pretrained"),
-              "epochs": report.get("epochs"), "train_s": train_s,
-              "eval_s": time.perf_counter() - began, "history": history}  # fmt: skip
+            raise RuntimeError(
+                f"per-query {key} {np.mean(scores[key]):.6f} over {len(scores[key])} queries does "
+                f"not match wildreid eval's {ref[metric]:.6f} over {ref['valid_queries']}"
+            )
+    history = [
+        {k: h.get(k) for k in ("epoch", "loss", "precision", "recall", "mean_positives")}
+        for h in report.get("history", [])
+    ]
+    result = {
+        **{k: job[k] for k in ("scenario", "setting", "seed", "overrides", "fingerprint", "config_digest")},
+        **scores,
+        "mAP": agg["mAP"],
+        "rank1": agg["rank1"],
+        "mAP_camnorm": agg_cn["mAP"],
+        "rank1_camnorm": agg_cn["rank1"],
+        "pretrained": report.get("pretrained"),
+        "epochs": report.get("epochs"),
+        "train_s": train_s,
+        "eval_s": time.perf_counter() - began,
+        "history": history,
+    }
     _write_json(Path(job["result"]), result)
     if not keep:
         shutil.rmtree(run, ignore_errors=True)
@@ -348,14 +449,16 @@ def train_and_score(job: dict, threads: int, keep: bool) -> dict:
 # --------------------------------------------------------------------------- supervised pretraining
 
 
-def pretrain(shards: Path, out_file: Path, *, seed: int, epochs: int, image_size, batch_size: int = 64,
-             lr: float = 0.05) -> dict:  # fmt: skip
+def pretrain(
+    shards: Path, out_file: Path, *, seed: int, epochs: int, image_size, batch_size: int = 64, lr: float = 0.05
+) -> dict:
     """A torchvision resnet18 trained with labels (cross-entropy over the train split's vehicle ids, random
     crop with 4-pixel padding and horizontal flip, SGD with a one-cycle schedule) on ``shards``; its state dict
     (torchvision keys, fc.* included and ignored by ``model.pretrained``) goes to ``out_file``."""
     import torch
     import torch.nn.functional as F
     import torchvision
+
     from wildreid.shards.reader import ShardDataset
     from wildreid.stores import atomic_write
     from wildreid.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -396,8 +499,14 @@ def pretrain(shards: Path, out_file: Path, *, seed: int, epochs: int, image_size
             loss_sum += float(loss) * len(y)
         history.append({"epoch": epoch, "loss": loss_sum / total, "train_accuracy": correct / total})
     atomic_write(out_file, lambda f: torch.save(model.state_dict(), f))
-    return {"file": str(out_file), "classes": len(vids), "epochs": epochs, "seed": seed, "history": history,
-            "seconds": time.perf_counter() - began}  # fmt: skip
+    return {
+        "file": str(out_file),
+        "classes": len(vids),
+        "epochs": epochs,
+        "seed": seed,
+        "history": history,
+        "seconds": time.perf_counter() - began,
+    }
 
 
 def pretrain_main(argv: list[str]) -> None:
@@ -452,20 +561,37 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--dry-run", action="store_true", help="list the runs to do and exit")
     a = p.parse_args(argv)
     q = a.quick
-    full = {"seeds": 5, "train_vehicles": 200, "test_vehicles": 240, "images_per_vehicle": 8, "pretrain_epochs": 15,
-            "settings": DEFAULT_SETTINGS, "adapt_settings": DEFAULT_ADAPT_SETTINGS}  # fmt: skip
+    full = {
+        "seeds": 5,
+        "train_vehicles": 200,
+        "test_vehicles": 240,
+        "images_per_vehicle": 8,
+        "pretrain_epochs": 15,
+        "settings": DEFAULT_SETTINGS,
+        "adapt_settings": DEFAULT_ADAPT_SETTINGS,
+    }
     for key, value in full.items():
         if getattr(a, key) is None:
             setattr(a, key, QUICK[key] if q else value)
-    for key, least in (("seeds", 1), ("jobs", 1), ("threads", 1), ("train_vehicles", 1), ("test_vehicles", 1),
-                       ("images_per_vehicle", 2), ("pretrain_epochs", 1), ("resamples", 100)):  # fmt: skip
+    for key, least in (
+        ("seeds", 1),
+        ("jobs", 1),
+        ("threads", 1),
+        ("train_vehicles", 1),
+        ("test_vehicles", 1),
+        ("images_per_vehicle", 2),
+        ("pretrain_epochs", 1),
+        ("resamples", 100),
+    ):
         if getattr(a, key) < least:
             p.error(f"--{key.replace('_', '-')}: expected an integer >= {least}, found {getattr(a, key)}")
     if not Path(a.config).is_file():
         p.error(f"--config: {a.config} does not exist; expected a YAML config such as configs/demo.yaml")
     a.scenarios = _names(a.scenarios, SCENARIOS, "scenarios")
-    a.settings = {"scratch": _names(a.settings, SETTINGS, "settings"),
-                  "adapt": _names(a.adapt_settings, SETTINGS, "adapt-settings")}  # fmt: skip
+    a.settings = {
+        "scratch": _names(a.settings, SETTINGS, "settings"),
+        "adapt": _names(a.adapt_settings, SETTINGS, "adapt-settings"),
+    }
     a.base = (QUICK["overrides"] if q else []) + a.overrides
     return a
 
@@ -485,14 +611,27 @@ def plan(a, shards: Path, backbone_of) -> list[dict]:
                 try:
                     digest = config_digest(load_config(a.config, overrides))
                 except ConfigError as exc:
-                    raise SystemExit(f"error: setting {setting!r} ({' '.join(SETTINGS[setting]) or 'no overrides'}) "
-                                     f"is not valid here: {exc}; leave it out with --settings") from None  # fmt: skip
+                    raise SystemExit(
+                        f"error: setting {setting!r} ({' '.join(SETTINGS[setting]) or 'no overrides'}) "
+                        f"is not valid here: {exc}; leave it out with --settings"
+                    ) from None
                 key = hashlib.sha256(json.dumps([config_sha, overrides, shards.name, SPLIT]).encode()).hexdigest()[:16]
                 tail = f"{scenario}/{setting}/seed-{seed}"
-                jobs.append({"scenario": scenario, "setting": setting, "seed": seed, "overrides": overrides,
-                             "fingerprint": key, "config_digest": digest, "config": a.config, "shards": str(shards),
-                             "budget": a.memory_budget, "run": str(a.out / "runs" / f"{tail}-{key}"),
-                             "result": str(a.out / "results" / f"{tail}.json")})  # fmt: skip
+                jobs.append(
+                    {
+                        "scenario": scenario,
+                        "setting": setting,
+                        "seed": seed,
+                        "overrides": overrides,
+                        "fingerprint": key,
+                        "config_digest": digest,
+                        "config": a.config,
+                        "shards": str(shards),
+                        "budget": a.memory_budget,
+                        "run": str(a.out / "runs" / f"{tail}-{key}"),
+                        "result": str(a.out / "results" / f"{tail}.json"),
+                    }
+                )
     return jobs
 
 
@@ -522,8 +661,13 @@ def main(argv: list[str] | None = None) -> int:
     from wildreid.config import load_config
 
     image_size = load_config(a.config, a.base).model.image_size
-    size = {"train": a.train_vehicles, "test": a.test_vehicles, "images": a.images_per_vehicle, "threads": a.threads,
-            "log": log}  # fmt: skip
+    size = {
+        "train": a.train_vehicles,
+        "test": a.test_vehicles,
+        "images": a.images_per_vehicle,
+        "threads": a.threads,
+        "log": log,
+    }
     pre_dir = a.out / f"backbones-{a.train_vehicles}-{a.images_per_vehicle}-s{a.data_seed + PRETRAIN_SEED_OFFSET}"
 
     def backbone_of(seed: int) -> Path:
@@ -545,8 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     backbones = sorted({backbone_of(j["seed"]) for j in todo if j["scenario"] == "adapt"})
     backbones = [b for b in backbones if not b.exists()]
     threads = max(1, a.threads // a.jobs)
-    log(f"{len(jobs)} runs, {len(jobs) - len(todo)} finished before; {len(todo)} to do and {len(backbones)} "
-        f"backbones to pretrain, {a.jobs} at a time x {threads} threads")  # fmt: skip
+    log(
+        f"{len(jobs)} runs, {len(jobs) - len(todo)} finished before; {len(todo)} to do and {len(backbones)} "
+        f"backbones to pretrain, {a.jobs} at a time x {threads} threads"
+    )
     if a.dry_run:
         for j in todo:
             print(f"{j['scenario']}/{j['setting']}/seed-{j['seed']}: {' '.join(j['overrides'])}")
@@ -563,9 +709,25 @@ def main(argv: list[str] | None = None) -> int:
         seed = int(path.stem.rsplit("seed", 1)[1])
         t0 = time.perf_counter()
         try:
-            _run([sys.executable, str(Path(__file__).resolve()), "pretrain", str(pre_shards), str(path), "--seed",
-                  str(seed), "--epochs", str(a.pretrain_epochs), "--height", str(image_size[0]), "--width",
-                  str(image_size[1])], threads, "pretraining")  # fmt: skip
+            _run(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "pretrain",
+                    str(pre_shards),
+                    str(path),
+                    "--seed",
+                    str(seed),
+                    "--epochs",
+                    str(a.pretrain_epochs),
+                    "--height",
+                    str(image_size[0]),
+                    "--width",
+                    str(image_size[1]),
+                ],
+                threads,
+                "pretraining",
+            )
             acc = json.loads(path.with_suffix(".json").read_text())["history"][-1]["train_accuracy"]
             log(f"backbone {path.name}: {time.perf_counter() - t0:.0f} s, final train accuracy {acc:.3f}")
         except Stopped as exc:
@@ -583,8 +745,10 @@ def main(argv: list[str] | None = None) -> int:
             return
         try:
             r = train_and_score(job, threads, a.keep_runs)
-            log(f"{name}: mAP {r['mAP']:.4f}, rank-1 {r['rank1']:.4f}, train {r['train_s']:.0f} s, "
-                f"eval {r['eval_s']:.0f} s")  # fmt: skip
+            log(
+                f"{name}: mAP {r['mAP']:.4f}, rank-1 {r['rank1']:.4f}, train {r['train_s']:.0f} s, "
+                f"eval {r['eval_s']:.0f} s"
+            )
         except Stopped as exc:
             log(f"{name}: {exc}")
         except (RuntimeError, OSError, ValueError, KeyError) as exc:
@@ -613,20 +777,43 @@ def report(a, jobs: list[dict], failures: list[str], began: float, log, pre: lis
             raise SystemExit(f"error: {j['result']} scored another query set; delete it and rerun")
         results[j["scenario"]][j["setting"]][j["seed"]] = r
     table = {s: compare(rows, resamples=a.resamples, seed=a.bootstrap_seed) for s, rows in results.items()}
-    times = {s: {n: float(np.mean([r["train_s"] for r in runs.values()])) if runs else None
-                 for n, runs in rows.items()} for s, rows in results.items()}  # fmt: skip
+    times = {
+        s: {n: float(np.mean([r["train_s"] for r in runs.values()])) if runs else None for n, runs in rows.items()}
+        for s, rows in results.items()
+    }
     wall = time.perf_counter() - began
     pretraining = [json.loads(p.read_text()) for p in pre]
-    run_s = sum(r["train_s"] + r["eval_s"] for rows in results.values() for runs in rows.values()
-                for r in runs.values()) + sum(p["seconds"] for p in pretraining)  # fmt: skip
-    summary = {"bench": "accuracy", "config": a.config, "overrides": a.base, "split": SPLIT,
-               "queries": len(queries or []), "data": {"train_vehicles": a.train_vehicles,
-               "test_vehicles": a.test_vehicles, "images_per_vehicle": a.images_per_vehicle, "seed": a.data_seed},
-               "seeds": a.seeds, "settings": {n: SETTINGS[n] for s in a.scenarios for n in a.settings[s]},
-               "backbones": a.backbones, "pretrain_epochs": a.pretrain_epochs, "resamples": a.resamples,
-               "bootstrap_seed": a.bootstrap_seed, "table": table, "mean_train_s": times,
-               "pretraining": pretraining, "failures": failures, "wall_s": wall, "runs_s": run_s, "jobs": a.jobs,
-               "threads": a.threads, "quick": a.quick}  # fmt: skip
+    run_s = sum(
+        r["train_s"] + r["eval_s"] for rows in results.values() for runs in rows.values() for r in runs.values()
+    ) + sum(p["seconds"] for p in pretraining)
+    summary = {
+        "bench": "accuracy",
+        "config": a.config,
+        "overrides": a.base,
+        "split": SPLIT,
+        "queries": len(queries or []),
+        "data": {
+            "train_vehicles": a.train_vehicles,
+            "test_vehicles": a.test_vehicles,
+            "images_per_vehicle": a.images_per_vehicle,
+            "seed": a.data_seed,
+        },
+        "seeds": a.seeds,
+        "settings": {n: SETTINGS[n] for s in a.scenarios for n in a.settings[s]},
+        "backbones": a.backbones,
+        "pretrain_epochs": a.pretrain_epochs,
+        "resamples": a.resamples,
+        "bootstrap_seed": a.bootstrap_seed,
+        "table": table,
+        "mean_train_s": times,
+        "pretraining": pretraining,
+        "failures": failures,
+        "wall_s": wall,
+        "runs_s": run_s,
+        "jobs": a.jobs,
+        "threads": a.threads,
+        "quick": a.quick,
+    }
     _write_json(a.out / "summary.json", summary)
     print("Standard protocol:\n" + markdown(table))
     if any(r.get("mAP_camnorm") for rows in table.values() for r in rows.values()):
@@ -634,12 +821,16 @@ def report(a, jobs: list[dict], failures: list[str], began: float, log, pre: lis
     adapt = ""
     if "adapt" in a.scenarios:
         shared = "one backbone shared by all seeds" if a.backbones == "shared" else "one backbone per seed"
-        adapt = (f" adapt: supervised resnet18 on generator seed {a.data_seed + PRETRAIN_SEED_OFFSET}, "
-                 f"{a.pretrain_epochs} epochs, {shared}.")  # fmt: skip
-    print(f"\n{len(queries or [])} queries ({SPLIT} split); Δ in percentage points, paired two-level bootstrap "
-          f"95% CI over seeds and queries ({a.resamples} resamples).{adapt} Total wall time {wall:.0f} s "
-          f"({a.jobs} jobs x {max(1, a.threads // a.jobs)} threads); the runs' own times, earlier invocations "
-          f"included: {run_s:.0f} s. Summary: {a.out / 'summary.json'}")  # fmt: skip
+        adapt = (
+            f" adapt: supervised resnet18 on generator seed {a.data_seed + PRETRAIN_SEED_OFFSET}, "
+            f"{a.pretrain_epochs} epochs, {shared}."
+        )
+    print(
+        f"\n{len(queries or [])} queries ({SPLIT} split); Δ in percentage points, paired two-level bootstrap "
+        f"95% CI over seeds and queries ({a.resamples} resamples).{adapt} Total wall time {wall:.0f} s "
+        f"({a.jobs} jobs x {max(1, a.threads // a.jobs)} threads); the runs' own times, earlier invocations "
+        f"included: {run_s:.0f} s. Summary: {a.out / 'summary.json'}"
+    )
     for f in failures:
         log(f"failed: {f}")
     if _STOP.is_set():

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from wildreid.stores import FeatureStore
 from wildreid.units import format_bytes, parse_bytes
 
@@ -40,7 +41,9 @@ def rss():
     return int(open('/proc/self/statm').read().split()[1]) * 4096
 """
 
-BLOCKWISE_CHILD = CHILD_PRELUDE + """
+BLOCKWISE_CHILD = (
+    CHILD_PRELUDE
+    + """
 from wildreid.evaluate import evaluate_blockwise
 q, g, budget, nq = FeatureStore.open(sys.argv[1]), FeatureStore.open(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 q_ids, q_cams, g_ids, g_cams = q.ids()[:nq], q.camids()[:nq], g.ids(), g.camids()
@@ -55,8 +58,11 @@ out["seconds"] = time.perf_counter() - began
 out["peak_rss"], out["above_idle"] = peak_rss_bytes(), peak_rss_bytes() - idle
 print(json.dumps(out))
 """
+)
 
-DENSE_CHILD = CHILD_PRELUDE + """
+DENSE_CHILD = (
+    CHILD_PRELUDE
+    + """
 q, g, nq = FeatureStore.open(sys.argv[1]), FeatureStore.open(sys.argv[2]), int(sys.argv[4])
 q_ids, q_cams, g_ids, g_cams = q.ids()[:nq], q.camids()[:nq], g.ids(), g.camids()
 idle = rss()
@@ -89,6 +95,7 @@ out["seconds"] = time.perf_counter() - began
 out["peak_rss"], out["above_idle"] = peak_rss_bytes(), peak_rss_bytes() - idle
 print(json.dumps(out))
 """
+)
 
 METRICS = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20")
 
@@ -106,8 +113,12 @@ def make_stores(work: Path, nq: int, ng: int, dim: int, *, vehicles: int = 10_00
 
 
 def run_child(code: str, work: Path, budget: int, nq: int) -> dict:
-    child = subprocess.run([sys.executable, "-c", code, str(work / "query.zarr"), str(work / "gallery.zarr"),
-                            str(budget), str(nq)], capture_output=True, text=True, check=False)  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", code, str(work / "query.zarr"), str(work / "gallery.zarr"), str(budget), str(nq)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if child.returncode != 0:
         raise SystemExit(f"child failed:\n{child.stderr[-3000:]}")
     return json.loads(child.stdout.strip().splitlines()[-1])
@@ -138,21 +149,29 @@ def main() -> None:
     rows.append(("dense (toolbox: matrix + argsort)", dense_q, dense))
     rows.append(("blockwise (evaluate_blockwise)", dense_q, same))
     if dense_q < args.queries:
-        rows.append(("blockwise (evaluate_blockwise)", args.queries, run_child(BLOCKWISE_CHILD, work, budget, args.queries)))
+        rows.append(
+            ("blockwise (evaluate_blockwise)", args.queries, run_child(BLOCKWISE_CHILD, work, budget, args.queries))
+        )
 
-    print(f"\nG = {args.gallery:,}, D = {args.dim}, budget = {format_bytes(budget)}, "
-          f"random L2-normalised float16 features\n")  # fmt: skip
+    print(
+        f"\nG = {args.gallery:,}, D = {args.dim}, budget = {format_bytes(budget)}, "
+        f"random L2-normalised float16 features\n"
+    )
     print("| method | queries | time (s) | peak RSS | above idle | mAP | rank-1 | mINP |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, nq, r in rows:
-        print(f"| {name} | {nq:,} | {r['seconds']:.1f} | {format_bytes(r['peak_rss'])} | "
-              f"{format_bytes(r['above_idle'])} | {r['mAP']:.6f} | {r['rank1']:.4f} | {r['mINP']:.6f} |")  # fmt: skip
+        print(
+            f"| {name} | {nq:,} | {r['seconds']:.1f} | {format_bytes(r['peak_rss'])} | "
+            f"{format_bytes(r['above_idle'])} | {r['mAP']:.6f} | {r['rank1']:.4f} | {r['mINP']:.6f} |"
+        )
     diff = max(abs(dense[k] - same[k]) for k in METRICS)
     counts = (dense["valid_queries"], dense["skipped_queries"]) == (same["valid_queries"], same["skipped_queries"])
-    print(f"\nsame {dense_q:,} queries: time ratio dense/blockwise {dense['seconds'] / same['seconds']:.1f}x, "
-          f"peak RSS ratio {dense['peak_rss'] / same['peak_rss']:.1f}x "
-          f"(above idle {dense['above_idle'] / max(1, same['above_idle']):.1f}x); "
-          f"max metric difference {diff:.2e}, valid/skipped counts {'equal' if counts else 'DIFFER'}")  # fmt: skip
+    print(
+        f"\nsame {dense_q:,} queries: time ratio dense/blockwise {dense['seconds'] / same['seconds']:.1f}x, "
+        f"peak RSS ratio {dense['peak_rss'] / same['peak_rss']:.1f}x "
+        f"(above idle {dense['above_idle'] / max(1, same['above_idle']):.1f}x); "
+        f"max metric difference {diff:.2e}, valid/skipped counts {'equal' if counts else 'DIFFER'}"
+    )
 
 
 if __name__ == "__main__":

@@ -84,24 +84,45 @@ def main() -> None:
     # the baseline runs before and after the mining run and its faster time counts: on a shared
     # machine this favours the baseline, so the ratio errs against wildreid
     before = faiss_search_seconds(x, args.k)
-    child = subprocess.run([sys.executable, "-c", MINE_CHILD, str(store), str(budget), str(args.k)],
-                           capture_output=True, text=True, check=True)  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", MINE_CHILD, str(store), str(budget), str(args.k)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(child.stdout.strip().splitlines()[-1])
     t_faiss = min(before, faiss_search_seconds(x, args.k))
 
-    print(f"N = {args.n:,}, D = {args.dim}, K = {args.k}, budget {budget / 2**20:.0f} MiB, "
-          f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")  # fmt: skip
+    print(
+        f"N = {args.n:,}, D = {args.dim}, K = {args.k}, budget {budget / 2**20:.0f} MiB, "
+        f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads"
+    )
     print("| measure | baseline | baseline | wildreid | wildreid | ratio |")
     print("|---|---|---:|---|---:|---:|")
-    print(f"| exact k-NN time | faiss.IndexFlatIP, all in RAM | {t_faiss:.1f} s | blockwise k-NN stage | "
-          f"{report['knn_s']:.1f} s | {report['knn_s'] / t_faiss:.2f}x |")
-    print(f"| DPLM rules time | k-NN stage | {report['knn_s']:.1f} s | rules stage | {report['rules_s']:.1f} s | "
-          f"{report['rules_s'] / report['knn_s']:.2f}x |")
-    print(f"| peak RSS above idle | memory budget | {budget / 2**20:.0f} MiB | mining process | "
-          f"{report['above_idle_bytes'] / 2**20:.0f} MiB | {report['above_idle_bytes'] / budget:.2f}x |")
-    print(json.dumps({"knn_ratio": report["knn_s"] / t_faiss, "rules_ratio": report["rules_s"] / report["knn_s"],
-                      "rss_ratio": report["above_idle_bytes"] / budget, "precision": report["precision"],
-                      "recall": report["recall"], "blocks": report["blocks"]}))  # fmt: skip
+    print(
+        f"| exact k-NN time | faiss.IndexFlatIP, all in RAM | {t_faiss:.1f} s | blockwise k-NN stage | "
+        f"{report['knn_s']:.1f} s | {report['knn_s'] / t_faiss:.2f}x |"
+    )
+    print(
+        f"| DPLM rules time | k-NN stage | {report['knn_s']:.1f} s | rules stage | {report['rules_s']:.1f} s | "
+        f"{report['rules_s'] / report['knn_s']:.2f}x |"
+    )
+    print(
+        f"| peak RSS above idle | memory budget | {budget / 2**20:.0f} MiB | mining process | "
+        f"{report['above_idle_bytes'] / 2**20:.0f} MiB | {report['above_idle_bytes'] / budget:.2f}x |"
+    )
+    print(
+        json.dumps(
+            {
+                "knn_ratio": report["knn_s"] / t_faiss,
+                "rules_ratio": report["rules_s"] / report["knn_s"],
+                "rss_ratio": report["above_idle_bytes"] / budget,
+                "precision": report["precision"],
+                "recall": report["recall"],
+                "blocks": report["blocks"],
+            }
+        )
+    )
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 

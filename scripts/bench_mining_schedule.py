@@ -61,16 +61,30 @@ def prepare_shards(work: Path, train_vehicles: int, test_vehicles: int, seed: in
 
 def evaluate(shards: Path, checkpoint: str, split: str, budget: str) -> dict:
     """``wildreid eval --shards --checkpoint --split`` as a subprocess; its JSON result for ``split``."""
-    cmd = [sys.executable, "-m", "wildreid.cli", "eval", "--shards", str(shards), "--checkpoint", checkpoint,
-           "--split", split, "--memory-budget", budget, "--json"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "wildreid.cli",
+        "eval",
+        "--shards",
+        str(shards),
+        "--checkpoint",
+        checkpoint,
+        "--split",
+        split,
+        "--memory-budget",
+        budget,
+        "--json",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if run.returncode != 0:
         raise SystemExit(f"wildreid eval failed ({run.returncode}): {run.stderr[-2000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])[split]
 
 
-def run_schedule(shards: Path, work: Path, config_path: str, overrides: list[str], schedule: str, budget: str,
-                 split: str) -> dict:  # fmt: skip
+def run_schedule(
+    shards: Path, work: Path, config_path: str, overrides: list[str], schedule: str, budget: str, split: str
+) -> dict:
     config = load_config(config_path, [*overrides, f"train.mining={schedule}"])
     store = work / f"run-{schedule}"
     shutil.rmtree(store, ignore_errors=True)
@@ -79,30 +93,45 @@ def run_schedule(shards: Path, work: Path, config_path: str, overrides: list[str
     seconds = time.perf_counter() - began
     result = evaluate(shards, report["checkpoint"], split, budget)
     print(f"{schedule}: {seconds:.0f} s, mAP {result['mAP']:.4f}, rank-1 {result['rank1']:.4f}", file=sys.stderr)
-    return {"schedule": schedule, "train_s": seconds, "mAP": result["mAP"], "rank1": result["rank1"],
-            "valid_queries": result["valid_queries"], "gallery": result["gallery"],
-            "history": [{k: h[k] for k in ("epoch", "warmup", "mining", "precision", "recall", "mean_positives",
-                                            "loss", "steps")} for h in report["history"]]}  # fmt: skip
+    return {
+        "schedule": schedule,
+        "train_s": seconds,
+        "mAP": result["mAP"],
+        "rank1": result["rank1"],
+        "valid_queries": result["valid_queries"],
+        "gallery": result["gallery"],
+        "history": [
+            {k: h[k] for k in ("epoch", "warmup", "mining", "precision", "recall", "mean_positives", "loss", "steps")}
+            for h in report["history"]
+        ],
+    }
 
 
 def markdown(report: dict) -> str:
     runs = {r["schedule"]: r for r in report["runs"]}
     epoch, batch = runs["epoch"], runs["batch"]
-    lines = [f"{report['train_images']:,} synthetic training images ({report['train_vehicles']} vehicles), "
-             f"config {report['config']} {' '.join(report['overrides'])}, seed {report['seed']}; "
-             f"evaluation: --split {report['split']} ({epoch['valid_queries']} queries, "
-             f"{epoch['gallery']} gallery images)", "",
-             "| epoch | epoch: precision | recall | mean positives | batch: precision | recall | mean positives |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        f"{report['train_images']:,} synthetic training images ({report['train_vehicles']} vehicles), "
+        f"config {report['config']} {' '.join(report['overrides'])}, seed {report['seed']}; "
+        f"evaluation: --split {report['split']} ({epoch['valid_queries']} queries, "
+        f"{epoch['gallery']} gallery images)",
+        "",
+        "| epoch | epoch: precision | recall | mean positives | batch: precision | recall | mean positives |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for e, b in zip(epoch["history"], batch["history"]):
         if e["warmup"]:
             continue
-        lines.append(f"| {e['epoch']} | {e['precision']:.3f} | {e['recall']:.3f} | {e['mean_positives']:.2f} "
-                     f"| {b['precision']:.3f} | {b['recall']:.3f} | {b['mean_positives']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {e['epoch']} | {e['precision']:.3f} | {e['recall']:.3f} | {e['mean_positives']:.2f} "
+            f"| {b['precision']:.3f} | {b['recall']:.3f} | {b['mean_positives']:.2f} |"
+        )
     mean = report["dplm_epoch_means"]
-    lines.append(f"| mean | {mean['epoch']['precision']:.3f} | {mean['epoch']['recall']:.3f} "
-                 f"| {mean['epoch']['mean_positives']:.2f} | {mean['batch']['precision']:.3f} "
-                 f"| {mean['batch']['recall']:.3f} | {mean['batch']['mean_positives']:.2f} |")  # fmt: skip
+    lines.append(
+        f"| mean | {mean['epoch']['precision']:.3f} | {mean['epoch']['recall']:.3f} "
+        f"| {mean['epoch']['mean_positives']:.2f} | {mean['batch']['precision']:.3f} "
+        f"| {mean['batch']['recall']:.3f} | {mean['batch']['mean_positives']:.2f} |"
+    )
     lines += ["", "| schedule | mAP | rank-1 | training wall time |", "| --- | ---: | ---: | ---: |"]
     for r in report["runs"]:
         lines.append(f"| {r['schedule']} | {100 * r['mAP']:.2f} % | {100 * r['rank1']:.2f} % | {r['train_s']:.0f} s |")
@@ -118,8 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="of the synthetic set")
     parser.add_argument("--split", default="small", help="evaluation split (wildreid eval --split)")
     parser.add_argument("--memory-budget", default="1GiB")
-    parser.add_argument("--set", dest="overrides", action="append", default=None,
-                        help="config override section.key=value (default: train.workers=0)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=None,
+        help="config override section.key=value (default: train.workers=0)",
+    )
     args = parser.parse_args(argv)
     overrides = args.overrides if args.overrides is not None else ["train.workers=0"]
 
@@ -127,18 +161,28 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     shards = prepare_shards(args.work, args.train_vehicles, args.test_vehicles, args.seed)
     print(f"data ready in {time.perf_counter() - began:.0f} s: {shards}", file=sys.stderr)
-    runs = [run_schedule(shards, args.work, args.config, overrides, s, args.memory_budget, args.split)
-            for s in SCHEDULES]  # fmt: skip
+    runs = [
+        run_schedule(shards, args.work, args.config, overrides, s, args.memory_budget, args.split) for s in SCHEDULES
+    ]
     means = {}
     for r in runs:
         dplm = [h for h in r["history"] if not h["warmup"]]
-        means[r["schedule"]] = {k: sum(h[k] for h in dplm) / max(1, len(dplm))
-                                for k in ("precision", "recall", "mean_positives")}  # fmt: skip
+        means[r["schedule"]] = {
+            k: sum(h[k] for h in dplm) / max(1, len(dplm)) for k in ("precision", "recall", "mean_positives")
+        }
     config = load_config(args.config, overrides)
-    report = {"bench": "mining_schedule", "config": Path(args.config).name, "overrides": overrides,
-              "train_vehicles": args.train_vehicles, "train_images": 8 * args.train_vehicles, "seed": config.train.seed,
-              "split": args.split, "runs": runs, "dplm_epoch_means": means,
-              "seconds": time.perf_counter() - began}  # fmt: skip
+    report = {
+        "bench": "mining_schedule",
+        "config": Path(args.config).name,
+        "overrides": overrides,
+        "train_vehicles": args.train_vehicles,
+        "train_images": 8 * args.train_vehicles,
+        "seed": config.train.seed,
+        "split": args.split,
+        "runs": runs,
+        "dplm_epoch_means": means,
+        "seconds": time.perf_counter() - began,
+    }
     print(markdown(report))
     print(json.dumps(report, sort_keys=True))
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
+
 from wildreid.config import load_config
 from wildreid.dtl import batch_positives, graph_negatives, hard_negatives, tensor_blocks, tensor_rows
 from wildreid.mining import MineParams, mine
@@ -68,8 +69,18 @@ def hash_graph(n: int, k: int):
     return rows_fn
 
 
-def step_time(cache, batch: int, dim: int, r: float, delta: float, repeats: int, graph=None, seed: int = 0,
-              cap_s: float = 15.0, quick_s: float = 2.0) -> float:  # fmt: skip
+def step_time(
+    cache,
+    batch: int,
+    dim: int,
+    r: float,
+    delta: float,
+    repeats: int,
+    graph=None,
+    seed: int = 0,
+    cap_s: float = 15.0,
+    quick_s: float = 2.0,
+) -> float:
     """Best seconds of ``dictionary_step`` on random batches: one untimed call, then ``repeats`` or more timed."""
     positives = self_positives(cache.n)
     gen = torch.Generator().manual_seed(seed)
@@ -94,8 +105,16 @@ def timing(work: Path, sizes: list[int], dim: int, batch: int, r: float, delta: 
         cache = resident_cache(store)
         exact = step_time(cache, batch, dim, r, delta, repeats)
         graph = step_time(cache, batch, dim, r, delta, repeats, graph=hash_graph(n, GRAPH_K))
-        rows.append({"n": n, "exact_s": exact, "graph_s": graph, "speedup": exact / graph,
-                     "h": int(np.floor(r * (n - 1) + 1e-9)), "cache_bytes": cache.resident_bytes})  # fmt: skip
+        rows.append(
+            {
+                "n": n,
+                "exact_s": exact,
+                "graph_s": graph,
+                "speedup": exact / graph,
+                "h": int(np.floor(r * (n - 1) + 1e-9)),
+                "cache_bytes": cache.resident_bytes,
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr)
         del cache, store
         shutil.rmtree(path, ignore_errors=True)
@@ -120,8 +139,9 @@ def drifted(m: torch.Tensor, rows: torch.Tensor, sigma: float, seed: int) -> tor
     return F.normalize(base + sigma / base.shape[1] ** 0.5 * torch.randn(base.shape, generator=gen), dim=1)
 
 
-def quality(work: Path, n: int, dim: int, batch: int, ks: list[int], rs: list[float], sigmas: list[float],
-            budget: int) -> list[dict]:  # fmt: skip
+def quality(
+    work: Path, n: int, dim: int, batch: int, ks: list[int], rs: list[float], sigmas: list[float], budget: int
+) -> list[dict]:
     x16, labels = clustered(n, dim, 10, 0.6)
     m = torch.from_numpy(x16.astype(np.float32))
     rows = torch.from_numpy(np.random.default_rng(1).choice(n, batch, replace=False))
@@ -142,11 +162,21 @@ def quality(work: Path, n: int, dim: int, batch: int, ks: list[int], rs: list[fl
                 exact, h = hard_negatives(x, tensor_blocks(m, 8192), pos_ptr, pos_idx, rows, r, count=n)
                 graph, taken = graph_negatives(x, cand, tensor_rows(m), pos_ptr, pos_idx, rows, r, count=n)
                 hit = sum(len(set(e[e >= 0].tolist()) & set(g[g >= 0].tolist())) for e, g in zip(exact, graph))
-                out.append({"n": n, "k": k, "r": r, "drift": drift, "h_mean": float(h.float().mean()),
-                            "taken_mean": float(taken.float().mean()), "recall": hit / max(1, int(h.sum())),
-                            "short_share": float((h > taken).float().mean()),
-                            "z_exact": _mean_z(x, m, exact), "z_graph": _mean_z(x, m, graph),
-                            "mean_positives": float(np.diff(pos_ptr.numpy()).mean())})  # fmt: skip
+                out.append(
+                    {
+                        "n": n,
+                        "k": k,
+                        "r": r,
+                        "drift": drift,
+                        "h_mean": float(h.float().mean()),
+                        "taken_mean": float(taken.float().mean()),
+                        "recall": hit / max(1, int(h.sum())),
+                        "short_share": float((h > taken).float().mean()),
+                        "z_exact": _mean_z(x, m, exact),
+                        "z_graph": _mean_z(x, m, graph),
+                        "mean_positives": float(np.diff(pos_ptr.numpy()).mean()),
+                    }
+                )
                 print(json.dumps(out[-1]), file=sys.stderr)
         shutil.rmtree(path, ignore_errors=True)
     return out
@@ -161,8 +191,9 @@ def _mean_z(x: torch.Tensor, m: torch.Tensor, hard: torch.Tensor) -> float:
 
 
 def _cli(*args: str) -> dict:
-    run = subprocess.run([sys.executable, "-m", "wildreid.cli", *args, "--json"], capture_output=True, text=True,
-                         check=False)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "wildreid.cli", *args, "--json"], capture_output=True, text=True, check=False
+    )
     if run.returncode != 0:
         raise SystemExit(run.stderr[-3000:])
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -180,21 +211,52 @@ def training(work: Path, vehicles: int) -> list[dict]:
     out = []
     # graph negatives need the eval-mode refresh (a k-NN graph from epoch 0): both runs use it, to compare alike
     eval_refresh = ["--set", "train.refresh=eval"]
-    for name, extra in (("untrained", ["--epochs", "0"]), ("exact", eval_refresh),
-                        ("graph", [*eval_refresh, "--set", "loss.negatives=graph"])):  # fmt: skip
+    for name, extra in (
+        ("untrained", ["--epochs", "0"]),
+        ("exact", eval_refresh),
+        ("graph", [*eval_refresh, "--set", "loss.negatives=graph"]),
+    ):
         store = work / f"train-store-{name}"
         shutil.rmtree(store, ignore_errors=True)
         began = time.perf_counter()
-        report = _cli("train", "--shards", str(shards), "--store", str(store), "--config",
-                      str(ROOT / "configs" / "demo.yaml"), "--memory-budget", "256MiB", "--set", "train.workers=0",
-                      *extra)  # fmt: skip
+        report = _cli(
+            "train",
+            "--shards",
+            str(shards),
+            "--store",
+            str(store),
+            "--config",
+            str(ROOT / "configs" / "demo.yaml"),
+            "--memory-budget",
+            "256MiB",
+            "--set",
+            "train.workers=0",
+            *extra,
+        )
         seconds = time.perf_counter() - began
-        scores = _cli("eval", "--shards", str(shards), "--checkpoint", report["checkpoint"], "--split", "large",
-                      "--memory-budget", "256MiB")["large"]  # fmt: skip
+        scores = _cli(
+            "eval",
+            "--shards",
+            str(shards),
+            "--checkpoint",
+            report["checkpoint"],
+            "--split",
+            "large",
+            "--memory-budget",
+            "256MiB",
+        )["large"]
         history = report["history"]
-        out.append({"run": name, "mAP": scores["mAP"], "rank1": scores["rank1"], "rank5": scores["rank5"],
-                    "train_s": seconds, "final_precision": history[-1]["precision"] if history else None,
-                    "negatives": history[-1]["negatives"] if history else None})  # fmt: skip
+        out.append(
+            {
+                "run": name,
+                "mAP": scores["mAP"],
+                "rank1": scores["rank1"],
+                "rank5": scores["rank5"],
+                "train_s": seconds,
+                "final_precision": history[-1]["precision"] if history else None,
+                "negatives": history[-1]["negatives"] if history else None,
+            }
+        )
         print(json.dumps(out[-1]), file=sys.stderr)
         shutil.rmtree(store, ignore_errors=True)
     return out
@@ -205,36 +267,54 @@ def training(work: Path, vehicles: int) -> list[dict]:
 
 def markdown(report: dict) -> str:
     a = report["timing"]
-    lines = [f"(a) dictionary_step per step, D={a['dim']}, batch {a['batch']}, r={a['r']}, graph K={GRAPH_K}, "
-             f"dictionary resident in the page cache, torch threads {report['threads']}", "",
-             "| N | h_b = floor(r(N-1)) | exact s/step | graph s/step | exact / graph |",
-             "|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"(a) dictionary_step per step, D={a['dim']}, batch {a['batch']}, r={a['r']}, graph K={GRAPH_K}, "
+        f"dictionary resident in the page cache, torch threads {report['threads']}",
+        "",
+        "| N | h_b = floor(r(N-1)) | exact s/step | graph s/step | exact / graph |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for row in a["rows"]:
-        lines.append(f"| {row['n']:,} | {row['h']:,} | {row['exact_s']:.3f} | {row['graph_s']:.3f} "
-                     f"| {row['speedup']:.1f}x |")  # fmt: skip
+        lines.append(
+            f"| {row['n']:,} | {row['h']:,} | {row['exact_s']:.3f} | {row['graph_s']:.3f} | {row['speedup']:.1f}x |"
+        )
     q = report["quality"]
-    lines += ["", f"(b) selection quality, {q['rows'][0]['n']:,} clustered rows (D={q['dim']}, ~10 per cluster), "
-              f"batch {q['batch']}, DPLM positives of the same mining", "",
-              "| K | r | drift | mean h_b | mean taken | recall of exact H_b | share h_b > candidates "
-              "| mean z exact | mean z graph |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        f"(b) selection quality, {q['rows'][0]['n']:,} clustered rows (D={q['dim']}, ~10 per cluster), "
+        f"batch {q['batch']}, DPLM positives of the same mining",
+        "",
+        "| K | r | drift | mean h_b | mean taken | recall of exact H_b | share h_b > candidates "
+        "| mean z exact | mean z graph |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in q["rows"]:
-        lines.append(f"| {row['k']} | {row['r']} | {row['drift']:.3f} | {row['h_mean']:.1f} | {row['taken_mean']:.1f} "
-                     f"| {row['recall']:.3f} | {row['short_share']:.2f} | {row['z_exact']:.3f} "
-                     f"| {row['z_graph']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {row['k']} | {row['r']} | {row['drift']:.3f} | {row['h_mean']:.1f} | {row['taken_mean']:.1f} "
+            f"| {row['recall']:.3f} | {row['short_share']:.2f} | {row['z_exact']:.3f} "
+            f"| {row['z_graph']:.3f} |"
+        )
     if report["training"]:
-        lines += ["", "(c) configs/demo.yaml on a synthetic set, large split", "",
-                  "| run | mAP | rank-1 | rank-5 | DPLM precision (last epoch) | train s |",
-                  "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            "(c) configs/demo.yaml on a synthetic set, large split",
+            "",
+            "| run | mAP | rank-1 | rank-5 | DPLM precision (last epoch) | train s |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for row in report["training"]:
             prec = "-" if row["final_precision"] is None else f"{row['final_precision']:.3f}"
-            lines.append(f"| {row['run']} | {row['mAP']:.4f} | {row['rank1']:.4f} | {row['rank5']:.4f} | {prec} "
-                         f"| {row['train_s']:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {row['run']} | {row['mAP']:.4f} | {row['rank1']:.4f} | {row['rank5']:.4f} | {prec} "
+                f"| {row['train_s']:.0f} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_negatives.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="bench_negatives.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="10000,100000,300000", help="dictionary sizes N of part (a)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/wildreid-bench-neg"))
     parser.add_argument("--dim", type=int, default=2048)
@@ -251,13 +331,18 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = timing(args.work, sizes, args.dim, args.batch, loss.r, loss.delta, args.repeats)
-    quality_rows = quality(args.work, args.quality_n, args.quality_dim, args.quality_batch, [21, 101], [0.01, 0.05],
-                           [0.0, 0.5], 512 << 20)  # fmt: skip
+    quality_rows = quality(
+        args.work, args.quality_n, args.quality_dim, args.quality_batch, [21, 101], [0.01, 0.05], [0.0, 0.5], 512 << 20
+    )
     trained = training(args.work, args.train_vehicles) if args.train_vehicles else []
-    report = {"bench": "negatives", "threads": torch.get_num_threads(),
-              "timing": {"dim": args.dim, "batch": args.batch, "r": loss.r, "delta": loss.delta, "rows": rows},
-              "quality": {"dim": args.quality_dim, "batch": args.quality_batch, "rows": quality_rows},
-              "training": trained, "seconds": time.perf_counter() - began}  # fmt: skip
+    report = {
+        "bench": "negatives",
+        "threads": torch.get_num_threads(),
+        "timing": {"dim": args.dim, "batch": args.batch, "r": loss.r, "delta": loss.delta, "rows": rows},
+        "quality": {"dim": args.quality_dim, "batch": args.quality_batch, "rows": quality_rows},
+        "training": trained,
+        "seconds": time.perf_counter() - began,
+    }
     print(markdown(report))
     print(json.dumps(report, sort_keys=True))
     return 0

@@ -84,10 +84,18 @@ def run_stage(name: str, cmd: list[str], ok_codes=(0,), interval: float = 0.5) -
     if proc.returncode not in ok_codes:
         raise SystemExit(f"error: stage {name} exited {proc.returncode}: {err.strip()[-800:]}")
     last = out.strip().splitlines()[-1] if out.strip() else ""
-    print(f"[{name}] {wall:.0f} s, peak tree USS {peaks['uss'] / 2**20:.0f} MiB, PSS {peaks['pss'] / 2**20:.0f} MiB",
-          flush=True)  # fmt: skip
-    return {"stage": name, "seconds": wall, "peak_uss_bytes": peaks["uss"], "peak_pss_bytes": peaks["pss"],
-            "exit_code": proc.returncode, "last_line": last}  # fmt: skip
+    print(
+        f"[{name}] {wall:.0f} s, peak tree USS {peaks['uss'] / 2**20:.0f} MiB, PSS {peaks['pss'] / 2**20:.0f} MiB",
+        flush=True,
+    )
+    return {
+        "stage": name,
+        "seconds": wall,
+        "peak_uss_bytes": peaks["uss"],
+        "peak_pss_bytes": peaks["pss"],
+        "exit_code": proc.returncode,
+        "last_line": last,
+    }
 
 
 def _trim_lists(data: Path, train_images: int, gallery_images: int) -> None:
@@ -126,39 +134,131 @@ def main(argv: list[str] | None = None) -> int:
     config = [str(ROOT / "configs" / "demo.yaml"), "--set", f"model.arch={a.arch}"]
     stages = []
     if not (data / "train_test_split" / "train_list.txt").exists():
-        stages.append(run_stage("synth", _cli(
-            "synth", str(data), "--train-vehicles", str(math.ceil(n_train / IMAGES_PER_VEHICLE)),
-            "--test-vehicles", str(n_query), "--images-per-vehicle", str(IMAGES_PER_VEHICLE),
-            "--image-size", a.image_size, "--workers", str(a.workers))))  # fmt: skip
+        stages.append(
+            run_stage(
+                "synth",
+                _cli(
+                    "synth",
+                    str(data),
+                    "--train-vehicles",
+                    str(math.ceil(n_train / IMAGES_PER_VEHICLE)),
+                    "--test-vehicles",
+                    str(n_query),
+                    "--images-per-vehicle",
+                    str(IMAGES_PER_VEHICLE),
+                    "--image-size",
+                    a.image_size,
+                    "--workers",
+                    str(a.workers),
+                ),
+            )
+        )
     _trim_lists(data, n_train, n_gallery)
     if not (shards / "manifest.json").exists():
         stages.append(run_stage("shard", _cli("shard", str(data), str(shards), "--workers", str(a.workers))))
     manifest = json.loads((shards / "manifest.json").read_text())
     sizes = {s: manifest["splits"][s]["num_samples"] for s in ("train", "query-large", "gallery-large")}
     base = a.out / "untrained"
-    stages.append(run_stage("extract", _cli(
-        "train", "--shards", str(shards), "--store", str(base), "--config", *config, "--epochs", "0",
-        "--memory-budget", budget, "--json")))  # fmt: skip
-    stages.append(run_stage("mine", _cli(
-        "mine", "--store", str(base), "--k", "21", "--adjacency", "20", "--min-candidates", "5",
-        "--memory-budget", budget, "--workers", "2", "--json")))  # fmt: skip
-    stages.append(run_stage("train", _cli(
-        "train", "--shards", str(shards), "--store", str(a.out / "steps"), "--config", *config,
-        "--max-steps", str(a.steps), "--memory-budget", budget, "--set", "train.checkpoint_every_steps=0",
-        "--json"), ok_codes=(0, 75)))  # fmt: skip
-    stages.append(run_stage("eval", _cli(
-        "eval", "--shards", str(shards), "--checkpoint", str(base / "train" / "model.pt"), "--split", "large",
-        "--memory-budget", budget, "--json")))  # fmt: skip
-    result = {"scale": a.scale, "sizes": sizes, "arch": a.arch, "memory_budget": budget, "steps": a.steps,
-              "cpus": os.cpu_count(), "stages": stages}  # fmt: skip
+    stages.append(
+        run_stage(
+            "extract",
+            _cli(
+                "train",
+                "--shards",
+                str(shards),
+                "--store",
+                str(base),
+                "--config",
+                *config,
+                "--epochs",
+                "0",
+                "--memory-budget",
+                budget,
+                "--json",
+            ),
+        )
+    )
+    stages.append(
+        run_stage(
+            "mine",
+            _cli(
+                "mine",
+                "--store",
+                str(base),
+                "--k",
+                "21",
+                "--adjacency",
+                "20",
+                "--min-candidates",
+                "5",
+                "--memory-budget",
+                budget,
+                "--workers",
+                "2",
+                "--json",
+            ),
+        )
+    )
+    stages.append(
+        run_stage(
+            "train",
+            _cli(
+                "train",
+                "--shards",
+                str(shards),
+                "--store",
+                str(a.out / "steps"),
+                "--config",
+                *config,
+                "--max-steps",
+                str(a.steps),
+                "--memory-budget",
+                budget,
+                "--set",
+                "train.checkpoint_every_steps=0",
+                "--json",
+            ),
+            ok_codes=(0, 75),
+        )
+    )
+    stages.append(
+        run_stage(
+            "eval",
+            _cli(
+                "eval",
+                "--shards",
+                str(shards),
+                "--checkpoint",
+                str(base / "train" / "model.pt"),
+                "--split",
+                "large",
+                "--memory-budget",
+                budget,
+                "--json",
+            ),
+        )
+    )
+    result = {
+        "scale": a.scale,
+        "sizes": sizes,
+        "arch": a.arch,
+        "memory_budget": budget,
+        "steps": a.steps,
+        "cpus": os.cpu_count(),
+        "stages": stages,
+    }
     (a.out / "scale.json").write_text(json.dumps(result, indent=1))
-    print(f"\n{sizes['train']:,} training images, large split {sizes['query-large']:,} x {sizes['gallery-large']:,}, "
-          f"{a.arch}, --memory-budget {budget}\n")  # fmt: skip
+    print(
+        f"\n{sizes['train']:,} training images, large split {sizes['query-large']:,} x {sizes['gallery-large']:,}, "
+        f"{a.arch}, --memory-budget {budget}\n"
+    )
     print("| stage | wall time | peak USS, whole tree | peak PSS, whole tree |")
     print("|---|---:|---:|---:|")
     for s in stages:
-        print(f"| {s['stage']} | {s['seconds'] / 60:.1f} min | {s['peak_uss_bytes'] / 2**20:,.0f} MiB "
-              f"| {s['peak_pss_bytes'] / 2**20:,.0f} MiB |")  # fmt: skip
+        print(
+            f"| {s['stage']} | {s['seconds'] / 60:.1f} min | {s['peak_uss_bytes'] / 2**20:,.0f} MiB "
+            f"| {s['peak_pss_bytes'] / 2**20:,.0f} MiB |"
+        )
     return 0
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
 from wildreid.shards import read_dataset
 from wildreid.shards.reader import ShardDataset, pil_to_uint8
 from wildreid.shards.synth import write_synthetic
@@ -78,8 +79,15 @@ def main() -> None:
     per_vehicle = 10
     vehicles = args.images // per_vehicle
     if not src.exists():
-        write_synthetic(src, train_vehicles=vehicles, test_vehicles=2, images_per_vehicle=per_vehicle,
-                        image_size=(args.image_size, args.image_size), workers=args.workers, seed=0)  # fmt: skip
+        write_synthetic(
+            src,
+            train_vehicles=vehicles,
+            test_vehicles=2,
+            images_per_vehicle=per_vehicle,
+            image_size=(args.image_size, args.image_size),
+            workers=args.workers,
+            seed=0,
+        )
     index = read_dataset(src)
     index.records = {"train": index.records["train"]}  # the train split: one shard set, like tar's one archive
     n = len(index.records["train"])
@@ -94,8 +102,12 @@ def main() -> None:
         # In a fresh interpreter without torch, as `wildreid shard` runs; timed from inside, so
         # the interpreter's start-up (a constant, not a throughput) is left out.
         shutil.rmtree(work / "shards", ignore_errors=True)
-        child = subprocess.run([sys.executable, "-c", WRITE_CHILD, str(src), str(work / "shards"),
-                                str(args.workers)], check=True, capture_output=True, text=True)  # fmt: skip
+        child = subprocess.run(
+            [sys.executable, "-c", WRITE_CHILD, str(src), str(work / "shards"), str(args.workers)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         return float(child.stdout.split()[-1])
 
     write_tar()  # warm the page cache for both sides alike
@@ -109,8 +121,9 @@ def main() -> None:
         assert sum(len(i) for _, i in loader) == n
 
     def read_shards():
-        ds = ShardDataset(work / "shards", "train", image_size=SIZE, shuffle=True,
-                          lanes=max(1, args.workers), chunk=args.batch)  # fmt: skip
+        ds = ShardDataset(
+            work / "shards", "train", image_size=SIZE, shuffle=True, lanes=max(1, args.workers), chunk=args.batch
+        )
         loader = DataLoader(ds, batch_size=None, num_workers=args.workers)
         assert sum(len(i) for _, i, _, _ in loader) == n
 
@@ -120,11 +133,17 @@ def main() -> None:
 
     rows = [
         ("write", "tar -cf (1 process)", n / t_tar, f"wildreid shard (--workers {args.workers})", n / t_shard),
-        ("read", f"loose files, ImageFolder-style ({args.workers} workers)", n / t_loose,
-         f"shards, ShardDataset ({args.workers} workers)", n / t_read),
-    ]  # fmt: skip
-    print(f"{n} images, {nbytes / n / 1024:.1f} KiB each on average, torch {torch.__version__}, "
-          f"median of {args.repeats}")  # fmt: skip
+        (
+            "read",
+            f"loose files, ImageFolder-style ({args.workers} workers)",
+            n / t_loose,
+            f"shards, ShardDataset ({args.workers} workers)",
+            n / t_read,
+        ),
+    ]
+    print(
+        f"{n} images, {nbytes / n / 1024:.1f} KiB each on average, torch {torch.__version__}, median of {args.repeats}"
+    )
     print("| step | baseline | baseline img/s | wildreid | wildreid img/s | ratio |")
     print("|---|---|---:|---|---:|---:|")
     for step, base, base_rate, ours, rate in rows:

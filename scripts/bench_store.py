@@ -71,15 +71,32 @@ def create(path: str, shape: tuple[int, int], chunk_rows: int, codec: str | None
     if zarr.__version__.startswith("2."):
         import numcodecs
 
-        compressor = {None: None, "lz4": numcodecs.Blosc("lz4", shuffle=numcodecs.Blosc.SHUFFLE),
-                      "zstd": numcodecs.Zstd()}[codec]  # fmt: skip
-        return zarr.open_array(path, mode="w", shape=shape, chunks=(chunk_rows, shape[1]), dtype="float16",
-                               compressor=compressor, fill_value=0)  # fmt: skip
+        compressor = {
+            None: None,
+            "lz4": numcodecs.Blosc("lz4", shuffle=numcodecs.Blosc.SHUFFLE),
+            "zstd": numcodecs.Zstd(),
+        }[codec]
+        return zarr.open_array(
+            path,
+            mode="w",
+            shape=shape,
+            chunks=(chunk_rows, shape[1]),
+            dtype="float16",
+            compressor=compressor,
+            fill_value=0,
+        )
     from zarr.codecs import BloscCodec, ZstdCodec
 
     compressors = {None: None, "zstd": ZstdCodec(), "lz4": BloscCodec(cname="lz4", shuffle="shuffle")}[codec]
-    return zarr.create_array(path, shape=shape, chunks=(chunk_rows, shape[1]), dtype="float16",
-                             compressors=compressors, fill_value=0, zarr_format=fmt)  # fmt: skip
+    return zarr.create_array(
+        path,
+        shape=shape,
+        chunks=(chunk_rows, shape[1]),
+        dtype="float16",
+        compressors=compressors,
+        fill_value=0,
+        zarr_format=fmt,
+    )
 
 
 def disk_bytes(path: str) -> int:
@@ -207,16 +224,19 @@ def bench_concurrency(path: str, raw: int, idx: np.ndarray, levels: list[int], r
         [t.start() for t in threads]
         [t.join() for t in threads]
 
-    take = [lambda part=part: arr.get_orthogonal_selection((part, slice(None))) for part in np.split(idx, [
-        np.searchsorted(idx, half)])]  # fmt: skip
+    take = [
+        lambda part=part: arr.get_orthogonal_selection((part, slice(None)))
+        for part in np.split(idx, [np.searchsorted(idx, half)])
+    ]
     results = []
     for c in levels:
         with zarr.config.set({"async.concurrency": c}):
             one = best(lambda: scan(0, n), repeats)
             two = best(lambda: two_threads([lambda: scan(0, half), lambda: scan(half, n)]), repeats)
             gather = best(lambda: two_threads(take), repeats)
-        results.append({"name": str(c), "scan_1t": raw / one / MIB, "scan_2t": raw / two / MIB,
-                        "gather_2t": useful / gather / MIB})  # fmt: skip
+        results.append(
+            {"name": str(c), "scan_1t": raw / one / MIB, "scan_2t": raw / two / MIB, "gather_2t": useful / gather / MIB}
+        )
     return results
 
 
@@ -241,8 +261,14 @@ def table(title: str, results: list[dict], base: dict, columns: dict[str, str]) 
     print("| config | " + " | ".join(columns.values()) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for r in results:
-        cells = ["-" if k not in r else f"{r[k]:.3f}" if k == "disk_ratio" else
-                 f"{r[k]:.0f} ({r[k] / base['write' if k == 'write_aligned' else k]:.2f}x)" for k in columns]  # fmt: skip
+        cells = [
+            "-"
+            if k not in r
+            else f"{r[k]:.3f}"
+            if k == "disk_ratio"
+            else f"{r[k]:.0f} ({r[k] / base['write' if k == 'write_aligned' else k]:.2f}x)"
+            for k in columns
+        ]
         print(f"| {r['name']} | " + " | ".join(cells) + " |")
 
 
@@ -263,10 +289,14 @@ def layout_section(
     chunked = [bench(spec(f"{m} MiB", m, rb, aligned=True), data, idx, workdir, args.repeats) for m in sizes]
     base = next(r for r in chunked if r["name"] == f"{base_mib} MiB")
     codecs = [dict(base, name=f"{base_mib} MiB none")]
-    codecs += [bench(spec(f"{base_mib} MiB {c}", base_mib, rb, c), data, idx, workdir, args.repeats)
-               for c in ("zstd", "lz4")]  # fmt: skip
-    formats = [bench(spec(f"zarr3 fmt{f} {m} MiB", m, rb, fmt=f), data, idx, workdir, args.repeats)
-               for m in (1, base_mib) for f in (3, 2)]  # fmt: skip
+    codecs += [
+        bench(spec(f"{base_mib} MiB {c}", base_mib, rb, c), data, idx, workdir, args.repeats) for c in ("zstd", "lz4")
+    ]
+    formats = [
+        bench(spec(f"zarr3 fmt{f} {m} MiB", m, rb, fmt=f), data, idx, workdir, args.repeats)
+        for m in (1, base_mib)
+        for f in (3, 2)
+    ]
     z2_specs = [spec(f"zarr2 {m} MiB", m, rb, fmt=2) for m in (1, base_mib)]
     z2_specs.append(spec(f"zarr2 {base_mib} MiB lz4", base_mib, rb, "lz4", fmt=2))
     z2, z2_note = [], "no --zarr2-site given"
@@ -278,37 +308,56 @@ def layout_section(
     conc = bench_concurrency(os.path.join(workdir, f"{base_mib}_MiB"), data.nbytes, idx, levels, args.repeats)
 
     io_cols = {"write": "write", "scan": "scan", "gather_oindex": "gather oindex", "gather_chunks": "gather per-chunk"}
-    table("1. Row chunk size (zarr 3, format 3, uncompressed)", chunked, base,
-          {**io_cols, "write": "write 8192-row blocks", "write_aligned": "write chunk-aligned blocks"})  # fmt: skip
+    table(
+        "1. Row chunk size (zarr 3, format 3, uncompressed)",
+        chunked,
+        base,
+        {**io_cols, "write": "write 8192-row blocks", "write_aligned": "write chunk-aligned blocks"},
+    )
     table(f"2. Compression at {base_mib} MiB chunks", codecs, base, {"disk_ratio": "disk / raw", **io_cols})
     table("3-4. Library and format" + (f" (zarr2 = zarr-python {z2_note})" if z2 else ""), formats + z2, base, io_cols)
     if not z2:
         print(f"\nzarr-python 2 comparison skipped: {z2_note}")
-    table(f"5. zarr 3 async.concurrency ({base_mib} MiB chunks, 2 threads on disjoint halves)", conc,
-          next(r for r in conc if r["name"] == str(concurrency)),
-          {"scan_1t": "scan 1 thread", "scan_2t": "scan 2 threads", "gather_2t": "gather oindex 2 threads"})  # fmt: skip
+    table(
+        f"5. zarr 3 async.concurrency ({base_mib} MiB chunks, 2 threads on disjoint halves)",
+        conc,
+        next(r for r in conc if r["name"] == str(concurrency)),
+        {"scan_1t": "scan 1 thread", "scan_2t": "scan 2 threads", "gather_2t": "gather oindex 2 threads"},
+    )
 
     print("\n### Conclusions (from the numbers above)\n")
-    print(f"- chunk size: fastest write {fastest(chunked, 'write')}, scan {fastest(chunked, 'scan')}, "
-          f"gather {fastest(chunked, 'gather_oindex')} (oindex) / {fastest(chunked, 'gather_chunks')} (per-chunk)")
+    print(
+        f"- chunk size: fastest write {fastest(chunked, 'write')}, scan {fastest(chunked, 'scan')}, "
+        f"gather {fastest(chunked, 'gather_oindex')} (oindex) / {fastest(chunked, 'gather_chunks')} (per-chunk)"
+    )
     for r in codecs[1:]:
-        print(f"- {r['name']}: disk/raw {r['disk_ratio']:.3f}, write {r['write'] / base['write']:.2f}x, "
-              f"scan {r['scan'] / base['scan']:.2f}x of uncompressed")
+        print(
+            f"- {r['name']}: disk/raw {r['disk_ratio']:.3f}, write {r['write'] / base['write']:.2f}x, "
+            f"scan {r['scan'] / base['scan']:.2f}x of uncompressed"
+        )
     for m in (1, base_mib):
         f3, f2 = (next(r for r in formats if r["name"] == f"zarr3 fmt{f} {m} MiB") for f in (3, 2))
-        print(f"- zarr 3 format 2 vs format 3 at {m} MiB: write {f2['write'] / f3['write']:.2f}x, "
-              f"scan {f2['scan'] / f3['scan']:.2f}x")
+        print(
+            f"- zarr 3 format 2 vs format 3 at {m} MiB: write {f2['write'] / f3['write']:.2f}x, "
+            f"scan {f2['scan'] / f3['scan']:.2f}x"
+        )
         z = next((r for r in z2 if r["name"] == f"zarr2 {m} MiB"), None)
         if z:
-            print(f"- zarr-python 2 vs 3 at {m} MiB: write {z['write'] / f3['write']:.2f}x, scan "
-                  f"{z['scan'] / f3['scan']:.2f}x, gather {z['gather_oindex'] / f3['gather_oindex']:.2f}x")
+            print(
+                f"- zarr-python 2 vs 3 at {m} MiB: write {z['write'] / f3['write']:.2f}x, scan "
+                f"{z['scan'] / f3['scan']:.2f}x, gather {z['gather_oindex'] / f3['gather_oindex']:.2f}x"
+            )
     if "write_aligned" in base:
-        print(f"- writing 8192-row blocks into {base_mib} MiB chunks (read-modify-write of partial chunks): chunk-"
-              f"aligned blocks are {base['write_aligned'] / base['write']:.2f}x faster")
+        print(
+            f"- writing 8192-row blocks into {base_mib} MiB chunks (read-modify-write of partial chunks): chunk-"
+            f"aligned blocks are {base['write_aligned'] / base['write']:.2f}x faster"
+        )
     spread = {k: max(r[k] for r in conc) / min(r[k] for r in conc) for k in ("scan_2t", "gather_2t")}
-    print(f"- async.concurrency: fastest 2-thread scan at {fastest(conc, 'scan_2t')} (fastest/slowest "
-          f"{spread['scan_2t']:.2f}x), 2-thread gather at {fastest(conc, 'gather_2t')} ({spread['gather_2t']:.2f}x); "
-          f"default {concurrency}")
+    print(
+        f"- async.concurrency: fastest 2-thread scan at {fastest(conc, 'scan_2t')} (fastest/slowest "
+        f"{spread['scan_2t']:.2f}x), 2-thread gather at {fastest(conc, 'gather_2t')} ({spread['gather_2t']:.2f}x); "
+        f"default {concurrency}"
+    )
 
 
 def checksum_section(data: np.ndarray, chunk_rows: int, workdir: str, repeats: int, base_mib: int) -> None:

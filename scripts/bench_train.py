@@ -20,8 +20,8 @@ Part 2, dictionary streaming against N: ``dictionary_step`` alone (hard-negative
 row, gather with grad, backward to the batch features, momentum update; no model, no optimizer)
 on random float16 rows in a Zarr FeatureStore, the whole dictionary resident in the page cache
 (budget = its size plus a page, warmed before timing), so it measures compute and not disk.
-Times are the best of ``--repeats`` or more calls (see ``stream_time``). They are set against the model step of the same batch
-(forward+backward+SGD on pre-loaded tensors); ``share`` is stream / (model + stream). Two series:
+Times are the best of ``--repeats`` or more calls (see ``stream_time``). They are set against the model step of
+the same batch (forward+backward+SGD on pre-loaded tensors); ``share`` is stream / (model + stream). Two series:
 D=512 with the demo baseline's p20 step (resnet18, 64x32, batch 32) and D=2048 with resnet50,
 256x128, batch 128, whose step is estimated as 8x the best of ``--r50-steps`` steps at batch 16
 (CPU time is near linear in the batch at this size; a batch-128 step takes a minute or more here).
@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+
 from wildreid.config import Config, load_config
 from wildreid.errors import ShardNotFoundError
 from wildreid.model import build_model, param_groups
@@ -112,8 +113,9 @@ def model_and_optimizer(config: Config, arch: str | None = None):
     groups = param_groups(model, 1.0, tc.backbone_lr_factor)
     for g in groups:
         g["lr"] = tc.lr_at(0) * g["lr"]
-    optimizer = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov,
-                                weight_decay=tc.weight_decay)  # fmt: skip
+    optimizer = torch.optim.SGD(
+        groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay
+    )
     return model.train(), optimizer
 
 
@@ -159,8 +161,14 @@ class FullStep:
         self.cache = resident_cache(random_store(store_path, self.n, self.model.feature_dim))
         self.positives = self_positives(self.n)
         self.augment = train_transform(config.model.image_size, seed=tc.seed)
-        dataset = ShardDataset(shards, "train", image_size=tuple(config.model.image_size), seed=tc.seed,
-                               lanes=max(1, workers), chunk=tc.batch_size)  # fmt: skip
+        dataset = ShardDataset(
+            shards,
+            "train",
+            image_size=tuple(config.model.image_size),
+            seed=tc.seed,
+            lanes=max(1, workers),
+            chunk=tc.batch_size,
+        )
         self.batches = epochs_of(dataset, workers)
 
     def step(self) -> int:
@@ -185,8 +193,9 @@ def timed(step, count: int) -> list[float]:
     return times
 
 
-def interleaved(config: Config, shards: Path, work: Path, workers: list[int], rounds: int, steps: int,
-                warmup: int) -> dict:  # fmt: skip
+def interleaved(
+    config: Config, shards: Path, work: Path, workers: list[int], rounds: int, steps: int, warmup: int
+) -> dict:
     """Baseline and full steps in alternating rounds, so a busy neighbour slows all of them alike.
 
     Each round times ``steps`` baseline steps, then ``steps`` full steps per worker count; the
@@ -227,16 +236,31 @@ def interleaved(config: Config, shards: Path, work: Path, workers: list[int], ro
 def _summary(rounds: list[list[float]], batch: int) -> dict:
     flat = np.concatenate(rounds)
     quiet, median = float(np.percentile(flat, QUIET_PERCENTILE)), float(np.median(flat))
-    return {"quiet_step_s": quiet, "median_step_s": median, "images_per_s": batch / quiet,
-            "median_images_per_s": batch / median, "mean_images_per_s": batch * len(flat) / float(flat.sum()),
-            "steps": len(flat), "round_median_step_s": [float(np.median(r)) for r in rounds]}  # fmt: skip
+    return {
+        "quiet_step_s": quiet,
+        "median_step_s": median,
+        "images_per_s": batch / quiet,
+        "median_images_per_s": batch / median,
+        "mean_images_per_s": batch * len(flat) / float(flat.sum()),
+        "steps": len(flat),
+        "round_median_step_s": [float(np.median(r)) for r in rounds],
+    }
 
 
 # --------------------------------------------------------------------------- streaming against N
 
 
-def stream_time(cache: PageCache, batch: int, dim: int, r: float, delta: float, repeats: int, seed: int = 0,
-                cap_s: float = 10.0, quick_s: float = 2.0) -> float:  # fmt: skip
+def stream_time(
+    cache: PageCache,
+    batch: int,
+    dim: int,
+    r: float,
+    delta: float,
+    repeats: int,
+    seed: int = 0,
+    cap_s: float = 10.0,
+    quick_s: float = 2.0,
+) -> float:
     """Best time of ``dictionary_step`` alone on random normalised batch features.
 
     One untimed call first when it is quick (< 1 s). Then at least ``repeats`` timed calls
@@ -276,16 +300,23 @@ def crossing(sizes: list[int], stream: list[float], limit: float) -> tuple[float
     return n1 + (limit - s1) * (n1 - n0) / (s1 - s0), "extrapolated"
 
 
-def streaming_series(work: Path, sizes: list[int], dim: int, batch: int, model_step_s: float, config: Config,
-                     repeats: int) -> dict:  # fmt: skip
+def streaming_series(
+    work: Path, sizes: list[int], dim: int, batch: int, model_step_s: float, config: Config, repeats: int
+) -> dict:
     rows = []
     for n in sizes:
         path = work / f"dict-{n}x{dim}.zarr"
         store = random_store(path, n, dim)
         cache = resident_cache(store)
         seconds = stream_time(cache, batch, dim, config.loss.r, config.loss.delta, repeats)
-        rows.append({"n": n, "stream_s": seconds, "share": seconds / (model_step_s + seconds),
-                     "cache_bytes": cache.resident_bytes})  # fmt: skip
+        rows.append(
+            {
+                "n": n,
+                "stream_s": seconds,
+                "share": seconds / (model_step_s + seconds),
+                "cache_bytes": cache.resident_bytes,
+            }
+        )
         del cache, store
         shutil.rmtree(path, ignore_errors=True)
     n_at, how = crossing(sizes, [r["stream_s"] for r in rows], model_step_s * SHARE / (1 - SHARE))
@@ -310,31 +341,48 @@ def _load() -> float:
 
 def markdown(report: dict) -> str:
     base = report["baseline"]
-    head = (f"config {report['config']}: {report['arch']}, {report['image_size'][0]}x{report['image_size'][1]}, "
-            f"batch {report['batch']}, {report['train_images']:,} synthetic training images, torch threads "
-            f"{report['threads']}, {report['rounds']} interleaved rounds of {report['steps']} steps, 1-min load "
-            f"{report['load'][0]:.1f} -> {report['load'][1]:.1f}")  # fmt: skip
-    base_row = (f"| forward + (x**2).sum() + backward + SGD, pre-loaded tensors | - | {base['images_per_s']:.0f} "
-                f"| {base['quiet_step_s']:.3f} | {base['median_step_s']:.3f} | 1.00 | 1.00 |")  # fmt: skip
-    lines = [head, "",
-             "| step | workers | images/s (p20) | s/step p20 | s/step median | ratio p20 | ratio median |",
-             "|---|---:|---:|---:|---:|---:|---:|", base_row]  # fmt: skip
+    head = (
+        f"config {report['config']}: {report['arch']}, {report['image_size'][0]}x{report['image_size'][1]}, "
+        f"batch {report['batch']}, {report['train_images']:,} synthetic training images, torch threads "
+        f"{report['threads']}, {report['rounds']} interleaved rounds of {report['steps']} steps, 1-min load "
+        f"{report['load'][0]:.1f} -> {report['load'][1]:.1f}"
+    )
+    base_row = (
+        f"| forward + (x**2).sum() + backward + SGD, pre-loaded tensors | - | {base['images_per_s']:.0f} "
+        f"| {base['quiet_step_s']:.3f} | {base['median_step_s']:.3f} | 1.00 | 1.00 |"
+    )
+    lines = [
+        head,
+        "",
+        "| step | workers | images/s (p20) | s/step p20 | s/step median | ratio p20 | ratio median |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        base_row,
+    ]
     for full in report["full"]:
-        lines.append(f"| full: shards, augmentation, DTL + dictionary streaming, momentum update | {full['workers']} "
-                     f"| {full['images_per_s']:.0f} | {full['quiet_step_s']:.3f} | {full['median_step_s']:.3f} "
-                     f"| **{full['ratio_quiet']:.2f}** | {full['ratio_median']:.2f} |")  # fmt: skip
-    lines += ["", "| D | batch | model step s | N | dictionary_step s | share of step |",
-              "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        lines.append(
+            f"| full: shards, augmentation, DTL + dictionary streaming, momentum update | {full['workers']} "
+            f"| {full['images_per_s']:.0f} | {full['quiet_step_s']:.3f} | {full['median_step_s']:.3f} "
+            f"| **{full['ratio_quiet']:.2f}** | {full['ratio_median']:.2f} |"
+        )
+    lines += [
+        "",
+        "| D | batch | model step s | N | dictionary_step s | share of step |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for series in report["streaming"]:
         for row in series["rows"]:
-            lines.append(f"| {series['dim']} | {series['batch']} | {series['model_step_s']:.3f} | {row['n']:,} "
-                         f"| {row['stream_s']:.3f} | {100 * row['share']:.1f}% |")  # fmt: skip
+            lines.append(
+                f"| {series['dim']} | {series['batch']} | {series['model_step_s']:.3f} | {row['n']:,} "
+                f"| {row['stream_s']:.3f} | {100 * row['share']:.1f}% |"
+            )
     lines.append("")
     for series in report["streaming"]:
         n_at = series["n_at_10pct"]
         where = f"N ~ {n_at:,.0f} ({series['how']})" if n_at is not None else series["how"]
-        lines.append(f"- D={series['dim']}, batch {series['batch']}, {series['model']}: dictionary streaming passes "
-                     f"10% of a step at {where}")  # fmt: skip
+        lines.append(
+            f"- D={series['dim']}, batch {series['batch']}, {series['model']}: dictionary streaming passes "
+            f"10% of a step at {where}"
+        )
     return "\n".join(lines)
 
 
@@ -343,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/wildreid-bench-train"))
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--train-vehicles", type=int, default=300, help="8 images each: 75 batches, one epoch")
-    parser.add_argument("--shard-samples", type=int, default=300, help="samples per shard (several, so both lanes read)")
+    parser.add_argument(
+        "--shard-samples", type=int, default=300, help="samples per shard (several, so both lanes read)"
+    )
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round and kind")
     parser.add_argument("--warmup", type=int, default=3)
@@ -359,16 +409,18 @@ def main(argv: list[str] | None = None) -> int:
     shards = prepare_shards(args.work, args.train_vehicles, args.shard_samples)
     print(f"data ready in {time.perf_counter() - began:.1f} s: {shards}", file=sys.stderr)
 
-    part1 = interleaved(config, shards, args.work, list(dict.fromkeys([tc.workers, 0])), args.rounds, args.steps,
-                        args.warmup)  # fmt: skip
+    part1 = interleaved(
+        config, shards, args.work, list(dict.fromkeys([tc.workers, 0])), args.rounds, args.steps, args.warmup
+    )
     print(json.dumps(part1), file=sys.stderr)
 
     sizes = [int(s) for s in args.sizes.split(",")]
     # the baseline's p20 step, to set against the best-of streaming times
     model_step = part1["baseline"]["quiet_step_s"]
     series = [streaming_series(args.work, sizes, 512, tc.batch_size, model_step, config, args.repeats)]
-    series[0]["model"] = (f"{config.model.arch} {config.model.image_size[0]}x{config.model.image_size[1]} "
-                          "(p20 baseline step)")  # fmt: skip
+    series[0]["model"] = (
+        f"{config.model.arch} {config.model.image_size[0]}x{config.model.image_size[1]} (p20 baseline step)"
+    )
     if args.r50_steps:
         r50 = resnet50_step(config, args.r50_steps)
         print(f"resnet50 256x128 step estimate at batch 128: {r50:.1f} s", file=sys.stderr)
@@ -376,11 +428,22 @@ def main(argv: list[str] | None = None) -> int:
         series[1]["model"] = f"resnet50 256x128 (step estimated as 8x the best batch-{R50_BATCH} step)"
     load.append(_load())
 
-    report = {"bench": "train", "config": Path(args.config).name, "arch": config.model.arch,
-              "image_size": list(config.model.image_size), "batch": tc.batch_size, "threads": torch.get_num_threads(),
-              "train_images": part1["n"], "rounds": args.rounds, "steps": args.steps, "load": load,
-              "baseline": part1["baseline"], "full": part1["full"], "streaming": series,
-              "seconds": time.perf_counter() - began}  # fmt: skip
+    report = {
+        "bench": "train",
+        "config": Path(args.config).name,
+        "arch": config.model.arch,
+        "image_size": list(config.model.image_size),
+        "batch": tc.batch_size,
+        "threads": torch.get_num_threads(),
+        "train_images": part1["n"],
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "load": load,
+        "baseline": part1["baseline"],
+        "full": part1["full"],
+        "streaming": series,
+        "seconds": time.perf_counter() - began,
+    }
     print(markdown(report))
     print(json.dumps(report, sort_keys=True))
     return 0

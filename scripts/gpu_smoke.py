@@ -57,9 +57,20 @@ def prepare(out: Path, vehicles: int) -> Path:
     """A small synthetic set, sharded (reused when complete)."""
     data, shards = out / "data", out / "shards"
     if not (data / "train_test_split" / "train_list.txt").exists():
-        _run(_cli("synth", str(data), "--train-vehicles", str(vehicles), "--test-vehicles", str(max(4, vehicles // 2)),
-                  "--images-per-vehicle", "8",
-                  "--workers", str(min(8, os.cpu_count() or 1))))  # fmt: skip
+        _run(
+            _cli(
+                "synth",
+                str(data),
+                "--train-vehicles",
+                str(vehicles),
+                "--test-vehicles",
+                str(max(4, vehicles // 2)),
+                "--images-per-vehicle",
+                "8",
+                "--workers",
+                str(min(8, os.cpu_count() or 1)),
+            )
+        )
     if not (shards / "manifest.json").exists():
         _run(_cli("shard", str(data), str(shards), "--max-samples", "200", "--workers", "2"))
     return shards
@@ -67,6 +78,7 @@ def prepare(out: Path, vehicles: int) -> Path:
 
 def check_decode(shards: Path, device: str) -> dict:
     import torch
+
     from wildreid.shards.reader import ShardDataset, decode_batch
 
     dataset = ShardDataset(shards, "train", shuffle=False, chunk=64, decode=False)
@@ -75,9 +87,16 @@ def check_decode(shards: Path, device: str) -> dict:
     cpu = decode_batch(encoded, size, "cpu").float()
     dev = decode_batch(encoded, size, device).float().cpu()
     diff = float((cpu - dev).abs().mean())
-    return {"check": "decode", "what": f"{len(encoded)} JPEGs, mean abs Δ in levels", "cpu": 0.0, "device": diff,
-            "difference": diff, "tolerance": TOLERANCE["decode"], "ok": diff <= TOLERANCE["decode"],
-            "max_abs": float(torch.max((cpu - dev).abs()))}  # fmt: skip
+    return {
+        "check": "decode",
+        "what": f"{len(encoded)} JPEGs, mean abs Δ in levels",
+        "cpu": 0.0,
+        "device": diff,
+        "difference": diff,
+        "tolerance": TOLERANCE["decode"],
+        "ok": diff <= TOLERANCE["decode"],
+        "max_abs": float(torch.max((cpu - dev).abs())),
+    }
 
 
 def _train(shards: Path, store: Path, device: str, epochs: int, extra: list[str]) -> dict:
@@ -85,10 +104,29 @@ def _train(shards: Path, store: Path, device: str, epochs: int, extra: list[str]
         import shutil
 
         shutil.rmtree(store)
-    out = _run(_cli("train", "--shards", str(shards), "--store", str(store), "--config",
-                    str(ROOT / "configs" / "demo.yaml"), "--epochs", str(epochs), "--device", device,
-                    "--memory-budget", "2GiB", "--json", "--set", "train.warmup_epochs=1",
-                    "--set", "train.reextract_every=2", *extra))  # fmt: skip
+    out = _run(
+        _cli(
+            "train",
+            "--shards",
+            str(shards),
+            "--store",
+            str(store),
+            "--config",
+            str(ROOT / "configs" / "demo.yaml"),
+            "--epochs",
+            str(epochs),
+            "--device",
+            device,
+            "--memory-budget",
+            "2GiB",
+            "--json",
+            "--set",
+            "train.warmup_epochs=1",
+            "--set",
+            "train.reextract_every=2",
+            *extra,
+        )
+    )
     return _last_json(out)
 
 
@@ -101,11 +139,24 @@ def check_train(shards: Path, out: Path, device: str, epochs: int) -> tuple[dict
     rel = float(np.max(np.abs(dev_loss - cpu_loss) / np.abs(cpu_loss)))
     tier = on_dev["page_cache"]
     used = tier["device_hits"] > 0 and tier["misses"] == 0
-    train = {"check": "train", "what": f"{epochs} epochs, max relative Δ of epoch losses", "cpu": float(cpu_loss[-1]),
-             "device": float(dev_loss[-1]), "difference": rel, "tolerance": TOLERANCE["train"],
-             "ok": rel <= TOLERANCE["train"]}  # fmt: skip
-    pages = {"check": "device pages", "what": "dictionary served from the device tier (hits, misses)",
-             "cpu": 0, "device": tier["device_hits"], "difference": tier["misses"], "tolerance": 0, "ok": used}  # fmt: skip
+    train = {
+        "check": "train",
+        "what": f"{epochs} epochs, max relative Δ of epoch losses",
+        "cpu": float(cpu_loss[-1]),
+        "device": float(dev_loss[-1]),
+        "difference": rel,
+        "tolerance": TOLERANCE["train"],
+        "ok": rel <= TOLERANCE["train"],
+    }
+    pages = {
+        "check": "device pages",
+        "what": "dictionary served from the device tier (hits, misses)",
+        "cpu": 0,
+        "device": tier["device_hits"],
+        "difference": tier["misses"],
+        "tolerance": 0,
+        "ok": used,
+    }
     return train, pages, Path(on_cpu["checkpoint"])
 
 
@@ -113,19 +164,46 @@ def check_eval(shards: Path, checkpoint: Path, out: Path, device: str) -> list[d
     results = {}
     for where in ("cpu", device):
         folder = out / f"features-{where}"
-        results[where] = _last_json(_run(_cli("eval", "--shards", str(shards), "--checkpoint", str(checkpoint),
-                                              "--split", "large", "--device", where, "--features-dir", str(folder),
-                                              "--memory-budget", "2GiB", "--json")))["large"]  # fmt: skip
+        results[where] = _last_json(
+            _run(
+                _cli(
+                    "eval",
+                    "--shards",
+                    str(shards),
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--split",
+                    "large",
+                    "--device",
+                    where,
+                    "--features-dir",
+                    str(folder),
+                    "--memory-budget",
+                    "2GiB",
+                    "--json",
+                )
+            )
+        )["large"]
     rows = []
     for metric in ("mAP", "rank1"):
         a, b = results["cpu"][metric], results[device][metric]
-        rows.append({"check": f"eval {metric}", "what": "large split, one CPU-trained model", "cpu": a, "device": b,
-                     "difference": abs(a - b), "tolerance": TOLERANCE["eval"], "ok": abs(a - b) <= TOLERANCE["eval"]})  # fmt: skip
+        rows.append(
+            {
+                "check": f"eval {metric}",
+                "what": "large split, one CPU-trained model",
+                "cpu": a,
+                "device": b,
+                "difference": abs(a - b),
+                "tolerance": TOLERANCE["eval"],
+                "ok": abs(a - b) <= TOLERANCE["eval"],
+            }
+        )
     return rows
 
 
 def check_knn(store: Path, device: str, k: int = 21) -> dict:
     import faiss
+
     from wildreid.stores import FeatureStore
 
     dictionary = FeatureStore.open(store)
@@ -134,13 +212,28 @@ def check_knn(store: Path, device: str, k: int = 21) -> dict:
     if device == "cpu":
         gpu = cpu
     elif not hasattr(faiss, "StandardGpuResources"):
-        return {"check": "knn", "what": "faiss has no GPU support here: skipped", "cpu": k, "device": None,
-                "difference": None, "tolerance": TOLERANCE["knn"], "ok": True, "skipped": True}  # fmt: skip
+        return {
+            "check": "knn",
+            "what": "faiss has no GPU support here: skipped",
+            "cpu": k,
+            "device": None,
+            "difference": None,
+            "tolerance": TOLERANCE["knn"],
+            "ok": True,
+            "skipped": True,
+        }
     else:
         _, gpu = faiss.knn_gpu(faiss.StandardGpuResources(), x, x, k, metric=faiss.METRIC_INNER_PRODUCT)
     recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(cpu, gpu)]))
-    return {"check": "knn", "what": f"{len(x)} rows, recall of the CPU top-{k}", "cpu": 1.0, "device": recall,
-            "difference": 1.0 - recall, "tolerance": TOLERANCE["knn"], "ok": recall >= TOLERANCE["knn"]}  # fmt: skip
+    return {
+        "check": "knn",
+        "what": f"{len(x)} rows, recall of the CPU top-{k}",
+        "cpu": 1.0,
+        "device": recall,
+        "difference": 1.0 - recall,
+        "tolerance": TOLERANCE["knn"],
+        "ok": recall >= TOLERANCE["knn"],
+    }
 
 
 def _cell(v) -> str:
@@ -150,11 +243,16 @@ def _cell(v) -> str:
 
 
 def table(rows: list[dict], device: str) -> str:
-    lines = [f"| check | what | cpu | {device} | difference | tolerance | result |", "|---|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"| check | what | cpu | {device} | difference | tolerance | result |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         verdict = "skipped" if r.get("skipped") else ("pass" if r["ok"] else "FAIL")
-        lines.append(f"| {r['check']} | {r['what']} | {_cell(r['cpu'])} | {_cell(r['device'])} "
-                     f"| {_cell(r['difference'])} | {_cell(r['tolerance'])} | {verdict} |")  # fmt: skip
+        lines.append(
+            f"| {r['check']} | {r['what']} | {_cell(r['cpu'])} | {_cell(r['device'])} "
+            f"| {_cell(r['difference'])} | {_cell(r['tolerance'])} | {verdict} |"
+        )
     return "\n".join(lines)
 
 

@@ -70,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - began
     stats = pstats.Stats(profile)
     images = sum(h["steps"] for h in report["history"]) * config.train.batch_size
-    print(f"{a.epochs} epochs of configs/demo.yaml, 1,600 training images, train.workers={a.workers}: "
-          f"{total:.1f} s, {images / total:.0f} training images/s overall\n")  # fmt: skip
+    print(
+        f"{a.epochs} epochs of configs/demo.yaml, 1,600 training images, train.workers={a.workers}: "
+        f"{total:.1f} s, {images / total:.0f} training images/s overall\n"
+    )
     print("| phase | seconds | share |\n|---|---:|---:|")
     for phase, (suffix, name) in PHASES.items():
         seconds = _cumulative(stats, suffix, name)

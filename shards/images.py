@@ -11,6 +11,7 @@ import io
 import warnings
 
 from PIL import Image, UnidentifiedImageError
+
 from wildreid.errors import BadImageError
 
 __all__ = ["decode_rgb", "image_extension"]

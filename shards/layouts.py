@@ -97,8 +97,7 @@ def _veriwild_cameras(root: Path) -> dict[str, int]:
                 if lineno == 1:  # the header line
                     continue
                 raise LayoutError(
-                    f"{info}:{lineno}: expected 'vid/imgid;camera;...' with an integer camera, "
-                    f"found {line.strip()!r}"
+                    f"{info}:{lineno}: expected 'vid/imgid;camera;...' with an integer camera, found {line.strip()!r}"
                 ) from None
             cameras[_strip_image_suffix(parts[0].strip())] = camid
     return cameras

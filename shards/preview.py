@@ -12,8 +12,15 @@ from wildreid.stores.durable import atomic_write
 __all__ = ["identity_grid"]
 
 
-def identity_grid(root: str | Path, out_png: str | Path, *, vehicles: int = 8, per_vehicle: int = 6,
-                  tile: tuple[int, int] = (96, 96), split: str = "train") -> Path:  # fmt: skip
+def identity_grid(
+    root: str | Path,
+    out_png: str | Path,
+    *,
+    vehicles: int = 8,
+    per_vehicle: int = 6,
+    tile: tuple[int, int] = (96, 96),
+    split: str = "train",
+) -> Path:
     """Write a PNG grid of the first ``vehicles`` identities of ``split``, ``per_vehicle`` images each."""
     index = read_dataset(root)
     by_vehicle: dict[int, list] = {}

@@ -3,7 +3,8 @@
 ``ShardDataset`` is a PyTorch IterableDataset that yields whole batches of
 ``chunk`` samples. Load it with ``DataLoader(ds, batch_size=None,
 num_workers=ds.lanes)`` (or ``num_workers=0``, which runs every lane in-process
-and yields the same batches); ``transform`` takes a (3, H, W) uint8 tensor, and call :meth:`ShardDataset.set_epoch` before
+and yields the same batches); ``transform`` takes a (3, H, W) uint8 tensor, and call
+:meth:`ShardDataset.set_epoch` before
 iterating (no persistent workers, so the new epoch reaches them).
 """
 
@@ -22,6 +23,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as tvf
+
 from wildreid.errors import ConfigError, ShardError, ShardNotFoundError
 from wildreid.shards.images import decode_rgb
 from wildreid.shards.order import Group, epoch_order, lane_groups, schedule_from
@@ -72,7 +74,9 @@ def encoded_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def decode_batch(encoded: list[torch.Tensor], size: tuple[int, int], device: str | torch.device = "cpu") -> torch.Tensor:
+def decode_batch(
+    encoded: list[torch.Tensor], size: tuple[int, int], device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """(B, 3, *size) uint8 on ``device`` of a batch of encoded images (1-D uint8 tensors).
 
     The JPEGs of a batch go to torchvision's batched ``decode_jpeg`` on ``device``
@@ -97,8 +101,10 @@ def decode_batch(encoded: list[torch.Tensor], size: tuple[int, int], device: str
             try:
                 images[k] = decode_tensor(encoded[k].numpy().tobytes(), device)
             except OSError as exc:
-                raise ShardError(f"cannot decode image {k} of the batch ({len(encoded[k])} bytes): {exc}; "
-                                 "run 'wildreid shard --verify' on the shard folder") from None  # fmt: skip
+                raise ShardError(
+                    f"cannot decode image {k} of the batch ({len(encoded[k])} bytes): {exc}; "
+                    "run 'wildreid shard --verify' on the shard folder"
+                ) from None
     return torch.stack([resize_uint8(image, size) for image in images])
 
 
@@ -144,8 +150,9 @@ class IndexedShard:
         try:
             self.fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise ShardNotFoundError(f"shard {path} is missing; run 'wildreid shard --verify' on the shard folder"
-                                     ) from None  # fmt: skip
+            raise ShardNotFoundError(
+                f"shard {path} is missing; run 'wildreid shard --verify' on the shard folder"
+            ) from None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -158,8 +165,10 @@ class IndexedShard:
             raise ShardError(f"{self.url}: truncated at sample {i}; run 'wildreid shard --verify'")
         samples = list(tar_samples([(self.url, data)]))
         if len(samples) != 1:
-            raise ShardError(f"{self.url}: bytes {start}-{end} hold {len(samples)} samples, its index says one; "
-                             "run 'wildreid shard --verify'")  # fmt: skip
+            raise ShardError(
+                f"{self.url}: bytes {start}-{end} hold {len(samples)} samples, its index says one; "
+                "run 'wildreid shard --verify'"
+            )
         return samples[0]
 
     def close(self) -> None:
@@ -170,8 +179,10 @@ def permuted(shards: Sequence[IndexedShard], group: Group, skip: int) -> Iterato
     """The group's raw samples in its permutation from position ``skip``, each read alone by offset."""
     sizes = [len(shard) for shard in shards]
     if sum(sizes) != len(group):
-        raise ShardError(f"shards {group.shards} hold {sum(sizes)} samples, the manifest says {len(group)}; "
-                         "run 'wildreid shard --verify'")  # fmt: skip
+        raise ShardError(
+            f"shards {group.shards} hold {sum(sizes)} samples, the manifest says {len(group)}; "
+            "run 'wildreid shard --verify'"
+        )
     firsts = np.cumsum([0, *sizes])
     positions = group.permutation[skip:]
     which = np.searchsorted(firsts, positions, side="right") - 1
@@ -219,7 +230,7 @@ class ShardDataset(IterableDataset):
         self.shard_files, self.shard_sizes, self.shard_entries, self._offsets = [], [], [], {}
         self._index_cache: dict[int, np.ndarray] = {}
         # several splits read as one: their dense indices run on, split after split
-        for name, entry, first in split_entries(root, split):
+        for _name, entry, first in split_entries(root, split):
             for shard in entry["shards"]:
                 self.shard_files.append(self.root / shard["file"])
                 self.shard_sizes.append(shard["samples"])
@@ -246,9 +257,14 @@ class ShardDataset(IterableDataset):
     def order(self) -> np.ndarray:
         """Dense indices of the current epoch from its start position, in the order they are yielded."""
         full = epoch_order(
-            self.shard_sizes, seed=self.seed, epoch=self.epoch, lanes=self.lanes,
-            chunk=self.chunk, group=self.group, shuffle=self.shuffle,
-        )  # fmt: skip
+            self.shard_sizes,
+            seed=self.seed,
+            epoch=self.epoch,
+            lanes=self.lanes,
+            chunk=self.chunk,
+            group=self.group,
+            shuffle=self.shuffle,
+        )
         return full[self.start :]
 
     def _transform(self, image: torch.Tensor):
@@ -274,8 +290,9 @@ class ShardDataset(IterableDataset):
         # One small array per shard (8 bytes a sample), loaded or scanned once per worker.
         if s not in self._index_cache:
             entry = self.shard_entries[s]
-            self._index_cache[s] = load_sample_offsets(self.shard_files[s], entry["samples"],
-                                                       sha256=entry.get("index_sha256"))  # fmt: skip
+            self._index_cache[s] = load_sample_offsets(
+                self.shard_files[s], entry["samples"], sha256=entry.get("index_sha256")
+            )
         return self._index_cache[s]
 
     def _dense(self, samples: Iterable[dict]) -> Iterator[dict]:
@@ -285,9 +302,13 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple]:
         lanes = lane_groups(
-            self.shard_sizes, seed=self.seed, epoch=self.epoch, lanes=self.lanes,
-            group=self.group, shuffle=self.shuffle,
-        )  # fmt: skip
+            self.shard_sizes,
+            seed=self.seed,
+            epoch=self.epoch,
+            lanes=self.lanes,
+            group=self.group,
+            shuffle=self.shuffle,
+        )
         lengths = [sum(len(g) for g in groups) for groups in lanes]
         schedule = schedule_from(lengths, self.chunk, self.start)
         # A DataLoader always asks worker 0 first, so after a resume the lane
@@ -373,14 +394,18 @@ def split_labels(root: str | Path, splits: str | Sequence[str]) -> tuple[np.ndar
                             i = first + int(meta["index"])
                             vids[i], camids[i], seen[i] = meta["vid"], meta["camid"], True
             except FileNotFoundError:
-                raise ShardNotFoundError(f"shard {path} is missing; run 'wildreid shard --verify' on the shard folder"
-                                         ) from None  # fmt: skip
+                raise ShardNotFoundError(
+                    f"shard {path} is missing; run 'wildreid shard --verify' on the shard folder"
+                ) from None
             except (tarfile.TarError, KeyError, ValueError, IndexError) as exc:
-                raise ShardError(f"cannot read the labels of shard {path} ({exc}); run 'wildreid shard --verify'"
-                                 ) from None  # fmt: skip
+                raise ShardError(
+                    f"cannot read the labels of shard {path} ({exc}); run 'wildreid shard --verify'"
+                ) from None
     if not seen.all():
-        raise ShardError(f"{int((~seen).sum())} samples of {splits} have no .json label in their shards; "
-                         "run 'wildreid shard --verify'")  # fmt: skip
+        raise ShardError(
+            f"{int((~seen).sum())} samples of {splits} have no .json label in their shards; "
+            "run 'wildreid shard --verify'"
+        )
     return vids, camids
 
 
@@ -397,12 +422,20 @@ def read_back(root: str | Path, split: str, *, image_size=(256, 128), workers: i
     began = time.perf_counter()
     for images, index, vid, camid in loader:
         if images.shape[1:] != (3, *image_size):
-            raise ShardError(f"decoded batch has shape {tuple(images.shape)}, expected (B, 3, {image_size[0]}, {image_size[1]})")
+            raise ShardError(
+                f"decoded batch has shape {tuple(images.shape)}, expected (B, 3, {image_size[0]}, {image_size[1]})"
+            )
         np.add.at(seen, index.numpy(), 1)
         vids.update(vid.tolist())
         cams.update(camid.tolist())
     seconds = time.perf_counter() - began
     if not (seen == 1).all():
         raise ShardError(f"split {split}: {int((seen == 0).sum())} samples missing, {int((seen > 1).sum())} repeated")
-    return {"split": split, "samples": len(dataset), "vehicles": len(vids), "cameras": len(cams),
-            "seconds": seconds, "images_per_s": len(dataset) / max(seconds, 1e-9)}  # fmt: skip
+    return {
+        "split": split,
+        "samples": len(dataset),
+        "vehicles": len(vids),
+        "cameras": len(cams),
+        "seconds": seconds,
+        "images_per_s": len(dataset) / max(seconds, 1e-9),
+    }

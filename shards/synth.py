@@ -24,12 +24,13 @@ import multiprocessing
 import numbers
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
 from wildreid.errors import ConfigError
 from wildreid.stores.durable import publish
 
@@ -38,10 +39,14 @@ __all__ = ["write_synthetic"]
 TYPES = ("sedan", "suv", "hatchback", "van", "pickup")
 # (name, rgb, share): skewed like real traffic so many vehicles share a colour.
 COLORS = (
-    ("white", (232, 232, 228), 0.28), ("black", (30, 31, 34), 0.20),
-    ("gray", (112, 115, 120), 0.14), ("silver", (176, 180, 186), 0.12),
-    ("red", (168, 32, 36), 0.09), ("blue", (38, 70, 148), 0.08),
-    ("brown", (118, 84, 54), 0.05), ("yellow", (220, 178, 42), 0.04),
+    ("white", (232, 232, 228), 0.28),
+    ("black", (30, 31, 34), 0.20),
+    ("gray", (112, 115, 120), 0.14),
+    ("silver", (176, 180, 186), 0.12),
+    ("red", (168, 32, 36), 0.09),
+    ("blue", (38, 70, 148), 0.08),
+    ("brown", (118, 84, 54), 0.05),
+    ("yellow", (220, 178, 42), 0.04),
 )
 VIEWS = ("front", "rear", "left", "right")
 # (file tag, share of test vehicles): nested like the real 3000 < 5000 < 10000.
@@ -61,16 +66,76 @@ _MODEL, _VEHICLE, _CAMERA, _IMAGE, _BACKGROUND = 1, 2, 3, 4, 5
 # car lengths), then front width / crop width, front body and cabin height,
 # cabin bottom and top width (in car widths).
 _SHAPES = {
-    "sedan": ((.86, .92), (.20, .23), (.15, .17), (.22, .27), (.70, .75), (.10, .13), (.090, .100),
-              (.74, .80), (.30, .34), (.24, .28), (.86, .90), (.62, .70)),
-    "suv": ((.84, .90), (.25, .28), (.18, .20), (.05, .08), (.75, .80), (.06, .08), (.105, .115),
-            (.80, .86), (.38, .44), (.30, .34), (.88, .92), (.74, .80)),
-    "hatchback": ((.76, .82), (.22, .25), (.17, .19), (.05, .08), (.72, .77), (.08, .10), (.095, .105),
-                  (.70, .76), (.32, .36), (.26, .30), (.86, .90), (.66, .72)),
-    "van": ((.88, .94), (.26, .30), (.24, .27), (.02, .03), (.86, .90), (.08, .10), (.090, .100),
-            (.78, .84), (.36, .42), (.42, .50), (.92, .95), (.86, .90)),
-    "pickup": ((.90, .95), (.23, .26), (.17, .19), (.38, .42), (.78, .82), (.06, .08), (.105, .115),
-               (.80, .86), (.36, .42), (.28, .32), (.86, .90), (.72, .78)),
+    "sedan": (
+        (0.86, 0.92),
+        (0.20, 0.23),
+        (0.15, 0.17),
+        (0.22, 0.27),
+        (0.70, 0.75),
+        (0.10, 0.13),
+        (0.090, 0.100),
+        (0.74, 0.80),
+        (0.30, 0.34),
+        (0.24, 0.28),
+        (0.86, 0.90),
+        (0.62, 0.70),
+    ),
+    "suv": (
+        (0.84, 0.90),
+        (0.25, 0.28),
+        (0.18, 0.20),
+        (0.05, 0.08),
+        (0.75, 0.80),
+        (0.06, 0.08),
+        (0.105, 0.115),
+        (0.80, 0.86),
+        (0.38, 0.44),
+        (0.30, 0.34),
+        (0.88, 0.92),
+        (0.74, 0.80),
+    ),
+    "hatchback": (
+        (0.76, 0.82),
+        (0.22, 0.25),
+        (0.17, 0.19),
+        (0.05, 0.08),
+        (0.72, 0.77),
+        (0.08, 0.10),
+        (0.095, 0.105),
+        (0.70, 0.76),
+        (0.32, 0.36),
+        (0.26, 0.30),
+        (0.86, 0.90),
+        (0.66, 0.72),
+    ),
+    "van": (
+        (0.88, 0.94),
+        (0.26, 0.30),
+        (0.24, 0.27),
+        (0.02, 0.03),
+        (0.86, 0.90),
+        (0.08, 0.10),
+        (0.090, 0.100),
+        (0.78, 0.84),
+        (0.36, 0.42),
+        (0.42, 0.50),
+        (0.92, 0.95),
+        (0.86, 0.90),
+    ),
+    "pickup": (
+        (0.90, 0.95),
+        (0.23, 0.26),
+        (0.17, 0.19),
+        (0.38, 0.42),
+        (0.78, 0.82),
+        (0.06, 0.08),
+        (0.105, 0.115),
+        (0.80, 0.86),
+        (0.36, 0.42),
+        (0.28, 0.32),
+        (0.86, 0.90),
+        (0.72, 0.78),
+    ),
 }
 
 
@@ -139,16 +204,20 @@ def _make_model(seed: int, m: int) -> _Model:
 def _make_camera(seed: int, c: int) -> _Camera:
     rng = _rng(seed, _CAMERA, c)
     main = c % 3  # cycle dominant views so every set has front, rear and side cameras
-    views = [(.70, .10, .10, .10), (.10, .70, .10, .10), (.15, .15, .35, .35)][main]
+    views = [(0.70, 0.10, 0.10, 0.10), (0.10, 0.70, 0.10, 0.10), (0.15, 0.15, 0.35, 0.35)][main]
     gain, contrast = rng.uniform(0.65, 1.25), rng.uniform(0.75, 1.15)
     cast = 1.0 + rng.uniform(-0.12, 0.12, 3)
     x = np.arange(256) / 255.0
     lut = np.concatenate([np.clip(((x - 0.5) * contrast + 0.5) * gain * k, 0, 1) for k in cast])
     return _Camera(
-        index=c, views=views, scale=float(rng.uniform(0.6, 1.4)),
+        index=c,
+        views=views,
+        scale=float(rng.uniform(0.6, 1.4)),
         lut=tuple(int(v) for v in np.rint(lut * 255)),
-        blur=float(rng.choice([0.0, 0.5, 0.9, 1.3])), motion=bool(rng.random() < 0.2),
-        quality=int(rng.integers(60, 93)), occlusion=float(rng.uniform(0.08, 0.3)),
+        blur=float(rng.choice([0.0, 0.5, 0.9, 1.3])),
+        motion=bool(rng.random() < 0.2),
+        quality=int(rng.integers(60, 93)),
+        occlusion=float(rng.uniform(0.08, 0.3)),
     )
 
 
@@ -168,8 +237,11 @@ def _make_vehicle(seed: int, vid: int, n_models: int, n_images: int, n_cams: int
     plate = tuple(int(b) for b in rng.integers(0, 2, 6))
     plate_color = int(rng.choice(3, p=[0.75, 0.15, 0.1]))
     stripe = (float(rng.uniform(0.35, 0.75)), int(rng.integers(len(MARK_COLORS)))) if rng.random() < 0.3 else None
-    dent = (("left", "right")[int(rng.integers(2))], float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.3, 0.8))) \
-        if rng.random() < 0.5 else None
+    dent = (
+        (("left", "right")[int(rng.integers(2))], float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.3, 0.8)))
+        if rng.random() < 0.5
+        else None
+    )
     mirror = (COLORS[color][1], (20, 20, 22), (205, 208, 212))[int(rng.choice(3, p=[0.6, 0.25, 0.15]))]
     rim = int(rng.integers(4))
     # A vehicle passes a few cameras; the first two images are forced onto two
@@ -180,8 +252,24 @@ def _make_vehicle(seed: int, vid: int, n_models: int, n_images: int, n_cams: int
     start = int(rng.integers(0, 30 * 86400 - 4 * 3600))
     offsets = np.sort(rng.integers(0, 3 * 3600, n_images))
     times = tuple((T0 + _dt.timedelta(seconds=start + int(o))).strftime("%Y-%m-%d %H:%M:%S") for o in offsets)
-    return _Vehicle(vid, model, color, stickers, rear_mark, roof, roof_color, plate, plate_color, stripe, dent,
-                    mirror, rim, tuple(int(c) for c in cams), times, int(rng.integers(n_images)))
+    return _Vehicle(
+        vid,
+        model,
+        color,
+        stickers,
+        rear_mark,
+        roof,
+        roof_color,
+        plate,
+        plate_color,
+        stripe,
+        dent,
+        mirror,
+        rim,
+        tuple(int(c) for c in cams),
+        times,
+        int(rng.integers(n_images)),
+    )
 
 
 def _shade(rgb: tuple[int, ...], f: float) -> tuple[int, int, int]:
@@ -250,8 +338,15 @@ def _draw_side(d, m: _Model, v: _Vehicle, view: str, cx: float, cy: float, lengt
     d.polygon([P(0, clr), P(0, top * 0.85), P(0.02, top), P(0.96, top), P(1, clr + body * 0.6), P(1, clr)], fill=paint)
     d.polygon([P(rear, top), P(rear + slant * 0.6, top + cab), P(front - slant, top + cab), P(front, top)], fill=paint)
     i = 0.022
-    d.polygon([P(rear + i + slant * 0.3, top + 0.01), P(rear + slant * 0.6 + i, top + cab - i),
-               P(front - slant - i * 0.3, top + cab - i), P(front - i * 1.5, top + 0.01)], fill=GLASS_REAR)
+    d.polygon(
+        [
+            P(rear + i + slant * 0.3, top + 0.01),
+            P(rear + slant * 0.6 + i, top + cab - i),
+            P(front - slant - i * 0.3, top + cab - i),
+            P(front - i * 1.5, top + 0.01),
+        ],
+        fill=GLASS_REAR,
+    )
     w = max(1, round(length * 0.02))
     d.line([P((rear + front) / 2, top), P((rear + front) / 2 + slant * 0.1, top + cab)], fill=paint, width=w)
     for x in (0.45, 0.7) if m.kind != "van" else (0.6,):
@@ -264,8 +359,11 @@ def _draw_side(d, m: _Model, v: _Vehicle, view: str, cx: float, cy: float, lengt
         d.line([P(0.04, y), P(0.94, y)], fill=MARK_COLORS[v.stripe[1]], width=w)
     if v.dent is not None and v.dent[0] == view:
         x, y = v.dent[1], clr + body * v.dent[2]
-        d.line([P(x, y), P(x + 0.03, y + 0.02), P(x + 0.05, y - 0.01), P(x + 0.08, y + 0.01)], fill=(215, 215, 210),
-               width=w)
+        d.line(
+            [P(x, y), P(x + 0.03, y + 0.02), P(x + 0.05, y - 0.01), P(x + 0.08, y + 0.01)],
+            fill=(215, 215, 210),
+            width=w,
+        )
     if v.roof:
         a, b = rear + slant * 0.6 + 0.04, front - slant - 0.03
         if v.roof == 1:
@@ -297,8 +395,12 @@ def _draw_end(d, m: _Model, v: _Vehicle, view: str, cx: float, cy: float, width:
     lo, hi = (1 - wb) / 2, (1 - wt) / 2
     d.polygon([P(lo, top), P(hi, top + fcab), P(1 - hi, top + fcab), P(1 - lo, top)], fill=paint)
     gi = 0.03
-    glass = [P(lo + gi, top + 0.01), P(hi + gi, top + fcab - gi), P(1 - hi - gi, top + fcab - gi),
-             P(1 - lo - gi, top + 0.01)]
+    glass = [
+        P(lo + gi, top + 0.01),
+        P(hi + gi, top + fcab - gi),
+        P(1 - hi - gi, top + fcab - gi),
+        P(1 - lo - gi, top + 0.01),
+    ]
     d.polygon(glass, fill=GLASS_FRONT if view == "front" else GLASS_REAR)
     for u in (lo - 0.07, 1 - lo + 0.01):
         _rect(d, P(u, top + 0.02), P(u + 0.06, top + 0.08), v.mirror)
@@ -422,8 +524,12 @@ def _write_vehicles(job: tuple[_Plan, list[_Vehicle]]) -> int:
         os.makedirs(folder, exist_ok=True)
         for k in range(len(v.cams)):
             img, quality = _render(plan, v, k)
-            img.save(os.path.join(folder, f"{_image_id(plan, v.vid, k):06d}.jpg"),
-                     format="JPEG", quality=quality, optimize=False)
+            img.save(
+                os.path.join(folder, f"{_image_id(plan, v.vid, k):06d}.jpg"),
+                format="JPEG",
+                quality=quality,
+                optimize=False,
+            )
     return sum(len(v.cams) for v in vehicles)
 
 
@@ -462,9 +568,18 @@ def _write_text(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def write_synthetic(out, *, train_vehicles: int = 120, test_vehicles: int = 40, images_per_vehicle: int = 8,
-                    cameras: int = 12, image_size: tuple[int, int] = (96, 96), seed: int = 0, workers: int = 1,
-                    progress: Callable[[int], object] | None = None) -> dict:
+def write_synthetic(
+    out,
+    *,
+    train_vehicles: int = 120,
+    test_vehicles: int = 40,
+    images_per_vehicle: int = 8,
+    cameras: int = 12,
+    image_size: tuple[int, int] = (96, 96),
+    seed: int = 0,
+    workers: int = 1,
+    progress: Callable[[int], object] | None = None,
+) -> dict:
     """Write a synthetic VeRi-Wild-layout dataset into the empty or missing folder ``out``.
 
     ``image_size`` is the base (height, width) of a crop; each camera rescales it
@@ -472,17 +587,27 @@ def write_synthetic(out, *, train_vehicles: int = 120, test_vehicles: int = 40, 
     written. The output is byte-identical for a given seed whatever ``workers`` is.
     Returns counts: train images, query/gallery per test size, models, cameras.
     """
-    for name, value, minimum in (("train_vehicles", train_vehicles, 1), ("test_vehicles", test_vehicles, 1),
-                                 ("images_per_vehicle", images_per_vehicle, 2), ("cameras", cameras, 2),
-                                 ("seed", seed, 0), ("workers", workers, 1)):
+    for name, value, minimum in (
+        ("train_vehicles", train_vehicles, 1),
+        ("test_vehicles", test_vehicles, 1),
+        ("images_per_vehicle", images_per_vehicle, 2),
+        ("cameras", cameras, 2),
+        ("seed", seed, 0),
+        ("workers", workers, 1),
+    ):
         _check_count(name, value, minimum)
-    if not (isinstance(image_size, (tuple, list)) and len(image_size) == 2
-            and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 32 for x in image_size)):
+    if not (
+        isinstance(image_size, (tuple, list))
+        and len(image_size) == 2
+        and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 32 for x in image_size)
+    ):
         raise ConfigError(f"image_size: expected (height, width) with both >= 32, found {image_size!r}")
     n_vehicles = train_vehicles + test_vehicles
     if n_vehicles > 99999 or n_vehicles * images_per_vehicle > 999999:
-        raise ConfigError(f"dataset size: expected at most 99999 vehicles and 999999 images (the id widths), "
-                          f"found {n_vehicles} vehicles and {n_vehicles * images_per_vehicle} images")
+        raise ConfigError(
+            f"dataset size: expected at most 99999 vehicles and 999999 images (the id widths), "
+            f"found {n_vehicles} vehicles and {n_vehicles * images_per_vehicle} images"
+        )
     if progress is not None and not callable(progress):
         raise ConfigError(f"progress: expected a callable or None, found {progress!r}")
     out = Path(out)
@@ -500,15 +625,22 @@ def write_synthetic(out, *, train_vehicles: int = 120, test_vehicles: int = 40, 
 
     # Chunks only batch the work; the bytes never depend on them.
     chunk = 1 if workers == 1 else max(1, min(32, math.ceil(n_vehicles / (4 * workers))))
-    _run_jobs([(plan, vehicles[i:i + chunk]) for i in range(0, n_vehicles, chunk)], workers, progress)
+    _run_jobs([(plan, vehicles[i : i + chunk]) for i in range(0, n_vehicles, chunk)], workers, progress)
     _write_split_files(tmp / "train_test_split", plan, vehicles, train_vehicles)
     if out.exists():
         out.rmdir()
     publish(tmp, out)
 
-    summary = {"out": str(out), "seed": seed, "models": n_models, "colors": len(COLORS), "cameras": cameras,
-               "images": n_vehicles * images_per_vehicle,
-               "train": {"vehicles": train_vehicles, "images": train_vehicles * images_per_vehicle}, "test": {}}
+    summary = {
+        "out": str(out),
+        "seed": seed,
+        "models": n_models,
+        "colors": len(COLORS),
+        "cameras": cameras,
+        "images": n_vehicles * images_per_vehicle,
+        "train": {"vehicles": train_vehicles, "images": train_vehicles * images_per_vehicle},
+        "test": {},
+    }
     for tag, name, share in TEST_SIZES:
         n = max(1, round(share * test_vehicles))
         summary["test"][tag] = {"size": name, "vehicles": n, "query": n, "gallery": n * (images_per_vehicle - 1)}
@@ -528,6 +660,6 @@ def _write_split_files(folder: Path, plan: _Plan, vehicles: list[_Vehicle], n_tr
     _write_text(folder / "train_list.txt", [key(v, k) for v in vehicles[:n_train] for k in range(len(v.cams))])
     test = vehicles[n_train:]
     for tag, _, share in TEST_SIZES:
-        part = test[:max(1, round(share * len(test)))]
+        part = test[: max(1, round(share * len(test)))]
         _write_text(folder / f"test_{tag}_query.txt", [key(v, v.query) for v in part])
         _write_text(folder / f"test_{tag}.txt", [key(v, k) for v in part for k in range(len(v.cams)) if k != v.query])

@@ -59,10 +59,16 @@ def tar_header(name: str, size: int) -> bytes:
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     size_field = b"%011o\0" % size
     checksum = _TEMPLATE_SUM + sum(raw) + sum(size_field)
-    return b"".join((
-        raw, _TEMPLATE[len(raw) : 124], size_field, _TEMPLATE[136:148],
-        b"%06o\0 " % checksum, _TEMPLATE[156:],
-    ))  # fmt: skip
+    return b"".join(
+        (
+            raw,
+            _TEMPLATE[len(raw) : 124],
+            size_field,
+            _TEMPLATE[136:148],
+            b"%06o\0 " % checksum,
+            _TEMPLATE[156:],
+        )
+    )
 
 
 class ShardSink:
@@ -200,8 +206,9 @@ def scan_sample_offsets(path: str | Path) -> list[int]:
                 raise ShardError(f"{url}: truncated at byte {end}; run 'wildreid shard --verify'")
             if kind in (b"x", b"L"):
                 content = f.read(size)
-                long_name = (_pax_path(content) if kind == b"x"
-                             else content.rstrip(b"\0").decode("utf-8", "surrogateescape"))  # fmt: skip
+                long_name = (
+                    _pax_path(content) if kind == b"x" else content.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                )
                 extended_at = pos if extended_at is None else extended_at
             elif kind in (b"0", b"\0"):
                 key, _ = sample_key(long_name or _member_name(header))

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from wildreid.errors import BadImageError, ShardError, ShardNotFoundError, Stopped
 from wildreid.shards.images import image_extension
 from wildreid.shards.layouts import DatasetIndex, Record, Reject
@@ -104,8 +105,12 @@ def sample_key(rel_path: str) -> str:
 # --------------------------------------------------------------------------- listing and checking
 
 
-def _samples(index: DatasetIndex, sizes: Callable[[str, list[Record]], list[int | str]], progress: ProgressFn,
-             should_stop: Callable[[], bool] = lambda: False):  # fmt: skip
+def _samples(
+    index: DatasetIndex,
+    sizes: Callable[[str, list[Record]], list[int | str]],
+    progress: ProgressFn,
+    should_stop: Callable[[], bool] = lambda: False,
+):
     """Samples per split and rejects, given a function giving each record's size or why it is bad.
 
     Nothing is written while listing, so a stop asked for here ends it at once (Stopped)."""
@@ -115,8 +120,10 @@ def _samples(index: DatasetIndex, sizes: Callable[[str, list[Record]], list[int 
         samples[split], seen = [], set()
         for start in range(0, len(records), 512):
             if should_stop():
-                raise Stopped("sharding stopped while listing and checking images, before anything was written; "
-                              "run the same command again")  # fmt: skip
+                raise Stopped(
+                    "sharding stopped while listing and checking images, before anything was written; "
+                    "run the same command again"
+                )
             chunk = records[start : start + 512]
             for record, size in zip(chunk, sizes(split, chunk)):
                 key = sample_key(record.path)
@@ -180,14 +187,24 @@ def _pooled(index: DatasetIndex, pool: ProcessPoolExecutor | None, check: Callab
     return sizes
 
 
-def stat_records(index: DatasetIndex, *, pool: ProcessPoolExecutor | None = None, progress: ProgressFn = _no_progress,
-                 should_stop: Callable[[], bool] = lambda: False):  # fmt: skip
+def stat_records(
+    index: DatasetIndex,
+    *,
+    pool: ProcessPoolExecutor | None = None,
+    progress: ProgressFn = _no_progress,
+    should_stop: Callable[[], bool] = lambda: False,
+):
     """Samples from file sizes alone (images are checked while shards are written)."""
     return _samples(index, _pooled(index, pool, _stat_chunk), progress, should_stop)
 
 
-def scan_records(index: DatasetIndex, *, pool: ProcessPoolExecutor | None = None, progress: ProgressFn = _no_progress,
-                 should_stop: Callable[[], bool] = lambda: False):  # fmt: skip
+def scan_records(
+    index: DatasetIndex,
+    *,
+    pool: ProcessPoolExecutor | None = None,
+    progress: ProgressFn = _no_progress,
+    should_stop: Callable[[], bool] = lambda: False,
+):
     """Samples after reading and checking every image: what ``strict`` needs before writing anything."""
     return _samples(index, _pooled(index, pool, _scan_chunk), progress, should_stop)
 
@@ -221,7 +238,9 @@ def _make_plan(split: str, number: int, first_index: int, samples: Sequence[Samp
     sizes = tuple(s.size for s in samples)
     fingerprint = b"\n".join(b"%s:%d:%s" % (k.encode(), n, m) for k, n, m in zip(keys, sizes, metas))
     digest = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}\n".encode() + fingerprint).hexdigest()
-    return ShardPlan(split, number, first_index, tuple(s.record.path for s in samples), keys, tuple(metas), sizes, digest)
+    return ShardPlan(
+        split, number, first_index, tuple(s.record.path for s in samples), keys, tuple(metas), sizes, digest
+    )
 
 
 def plan_shards(split: str, samples: Sequence[Sample], *, max_samples: int, max_bytes: int) -> list[ShardPlan]:
@@ -273,8 +292,9 @@ def _write_index(shard: Path, offsets) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_sample_offsets(shard: str | Path, samples: int, *, sha256: str | None = None,
-                        shard_bytes: int | None = None) -> np.ndarray:
+def load_sample_offsets(
+    shard: str | Path, samples: int, *, sha256: str | None = None, shard_bytes: int | None = None
+) -> np.ndarray:
     """The ``samples + 1`` sample offsets of a shard: its index file, or one scan of its headers if it has none.
 
     A present index must match ``sha256`` (the manifest's) and fit the shard, else ShardError: a damaged index
@@ -289,18 +309,22 @@ def load_sample_offsets(shard: str | Path, samples: int, *, sha256: str | None =
         try:
             offsets = np.asarray(scan_sample_offsets(shard), dtype=np.int64)
         except FileNotFoundError:
-            raise ShardNotFoundError(f"shard {shard} is missing; run 'wildreid shard --verify' on the shard folder"
-                                     ) from None  # fmt: skip
+            raise ShardNotFoundError(
+                f"shard {shard} is missing; run 'wildreid shard --verify' on the shard folder"
+            ) from None
     else:
         if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-            raise ShardError(f"{path}: sha256 differs from the manifest (damaged index); delete it (the reader "
-                             "then scans the shard) or re-run 'wildreid shard'")  # fmt: skip
+            raise ShardError(
+                f"{path}: sha256 differs from the manifest (damaged index); delete it (the reader "
+                "then scans the shard) or re-run 'wildreid shard'"
+            )
         offsets = np.frombuffer(data, dtype="<u8").astype(np.int64) if len(data) % 8 == 0 else np.zeros(0, np.int64)
     size = shard_bytes if shard_bytes is not None else (shard.stat().st_size if shard.exists() else None)
     if len(offsets) != samples + 1 or (np.diff(offsets) <= 0).any() or (size is not None and offsets[-1] > size):
-        raise ShardError(f"{shard}: its index lists {len(offsets) - 1} samples in {offsets[-1] if len(offsets) else 0}"
-                         f" bytes, the manifest says {samples} samples in {size} bytes; run 'wildreid shard --verify'"
-                         )  # fmt: skip
+        raise ShardError(
+            f"{shard}: its index lists {len(offsets) - 1} samples in {offsets[-1] if len(offsets) else 0}"
+            f" bytes, the manifest says {samples} samples in {size} bytes; run 'wildreid shard --verify'"
+        )
     return offsets
 
 
@@ -413,8 +437,10 @@ def _write_all(out, source, plans, known, pool, progress, should_stop) -> dict[s
         _crash_point(f"shard:{plan.file}")
         signal_point(f"shard:{plan.file}")
         if should_stop():
-            raise Stopped(f"sharding stopped after {plan.file} ({len(results)} of {len(plans)} shards written); "
-                          "run the same command again to resume")  # fmt: skip
+            raise Stopped(
+                f"sharding stopped after {plan.file} ({len(results)} of {len(plans)} shards written); "
+                "run the same command again to resume"
+            )
     return results
 
 
@@ -636,8 +662,10 @@ def verify_shards(out: str | Path, *, progress: ProgressFn = _no_progress) -> li
         else:
             index = index_path(path)
             if shard.get("index_sha256") and not index.is_file():
-                problems.append(f"{index.relative_to(out)}: missing (the reader scans the shard instead; "
-                                "re-run 'wildreid shard' to write it)")  # fmt: skip
+                problems.append(
+                    f"{index.relative_to(out)}: missing (the reader scans the shard instead; "
+                    "re-run 'wildreid shard' to write it)"
+                )
             elif shard.get("index_sha256") and file_sha256(index) != shard["index_sha256"]:
                 problems.append(f"{index.relative_to(out)}: sha256 differs from the manifest (corrupted)")
         progress("verifying shards", shard["samples"], total)

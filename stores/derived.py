@@ -103,13 +103,16 @@ def graph_reader(store: FeatureStore, k: int, host_budget: int):
     graph = store.group_of("knn") if store.has("knn") else None
     if graph is None or "indices" not in graph or not graph.attrs.get("complete", False):
         found = "none" if graph is None else "an unfinished one"
-        raise ConfigError(f"expected a complete k-NN graph in {store.path}/knn, found {found}; "
-                          "run the mining (wildreid mine) first")  # fmt: skip
+        raise ConfigError(
+            f"expected a complete k-NN graph in {store.path}/knn, found {found}; run the mining (wildreid mine) first"
+        )
     array = store.array("knn/indices")
     if tuple(array.shape) != (store.count(), k):
-        raise ConfigError(f"expected a k-NN graph of shape ({store.count()}, {k}) (rows, mining.k), found "
-                          f"{tuple(array.shape)}: it belongs to another dictionary or mining; "
-                          "mine this store again")  # fmt: skip
+        raise ConfigError(
+            f"expected a k-NN graph of shape ({store.count()}, {k}) (rows, mining.k), found "
+            f"{tuple(array.shape)}: it belongs to another dictionary or mining; "
+            "mine this store again"
+        )
     cache = PageCache(array, host_budget=max(host_budget, array.chunks[0] * k * 8), dtype=array.dtype)
     return cache.get_rows
 
@@ -124,12 +127,14 @@ def _part_name(block: int) -> str:
 def parts_pending(store: FeatureStore, blocks: int) -> list[int]:
     """Rules blocks without a complete part (creates ``positives/parts`` when missing)."""
     parts = store.group_of("positives").require_group("parts")
-    return [b for b in range(blocks)
-            if _part_name(b) not in parts or not parts[_part_name(b)].attrs.get("complete", False)]  # fmt: skip
+    return [
+        b for b in range(blocks) if _part_name(b) not in parts or not parts[_part_name(b)].attrs.get("complete", False)
+    ]
 
 
-def write_positives_part(store: FeatureStore, block: int, counts: np.ndarray, indices: np.ndarray,
-                         quality: dict) -> None:  # fmt: skip
+def write_positives_part(
+    store: FeatureStore, block: int, counts: np.ndarray, indices: np.ndarray, quality: dict
+) -> None:
     part = store.group_of("positives")["parts"].create_group(_part_name(block), overwrite=True)
     create_checked_array(part, "counts", data=counts, chunks=(max(1, len(counts)),), compress=True)
     indices = indices if len(indices) else np.zeros(0, np.int64)
@@ -159,8 +164,9 @@ def assemble_positives(store: FeatureStore, blocks: int) -> None:
     group = store.group_of("positives")
     create_checked_array(group, "indptr", data=indptr, chunks=(min(n + 1, 1 << 20),), compress=True)
     nnz = int(indptr[-1])
-    indices = create_checked_array(group, "indices", shape=(nnz,), chunks=(max(1, min(nnz, 1 << 20)),),
-                                   dtype="int64", fill_value=-1, compress=True)  # fmt: skip
+    indices = create_checked_array(
+        group, "indices", shape=(nnz,), chunks=(max(1, min(nnz, 1 << 20)),), dtype="int64", fill_value=-1, compress=True
+    )
     position = 0
     for b in range(blocks):
         part = store.array(f"positives/parts/{_part_name(b)}/indices")[:]

@@ -51,8 +51,10 @@ def create_checked_array(group: zarr.Group, name: str, *, compress: bool = False
 def _remedy(store_path: Path, name: str) -> str:
     top = name.split("/")[0]
     if top == "features":
-        return ("resume training from its last checkpoint (wildreid train --resume restores the dictionary), "
-                "or extract the features again into a new store")  # fmt: skip
+        return (
+            "resume training from its last checkpoint (wildreid train --resume restores the dictionary), "
+            "or extract the features again into a new store"
+        )
     if top in ("knn", "positives"):
         return f"remove {store_path / top} and run 'wildreid mine' (or training with --resume) to compute it again"
     return "extract the features again into a new store"
@@ -110,9 +112,11 @@ class CheckedArray:
                 why = "fails its checksum" if "checksum" in str(exc) else f"cannot be decoded ({exc})"
                 key = "/".join(["c", str(chunk)] + ["0"] * (len(self.array.shape) - 1))
                 name = self.array.path
-                return DamagedDataError(f"chunk {chunk} of {name} (rows {lo}-{hi - 1}, file "
-                                        f"{self.store_path / name / key}) {why}: the store is damaged; "
-                                        f"{_remedy(self.store_path, name)}")  # fmt: skip
+                return DamagedDataError(
+                    f"chunk {chunk} of {name} (rows {lo}-{hi - 1}, file "
+                    f"{self.store_path / name / key}) {why}: the store is damaged; "
+                    f"{_remedy(self.store_path, name)}"
+                )
         return None
 
 
@@ -124,8 +128,10 @@ class FeatureStore:
         self.group = group
         self.read_only = read_only
         if not self.has("features") or len(self._node("features").shape) != 2:
-            raise StoreError(f"{path} has no 2-D 'features' array; expected a store written by wildreid or "
-                             "any Zarr group with features (N, D)")  # fmt: skip
+            raise StoreError(
+                f"{path} has no 2-D 'features' array; expected a store written by wildreid or "
+                "any Zarr group with features (N, D)"
+            )
         self.features = self.array("features")
         n = self.features.shape[0]
         for name in ("ids", "camids"):
@@ -141,12 +147,15 @@ class FeatureStore:
         if mode != "r":
             _finish_features_swap(Path(path))
         elif not (Path(path) / "features").exists() and (Path(path) / "features.old").exists():
-            raise StoreError(f"{path} was interrupted while restoring a checkpoint's dictionary; "
-                             "run 'wildreid train --resume' (or open it for writing) to finish that")  # fmt: skip
+            raise StoreError(
+                f"{path} was interrupted while restoring a checkpoint's dictionary; "
+                "run 'wildreid train --resume' (or open it for writing) to finish that"
+            )
         try:
             read_only = mode == "r"
-            group = zarr.open_group(store=DurableLocalStore(str(path), read_only=read_only),
-                                    mode="r" if read_only else "r+")  # fmt: skip
+            group = zarr.open_group(
+                store=DurableLocalStore(str(path), read_only=read_only), mode="r" if read_only else "r+"
+            )
         except (FileNotFoundError, ValueError, KeyError) as exc:
             raise StoreError(f"{path} is not a Zarr group ({exc})") from None
         return cls(path, group, read_only=mode == "r")
@@ -172,11 +181,13 @@ class FeatureStore:
         path.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(store=DurableLocalStore(str(path)), mode="a")  # "w" would also clear the lock file
         rows = rows_per_chunk(dim * np.dtype(dtype).itemsize, chunk_bytes)
-        create_checked_array(group, "features", shape=(n, dim), chunks=(min(rows, max(n, 1)), dim), dtype=dtype,
-                             fill_value=0)  # fmt: skip
+        create_checked_array(
+            group, "features", shape=(n, dim), chunks=(min(rows, max(n, 1)), dim), dtype=dtype, fill_value=0
+        )
         for name, values in (("ids", ids), ("camids", camids)):
-            arr = create_checked_array(group, name, shape=(n,), chunks=(max(min(n, 1 << 20), 1),), dtype="int64",
-                                       fill_value=-1)  # fmt: skip
+            arr = create_checked_array(
+                group, name, shape=(n,), chunks=(max(min(n, 1 << 20), 1),), dtype="int64", fill_value=-1
+            )
             if values is not None:
                 arr[:] = np.asarray(values, dtype=np.int64)
         if keys is not None:
@@ -196,9 +207,11 @@ class FeatureStore:
         except KeyError:
             raise
         except Exception as exc:  # a truncated or garbled zarr.json: JSON, codec or shape errors
-            raise DamagedDataError(f"{self.path / name / 'zarr.json'} cannot be read ({type(exc).__name__}: "
-                                   f"{str(exc).splitlines()[0][:120] if str(exc) else ''}): the store's metadata "
-                                   f"is damaged; {_remedy(self.path, name)}") from None  # fmt: skip
+            raise DamagedDataError(
+                f"{self.path / name / 'zarr.json'} cannot be read ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:120] if str(exc) else ''}): the store's metadata "
+                f"is damaged; {_remedy(self.path, name)}"
+            ) from None
 
     def has(self, name: str) -> bool:
         """Whether the store holds the array or group ``name`` (e.g. ``ids``, ``knn/indices``)."""
@@ -283,8 +296,12 @@ class FeatureStore:
 
     def fingerprint(self) -> dict:
         """What derived results (k-NN graph, positives) depend on."""
-        return {"n": self.count(), "dim": self.dim(), "dtype": str(self.features.dtype),
-                "features_version": self.features_version}  # fmt: skip
+        return {
+            "n": self.count(),
+            "dim": self.dim(),
+            "dtype": str(self.features.dtype),
+            "features_version": self.features_version,
+        }
 
     # ------------------------------------------------------------------ features as a whole
 

@@ -70,9 +70,11 @@ class WriterLock:
             holder = _read(fd)
             os.close(fd)
             who = _describe(holder) if holder else "another process (it has not recorded itself yet)"
-            raise LockedError(f"{self.folder} is being written by {who}; a second writer would corrupt it: "
-                              "wait for that command to finish, or stop it (it resumes with the same "
-                              "command), then run this again") from None  # fmt: skip
+            raise LockedError(
+                f"{self.folder} is being written by {who}; a second writer would corrupt it: "
+                "wait for that command to finish, or stop it (it resumes with the same "
+                "command), then run this again"
+            ) from None
         previous = _read(fd)
         if previous and not (previous.get("host") == socket.gethostname() and previous.get("pid") == os.getpid()):
             self.took_over = previous
@@ -88,8 +90,10 @@ class WriterLock:
     def took_over_message(self) -> str | None:
         if self.took_over is None:
             return None
-        return (f"took over the writer lock of {self.folder} left by {_describe(self.took_over)}, which ended "
-                "without releasing it (killed or crashed); its finished work is kept and resumed")  # fmt: skip
+        return (
+            f"took over the writer lock of {self.folder} left by {_describe(self.took_over)}, which ended "
+            "without releasing it (killed or crashed); its finished work is kept and resumed"
+        )
 
     def release(self) -> None:
         if self._fd is None:

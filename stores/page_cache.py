@@ -35,8 +35,9 @@ def _torch_dtype(dtype: np.dtype):
 
 
 class PageCache:
-    def __init__(self, array, *, host_budget: int, device_budget: int = 0, device="cpu", dtype=np.float32,
-                 promote_after: int = 2):  # fmt: skip
+    def __init__(
+        self, array, *, host_budget: int, device_budget: int = 0, device="cpu", dtype=np.float32, promote_after: int = 2
+    ):
         self.array = array
         self.rows_per_page = array.chunks[0]
         self.n = array.shape[0]
@@ -44,8 +45,10 @@ class PageCache:
         self.dtype = np.dtype(dtype)
         self.page_bytes = self.rows_per_page * self.width * self.dtype.itemsize
         if host_budget < self.page_bytes:
-            raise ConfigError(f"page cache budget {host_budget} bytes cannot hold one page; "
-                              f"the smallest budget that works is {self.page_bytes} bytes")  # fmt: skip
+            raise ConfigError(
+                f"page cache budget {host_budget} bytes cannot hold one page; "
+                f"the smallest budget that works is {self.page_bytes} bytes"
+            )
         self.host_capacity = host_budget // self.page_bytes
         self.device_capacity = device_budget // self.page_bytes
         self.device = device

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from wildreid.shards import pack_dataset, read_dataset
 from wildreid.shards.layouts import read_veriwild
 from wildreid.shards.synth import write_synthetic
@@ -53,9 +54,11 @@ def _folder_layout(veriwild_root: Path, dest: Path, folders: dict[str, str], nam
 def veri776_root(veriwild_root, tmp_path_factory) -> Path:
     folders = {"train": "image_train", "query-large": "image_query", "gallery-large": "image_test"}
     return _folder_layout(
-        veriwild_root, tmp_path_factory.mktemp("veri776") / "VeRi", folders,
+        veriwild_root,
+        tmp_path_factory.mktemp("veri776") / "VeRi",
+        folders,
         lambda r, n: f"{r.vid:04d}_c{r.camid:03d}_{n:08d}_0.jpg",
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="session")
@@ -69,14 +72,20 @@ def veri776_shards(veri776_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def flat_root(veriwild_root, tmp_path_factory) -> Path:
     folders = {
-        "train": "bounding_box_train", "query-large": "query", "gallery-large": "bounding_box_test",
-        "query-small": "query_small", "gallery-small": "test_small",
-        "query-medium": "query_middle", "gallery-medium": "test_middle",
-    }  # fmt: skip
+        "train": "bounding_box_train",
+        "query-large": "query",
+        "gallery-large": "bounding_box_test",
+        "query-small": "query_small",
+        "gallery-small": "test_small",
+        "query-medium": "query_middle",
+        "gallery-medium": "test_middle",
+    }
     return _folder_layout(
-        veriwild_root, tmp_path_factory.mktemp("flat") / "VeRi-Wild", folders,
+        veriwild_root,
+        tmp_path_factory.mktemp("flat") / "VeRi-Wild",
+        folders,
         lambda r, n: f"{r.vid:05d}_c{r.camid}_{n:06d}.jpg",
-    )  # fmt: skip
+    )
 
 
 def tree_digest(root: Path) -> dict[str, str]:

@@ -117,9 +117,15 @@ def test_camera_normalised_metrics_get_their_own_table():
     base, _ = scores(9, (2, 40))
 
     def run(x, shift):
-        return {s: {"ap": x[s].tolist(), "hit1": (x[s] > 0.5).astype(float).tolist(),
-                    "ap_camnorm": np.clip(x[s] + shift, 0, 1).tolist(),
-                    "hit1_camnorm": (x[s] + shift > 0.5).astype(float).tolist()} for s in range(len(x))}  # fmt: skip
+        return {
+            s: {
+                "ap": x[s].tolist(),
+                "hit1": (x[s] > 0.5).astype(float).tolist(),
+                "ap_camnorm": np.clip(x[s] + shift, 0, 1).tolist(),
+                "hit1_camnorm": (x[s] + shift > 0.5).astype(float).tolist(),
+            }
+            for s in range(len(x))
+        }
 
     table = bench.compare({"untrained": run(base, 0.0), "defaults": run(base, 0.3)}, resamples=300)
     row = table["defaults"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import tree_digest
 from typer.testing import CliRunner
+
 from wildreid.cli import app
 
 runner = CliRunner()
@@ -68,16 +69,33 @@ def test_errors_are_one_line_with_an_exit_code(tmp_path, args, code, text):
 def test_non_editable_wheel_installs_the_namespaced_packages(tmp_path):
     """The package-dir mapping must hold in a built wheel, not only in the editable install."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(REPO),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(tmp_path.glob("wildreid-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
         zf.extractall(tmp_path / "site")
-    for module in ("wildreid/cli.py", "wildreid/errors.py", "wildreid/shards/writer.py", "wildreid/shards/synth.py",
-                   "wildreid/stores/__init__.py"):  # fmt: skip
+    for module in (
+        "wildreid/cli.py",
+        "wildreid/errors.py",
+        "wildreid/shards/writer.py",
+        "wildreid/shards/synth.py",
+        "wildreid/stores/__init__.py",
+    ):
         assert module in names
     assert not any(n.split("/")[0] in ("pipeline", "shards", "stores", "tests") for n in names)
     assert "wildreid = wildreid.cli:app" in entry_points

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+
 from wildreid.config import Config, config_digest, load_config, save_config
 from wildreid.errors import ConfigError
 

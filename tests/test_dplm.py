@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import clustered
+
 from wildreid.dplm import (
     _dense,
     dplm_blockwise,
@@ -106,9 +107,17 @@ def test_finish_rows_checks_the_exact_ranks():
     x = clustered(13, noise=0.15)
     sim, idx, counts = knn_graph(x, 11, threshold=0.6)
     plan = plan_rows(
-        np.arange(len(x)), idx, sim, counts, lambda ids: idx[ids], lambda ids: x[ids],
-        n=len(x), threshold=0.6, min_candidates=10, adjacency=10,
-    )  # fmt: skip
+        np.arange(len(x)),
+        idx,
+        sim,
+        counts,
+        lambda ids: idx[ids],
+        lambda ids: x[ids],
+        n=len(x),
+        threshold=0.6,
+        min_candidates=10,
+        adjacency=10,
+    )
     assert plan.n_pending > 0
     with pytest.raises(ConfigError, match="exact ranks"):
         finish_rows(plan, np.zeros(plan.n_pending + 1))
@@ -148,9 +157,10 @@ def test_bad_order_everywhere():
     calls = [
         lambda: dplm_dense(x, order="Published"),
         lambda: dplm_rows(x, [0], order=None),
-        lambda: plan_rows(np.arange(3), idx[:3], sim[:3], counts[:3], lambda ids: idx[ids], lambda ids: x[ids],
-                          n=len(x), order="tie"),
-    ]  # fmt: skip
+        lambda: plan_rows(
+            np.arange(3), idx[:3], sim[:3], counts[:3], lambda ids: idx[ids], lambda ids: x[ids], n=len(x), order="tie"
+        ),
+    ]
     for call in calls:
         with pytest.raises(ConfigError, match="similarity or published"):
             call()
@@ -193,8 +203,9 @@ def test_published_blockwise_equals_the_transcription(dtype, regime, dups):
     assert_rows_match(x, published, {**args, "order": "published"}, seed=22)
     for block_rows, block_base in [(37, 53), (128, 1000)]:
         stats = {}
-        got = dplm_blockwise(x, k=k, block_rows=block_rows, block_base=block_base, stats=stats, order="published",
-                             **args)  # fmt: skip
+        got = dplm_blockwise(
+            x, k=k, block_rows=block_rows, block_base=block_base, stats=stats, order="published", **args
+        )
         assert_same(got, published)
         assert (stats["pending"] > 0) == pending
     similarity = dplm_dense(x, **args)
@@ -238,16 +249,23 @@ def test_published_aliasing_matters():
     def last_row_gained(x, args) -> bool:
         n = len(x)
         ref, plain = dplm_published_dense(x, **args), _dense(x, order="published", alias=False, **args)
-        gained = [i for i in range(n) if n - 1 in ref[1][ref[0][i] : ref[0][i + 1]]
-                  and n - 1 not in plain[1][plain[0][i] : plain[0][i + 1]]]  # fmt: skip
+        gained = [
+            i
+            for i in range(n)
+            if n - 1 in ref[1][ref[0][i] : ref[0][i + 1]] and n - 1 not in plain[1][plain[0][i] : plain[0][i + 1]]
+        ]
         if gained:
-            assert_same(dplm_blockwise(x, k=args["adjacency"] + 1, block_rows=5, block_base=7, order="published",
-                                       **args), ref)  # fmt: skip
+            assert_same(
+                dplm_blockwise(x, k=args["adjacency"] + 1, block_rows=5, block_base=7, order="published", **args), ref
+            )
             assert_same(dplm_rows(x, gained, order="published", **args), rows_of(ref, gained))
         return bool(gained)
 
-    cases = [(blobs(seed), {"threshold": t, "min_candidates": l, "adjacency": a})
-             for seed in (9, 18, 19, 2) for t, l, a in [(0.6, 2, 5), (0.5, 2, 6), (0.3, 3, 8)]]  # fmt: skip
+    cases = [
+        (blobs(seed), {"threshold": t, "min_candidates": l, "adjacency": a})
+        for seed in (9, 18, 19, 2)
+        for t, l, a in [(0.6, 2, 5), (0.5, 2, 6), (0.3, 3, 8)]  # noqa: E741 (l: the paper's name)
+    ]
     assert sum(last_row_gained(x, args) for x, args in cases) >= 2
 
 
@@ -257,10 +275,21 @@ def test_published_pending_pairs_carry_their_exact_similarity():
     x = clustered(13, noise=0.5)
     args = {"threshold": 0.6, "min_candidates": 16, "adjacency": 10}
     sim, idx, counts = knn_graph(x, 11, threshold=0.6)
-    plan = plan_rows(np.arange(len(x)), idx, sim, counts, lambda ids: idx[ids], lambda ids: x[ids], n=len(x),
-                     order="published", **args)  # fmt: skip
+    plan = plan_rows(
+        np.arange(len(x)),
+        idx,
+        sim,
+        counts,
+        lambda ids: idx[ids],
+        lambda ids: x[ids],
+        n=len(x),
+        order="published",
+        **args,
+    )
     filled = plan.pending_pos >= plan.counts[plan.pending_row]
     assert filled.sum() > 10
     np.testing.assert_array_equal(plan.pending_sim, pair_similarity(x[plan.pending_j], x[plan.pending_i]))
-    assert_same(dplm_blockwise(x, k=11, block_rows=64, block_base=100, order="published", **args),
-                dplm_published_dense(x, **args))  # fmt: skip
+    assert_same(
+        dplm_blockwise(x, k=11, block_rows=64, block_base=100, order="published", **args),
+        dplm_published_dense(x, **args),
+    )

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from wildreid.dtl import (
     batch_positives,
     dtl_dense,
@@ -408,5 +409,7 @@ def test_graph_with_only_positives_or_of_another_dictionary_is_refused():
     with pytest.raises(ConfigError, match="another dictionary"):
         graph_negatives(x, torch.tensor([[3, 50], [7, 1]]), tensor_rows(m), indptr, indices, rows, 0.1, count=n)
     # r = 0: no element wants a negative, so an empty candidate set is fine
-    hard, taken = graph_negatives(x, torch.tensor([[3, 8], [7, 1]]), tensor_rows(m), indptr, indices, rows, 0.0, count=n)
+    hard, taken = graph_negatives(
+        x, torch.tensor([[3, 8], [7, 1]]), tensor_rows(m), indptr, indices, rows, 0.0, count=n
+    )
     assert hard.shape == (2, 0) and taken.tolist() == [0, 0]

@@ -12,6 +12,7 @@ import torch
 from conftest import clustered
 from PIL import Image
 from typer.testing import CliRunner
+
 from wildreid.checkpoint import save_model
 from wildreid.cli import app
 from wildreid.config import load_config
@@ -53,8 +54,9 @@ def _check_metrics(m: dict) -> None:
 
 def _dense(query: Path, gallery: Path, **kwargs) -> dict:
     qs, gs = FeatureStore.open(query), FeatureStore.open(gallery)
-    return evaluate_dense(qs.read_rows(0, qs.count()), qs.ids(), qs.camids(), gs.read_rows(0, gs.count()), gs.ids(),
-                          gs.camids(), **kwargs)  # fmt: skip
+    return evaluate_dense(
+        qs.read_rows(0, qs.count()), qs.ids(), qs.camids(), gs.read_rows(0, gs.count()), gs.ids(), gs.camids(), **kwargs
+    )
 
 
 def _same(blockwise: dict, dense: dict) -> None:
@@ -64,8 +66,11 @@ def _same(blockwise: dict, dense: dict) -> None:
 
 def _mtimes(folder: Path) -> dict[str, int]:
     """Modification times of the stored data (the writer lock file is rewritten by every writer)."""
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")
-            if p.is_file() and p.name != LOCK_NAME}  # fmt: skip
+    return {
+        str(p.relative_to(folder)): p.stat().st_mtime_ns
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != LOCK_NAME
+    }
 
 
 def test_eval_checkpoint_extracts_once_and_matches_the_dense_reference(shard_root, model_file, tmp_path):
@@ -112,16 +117,30 @@ def test_eval_feature_pool5_extracts_the_pooled_feature_again(shard_root, tmp_pa
     _same(pool5, _dense(tmp_path / "features" / "query-small", tmp_path / "features" / "gallery-small"))
     config = load_config(REPO / "configs" / "demo.yaml", ["model.eval_feature=pool5"]).to_dict()
     other = save_model(tmp_path / "pool5.pt", _model(0), config)
-    assert _run([*EVAL, "--shards", shard_root, "--checkpoint", other, "--split", "small", "--json"])["small"][
-        "feature"] == "pool5"  # fmt: skip
+    assert (
+        _run([*EVAL, "--shards", shard_root, "--checkpoint", other, "--split", "small", "--json"])["small"]["feature"]
+        == "pool5"
+    )
     bad = runner.invoke(app, [*map(str, args), "--feature", "pool4"])
     assert bad.exit_code == 2 and "expected --feature bnneck or pool5" in bad.output
 
 
 def test_eval_all_splits_into_a_features_dir(shard_root, model_file, tmp_path):
     ckpt = Path(shutil.copy(model_file, tmp_path / "model.pt"))
-    result = runner.invoke(app, [*EVAL, "--shards", str(shard_root), "--checkpoint", str(ckpt), "--split", "all",
-                                 "--features-dir", str(tmp_path / "feats")])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            *EVAL,
+            "--shards",
+            str(shard_root),
+            "--checkpoint",
+            str(ckpt),
+            "--split",
+            "all",
+            "--features-dir",
+            str(tmp_path / "feats"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     for name in ("small", "medium", "large"):
         assert name in result.stdout
@@ -171,13 +190,28 @@ def test_visualize_ranked_lists_and_training_curves(shard_root, model_file, tmp_
     ckpt = Path(shutil.copy(model_file, tmp_path / "model.pt"))
     _run([*EVAL, "--shards", shard_root, "--checkpoint", ckpt, "--split", "small", "--json"])
     history = tmp_path / "history.jsonl"
-    history.write_text("".join(json.dumps({"epoch": e, "loss": 2.0 / (e + 1), "precision": 0.2 + 0.1 * e,
-                                           "recall": 0.1 * e}) + "\n" for e in range(4)))  # fmt: skip
-    base = ["visualize", "--shards", shard_root, "--query", tmp_path / "features" / "query-small",
-            "--gallery", tmp_path / "features" / "gallery-small", "--query-split", "query-small",
-            "--gallery-split", "gallery-small"]  # fmt: skip
-    result = runner.invoke(app, [str(a) for a in [*base, "--num", "2", "--k", "4", "--out", tmp_path / "lists.png",
-                                                  "--history", history]])  # fmt: skip
+    history.write_text(
+        "".join(
+            json.dumps({"epoch": e, "loss": 2.0 / (e + 1), "precision": 0.2 + 0.1 * e, "recall": 0.1 * e}) + "\n"
+            for e in range(4)
+        )
+    )
+    base = [
+        "visualize",
+        "--shards",
+        shard_root,
+        "--query",
+        tmp_path / "features" / "query-small",
+        "--gallery",
+        tmp_path / "features" / "gallery-small",
+        "--query-split",
+        "query-small",
+        "--gallery-split",
+        "gallery-small",
+    ]
+    result = runner.invoke(
+        app, [str(a) for a in [*base, "--num", "2", "--k", "4", "--out", tmp_path / "lists.png", "--history", history]]
+    )
     assert result.exit_code == 0, result.output
     assert "ranked lists of queries" in result.stdout and "training curves (4 epochs)" in result.stdout
     with Image.open(tmp_path / "lists.png") as a, Image.open(tmp_path / "lists-curves.png") as c:
@@ -220,8 +254,18 @@ def test_eval_a_split_the_shards_do_not_have(veri776_shards, model_file, tmp_pat
 def test_errors_are_one_line_with_an_exit_code(tmp_path, case, code, text):
     q, g = _groups(tmp_path, dim_gallery=16 if case == "dims" else 32, ids=case != "no-ids")
     groups = ["--query", q, "--gallery", g]
-    vis = ["visualize", "--shards", tmp_path, *groups, "--query-split", "q", "--gallery-split", "g", "--out",
-           tmp_path / "x.png"]  # fmt: skip
+    vis = [
+        "visualize",
+        "--shards",
+        tmp_path,
+        *groups,
+        "--query-split",
+        "q",
+        "--gallery-split",
+        "g",
+        "--out",
+        tmp_path / "x.png",
+    ]
     (tmp_path / "h.jsonl").write_text('{"epoch": 0}\nnot json\n')
     args = {
         "dims": [*EVAL, *groups],

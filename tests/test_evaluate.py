@@ -11,6 +11,7 @@ import pytest
 import torch
 import zarr
 from PIL import Image
+
 from wildreid.errors import ConfigError, StoreError
 from wildreid.evaluate import (
     camera_means,
@@ -78,8 +79,9 @@ def assert_same_metrics(a: dict, b: dict) -> None:
 def test_blockwise_equals_dense(ints, nq, ng, tile, query_rows):
     qf, q_ids, q_cams, gf, g_ids, g_cams = make_set(nq * 1000 + ng, nq, ng, ints=ints)
     dense = evaluate_dense(qf, q_ids, q_cams, gf, g_ids, g_cams, tile=tile)
-    blockwise = evaluate_blockwise(qf, gf, q_ids, q_cams, g_ids, g_cams, memory_budget=64 << 20, tile=tile,
-                                   query_rows=query_rows)  # fmt: skip
+    blockwise = evaluate_blockwise(
+        qf, gf, q_ids, q_cams, g_ids, g_cams, memory_budget=64 << 20, tile=tile, query_rows=query_rows
+    )
     assert_same_metrics(dense, blockwise)
     if nq > 1:
         assert dense["skipped_queries"] > 0 and dense["valid_queries"] > 0  # the set exercises both
@@ -89,8 +91,9 @@ def test_blockwise_equals_dense(ints, nq, ng, tile, query_rows):
 def test_camera_normalised_blockwise_equals_dense_and_a_plain_reference(tile, query_rows):
     qf, q_ids, q_cams, gf, g_ids, g_cams = make_set(11, 37, 203, ints=False)
     dense = evaluate_dense(qf, q_ids, q_cams, gf, g_ids, g_cams, tile=tile, camera_norm=True)
-    blockwise = evaluate_blockwise(qf, gf, q_ids, q_cams, g_ids, g_cams, memory_budget=64 << 20, tile=tile,
-                                   query_rows=query_rows, camera_norm=True)  # fmt: skip
+    blockwise = evaluate_blockwise(
+        qf, gf, q_ids, q_cams, g_ids, g_cams, memory_budget=64 << 20, tile=tile, query_rows=query_rows, camera_norm=True
+    )
     assert_same_metrics(dense, blockwise)
     # the same metrics from features normalised by hand: mean of each camera over query and gallery rows
     rows, cams = np.concatenate([qf, gf]).astype(np.float64), np.concatenate([q_cams, g_cams])
@@ -156,8 +159,13 @@ HAND = [
     # id -1 never matches, even another -1
     ([-1], [0], [-1, -1, 7, 7, 3], [1, 2, 0, 1, 0], {"mAP": 0.0, "mINP": 0.0, "rank1": 0.0, "rank5": 0.0, "valid": 0}),
     # a -1 gallery row (index 0) is a distractor: order 4, 0, 1 (match), 3 (match); row 2 is junk
-    ([7], [0], [-1, 7, 7, 7, 3], [1, 2, 0, 1, 0], {"mAP": (1 / 3 + 2 / 4) / 2, "mINP": 2 / 4, "rank1": 0.0,
-                                                   "rank5": 1.0, "valid": 1}),
+    (
+        [7],
+        [0],
+        [-1, 7, 7, 7, 3],
+        [1, 2, 0, 1, 0],
+        {"mAP": (1 / 3 + 2 / 4) / 2, "mINP": 2 / 4, "rank1": 0.0, "rank5": 1.0, "valid": 1},
+    ),
 ]
 
 
@@ -308,8 +316,12 @@ def test_peak_memory_stays_within_budget():
     gallery, the BLAS tile buffer and the counting temporaries).
     """
     nq, ng, dim, budget = 2048, 60_000, 32, 96 << 20
-    child = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(nq), str(ng), str(dim), str(budget)],
-                           capture_output=True, text=True, check=True)  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", MEMORY_CHILD, str(nq), str(ng), str(dim), str(budget)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(child.stdout.strip().splitlines()[-1])
     assert report["valid"] > 0
     assert nq * ng * 4 > 4 * budget
@@ -365,7 +377,9 @@ def test_evaluate_groups_errors(tmp_path, case, match):
     x8, ids, cams = rng.standard_normal((5, 8), dtype=np.float32), np.arange(5), np.zeros(5, np.int64)
     q = write_store(tmp_path / "q.zarr", x8[:0] if case == "empty-query" else x8, ids, cams)
     gx = rng.standard_normal((5, 6), dtype=np.float32) if case == "dims" else x8
-    g = write_store(tmp_path / "g.zarr", gx[:0] if case == "empty-gallery" else gx, None if case == "unknown-ids" else ids, cams)
+    g = write_store(
+        tmp_path / "g.zarr", gx[:0] if case == "empty-gallery" else gx, None if case == "unknown-ids" else ids, cams
+    )
     if case == "no-ids":
         _without(q, "ids")
     if case == "no-camids":
@@ -392,8 +406,13 @@ def test_topk_lists_follow_the_dense_order():
 
 
 def test_plots_are_small_valid_pngs(tmp_path):
-    cmc = evaluate_distances(np.random.default_rng(0).random((30, 80)), np.arange(30) % 10, np.zeros(30, int),
-                             np.arange(80) % 10, np.ones(80, int))["cmc"]  # fmt: skip
+    cmc = evaluate_distances(
+        np.random.default_rng(0).random((30, 80)),
+        np.arange(30) % 10,
+        np.zeros(30, int),
+        np.arange(80) % 10,
+        np.ones(80, int),
+    )["cmc"]
     history = [{"epoch": e, "loss": 2.0 / (e + 1), "precision": 0.5 + 0.03 * e} for e in range(8)]
     history[2].pop("loss")
     rng = np.random.default_rng(0)
@@ -402,8 +421,15 @@ def test_plots_are_small_valid_pngs(tmp_path):
         (cmc_curve(cmc, tmp_path / "cmc.png", "test"), (480, 360)),
         (training_curves(history, tmp_path / "train.png"), (760, 340)),
         (training_curves([], tmp_path / "empty.png"), (760, 340)),
-        (ranked_grid(images[:2], [images[2:12], images[2:5]], [[True, None] + [False] * 8, [False, True, None]],
-                     tmp_path / "grid.png"), (11 * 78 + 12, 2 * 94 + 6)),  # labels fit a tile
+        (
+            ranked_grid(
+                images[:2],
+                [images[2:12], images[2:5]],
+                [[True, None] + [False] * 8, [False, True, None]],
+                tmp_path / "grid.png",
+            ),
+            (11 * 78 + 12, 2 * 94 + 6),
+        ),  # labels fit a tile
     ]
     for path, size in written:
         with Image.open(path) as image:
@@ -414,8 +440,15 @@ def test_plots_are_small_valid_pngs(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
-@pytest.mark.parametrize(("lo", "hi", "expected"), [(0, 9, [0, 2, 4, 6, 8, 10]), (0.3, 0.86, [0.2, 0.4, 0.6, 0.8, 1.0]),
-                                                    (1, 50, [0, 10, 20, 30, 40, 50]), (2, 2, [2.0, 2.2, 2.4, 2.6, 2.8, 3.0])])  # fmt: skip
+@pytest.mark.parametrize(
+    ("lo", "hi", "expected"),
+    [
+        (0, 9, [0, 2, 4, 6, 8, 10]),
+        (0.3, 0.86, [0.2, 0.4, 0.6, 0.8, 1.0]),
+        (1, 50, [0, 10, 20, 30, 40, 50]),
+        (2, 2, [2.0, 2.2, 2.4, 2.6, 2.8, 3.0]),
+    ],
+)
 def test_nice_ticks(lo, hi, expected):
     np.testing.assert_allclose(nice_ticks(lo, hi), expected)
 
@@ -431,8 +464,16 @@ def test_render_ranked_lists_from_shards(shard_root, tmp_path):
         ids, cams = np.array([m[1] for m in meta]), np.array([m[2] for m in meta])
         x = np.eye(64, dtype=np.float32)[ids % 64] + 0.3 * rng.standard_normal((len(ids), 64), dtype=np.float32)
         stores[split] = write_store(tmp_path / f"{split}.zarr", x, ids, cams)
-    path = render_ranked_lists(shard_root, "query-large", "gallery-large", stores["query-large"],
-                               stores["gallery-large"], [0, 1, 2], tmp_path / "ranked.png", k=5)  # fmt: skip
+    path = render_ranked_lists(
+        shard_root,
+        "query-large",
+        "gallery-large",
+        stores["query-large"],
+        stores["gallery-large"],
+        [0, 1, 2],
+        tmp_path / "ranked.png",
+        k=5,
+    )
     with Image.open(path) as image:
         assert image.format == "PNG" and image.width > 5 * 64 and image.height >= 3 * 64
     assert path.stat().st_size < 300_000

@@ -19,6 +19,7 @@ import zarr
 from test_mining import clustered, make_store
 from test_train import final_json, train_cli
 from typer.testing import CliRunner
+
 from wildreid.checkpoint import latest_checkpoint, load_model
 from wildreid.cli import app
 from wildreid.errors import DamagedDataError, LockedError, ResumeError, StoreError
@@ -56,8 +57,10 @@ def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
 def test_a_lock_left_by_kill_9_is_taken_over(tmp_path):
     folder = tmp_path / "store"
     folder.mkdir()
-    holder = ("from wildreid.stores import WriterLock; import os, sys; WriterLock(sys.argv[1], 'victim'); "
-              "os.kill(os.getpid(), 9)")  # fmt: skip
+    holder = (
+        "from wildreid.stores import WriterLock; import os, sys; WriterLock(sys.argv[1], 'victim'); "
+        "os.kill(os.getpid(), 9)"
+    )
     run = subprocess.run([sys.executable, "-c", holder, str(folder)], capture_output=True, text=True)
     assert run.returncode == -signal.SIGKILL
     assert '"command": "victim"' in (folder / LOCK_NAME).read_text()  # the dead holder's record is still there
@@ -75,10 +78,13 @@ def test_a_failed_command_leaves_no_folder_behind(tmp_path):
 @contextlib.contextmanager
 def _held_by_another_process(folder: Path, command: str):
     """The writer lock of ``folder`` held by a live child process (POSIX locks belong to processes)."""
-    holder = ("from wildreid.stores import WriterLock; import sys, time; WriterLock(sys.argv[1], sys.argv[2]); "
-              "print('held', flush=True); time.sleep(120)")  # fmt: skip
-    with subprocess.Popen([sys.executable, "-c", holder, str(folder), command], stdout=subprocess.PIPE,
-                          text=True) as proc:  # fmt: skip
+    holder = (
+        "from wildreid.stores import WriterLock; import sys, time; WriterLock(sys.argv[1], sys.argv[2]); "
+        "print('held', flush=True); time.sleep(120)"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", holder, str(folder), command], stdout=subprocess.PIPE, text=True
+    ) as proc:
         try:
             assert proc.stdout.readline().strip() == "held"
             yield proc
@@ -145,8 +151,9 @@ def test_two_trainings_and_a_mining_on_one_store(uninterrupted, shard_root, tmp_
     first = subprocess.Popen(_train_cmd(shard_root, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_lock(store, first)
     second = train_cli(shard_root, store, "--resume")
-    mining = subprocess.run([sys.executable, "-m", "wildreid.cli", "mine", "--store", str(store), *MINE],
-                            capture_output=True, text=True)  # fmt: skip
+    mining = subprocess.run(
+        [sys.executable, "-m", "wildreid.cli", "mine", "--store", str(store), *MINE], capture_output=True, text=True
+    )
     out, err = first.communicate(timeout=600)
     for refused in (second, mining):
         assert refused.returncode == LockedError.exit_code, refused.stderr[-2000:]
@@ -189,8 +196,10 @@ def params_from(args: list[str]):
     return MineParams(k=int(args[1]), adjacency=int(args[3]))
 
 
-@pytest.mark.parametrize("name", ["features", "ids", "knn/indices", "knn/similarities", "knn/counts",
-                                  "positives/indptr", "positives/indices"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    ["features", "ids", "knn/indices", "knn/similarities", "knn/counts", "positives/indptr", "positives/indices"],
+)
 @pytest.mark.parametrize("how", ["flip", "truncate"])
 def test_a_damaged_chunk_is_found_and_named(mined_store, tmp_path, name, how):
     store = tmp_path / "s.zarr"
@@ -204,8 +213,12 @@ def test_a_damaged_chunk_is_found_and_named(mined_store, tmp_path, name, how):
     assert f"chunk {chunk} of {name}" in message and str(_chunk_file(store, name, chunk)) in message
     assert "fails its checksum" in message  # a truncated chunk's last 4 bytes are not its checksum either
     top = name.split("/")[0]
-    expected = {"features": "wildreid train --resume", "knn": "run 'wildreid mine'", "positives": "run 'wildreid mine'",
-                "ids": "extract the features again"}[top]  # fmt: skip
+    expected = {
+        "features": "wildreid train --resume",
+        "knn": "run 'wildreid mine'",
+        "positives": "run 'wildreid mine'",
+        "ids": "extract the features again",
+    }[top]
     assert expected in message
     assert "\n" not in message
     if name == "features":  # the rows of the other chunks still read
@@ -284,11 +297,13 @@ def test_every_write_path_changes_the_fingerprint(tmp_path):
 
 @pytest.mark.parametrize(
     "killed, expected",
-    [("copying", "old"),  # while copying the checkpoint's dictionary
-     ("copied", "old"),  # the copy complete (features.restore), before the first rename: undone
-     ("between", "new"),  # after features -> features.old, before features.restore -> features: finished
-     ("renamed", "new")],  # both renames done, features.old not yet removed
-)  # fmt: skip
+    [
+        ("copying", "old"),  # while copying the checkpoint's dictionary
+        ("copied", "old"),  # the copy complete (features.restore), before the first rename: undone
+        ("between", "new"),  # after features -> features.old, before features.restore -> features: finished
+        ("renamed", "new"),
+    ],  # both renames done, features.old not yet removed
+)
 def test_a_features_swap_killed_anywhere_leaves_whole_features(tmp_path, killed, expected):
     x, labels = clustered(300, 16, clusters=10, noise=0.5)
     path = make_store(tmp_path / "s.zarr", x, labels)
@@ -403,8 +418,9 @@ def test_a_torch_file_that_is_not_a_wildreid_model(tmp_path):
     torch.save({"config": {}, "state_dict": {}}, other)
     with pytest.raises(ResumeError, match="expected model weights and a config naming the model"):
         load_model(other)
-    torch.save({"config": {"model": {"arch": "resnet18", "last_stride": 1}}, "state_dict": {"w": torch.zeros(2)}},
-               other)  # fmt: skip
+    torch.save(
+        {"config": {"model": {"arch": "resnet18", "last_stride": 1}}, "state_dict": {"w": torch.zeros(2)}}, other
+    )
     result = runner.invoke(app, ["eval", "--shards", str(tmp_path), "--checkpoint", str(other)])
     assert result.exit_code != 0
     with pytest.raises(ResumeError, match="holds weights that do not fit its model"):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import clustered
+
 from wildreid.errors import ConfigError, StoreError
 from wildreid.knn import (
     check_features,
     exact_ranks,
-    knn_rows,
     knn_graph,
+    knn_rows,
     pair_similarity,
     similarity,
     with_self_first,

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 from conftest import SYNTH
+
 from wildreid.errors import LayoutError
 from wildreid.shards import detect_layout, read_dataset
 from wildreid.shards.layouts import read_veriwild
@@ -13,8 +14,14 @@ def test_veriwild_official_layout(veriwild_root):
     index = read_dataset(veriwild_root)
     assert index.layout == "veriwild"
     assert list(index.records) == [
-        "train", "query-small", "gallery-small", "query-medium", "gallery-medium", "query-large", "gallery-large",
-    ]  # fmt: skip
+        "train",
+        "query-small",
+        "gallery-small",
+        "query-medium",
+        "gallery-medium",
+        "query-large",
+        "gallery-large",
+    ]
     train = index.records["train"]
     assert len(train) == SYNTH["train_vehicles"] * SYNTH["images_per_vehicle"]
     assert train == sorted(train)
@@ -43,16 +50,24 @@ def test_flat_layout(flat_root, veriwild_root):
     index = read_dataset(flat_root)
     assert index.layout == "flat"
     original = read_veriwild(veriwild_root)
-    pairs = {"train": "train", "query": "query-large", "gallery": "gallery-large", "query-small": "query-small",
-             "gallery-small": "gallery-small", "query-medium": "query-medium", "gallery-medium": "gallery-medium"}
+    pairs = {
+        "train": "train",
+        "query": "query-large",
+        "gallery": "gallery-large",
+        "query-small": "query-small",
+        "gallery-small": "gallery-small",
+        "query-medium": "query-medium",
+        "gallery-medium": "gallery-medium",
+    }
     assert set(index.records) == set(pairs)
     for ours, theirs in pairs.items():
         got = sorted((r.vid, r.camid) for r in index.records[ours])
         assert got == sorted((r.vid, r.camid) for r in original.records[theirs])
 
 
-@pytest.mark.parametrize("fixture, expected", [("veriwild_root", "veriwild"), ("veri776_root", "veri776"),
-                                               ("flat_root", "flat")])  # fmt: skip
+@pytest.mark.parametrize(
+    "fixture, expected", [("veriwild_root", "veriwild"), ("veri776_root", "veri776"), ("flat_root", "flat")]
+)
 def test_auto_detection(request, fixture, expected):
     assert detect_layout(request.getfixturevalue(fixture)) == expected
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import zarr
 from typer.testing import CliRunner
+
 from wildreid.cli import app
 from wildreid.dplm import dplm_dense, dplm_published_dense
 from wildreid.errors import ConfigError, StoreError
@@ -31,8 +32,9 @@ def clustered(n: int, dim: int, *, clusters: int, noise: float, seed: int = 0):
 
 
 def make_store(path, x, labels=None, chunk_rows=128):
-    store = FeatureStore.create(path, len(x), x.shape[1], dtype=str(x.dtype), ids=labels,
-                                chunk_bytes=chunk_rows * x.shape[1] * x.itemsize)  # fmt: skip
+    store = FeatureStore.create(
+        path, len(x), x.shape[1], dtype=str(x.dtype), ids=labels, chunk_bytes=chunk_rows * x.shape[1] * x.itemsize
+    )
     store.write_rows(0, x)
     return path
 
@@ -49,9 +51,11 @@ def graph(path):
 
 @pytest.mark.parametrize(
     "regime, params, clusters, noise",
-    [("sparse", MineParams(k=21, adjacency=20), 100, 0.6),
-     ("dense", MineParams(k=11, adjacency=10, threshold=0.3), 25, 0.3)],
-)  # fmt: skip
+    [
+        ("sparse", MineParams(k=21, adjacency=20), 100, 0.6),
+        ("dense", MineParams(k=11, adjacency=10, threshold=0.3), 25, 0.3),
+    ],
+)
 def test_mine_equals_the_dense_reference(tmp_path, regime, params, clusters, noise):
     x, labels = clustered(700, 32, clusters=clusters, noise=noise)
     path = make_store(tmp_path / "s.zarr", x, labels)
@@ -71,7 +75,7 @@ def test_mine_equals_the_dense_reference(tmp_path, regime, params, clusters, noi
 @pytest.mark.parametrize(
     "params, clusters, noise",
     [(MineParams(k=21, adjacency=20), 100, 0.6), (MineParams(k=11, adjacency=10, threshold=0.3), 25, 0.3)],
-)  # fmt: skip
+)
 def test_many_base_blocks_through_reused_buffers_on_two_threads(tmp_path, monkeypatch, params, clusters, noise):
     """Small blocks: every pass streams several base blocks through each thread's reused float16, float32 and
     float64 buffers (the production path at scale), and the graph and positives still equal the references."""
@@ -81,8 +85,9 @@ def test_many_base_blocks_through_reused_buffers_on_two_threads(tmp_path, monkey
     from wildreid.knn import knn_graph
 
     plan = mining.block_plan
-    monkeypatch.setattr(mining, "block_plan", lambda *a, **k: dataclasses.replace(plan(*a, **k), base_rows=200,
-                                                                                   query_rows=256))  # fmt: skip
+    monkeypatch.setattr(
+        mining, "block_plan", lambda *a, **k: dataclasses.replace(plan(*a, **k), base_rows=200, query_rows=256)
+    )
     x, labels = clustered(1100, 32, clusters=clusters, noise=noise)
     path = make_store(tmp_path / "s.zarr", x, labels)
     report = mine(str(path), params, memory_budget=BUDGET, workers=2)
@@ -240,6 +245,8 @@ def test_errors(tmp_path):
     with pytest.raises(StoreError, match="row 17 is all zeros"):
         mine(str(make_store(tmp_path / "zero.zarr", bad)), MineParams(k=11, adjacency=10), memory_budget=BUDGET)
 
-    result = runner.invoke(app, ["mine", "--store", str(tmp_path / "small.zarr"), "--k", "11", "--adjacency", "10",
-                                 "--memory-budget", "1MiB"])  # fmt: skip
+    result = runner.invoke(
+        app,
+        ["mine", "--store", str(tmp_path / "small.zarr"), "--k", "11", "--adjacency", "10", "--memory-budget", "1MiB"],
+    )
     assert result.exit_code == ConfigError.exit_code and "the smallest budget that works is" in result.output

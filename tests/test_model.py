@@ -6,6 +6,7 @@ import pytest
 import torch
 from torchvision import models
 from torchvision.transforms.v2 import functional as tvf
+
 from wildreid.errors import ConfigError
 from wildreid.model import build_model, param_groups, weights_sha256
 from wildreid.transforms import (

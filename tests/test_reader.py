@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 import pytest
+import torch
 from torch.utils.data import DataLoader
+
 from wildreid.errors import ConfigError, ShardError, ShardNotFoundError
 from wildreid.shards.order import epoch_order, merge_lanes, schedule_from
 from wildreid.shards.reader import (
@@ -22,7 +23,9 @@ def _batches(ds: ShardDataset, workers: int) -> list[np.ndarray]:
     return [index.numpy() for _, index, _, _ in DataLoader(ds, batch_size=None, num_workers=workers)]
 
 
-@pytest.mark.parametrize("sizes, lanes, chunk", [([12, 12, 12, 7], 2, 5), ([3], 4, 2), ([5, 1, 9, 9, 2], 3, 4), ([], 2, 3)])
+@pytest.mark.parametrize(
+    "sizes, lanes, chunk", [([12, 12, 12, 7], 2, 5), ([3], 4, 2), ([5, 1, 9, 9, 2], 3, 4), ([], 2, 3)]
+)
 def test_epoch_order_is_a_permutation(sizes, lanes, chunk):
     order = epoch_order(sizes, seed=1, epoch=2, lanes=lanes, chunk=chunk)
     assert sorted(order.tolist()) == list(range(sum(sizes)))
@@ -169,14 +172,19 @@ def test_several_splits_read_as_one_run_of_indices(veri776_shards):
 
 
 def test_decode_on_device_gives_the_batches_the_workers_decode(shard_root):
-    """decode=False yields encoded bytes; decode_batch (the --decode-on-device path, here on the CPU) gives the same bits."""
+    """decode=False yields encoded bytes; decode_batch (the --decode-on-device path, here on the CPU) gives the
+    same bits."""
     kwargs = dict(image_size=(24, 12), seed=4, lanes=2, chunk=CHUNK)
-    plain, encoded = ShardDataset(shard_root, "train", **kwargs), ShardDataset(shard_root, "train", decode=False, **kwargs)
+    plain, encoded = (
+        ShardDataset(shard_root, "train", **kwargs),
+        ShardDataset(shard_root, "train", decode=False, **kwargs),
+    )
     plain.set_epoch(1)
     encoded.set_epoch(1)
     seen = []
-    for (images, index, _, _), (raw, raw_index, _, _) in zip(DataLoader(plain, batch_size=None, num_workers=2),
-                                                              DataLoader(encoded, batch_size=None, num_workers=2)):
+    for (images, index, _, _), (raw, raw_index, _, _) in zip(
+        DataLoader(plain, batch_size=None, num_workers=2), DataLoader(encoded, batch_size=None, num_workers=2)
+    ):
         assert isinstance(raw, list) and all(r.ndim == 1 and r.dtype == torch.uint8 for r in raw)
         assert torch.equal(index, raw_index)
         assert torch.equal(decode_batch(raw, (24, 12), "cpu"), images)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import zarr
 from test_train import ROOT, SMALL, final_json, train_cli
+
 from wildreid.checkpoint import load_state
 from wildreid.config import load_config
 from wildreid.dtl import momentum_update
@@ -41,8 +42,11 @@ def test_published_rebuild_moves_batchnorm_as_train_mode_passes_and_writes_their
     store = tmp_path / "store"
     stopped = train_cli(shard_root, store, env={"WILDREID_SIGNAL_AT": "refresh:2:3"})
     assert stopped.returncode == STOPPED, stopped.stderr[-3000:]
-    assert stopped.stderr.strip().splitlines()[-1].endswith(
-        "stopped at epoch 2 step 10, in the dictionary rebuild (48 of 80 samples); resume with --resume")
+    assert (
+        stopped.stderr.strip()
+        .splitlines()[-1]
+        .endswith("stopped at epoch 2 step 10, in the dictionary rebuild (48 of 80 samples); resume with --resume")
+    )
     ckpts = sorted((store / "train" / "checkpoints").glob("ckpt-*"))
     assert [p.name for p in ckpts] == ["ckpt-0000000010", "ckpt-0000000010-refresh-0000000048"]
     before, after = (load_state(p) for p in ckpts)

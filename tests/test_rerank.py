@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_evaluate import SCALARS, assert_same_metrics, make_set
+
 from wildreid.errors import ConfigError
 from wildreid.evaluate import evaluate_blockwise, evaluate_dense, grid_distances
 from wildreid.rerank import (
@@ -49,8 +50,9 @@ def test_reranked_metrics_equal_dense(ints):
     qf, q_ids, q_cams, gf, g_ids, g_cams = make_set(3, 20, 100, ints=ints, vehicles=12)
     dense = evaluate_dense(qf, q_ids, q_cams, gf, g_ids, g_cams, tile=(4, 16), rerank=True)
     for rows in (4, 8, 20):
-        blockwise = evaluate_blockwise(qf, gf, q_ids, q_cams, g_ids, g_cams, memory_budget=32 << 20, tile=(4, 16),
-                                       query_rows=rows, rerank=True)  # fmt: skip
+        blockwise = evaluate_blockwise(
+            qf, gf, q_ids, q_cams, g_ids, g_cams, memory_budget=32 << 20, tile=(4, 16), query_rows=rows, rerank=True
+        )
         for key in SCALARS:
             assert blockwise[key] == pytest.approx(dense[key], abs=1e-6), key
     plain = evaluate_dense(qf, q_ids, q_cams, gf, g_ids, g_cams, tile=(4, 16))
@@ -88,11 +90,14 @@ def test_reciprocal_lists_brute_force():
         assert idx[ptr[i] : ptr[i + 1]].tolist() == want
 
 
-@pytest.mark.parametrize(("values", "lengths", "expected"), [
-    ([1.0, 2.0, 3.0, 4.0], [1, 3], [1.0, 9.0]),
-    ([1e16, 1.0, -1e16], [3], [0.0]),  # left to right: (1e16 + 1) - 1e16 rounds the 1 away
-    ([5.0], [0, 1, 0], [0.0, 5.0, 0.0]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("values", "lengths", "expected"),
+    [
+        ([1.0, 2.0, 3.0, 4.0], [1, 3], [1.0, 9.0]),
+        ([1e16, 1.0, -1e16], [3], [0.0]),  # left to right: (1e16 + 1) - 1e16 rounds the 1 away
+        ([5.0], [0, 1, 0], [0.0, 5.0, 0.0]),
+    ],
+)
 def test_segment_sums_order(values, lengths, expected):
     np.testing.assert_array_equal(segment_sums(np.array(values), np.array(lengths)), expected)
 

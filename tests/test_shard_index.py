@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from wildreid.errors import ShardError
 from wildreid.shards import pack_dataset, read_dataset
 from wildreid.shards.reader import ShardDataset, read_split_samples
@@ -68,8 +69,9 @@ def test_reader_without_index_files_scans_and_reads_the_same(shard_root, tmp_pat
         ds.set_epoch(2, start=9)
     for (a, ia, *_), (b, ib, *_) in zip(ref, new, strict=True):
         assert ia.tolist() == ib.tolist() and bool((a == b).all())
-    assert [s["key"] for s in read_split_samples(copy, "gallery-large")] == \
-        [s["key"] for s in read_split_samples(shard_root, "gallery-large")]
+    assert [s["key"] for s in read_split_samples(copy, "gallery-large")] == [
+        s["key"] for s in read_split_samples(shard_root, "gallery-large")
+    ]
     # the manifest records an index per shard, so verify names the missing files
     problems = verify_shards(copy)
     assert problems and all(p.endswith("re-run 'wildreid shard' to write it)") for p in problems)
@@ -115,8 +117,9 @@ print(n, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def _peak_rss_of_one_epoch(root: Path) -> tuple[int, int]:
-    out = subprocess.run([sys.executable, "-c", _READ_ONE_EPOCH, str(root)], check=True, capture_output=True,
-                         text=True).stdout.split()  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _READ_ONE_EPOCH, str(root)], check=True, capture_output=True, text=True
+    ).stdout.split()
     return int(out[0]), int(out[1])
 
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import tree_digest
 from test_mining import clustered, graph, make_store, positives
 from test_train import final_json, train_cli
+
 from wildreid.errors import Stopped
 from wildreid.stores import LOCK_NAME
 
@@ -31,11 +32,16 @@ def _stop_line(run: subprocess.CompletedProcess) -> str:
 # 5 steps an epoch (80 images, batch 16), epochs 0 (warm-up), 1, 2; the dictionary rebuilt at epoch 2
 @pytest.mark.parametrize(
     "point, expected",
-    [("step:2", "stopped at epoch 0 step 2; resume with --resume"),  # before the first periodic checkpoint
-     ("step:7", "stopped at epoch 1 step 7; resume with --resume"),  # a DPLM epoch, between checkpoints
-     ("refresh:2:2", "stopped at epoch 2 step 10, in the dictionary rebuild (32 of 80 samples); resume with --resume"),
-     ("mine:1", "stopped at epoch 1 step 5, before the epoch's first step; resume with --resume")],
-)  # fmt: skip
+    [
+        ("step:2", "stopped at epoch 0 step 2; resume with --resume"),  # before the first periodic checkpoint
+        ("step:7", "stopped at epoch 1 step 7; resume with --resume"),  # a DPLM epoch, between checkpoints
+        (
+            "refresh:2:2",
+            "stopped at epoch 2 step 10, in the dictionary rebuild (32 of 80 samples); resume with --resume",
+        ),
+        ("mine:1", "stopped at epoch 1 step 5, before the epoch's first step; resume with --resume"),
+    ],
+)
 def test_sigterm_stops_after_the_step_and_resume_is_exact(point, expected, uninterrupted, shard_root, tmp_path):
     store = tmp_path / "store"
     stopped = train_cli(shard_root, store, env={"WILDREID_SIGNAL_AT": point})
@@ -58,8 +64,9 @@ def test_sigterm_at_random_moments(uninterrupted, shard_root, tmp_path):
     store = tmp_path / "store"
     for attempt in range(2):
         args = ["--resume"] if attempt else []
-        with subprocess.Popen(_train_cmd(shard_root, store, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) as proc:  # fmt: skip
+        with subprocess.Popen(
+            _train_cmd(shard_root, store, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as proc:
             latest = store / "train" / "LATEST"
             first = latest.read_text() if latest.exists() else ""
             # the handler is in place once training runs: wait for a new checkpoint, then a random moment
@@ -88,9 +95,23 @@ def test_sigterm_at_random_moments(uninterrupted, shard_root, tmp_path):
 def _train_cmd(shards, store, *args) -> list[str]:
     from test_train import ROOT, SMALL
 
-    cmd = [sys.executable, "-m", "wildreid.cli", "train", "--shards", str(shards), "--store", str(store),
-           "--config", str(ROOT / "configs" / "demo.yaml"), "--memory-budget", "256MiB", "--deterministic", "--json",
-           *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "wildreid.cli",
+        "train",
+        "--shards",
+        str(shards),
+        "--store",
+        str(store),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--memory-budget",
+        "256MiB",
+        "--deterministic",
+        "--json",
+        *args,
+    ]
     for item in SMALL:
         cmd += ["--set", item]
     return cmd
@@ -114,8 +135,22 @@ def test_a_second_signal_stops_at_once(tmp_path):
 
 
 def _mine_cmd(store) -> list[str]:
-    return [sys.executable, "-m", "wildreid.cli", "mine", "--store", str(store), "--k", "11", "--adjacency", "10",
-            "--memory-budget", "200MiB", "--workers", "1"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "wildreid.cli",
+        "mine",
+        "--store",
+        str(store),
+        "--k",
+        "11",
+        "--adjacency",
+        "10",
+        "--memory-budget",
+        "200MiB",
+        "--workers",
+        "1",
+    ]
 
 
 @pytest.mark.parametrize("point", ["knn:1", "rules:0"])
@@ -123,8 +158,9 @@ def test_mining_stops_after_the_block_and_resumes_identically(tmp_path, point):
     x, labels = clustered(2500, 16, clusters=40, noise=0.5)
     clean, stopped = make_store(tmp_path / "clean.zarr", x, labels), make_store(tmp_path / "stopped.zarr", x, labels)
     assert subprocess.run(_mine_cmd(clean), capture_output=True).returncode == 0
-    run = subprocess.run(_mine_cmd(stopped), env={**os.environ, "WILDREID_SIGNAL_AT": point}, capture_output=True,
-                         text=True)  # fmt: skip
+    run = subprocess.run(
+        _mine_cmd(stopped), env={**os.environ, "WILDREID_SIGNAL_AT": point}, capture_output=True, text=True
+    )
     assert run.returncode == STOPPED, run.stderr
     assert "mining stopped during the" in run.stderr and "Traceback" not in run.stderr
     if point.startswith("knn"):
@@ -139,8 +175,9 @@ def test_mining_stops_after_the_block_and_resumes_identically(tmp_path, point):
 def test_sharding_stops_after_the_shard_and_resumes_byte_identically(veriwild_root, shard_root, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "wildreid.cli", "shard", str(veriwild_root), str(out), "--max-samples", "12"]
-    run = subprocess.run(cmd, env={**os.environ, "WILDREID_SIGNAL_AT": "shard:train/train-000002.tar"},
-                         capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        cmd, env={**os.environ, "WILDREID_SIGNAL_AT": "shard:train/train-000002.tar"}, capture_output=True, text=True
+    )
     assert run.returncode == STOPPED, run.stderr
     assert "sharding stopped after train/train-000002.tar" in run.stderr and "Traceback" not in run.stderr
     assert (out / "train" / "train-000002.tar").is_file() and not (out / "manifest.json").exists()

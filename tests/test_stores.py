@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
+
 from wildreid.errors import ConfigError, StoreError
 from wildreid.stores import FeatureStore, PageCache
 
@@ -10,8 +11,15 @@ from wildreid.stores import FeatureStore, PageCache
 def _store(tmp_path, n=100, dim=8, chunk_rows=10, dtype="float32"):
     rng = np.random.default_rng(0)
     values = rng.standard_normal((n, dim)).astype(dtype)
-    store = FeatureStore.create(tmp_path / "s.zarr", n, dim, dtype=dtype, ids=np.arange(n) // 4,
-                                keys=[f"k{i}" for i in range(n)], chunk_bytes=chunk_rows * dim * np.dtype(dtype).itemsize)
+    store = FeatureStore.create(
+        tmp_path / "s.zarr",
+        n,
+        dim,
+        dtype=dtype,
+        ids=np.arange(n) // 4,
+        keys=[f"k{i}" for i in range(n)],
+        chunk_bytes=chunk_rows * dim * np.dtype(dtype).itemsize,
+    )
     store.write_rows(0, values)
     return store, values
 
@@ -35,12 +43,20 @@ def test_any_group_with_features_is_a_store(tmp_path):
     assert store.count() == 5 and np.all(store.ids() == -1)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda g: g.create_array("ids", shape=(5,), dtype="int64"), "no 2-D 'features'"),
-    (lambda g: g.create_array("features", shape=(5,), dtype="float32"), "no 2-D 'features'"),
-    (lambda g: (g.create_array("features", shape=(5, 3), dtype="float32"),
-                g.create_array("ids", shape=(4,), dtype="int64")), "expected \\(5,\\)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda g: g.create_array("ids", shape=(5,), dtype="int64"), "no 2-D 'features'"),
+        (lambda g: g.create_array("features", shape=(5,), dtype="float32"), "no 2-D 'features'"),
+        (
+            lambda g: (
+                g.create_array("features", shape=(5, 3), dtype="float32"),
+                g.create_array("ids", shape=(4,), dtype="int64"),
+            ),
+            "expected \\(5,\\)",
+        ),
+    ],
+)
 def test_bad_stores(tmp_path, make, message):
     make(zarr.open_group(str(tmp_path / "bad.zarr"), mode="w"))
     with pytest.raises(StoreError, match=message):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
 from wildreid.errors import ConfigError
 from wildreid.shards import synth
 from wildreid.shards.synth import write_synthetic
@@ -53,7 +54,7 @@ def test_layout_and_counts(small):
     assert jpgs == list(info)
     ids = [int(key.split("/")[1]) for key in info]
     assert ids == list(range(1, len(ids) + 1))  # global running image ids
-    for key, (camera, time, model, kind, color) in info.items():
+    for _key, (camera, time, model, kind, color) in info.items():
         assert 1 <= int(camera) <= c
         assert len(time) == 19 and time.startswith("2017-")
         assert model.startswith("model-") and kind in synth.TYPES and color in [x[0] for x in synth.COLORS]
@@ -96,8 +97,15 @@ def test_cameras_change_scale(small):
 
 def test_progress_reports_every_image(tmp_path):
     seen = []
-    summary = write_synthetic(tmp_path / "p", train_vehicles=3, test_vehicles=2, images_per_vehicle=2, cameras=2,
-                              image_size=(32, 32), progress=seen.append)
+    summary = write_synthetic(
+        tmp_path / "p",
+        train_vehicles=3,
+        test_vehicles=2,
+        images_per_vehicle=2,
+        cameras=2,
+        image_size=(32, 32),
+        progress=seen.append,
+    )
     assert sum(seen) == summary["images"] == 10
 
 
@@ -147,8 +155,14 @@ def test_identity_marks_are_small_but_visible():
     plan = synth._make_plan("unused", 0, (96, 96), 8, 4, 6)
     marked = synth._make_vehicle(0, 7, 4, 8, 6)
     marked = dataclasses.replace(
-        marked, stickers=((0.1, 0.8, 0), (0.8, 0.7, 3)), rear_mark=(0.5, 0.6, 4), roof=2, plate=(1, 0, 1, 1, 0, 1),
-        stripe=(0.5, 1), dent=("left", 0.4, 0.5))
+        marked,
+        stickers=((0.1, 0.8, 0), (0.8, 0.7, 3)),
+        rear_mark=(0.5, 0.6, 4),
+        roof=2,
+        plate=(1, 0, 1, 1, 0, 1),
+        stripe=(0.5, 1),
+        dent=("left", 0.4, 0.5),
+    )
     bare = dataclasses.replace(marked, stickers=(), rear_mark=None, roof=0, plate=(0,) * 6, stripe=None, dent=None)
     for k in range(8):
         a, _ = synth._render(plan, marked, k)

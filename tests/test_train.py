@@ -12,25 +12,49 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from wildreid.checkpoint import latest_checkpoint, load_model
 from wildreid.stores import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["train.epochs=3", "train.warmup_epochs=1", "train.batch_size=16", "train.checkpoint_every_steps=3",
-         "train.workers=0", "train.reextract_every=2", "mining.k=11", "mining.adjacency=10",
-         "mining.min_candidates=5"]  # fmt: skip
+SMALL = [
+    "train.epochs=3",
+    "train.warmup_epochs=1",
+    "train.batch_size=16",
+    "train.checkpoint_every_steps=3",
+    "train.workers=0",
+    "train.reextract_every=2",
+    "mining.k=11",
+    "mining.adjacency=10",
+    "mining.min_candidates=5",
+]
 
 
 def train_cli(shards, store, *args, overrides=SMALL, env=None, file_limit=None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "wildreid.cli", "train", "--shards", str(shards), "--store", str(store),
-           "--config", str(ROOT / "configs" / "demo.yaml"), "--memory-budget", "256MiB", "--deterministic", "--json",
-           *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "wildreid.cli",
+        "train",
+        "--shards",
+        str(shards),
+        "--store",
+        str(store),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--memory-budget",
+        "256MiB",
+        "--deterministic",
+        "--json",
+        *args,
+    ]
     for item in overrides:
         cmd += ["--set", item]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WILDREID_CRASH")}
     limit = None if file_limit is None else lambda: _limit_file_size(file_limit)
-    return subprocess.run(cmd, capture_output=True, text=True, env={**clean, **(env or {})}, check=False,
-                          preexec_fn=limit)  # fmt: skip
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env={**clean, **(env or {})}, check=False, preexec_fn=limit
+    )
 
 
 def _limit_file_size(size: int) -> None:
@@ -63,11 +87,13 @@ def test_uninterrupted_run(uninterrupted, shard_root):
 
 @pytest.mark.parametrize(
     "crash",
-    [{"WILDREID_CRASH_AFTER_STEPS": "4"},  # warm-up epoch, after a mid-epoch checkpoint
-     {"WILDREID_CRASH_AFTER_STEPS": "8"},  # DPLM epoch, after mining and a mid-epoch checkpoint
-     {"WILDREID_CRASH_AT": "knn:0"},  # inside the first mining
-     {"WILDREID_CRASH_AFTER_STEPS": "2"}],  # before any checkpoint
-)  # fmt: skip
+    [
+        {"WILDREID_CRASH_AFTER_STEPS": "4"},  # warm-up epoch, after a mid-epoch checkpoint
+        {"WILDREID_CRASH_AFTER_STEPS": "8"},  # DPLM epoch, after mining and a mid-epoch checkpoint
+        {"WILDREID_CRASH_AT": "knn:0"},  # inside the first mining
+        {"WILDREID_CRASH_AFTER_STEPS": "2"},
+    ],  # before any checkpoint
+)
 def test_kill_9_then_resume_gives_the_same_digests(crash, uninterrupted, shard_root, tmp_path):
     store = tmp_path / "store"
     killed = train_cli(shard_root, store, env=crash)
@@ -110,8 +136,14 @@ def test_decode_on_device_trains_the_same_model(uninterrupted, shard_root, tmp_p
 
 def test_graph_negatives_train_from_the_first_epoch(shard_root, tmp_path):
     """loss.negatives=graph: the k-NN graph is mined in the warm-up epoch too; the history says which were used."""
-    graph = [*SMALL, "train.epochs=2", "train.refresh=eval", "loss.negatives=graph", "loss.r=0.2",
-             "train.checkpoint_every_steps=0"]  # fmt: skip
+    graph = [
+        *SMALL,
+        "train.epochs=2",
+        "train.refresh=eval",
+        "loss.negatives=graph",
+        "loss.r=0.2",
+        "train.checkpoint_every_steps=0",
+    ]
     report = final_json(train_cli(shard_root, tmp_path / "store", overrides=graph))
     history = report["history"]
     assert [(h["epoch"], h["warmup"], h["negatives"]) for h in history] == [(0, True, "graph"), (1, False, "graph")]
@@ -151,9 +183,26 @@ def test_transductive_trains_on_the_gallery_too_and_says_so(veri776_shards, shar
     assert store.ids().min() >= 0
     _, config = load_model(report["checkpoint"])
     assert config["train"]["transductive"] is True
-    evaluated = subprocess.run([sys.executable, "-m", "wildreid.cli", "eval", "--shards", str(veri776_shards),
-                                "--checkpoint", report["checkpoint"], "--split", "veri776", "--memory-budget", "256MiB",
-                                "--json"], capture_output=True, text=True, check=False)  # fmt: skip
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wildreid.cli",
+            "eval",
+            "--shards",
+            str(veri776_shards),
+            "--checkpoint",
+            report["checkpoint"],
+            "--split",
+            "veri776",
+            "--memory-budget",
+            "256MiB",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert final_json(evaluated)["veri776"]["transductive"] is True and "TRANSDUCTIVE" in evaluated.stdout
     inductive = final_json(train_cli(veri776_shards, tmp_path / "inductive", "--epochs", "0"))
     assert inductive["transductive"] is False and FeatureStore.open(tmp_path / "inductive").count() == sizes[0]
@@ -201,8 +250,12 @@ def test_dictionary_steps_stay_within_the_cache_budget(tmp_path):
     budget = 8 << 20
     peaks = []
     for n in (16384, 65536):
-        run = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path / f"d{n}.zarr"), str(n), str(budget)],
-                             capture_output=True, text=True, check=False)  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-c", PROBE, str(tmp_path / f"d{n}.zarr"), str(n), str(budget)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         report = json.loads(run.stdout.strip().splitlines()[-1])
         assert report["resident"] <= budget
@@ -223,9 +276,26 @@ def test_training_beats_the_untrained_baseline(tmp_path):
     results = {}
     for name, extra in (("baseline", ["--epochs", "0"]), ("trained", [])):
         report = final_json(train_cli(tmp_path / "shards", tmp_path / name, *extra, overrides=["train.workers=0"]))
-        run = subprocess.run([sys.executable, "-m", "wildreid.cli", "eval", "--shards", str(tmp_path / "shards"),
-                              "--checkpoint", report["checkpoint"], "--split", "large", "--memory-budget", "256MiB",
-                              "--json"], capture_output=True, text=True, check=False)  # fmt: skip
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "wildreid.cli",
+                "eval",
+                "--shards",
+                str(tmp_path / "shards"),
+                "--checkpoint",
+                report["checkpoint"],
+                "--split",
+                "large",
+                "--memory-budget",
+                "256MiB",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         results[name] = final_json(run)["large"]
         results[name]["history"] = report["history"]
     base, trained = results["baseline"], results["trained"]
@@ -236,7 +306,9 @@ def test_training_beats_the_untrained_baseline(tmp_path):
     assert all(h["precision"] == 1.0 and h["mean_positives"] == 1.0 for h in history if h["warmup"])
     # the first DPLM epoch that mined beyond the images themselves, against the last one
     first = next(h for h in history if not h["warmup"] and h["mean_positives"] > 1.5)
-    assert history[-1]["precision"] > first["precision"] + 0.05, [(h["precision"], h["mean_positives"]) for h in history]
+    assert history[-1]["precision"] > first["precision"] + 0.05, [
+        (h["precision"], h["mean_positives"]) for h in history
+    ]
 
 
 def test_batch_mining_uses_dplm_rows_of_the_live_dictionary(shard_root, tmp_path, monkeypatch):
@@ -261,8 +333,9 @@ def test_batch_mining_uses_dplm_rows_of_the_live_dictionary(shard_root, tmp_path
         train_module.train(shard_root, tmp_path / "refused", config, train_module.TrainOptions(memory_budget=1 << 20))
     assert "\n" not in str(refused.value) and not (tmp_path / "refused").exists()
 
-    report = train_module.train(shard_root, tmp_path / "store", config,
-                                train_module.TrainOptions(memory_budget=256 << 20))  # fmt: skip
+    report = train_module.train(
+        shard_root, tmp_path / "store", config, train_module.TrainOptions(memory_budget=256 << 20)
+    )
     history = report["history"]
     assert [(h["epoch"], h["warmup"], h["mining"]) for h in history] == [(0, True, "batch"), (1, False, "batch")]
     assert len(calls) == history[1]["steps"] == 5  # every step of the DPLM epoch, none in warm-up

@@ -12,6 +12,7 @@ import pytest
 from conftest import tree_digest
 from PIL import Image
 from typer.testing import CliRunner
+
 from wildreid.cli import app
 from wildreid.errors import BadImageError
 from wildreid.shards import pack_dataset, read_dataset, verify_shards
@@ -24,8 +25,10 @@ runner = CliRunner()
 def _shard(src, out, *extra):
     return subprocess.run(
         [sys.executable, "-m", "wildreid.cli", "shard", str(src), str(out), "--max-samples", "12", *extra],
-        capture_output=True, text=True, env={**os.environ, **_env},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env={**os.environ, **_env},
+    )
 
 
 _env: dict[str, str] = {}
@@ -71,10 +74,15 @@ def test_max_bytes_cuts_shards(veriwild_root, tmp_path):
 
 @pytest.mark.parametrize(
     "crash_at, workers",
-    [("scanned", "1"), ("mid-shard:train/train-000002.tar", "1"), ("shard:train/train-000001.tar", "1"),
-     ("shard:gallery-large/gallery-large-000000.tar", "2"), ("mid-shard:train/train-000003.tar", "2"),
-     ("manifest", "1")],
-)  # fmt: skip
+    [
+        ("scanned", "1"),
+        ("mid-shard:train/train-000002.tar", "1"),
+        ("shard:train/train-000001.tar", "1"),
+        ("shard:gallery-large/gallery-large-000000.tar", "2"),
+        ("mid-shard:train/train-000003.tar", "2"),
+        ("manifest", "1"),
+    ],
+)
 def test_kill_9_then_rerun_is_byte_identical(veriwild_root, shard_root, tmp_path, crash_at, workers):
     out = tmp_path / "out"
     _env["WILDREID_CRASH_AT"] = crash_at
@@ -184,6 +192,7 @@ def test_bad_inputs_are_skipped_and_listed(messy_root, tmp_path):
 
 def test_unusual_images_come_out_as_rgb(messy_root, tmp_path):
     from torch.utils.data import DataLoader
+
     from wildreid.shards.reader import ShardDataset
 
     root, train = messy_root
