@@ -182,6 +182,41 @@ def compare(results: dict[str, dict[int, dict]], *, resamples: int = 2000, seed:
     return out
 
 
+def compare_pairs(
+    results: dict[str, dict[int, dict]], pairs: list[tuple[str, str]], *, resamples: int = 2000, seed: int = 0
+) -> dict[str, dict]:
+    """Δ of setting a against setting b for each ``(a, b)`` of one scenario, on the seeds both finished."""
+    metrics = _metrics(results)
+    out = {}
+    for a, b in pairs:
+        common = sorted(set(results.get(a, {})) & set(results.get(b, {})))
+        if not common:
+            continue
+        out[f"{a} vs {b}"] = {
+            metric: paired_bootstrap(
+                [results[a][s][key] for s in common],
+                [results[b][s][key] for s in common],
+                resamples=resamples,
+                seed=seed,
+            )
+            for key, metric in metrics
+        }
+    return out
+
+
+def pairs_markdown(table: dict[str, dict[str, dict]]) -> str:
+    """scenario -> "a vs b" -> metric -> Δ: one row per pair, Δ in percentage points with 95% CI."""
+    lines = [
+        "| scenario | pair | seeds | Δ mAP | Δ rank-1 | Δ mAP, camera-normalised | Δ rank-1, camera-normalised |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for scenario, rows in table.items():
+        for pair, d in rows.items():
+            cells = [_ci(d.get(m)) for m in ("mAP", "rank1", "mAP_camnorm", "rank1_camnorm")]
+            lines.append(f"| {scenario} | {pair} | {d['mAP']['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _pp(v: float) -> str:
     return f"{100 * v:+.1f}"
 
@@ -553,6 +588,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--data-seed", type=int, default=0, help=f"generator seed (pretraining: +{PRETRAIN_SEED_OFFSET})")
     p.add_argument("--backbones", choices=("per-seed", "shared"), default="per-seed", help="adapt: backbones")
     p.add_argument("--pretrain-epochs", type=int, default=None, help="supervised epochs (default 15)")
+    p.add_argument("--pairs", default="", help="extra paired Δ, e.g. defaults:order-published,defaults:refresh-eval")
     p.add_argument("--resamples", type=int, default=2000)
     p.add_argument("--bootstrap-seed", type=int, default=0)
     p.add_argument("--memory-budget", default="1GiB")
@@ -777,6 +813,11 @@ def report(a, jobs: list[dict], failures: list[str], began: float, log, pre: lis
             raise SystemExit(f"error: {j['result']} scored another query set; delete it and rerun")
         results[j["scenario"]][j["setting"]][j["seed"]] = r
     table = {s: compare(rows, resamples=a.resamples, seed=a.bootstrap_seed) for s, rows in results.items()}
+    wanted = [tuple(p.split(":", 1)) for p in a.pairs.split(",") if ":" in p]
+    pairs = {
+        s: compare_pairs(rows, wanted, resamples=a.resamples, seed=a.bootstrap_seed) for s, rows in results.items()
+    }
+    pairs = {s: rows for s, rows in pairs.items() if rows}
     times = {
         s: {n: float(np.mean([r["train_s"] for r in runs.values()])) if runs else None for n, runs in rows.items()}
         for s, rows in results.items()
@@ -805,6 +846,7 @@ def report(a, jobs: list[dict], failures: list[str], began: float, log, pre: lis
         "resamples": a.resamples,
         "bootstrap_seed": a.bootstrap_seed,
         "table": table,
+        "pairs": pairs,
         "mean_train_s": times,
         "pretraining": pretraining,
         "failures": failures,
@@ -818,6 +860,8 @@ def report(a, jobs: list[dict], failures: list[str], began: float, log, pre: lis
     print("Standard protocol:\n" + markdown(table))
     if any(r.get("mAP_camnorm") for rows in table.values() for r in rows.values()):
         print("\nCamera-normalised (wildreid eval --camera-norm):\n" + markdown(table, "_camnorm"))
+    if pairs:
+        print("\nPairs:\n" + pairs_markdown(pairs))
     adapt = ""
     if "adapt" in a.scenarios:
         shared = "one backbone shared by all seeds" if a.backbones == "shared" else "one backbone per seed"

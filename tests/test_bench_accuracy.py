@@ -136,3 +136,19 @@ def test_camera_normalised_metrics_get_their_own_table():
     partial = {"untrained": run(base, 0.0), "defaults": run(base, 0.3)}
     del partial["defaults"][1]["ap_camnorm"]
     assert "mAP_camnorm" not in bench.compare(partial, resamples=100)["defaults"]
+
+
+def test_extra_pairs_compare_two_settings_on_their_common_seeds():
+    base, _ = scores(10, (3, 30))
+
+    def run(x):
+        return {s: {"ap": x[s].tolist(), "hit1": (x[s] > 0.5).astype(float).tolist()} for s in range(len(x))}
+
+    results = {"defaults": run(np.clip(base + 0.1, 0, 1)), "order-published": run(base)}
+    results["order-published"].pop(0)
+    pairs = bench.compare_pairs(results, [("defaults", "order-published"), ("defaults", "missing")], resamples=300)
+    assert list(pairs) == ["defaults vs order-published"]
+    row = pairs["defaults vs order-published"]
+    assert row["mAP"]["seeds"] == 2 and row["mAP"]["low"] > 0
+    text = bench.pairs_markdown({"scratch": pairs})
+    assert text.splitlines()[2].startswith("| scratch | defaults vs order-published | 2 | +")
