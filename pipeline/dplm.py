@@ -72,18 +72,21 @@ __all__ = [
     "RowPlan",
     "check_dplm_args",
     "check_order",
+    "concat_plans",
     "dplm_blockwise",
     "dplm_dense",
     "dplm_published_dense",
     "dplm_rows",
     "dplm_rows_bytes",
     "finish_rows",
+    "graph_positions",
     "pending_ranks",
     "plan_rows",
     "pseudo_label_quality",
     "published_order",
     "quality_means",
     "quality_sums",
+    "reverse_index",
 ]
 
 
@@ -364,7 +367,7 @@ def plan_rows(
     graph_idx,
     graph_sim,
     counts,
-    neighbour_idx: Callable[[np.ndarray], np.ndarray],
+    neighbour_idx: Callable[[np.ndarray], np.ndarray] | None,
     features: Callable[[np.ndarray], np.ndarray],
     *,
     n: int,
@@ -373,6 +376,7 @@ def plan_rows(
     adjacency: int = 100,
     validated: bool = False,
     order: str = "similarity",
+    neighbour_positions: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = None,
 ) -> RowPlan:
     """Rules 1-6 for one block of rows, as far as the stored graph allows.
 
@@ -380,6 +384,9 @@ def plan_rows(
     ``counts`` (B,) C_i (as ``knn_rows`` returns them); ``neighbour_idx(ids)`` the
     (len(ids), K) graph rows of any ids; ``features(ids)`` the (len(ids), D) dictionary rows;
     ``n`` the dictionary size. Each callable is called once, with unique ids.
+    ``neighbour_positions(i, j, window)``, when given, replaces ``neighbour_idx`` (which may then
+    be None): for aligned ids, the position of i in sigma_j[0:window], -1 where it is not there
+    (``graph_positions`` answers it from a reverse index, without the graph rows of j).
     ``validated``: every dictionary row was checked already (the k-NN stage checks each
     as a query row), so the feature rows fetched here are not checked again.
     ``order="published"``: the graph rows (similarity order) are reordered into sigma^pub
@@ -427,20 +434,26 @@ def plan_rows(
     removed = look & ~node & (counts > 1)[:, None] if published else np.zeros(sigma.shape, dtype=bool)
     check = np.where(removed, n - 1, sigma)  # the row whose rank of i each check reads
 
-    nbr_ids, nbr_at = np.unique(check[look], return_inverse=True)
-    nbr_rows = np.asarray(neighbour_idx(nbr_ids), dtype=np.int64)
-    if nbr_rows.shape != (len(nbr_ids), width):
-        raise StoreError(f"expected neighbour rows of shape {(len(nbr_ids), width)}, found {nbr_rows.shape}")
-    nbr_of = np.full(sigma.shape, -1, dtype=np.int64)
-    nbr_of[look] = nbr_at.reshape(-1)
-
     # rule 6, vectorised over the block: where row i sits in the graph rows of its candidates.
     # A rank above k_i breaks, so only the first k_i + 1 entries of those rows are searched:
     # i missing from them means a break too, unless the window is the whole graph row.
     window = int(min(width, k.max() + 1)) if n_rows else width
-    hit = nbr_rows[np.where(look, nbr_of, 0), :window] == rows[:, None, None]
-    found = hit.any(axis=2) & look
-    pos = hit.argmax(axis=2)
+    if neighbour_positions is not None:
+        at_b, at_p = np.nonzero(look)
+        where = np.full(sigma.shape, -1, dtype=np.int64)
+        where[at_b, at_p] = neighbour_positions(rows[at_b], check[at_b, at_p], window)
+        found = where >= 0
+        pos = np.maximum(where, 0)
+    else:
+        nbr_ids, nbr_at = np.unique(check[look], return_inverse=True)
+        nbr_rows = np.asarray(neighbour_idx(nbr_ids), dtype=np.int64)
+        if nbr_rows.shape != (len(nbr_ids), width):
+            raise StoreError(f"expected neighbour rows of shape {(len(nbr_ids), width)}, found {nbr_rows.shape}")
+        nbr_of = np.full(sigma.shape, -1, dtype=np.int64)
+        nbr_of[look] = nbr_at.reshape(-1)
+        hit = nbr_rows[np.where(look, nbr_of, 0), :window] == rows[:, None, None]
+        found = hit.any(axis=2) & look
+        pos = hit.argmax(axis=2)
     ranks = np.where(found, pos, -1)
     breaks = look & np.where(found, pos > k[:, None], (k < window)[:, None])
     stop = np.where(breaks.any(axis=1), breaks.argmax(axis=1), checks)
@@ -467,6 +480,33 @@ def plan_rows(
         removed=removed,
         n=n,
     )
+
+
+def reverse_index(graph_blocks, lo: int, hi: int, window: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the rows [lo, hi) sit in the graph rows of others: sorted keys i * n + j and positions p < ``window``
+    with sigma_j[p] = i, from ``(start, graph rows)`` blocks that cover the graph once (read in order)."""
+    keys, positions = [], []
+    for start, block in graph_blocks:
+        part = block[:, :window]
+        j, p = np.nonzero((part >= lo) & (part < hi))
+        keys.append(part[j, p] * n + (j + start))
+        positions.append(p)
+    keys = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+    positions = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], positions[order]
+
+
+def graph_positions(keys: np.ndarray, positions: np.ndarray, n: int):
+    """``neighbour_positions`` for ``plan_rows`` from a ``reverse_index`` that covers the rows asked about."""
+
+    def lookup(i: np.ndarray, j: np.ndarray, window: int) -> np.ndarray:
+        wanted = np.asarray(i, dtype=np.int64) * n + np.asarray(j, dtype=np.int64)
+        at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+        hit = (keys[at] == wanted) & (positions[at] < window) if len(keys) else np.zeros(len(wanted), bool)
+        return np.where(hit, positions[at] if len(keys) else -1, -1)
+
+    return lookup
 
 
 def finish_rows(plan: RowPlan, exact_rank) -> tuple[np.ndarray, np.ndarray]:
@@ -496,13 +536,42 @@ def finish_rows(plan: RowPlan, exact_rank) -> tuple[np.ndarray, np.ndarray]:
     return _csr([np.sort(plan.sigma[b, keep[b]]) for b in range(len(plan.rows))])
 
 
-def pending_ranks(plan: RowPlan, j_vectors: np.ndarray, base_blocks) -> np.ndarray:
-    """Exact ranks of the plan's pending pairs: 1 + counts over every ``(base_ids, base)`` block."""
-    rank = np.ones(plan.n_pending, dtype=np.int64)
-    if plan.n_pending:
+def pending_ranks(plan: RowPlan, j_vectors: np.ndarray, base_blocks, *, pairs: slice = slice(None)) -> np.ndarray:
+    """Exact ranks of the plan's pending pairs (or of the slice ``pairs`` of them, ``j_vectors`` aligned
+    with it): 1 + counts over every ``(base_ids, base)`` block."""
+    i_ids, s_ji, j_ids = plan.pending_i[pairs], plan.pending_sim[pairs], plan.pending_j[pairs]
+    rank = np.ones(len(j_ids), dtype=np.int64)
+    if len(j_ids):
         for base_ids, base in base_blocks:
-            rank += exact_ranks(j_vectors, plan.pending_i, plan.pending_sim, base, base_ids, plan.pending_j)
+            rank += exact_ranks(j_vectors, i_ids, s_ji, base, base_ids, j_ids)
     return rank
+
+
+def concat_plans(plans: list[RowPlan]) -> RowPlan:
+    """One plan for consecutive blocks of rows (the pending pairs of all of them in one list)."""
+    if not plans:
+        raise ConfigError("expected at least one row plan")
+    if len({(p.width, p.n, p.sigma.shape[1]) for p in plans}) != 1:
+        raise ConfigError("expected row plans of one graph (the same width, N and adjacency)")
+    offsets = np.cumsum([0] + [len(p.rows) for p in plans[:-1]])
+    join = lambda name: np.concatenate([getattr(p, name) for p in plans])  # noqa: E731
+    return RowPlan(
+        rows=join("rows"),
+        width=plans[0].width,
+        sigma=join("sigma"),
+        counts=join("counts"),
+        k=join("k"),
+        node=join("node"),
+        ranks=join("ranks"),
+        stop=join("stop"),
+        pending_row=np.concatenate([p.pending_row + o for p, o in zip(plans, offsets)]),
+        pending_pos=join("pending_pos"),
+        pending_j=join("pending_j"),
+        pending_i=join("pending_i"),
+        pending_sim=join("pending_sim"),
+        removed=join("removed"),
+        n=plans[0].n,
+    )
 
 
 def dplm_blockwise(

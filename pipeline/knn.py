@@ -61,9 +61,13 @@ def check_features(block: np.ndarray, ids: np.ndarray | None = None, *, what: st
     block = np.asarray(block)
     if block.ndim != 2 or not np.issubdtype(block.dtype, np.floating):
         raise StoreError(f"expected a 2-D float {what} block, found shape {block.shape} and dtype {block.dtype}")
-    x = block.astype(np.float64)
-    finite = np.isfinite(x).all(axis=1)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x)) if len(x) else np.zeros(0)
+    finite = np.empty(len(block), dtype=bool)
+    norms = np.zeros(len(block))
+    step = max(1, _BUDGET // max(1, block.shape[1]))  # float64 copies of a few rows at a time
+    for r0 in range(0, len(block), step):
+        x = block[r0 : r0 + step].astype(np.float64)
+        finite[r0 : r0 + step] = np.isfinite(x).all(axis=1)
+        norms[r0 : r0 + step] = np.sqrt(np.einsum("ij,ij->i", x, x))
     for bad, reason in ((~finite, "has NaN or inf values"), (finite & (norms == 0), "is all zeros")):
         if bad.any():
             r = int(np.argmax(bad))
@@ -285,7 +289,7 @@ def exact_ranks(j_vectors, i_ids, s_ji, base, base_ids, j_ids, *, chunk: int | N
     if n_p == 0 or len(base) == 0:
         return out
     bn = check_features(base, bids, what="base")
-    base32 = base.astype(np.float32)
+    base32 = np.asarray(base, dtype=np.float32)
     uniq, first, group = np.unique(j_ids, return_index=True, return_inverse=True)
     vecs = j_vectors[first]
     eps = _slack(base.shape[1], check_features(vecs, uniq, what="query"), float(bn.max()))

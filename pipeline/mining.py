@@ -33,19 +33,22 @@ import faiss
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from wildreid.budget import default_budget, peak_rss_bytes
+from wildreid.budget import default_budget, peak_rss_bytes, release_free_memory
 from wildreid.dplm import (
     check_dplm_args,
     check_order,
+    concat_plans,
     finish_rows,
+    graph_positions,
     pending_ranks,
     plan_rows,
     quality_sums,
+    reverse_index,
 )
 from wildreid.errors import ConfigError, Stopped, StoreError
 from wildreid.knn import knn_rows, set_temp_elements
 from wildreid.signals import signal_point
-from wildreid.stores import FeatureStore, PageCache, WriterLock
+from wildreid.stores import FeatureStore, WriterLock
 from wildreid.stores.derived import (
     assemble_positives,
     graph_reader,
@@ -58,16 +61,26 @@ from wildreid.stores.derived import (
     write_knn_rows,
     write_positives_part,
 )
+from wildreid.stores.rows import GATHER_WINDOW_BYTES
 from wildreid.tasks import run_tasks
 
 __all__ = ["MineParams", "block_plan", "graph_reader", "mine"]
 
 GRAPH_CHUNK_ROWS = 2048
-_FIXED_BYTES = 8 << 20  # interpreter-side temporaries of one task that do not scale with the blocks
-# Once per process, whatever the blocks: the BLAS libraries' work buffers on first use, Zarr's
-# I/O buffers, thread stacks (measured: about 16 MiB above an idle interpreter with numpy and faiss loaded)
+# Measured above an idle interpreter with numpy, faiss and zarr loaded, whatever the blocks: the BLAS
+# libraries' work buffers on first use, Zarr's I/O buffers, thread stacks.
 _PROCESS_BYTES = 16 << 20
-_TEMP_SHARE = 8  # the exact kernel keeps about 3 temporaries of float64: give them 3/8 of a task's bytes
+_TASK_BYTES = 2 << 20  # per running task, whatever its blocks: its interpreter-side small objects
+_TEMP_SHARE = 8  # the exact kernel keeps about 3 temporaries of float64: give them 3/8 of what is left
+# Bytes a k-NN task holds per query row, over and above the row itself: FAISS's score tile (1,024
+# base rows) and its reservoir of 2 x (K + margin) results, the heap, candidates and exact values.
+_KNN_ROW = 4096
+_KNN_SLOT = 112  # ... and per row per graph slot (K + margin of them)
+# Preferred sizes (measured on 100,000 x 128 rows, 1 thread): FAISS costs 1.3-1.5 ms per query row
+# for blocks of 512 rows or fewer and 0.56-0.8 for 1,024 or more; base blocks of 8,192 rows cost
+# 0.8, of 32,768 0.56. Below them a stage runs on fewer workers (FAISS and BLAS then get their cores).
+_GOOD_QUERY, _GOOD_BASE, _GOOD_RULES = 1024, 8192, 1024
+_MAX_BASE = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -86,50 +99,141 @@ class BlockPlan:
     query_rows: int  # rows per k-NN task (whole graph chunks)
     base_rows: int  # dictionary rows streamed per step
     rule_rows: int  # rows per rules task
-    cache_bytes: int  # page cache of one worker process
-    workers: int
+    rule_base_rows: int  # dictionary rows streamed per step of a rules task's counting pass
+    plan_rows: int  # rows of a rules task whose candidates are checked at once
+    pending_pairs: int  # pending pairs counted per pass over the dictionary
+    resident_rows: int  # dictionary rows a worker process holds in memory (the rest is read on use)
+    graph_rows: int  # k-NN graph rows scanned at a time (rules stage)
+    workers: int  # concurrent k-NN tasks
+    rule_workers: int  # concurrent rules tasks
+
+
+def _knn_task_bytes(q: int, b: int, dim: int, itemsize: int, width: int, temp: int) -> int:
+    rows = q * (_KNN_ROW + width * _KNN_SLOT + dim * (itemsize + (4 if itemsize != 4 else 0)))
+    # a streamed base block, its float32 copy for FAISS, and for float16 rows a float64 one (exact pass)
+    base = b * dim * (itemsize + (4 if itemsize != 4 else 0) + (8 if itemsize == 2 else 0))
+    return _TASK_BYTES + rows + base + 3 * 8 * temp
+
+
+def _rules_task_bytes(
+    rows: int, sub: int, pairs: int, b: int, dim: int, itemsize: int, k: int, a: int, temp: int, graph_rows: int
+) -> int:
+    # the task's graph rows and row plans, and its reverse index (each row sits in ~K graph rows)
+    block = rows * (k * 16 + a * 18 + 64 + k * 32)
+    scan = graph_rows * k * (8 + 2)  # a block of graph rows being scanned, and its masks
+    sub_rows = sub * a * (dim * itemsize + 80)  # A_i features of the rows checked at once, and their checks
+    pending = pairs * (dim * (itemsize + 4 + 8) + 64)  # j rows, as float32 and float64
+    base = b * dim * (itemsize + (4 if itemsize != 4 else 0))
+    return _TASK_BYTES + GATHER_WINDOW_BYTES + block + scan + sub_rows + pending + base + 3 * 8 * temp
 
 
 def block_plan(
-    n: int, dim: int, itemsize: int, k: int, adjacency: int, budget: int, workers: int, chunk_rows: int
+    n: int,
+    dim: int,
+    itemsize: int,
+    k: int,
+    adjacency: int,
+    budget: int,
+    workers: int,
+    chunk_rows: int,
+    *,
+    partial_reads: bool = True,
+    margin: int = 16,
 ) -> BlockPlan:
-    """Block sizes that keep ``workers`` concurrent tasks and the page cache inside ``budget`` bytes.
+    """Block sizes and concurrency that keep one mining process inside ``budget`` bytes.
 
-    Zarr decodes a whole chunk (``chunk_rows`` rows) to return any of its rows,
-    so every task also holds one decoded chunk next to its blocks.
+    Rows are read by byte range (``wildreid.stores.rows``); a store that cannot be
+    (compressed) costs one decoded Zarr chunk of ``chunk_rows`` rows at a time.
+    Each stage runs ``workers`` tasks at once when their blocks reach the sizes
+    FAISS and the exact kernel are efficient at, else fewer (each then gets more
+    threads), and only below that smaller blocks. What the tasks leave of the
+    budget holds dictionary rows in memory for the whole run.
     """
-    chunk_bytes = min(chunk_rows, n) * dim * itemsize
-    query = min(GRAPH_CHUNK_ROWS, max(n, 1))
+    room = budget - _PROCESS_BYTES - (0 if partial_reads else 2 * min(chunk_rows, n) * dim * itemsize)
+    width = min(k, n) - 1 + margin
+    temp = int(max(1 << 12, min(1 << 20, room // 16 // (3 * 8))))  # the exact kernel's temporaries: 1/16
+    pairs_per_row = 2  # pending pairs counted per pass, per row of a rules task (more take more passes)
 
-    def task_bytes(query_rows: int, base_rows: int) -> int:
-        # FAISS scores min(query, 4096) x 1024 tiles; the exact passes bound theirs by the temp share
-        faiss_tile = min(query_rows, 4096) * 1024 * 4 * 2
-        rows = (query_rows + base_rows) * dim * (itemsize + 12) + query_rows * (k + 16) * 48
-        return _FIXED_BYTES + faiss_tile + chunk_bytes + rows * _TEMP_SHARE // (_TEMP_SHARE - 3)
+    def sizes(good: list[int], top: int) -> list[int]:
+        return sorted({min(top, s) for s in good}, reverse=True)
 
-    cache = 2 * chunk_bytes  # at least a page of features and one of the graph
-    per_task = (budget - _PROCESS_BYTES - cache) // workers
-    least = min(256, n)
-    while task_bytes(query, least) > per_task and query > 64:
-        query //= 2  # smaller query blocks (and graph chunks) before giving up
-    if task_bytes(query, least) > per_task:
-        smallest = _PROCESS_BYTES + cache + workers * task_bytes(query, least)
-        raise ConfigError(
-            f"memory budget of {budget / 2**20:.0f} MiB cannot hold one block of {dim}-d rows "
-            f"(Zarr chunks of {chunk_rows} rows) with {workers} worker(s); the smallest budget "
-            f"that works is {-(-smallest >> 20)} MiB"
-        )
-    base = least
-    while base < n and task_bytes(query, min(2 * base, n)) <= per_task and base < (1 << 16):
-        base = min(2 * base, n)
-    task = task_bytes(query, base)
-    cache = max(cache, budget - _PROCESS_BYTES - workers * task)
-    temp = max(1 << 12, (task - _FIXED_BYTES - chunk_bytes) * 3 // _TEMP_SHARE // 3 // 8)
-    # a rules task holds, per row, its A_i rows and their rank-check window, and streams base blocks
-    rule_bytes = adjacency * (k * 9 + dim * itemsize) + k * 32
-    rule_room = task - _FIXED_BYTES - chunk_bytes - base * dim * (itemsize + 4)
-    rule = int(max(16, min(4096, rule_room // 2 // rule_bytes)))
-    return BlockPlan(int(temp), query, base, rule, int(cache), workers)
+    def knn_bytes(w: int, q: int, b: int) -> int:
+        return w * _knn_task_bytes(q, b, dim, itemsize, width, temp)
+
+    graph_rows = int(max(1, min(n, (2 << 20) // (k * 8))))  # graph rows scanned at a time (2 MiB)
+
+    def rules_bytes(w: int, rows: int, sub: int, b: int) -> int:
+        pairs = pairs_per_row * rows
+        return w * _rules_task_bytes(rows, sub, pairs, b, dim, itemsize, k, adjacency, temp, graph_rows)
+
+    def smallest_budget(need: int) -> int:
+        return -(-(budget - room + need) >> 20)
+
+    queries = sizes([2048, 1024, 512, 256, 128, 64], min(GRAPH_CHUNK_ROWS, n))
+    bases = sizes([_MAX_BASE >> i for i in range(9)], n)
+    choice = None
+    for w in range(max(1, workers), 0, -1):  # every worker at efficient sizes, else fewer workers
+        fitting = [
+            (q, b)
+            for q in queries
+            for b in bases
+            if q >= min(_GOOD_QUERY, n) and b >= min(_GOOD_BASE, n) and knn_bytes(w, q, b) <= room
+        ]
+        if fitting:  # wide base blocks first (per-block costs), then large query blocks
+            choice = (w, *max(fitting, key=lambda qb: (min(qb[1], 32768), qb[0], qb[1])))
+            break
+    if choice is None:  # one worker, smaller blocks
+        fitting = [(q, b) for q in queries for b in bases if knn_bytes(1, q, b) <= room]
+        if not fitting:
+            raise ConfigError(
+                f"memory budget of {budget / 2**20:.0f} MiB cannot hold one block of {dim}-d rows (K = {k}); "
+                f"the smallest budget that works is {smallest_budget(knn_bytes(1, queries[-1], bases[-1]))} MiB"
+            )
+        choice = (1, *max(fitting, key=lambda qb: (min(qb[0], _GOOD_QUERY) * qb[1], qb[0])))
+    workers_knn, query, base = choice
+
+    rule_sizes = sizes([4096, 2048, 1024, 512, 256, 128, 64, 32, 16], n)
+    rule_options = [
+        (rows, sub, b)
+        for rows in rule_sizes
+        for sub in (256, 128, 64, 32, 16, 8, 4, 2, 1)
+        if sub <= rows
+        for b in bases
+        if b <= base
+    ]
+    rule_choice = None
+    for w in range(max(1, workers), 0, -1):
+        fitting = [
+            option for option in rule_options if option[0] >= min(_GOOD_RULES, n) and rules_bytes(w, *option) <= room
+        ]
+        if fitting:  # rows checked at once (per-call costs), then base blocks, then rows per task
+            rule_choice = (w, *max(fitting, key=lambda o: (min(o[1], 128), min(o[2], 16384), o[0], o[2], o[1])))
+            break
+    if rule_choice is None:
+        fitting = [option for option in rule_options if rules_bytes(1, *option) <= room]
+        if not fitting:
+            raise ConfigError(
+                f"memory budget of {budget / 2**20:.0f} MiB cannot hold one rules block of {dim}-d rows "
+                f"(K = {k}); the smallest budget that works is "
+                f"{smallest_budget(rules_bytes(1, *rule_options[-1]))} MiB"
+            )
+        rule_choice = (1, *max(fitting, key=lambda o: (o[0] * o[2], o[1])))
+    rule_workers, rule_rows, plan_rows, rule_base = rule_choice
+    left = room - max(knn_bytes(workers_knn, query, base), rules_bytes(*rule_choice))
+    resident = int(min(n, left // (dim * itemsize)))  # what the tasks leave holds dictionary rows
+    return BlockPlan(
+        temp_elements=temp,
+        query_rows=query,
+        base_rows=base,
+        rule_rows=rule_rows,
+        rule_base_rows=rule_base,
+        plan_rows=plan_rows,
+        pending_pairs=pairs_per_row * rule_rows,
+        resident_rows=resident,
+        graph_rows=graph_rows,
+        workers=workers_knn,
+        rule_workers=rule_workers,
+    )
 
 
 # --------------------------------------------------------------------------- store layout
@@ -174,27 +278,74 @@ def _buffer(name: str, shape: tuple[int, int], dtype) -> np.ndarray:
 
 
 def _release_buffers() -> None:
+    """After a stage: scratch buffers, held dictionary rows and graph pages go."""
     with _BUFFERS_LOCK:
         _BUFFERS.clear()
+    with _CACHES_LOCK:
+        _CACHES.clear()
+    release_free_memory()
 
 
-def _base_blocks(store: FeatureStore, base_rows: int, cache: PageCache | None = None, dtype=None):
+class DictionaryRows:
+    """The dictionary as a mining process reads it, shared by its tasks (threads).
+
+    Rows [0, ``resident``) are read once and held; the rest are read by byte range
+    on every use (``wildreid.stores.rows``; from the OS page cache when the machine
+    has room for it), so no task ever holds a decoded Zarr chunk.
+    """
+
+    def __init__(self, store: FeatureStore, resident: int):
+        self.reader = store.row_reader()
+        self.n, self.dim = store.count(), store.dim()
+        self.dtype = self.reader.dtype
+        self.resident_rows = min(int(resident), self.n)
+        self._held: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def held(self) -> np.ndarray:
+        with self._lock:
+            if self._held is None:
+                self._held = self.reader.read(0, self.resident_rows)
+            return self._held
+
+    def block(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop): a read-only view of held rows, else read into ``out`` (or a new array)."""
+        held = self.held()
+        if stop <= len(held) and out is None:
+            view = held[start:stop]
+            view.flags.writeable = False
+            return view
+        out = np.empty((stop - start, self.dim), dtype=self.dtype) if out is None else out
+        split = min(max(start, len(held)), stop)
+        out[: split - start] = held[start:split]
+        self.reader.read(split, stop, out[split - start :])
+        return out
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` (any order, repeats allowed) as a new array."""
+        ids = np.asarray(ids, dtype=np.int64)
+        held = self.held()
+        out = np.empty((len(ids), self.dim), dtype=self.dtype)
+        near = ids < len(held)
+        out[near] = held[ids[near]]
+        if not near.all():
+            out[~near] = self.reader.gather(ids[~near])
+        return out
+
+
+def _base_blocks(rows: DictionaryRows, base_rows: int, dtype=None):
     """(ids, rows) of the whole dictionary in blocks, in ``dtype`` (None: as stored; conversions of stored
-    values are exact). Through ``cache`` the blocks land in this thread's scratch buffers (``_buffer``),
-    so each block must be used before the next is asked for."""
-    n = store.count()
-    for start in range(0, n, base_rows):
-        stop = min(start + base_rows, n)
-        if cache is None:
-            yield np.arange(start, stop), np.asarray(store.features[start:stop], dtype=dtype)
-            continue
-        # the copy under the cache's lock stays a plain one; the conversion runs outside it
-        rows = cache.read_range(start, stop, out=_buffer("stored", (stop - start, store.dim()), cache.dtype))
-        if dtype is not None and np.dtype(dtype) != rows.dtype:
-            converted = _buffer(np.dtype(dtype).name, rows.shape, dtype)
-            np.copyto(converted, rows)
-            rows = converted
-        yield np.arange(start, stop), rows
+    values are exact). Blocks not held in memory land in this thread's scratch buffers (``_buffer``), so
+    each block must be used before the next is asked for."""
+    for start in range(0, rows.n, base_rows):
+        stop = min(start + base_rows, rows.n)
+        out = None if stop <= rows.resident_rows else _buffer("stored", (stop - start, rows.dim), rows.dtype)
+        block = rows.block(start, stop, out)
+        if dtype is not None and np.dtype(dtype) != block.dtype:
+            converted = _buffer(np.dtype(dtype).name, block.shape, dtype)
+            np.copyto(converted, block)
+            block = converted
+        yield np.arange(start, stop), block
 
 
 # --------------------------------------------------------------------------- tasks
@@ -251,42 +402,45 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int
     _share_cores(plan.workers)
     set_temp_elements(plan.temp_elements)
     store = FeatureStore.open(path, mode="r+")
+    rows = _dictionary_rows(store, plan.resident_rows)
     q0 = block * plan.query_rows
     q1 = min(q0 + plan.query_rows, store.count())
-    query = np.asarray(store.features[q0:q1])
-    # when the dictionary fits the cache, every query block after the first reads it from memory
-    cache = _cache(store, "features", plan.cache_bytes)
+    query = rows.block(q0, q1, np.empty((q1 - q0, rows.dim), dtype=rows.dtype))
     sim, idx, counts = knn_rows(
         query,
         np.arange(q0, q1),
-        lambda dtype: _base_blocks(store, plan.base_rows, cache, dtype),
+        lambda dtype: _base_blocks(rows, plan.base_rows, dtype),
         params.k,
         threshold=params.threshold,
         margin=params.margin,
-        stored_dtype=store.features.dtype,
+        stored_dtype=rows.dtype,
     )
     write_knn_rows(store, block, q0, idx, sim, counts)
+    del query, sim, idx, counts
+    release_free_memory()
     _crash_point(f"knn:{block}")
     signal_point(f"knn:{block}")
     return block
 
 
-_CACHES: dict[tuple, PageCache] = {}
+_CACHES: dict[tuple, object] = {}
 _CACHES_LOCK = threading.Lock()
 
 
-def _cache(store: FeatureStore, name: str, budget: int) -> PageCache:
-    """One page cache per array per worker process, shared by its threads."""
-    key = (str(store.path), name, repr(store.fingerprint()), budget)
+def _per_process(store: FeatureStore, name: str, size: int, make: Callable[[], object]):
+    """One reader or page cache per store, array and size per worker process, shared by its threads."""
+    key = (str(store.path), name, repr(store.fingerprint()), size)
     with _CACHES_LOCK:
         if key not in _CACHES:
-            # pages of another store, dictionary, array version or budget are of no use any more
+            # what belongs to another store, dictionary, array version or size is of no use any more
             for old in [k for k in _CACHES if k[:2] == key[:2] or k[0] != key[0] or k[2] != key[2]]:
                 del _CACHES[old]
-            array = store.array(name)
-            budget = max(budget, array.chunks[0] * array.shape[1] * array.dtype.itemsize)
-            _CACHES[key] = PageCache(array, host_budget=budget, dtype=array.dtype)
+            _CACHES[key] = make()
         return _CACHES[key]
+
+
+def _dictionary_rows(store: FeatureStore, resident: int) -> DictionaryRows:
+    return _per_process(store, "features", resident, lambda: DictionaryRows(store, resident))
 
 
 @functools.lru_cache(maxsize=2)
@@ -296,34 +450,69 @@ def _labels(path: str, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.bincount(np.maximum(ids, 0))
 
 
+def _graph_blocks(reader, rows: int):
+    """(start, graph rows) over the whole k-NN graph in order, read by byte range into one reused buffer."""
+    buffer = _buffer("graph", (min(rows, reader.n), reader.width), reader.dtype)
+    for start in range(0, reader.n, rows):
+        stop = min(start + rows, reader.n)
+        yield start, reader.read(start, stop, buffer[: stop - start])
+
+
 def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:
-    _share_cores(plan.workers)
+    """DPLM rules for ``rule_rows`` rows.
+
+    Rule 6 asks where row i sits in the graph rows of its candidates j: one pass over
+    the graph collects, for this task's rows, every (j, position) where they appear
+    (a reverse index), instead of fetching the graph rows of ~100 random j per row.
+    Candidates are checked ``plan_rows`` rows at a time (their A_i features gathered
+    at once), then the pending pairs of all of them are counted together,
+    ``pending_pairs`` per pass over the dictionary.
+    """
+    _share_cores(plan.rule_workers)
     set_temp_elements(plan.temp_elements)
     store = FeatureStore.open(path, mode="r+")
     n = store.count()
-    graph = {name: store.array(f"knn/{name}") for name in ("indices", "similarities", "counts")}
     r0, r1 = block * plan.rule_rows, min((block + 1) * plan.rule_rows, n)
-    features = _cache(store, "features", plan.cache_bytes // 2)
-    neighbours = _cache(store, "knn/indices", plan.cache_bytes // 2)
-    row_plan = plan_rows(
-        np.arange(r0, r1),
-        graph["indices"][r0:r1],
-        graph["similarities"][r0:r1],
-        graph["counts"][r0:r1],
-        neighbours.get_rows,
-        features.get_rows,
-        n=n,
-        threshold=params.threshold,
-        min_candidates=params.min_candidates,
-        adjacency=params.adjacency,
-        order=params.order,
-        validated=True,  # the k-NN graph of these very features (its fingerprint) checked every row
-    )
-    ranks = pending_ranks(row_plan, features.get_rows(row_plan.pending_j), _base_blocks(store, plan.base_rows))
+    graph_idx, graph_sim, counts = (store.array(f"knn/{name}")[r0:r1] for name in ("indices", "similarities", "counts"))
+    rows = _dictionary_rows(store, plan.resident_rows)
+    k_i = np.minimum(np.maximum(counts, params.min_candidates), n)
+    window = int(min(graph_idx.shape[1], k_i.max() + 1)) if len(k_i) else 1
+    graph = _per_process(store, "knn/indices", 0, lambda: store.row_reader("knn/indices"))
+    keys, positions = reverse_index(_graph_blocks(graph, plan.graph_rows), r0, r1, window, n)
+    neighbour_positions = graph_positions(keys, positions, n)
+    plans = []
+    for s0 in range(r0, r1, plan.plan_rows):
+        s1 = min(s0 + plan.plan_rows, r1)
+        plans.append(
+            plan_rows(
+                np.arange(s0, s1),
+                graph_idx[s0 - r0 : s1 - r0],
+                graph_sim[s0 - r0 : s1 - r0],
+                counts[s0 - r0 : s1 - r0],
+                None,
+                rows.gather,
+                n=n,
+                threshold=params.threshold,
+                min_candidates=params.min_candidates,
+                adjacency=params.adjacency,
+                order=params.order,
+                validated=True,  # the k-NN graph of these very features (its fingerprint) checked every row
+                neighbour_positions=neighbour_positions,
+            )
+        )
+    del keys, positions, neighbour_positions
+    row_plan = concat_plans(plans)
+    ranks = np.ones(row_plan.n_pending, dtype=np.int64)
+    for p0 in range(0, row_plan.n_pending, plan.pending_pairs):
+        pairs = slice(p0, min(p0 + plan.pending_pairs, row_plan.n_pending))
+        j_rows = rows.gather(row_plan.pending_j[pairs])
+        ranks[pairs] = pending_ranks(row_plan, j_rows, _base_blocks(rows, plan.rule_base_rows), pairs=pairs)
     indptr, indices = finish_rows(row_plan, ranks)
     ids, id_sizes = _labels(str(store.path), repr(store.fingerprint()))
     quality = quality_sums(np.arange(r0, r1), indptr, indices, ids, id_sizes)
     write_positives_part(store, block, np.diff(indptr), indices, {**quality, "pending": row_plan.n_pending})
+    del plans, row_plan, ranks, indptr, indices, graph_idx, graph_sim, counts
+    release_free_memory()
     _crash_point(f"rules:{block}")
     signal_point(f"rules:{block}")
     return block
@@ -372,7 +561,16 @@ def mine(
         )
         budget = memory_budget or default_budget()
         plan = block_plan(
-            n, dim, store.features.dtype.itemsize, params.k, params.adjacency, budget, workers, store.chunk_rows
+            n,
+            dim,
+            store.features.dtype.itemsize,
+            params.k,
+            params.adjacency,
+            budget,
+            workers,
+            store.chunk_rows,
+            partial_reads=store.row_reader().partial,
+            margin=params.margin,
         )
         with _one_blas_thread():
             _LIMITED.append(True)
@@ -421,7 +619,7 @@ def _run_stages(
             "knn",
             [(_knn_task, (str(store.path), b, params, plan)) for b in todo],
             scheduler=scheduler,
-            workers=workers,
+            workers=plan.workers,
             on_done=lambda: progress("k-NN graph", 1, blocks),
             cleanup=_release_buffers,
             should_stop=should_stop,
@@ -443,8 +641,9 @@ def _run_stages(
             "rules",
             [(_rules_task, (str(store.path), b, params, plan)) for b in todo],
             scheduler=scheduler,
-            workers=workers,
+            workers=plan.rule_workers,
             on_done=lambda: progress("DPLM rules", 1, rule_blocks),
+            cleanup=_release_buffers,
             should_stop=should_stop,
         )
         _stop_if_asked(should_stop, "rules")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import dask
+import distributed  # noqa: F401  dask.compute imports it on first use (10 MiB): part of the idle interpreter
 from dask.callbacks import Callback
 
 __all__ = ["run_tasks"]

@@ -556,7 +556,9 @@ def pack_dataset(
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise ShardError(f"output {out} exists and is not a folder")
-    _check_out_folder(out, str(index.root), index.layout)  # before the lock file goes into a folder of others
+    if not (out / LOCK_NAME).exists():  # a folder with a lock is ours: the lock decides first (a live writer's
+        # half-written files would otherwise read as a folder of others), then _pack checks it
+        _check_out_folder(out, str(index.root), index.layout)  # before the lock file goes into a folder of others
     with WriterLock(out, log=log):
         return _pack(index, out, max_samples, max_bytes, workers, strict, progress, should_stop)
 

@@ -143,6 +143,9 @@ def write_positives_part(
     part.attrs["complete"] = True
 
 
+POSITIVES_CHUNK = 1 << 18  # 2 MiB of int64: what one chunk's compression holds stays small
+
+
 def assemble_positives(store: FeatureStore, blocks: int) -> None:
     """Concatenate the parts into ``positives/indptr`` and ``indices`` (one part in memory at a time)."""
     n = store.count()
@@ -164,14 +167,21 @@ def assemble_positives(store: FeatureStore, blocks: int) -> None:
     group = store.group_of("positives")
     create_checked_array(group, "indptr", data=indptr, chunks=(min(n + 1, 1 << 20),), compress=True)
     nnz = int(indptr[-1])
+    chunk = max(1, min(nnz, POSITIVES_CHUNK))
     indices = create_checked_array(
-        group, "indices", shape=(nnz,), chunks=(max(1, min(nnz, 1 << 20)),), dtype="int64", fill_value=-1, compress=True
+        group, "indices", shape=(nnz,), chunks=(chunk,), dtype="int64", fill_value=-1, compress=True
     )
-    position = 0
+    # the parts are gathered into whole chunks, each written once: a part written into a chunk
+    # in place would decode, merge and encode that chunk again for every part it holds
+    pending, held, position = np.empty(chunk, dtype=np.int64), 0, 0
     for b in range(blocks):
         part = store.array(f"positives/parts/{_part_name(b)}/indices")[:]
-        indices[position : position + len(part)] = part
-        position += len(part)
+        while len(part):
+            take = min(chunk - held, len(part))
+            pending[held : held + take], part, held = part[:take], part[take:], held + take
+            if held == chunk or position + held == nnz:
+                indices[position : position + held] = pending[:held]
+                position, held = position + held, 0
     mark_complete(store, "positives")
     store.remove("positives/parts")
 

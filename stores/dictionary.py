@@ -32,6 +32,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from wildreid.errors import DamagedDataError, StoreError, WildreidError
 from wildreid.stores.durable import DurableLocalStore, fsync_dir, fsync_tree, remove_tree
 from wildreid.stores.lock import LOCK_NAME
+from wildreid.stores.rows import RowReader
 
 __all__ = ["CHUNK_BYTES", "CheckedArray", "FeatureStore", "create_checked_array", "rows_per_chunk"]
 
@@ -112,12 +113,16 @@ class CheckedArray:
                 why = "fails its checksum" if "checksum" in str(exc) else f"cannot be decoded ({exc})"
                 key = "/".join(["c", str(chunk)] + ["0"] * (len(self.array.shape) - 1))
                 name = self.array.path
-                return DamagedDataError(
-                    f"chunk {chunk} of {name} (rows {lo}-{hi - 1}, file "
-                    f"{self.store_path / name / key}) {why}: the store is damaged; "
-                    f"{_remedy(self.store_path, name)}"
-                )
+                return damaged_chunk_error(self.store_path, name, chunk, lo, hi, self.store_path / name / key, why)
         return None
+
+
+def damaged_chunk_error(store_path: Path, name: str, chunk: int, lo: int, hi: int, file: Path, why: str):
+    """The one line for a damaged chunk: the array, its rows and file, what is wrong and what to do."""
+    return DamagedDataError(
+        f"chunk {chunk} of {name} (rows {lo}-{hi - 1}, file {file}) {why}: the store is damaged; "
+        f"{_remedy(store_path, name)}"
+    )
 
 
 class FeatureStore:
@@ -245,6 +250,10 @@ class FeatureStore:
     @property
     def chunk_rows(self) -> int:
         return self.features.chunks[0]
+
+    def row_reader(self, name: str = "features") -> RowReader:
+        """Byte-range reads of the 2-D array ``name`` (``wildreid.stores.rows``): no whole-chunk buffers."""
+        return RowReader(self.array(name), self.path)
 
     def ids(self) -> np.ndarray:
         return self.array("ids")[:] if self.has("ids") else np.full(self.count(), -1, dtype=np.int64)

@@ -8,14 +8,17 @@ from conftest import clustered
 
 from wildreid.dplm import (
     _dense,
+    concat_plans,
     dplm_blockwise,
     dplm_dense,
     dplm_published_dense,
     dplm_rows,
     dplm_rows_bytes,
     finish_rows,
+    graph_positions,
     plan_rows,
     pseudo_label_quality,
+    reverse_index,
 )
 from wildreid.errors import ConfigError, StoreError
 from wildreid.knn import knn_graph, pair_similarity
@@ -123,6 +126,30 @@ def test_finish_rows_checks_the_exact_ranks():
         finish_rows(plan, np.zeros(plan.n_pending + 1))
     with pytest.raises(StoreError, match="1 added"):
         finish_rows(plan, np.full(plan.n_pending, 10))
+
+
+@pytest.mark.parametrize("order", ["similarity", "published"])
+def test_a_reverse_index_answers_rule_6_like_the_neighbour_rows(order):
+    """Rows 0-39 of a dense neighbourhood (pending pairs), planned in blocks of 13 from neighbour rows and from
+    a reverse index built over graph blocks of 17 rows: the same plan, field by field, once concatenated."""
+    x = clustered(90, noise=0.3)
+    sim, idx, counts = knn_graph(x, 11, threshold=0.3)
+    n, rows = len(x), np.arange(40)
+    args = dict(n=n, threshold=0.3, min_candidates=5, adjacency=10, order=order)
+    whole = plan_rows(rows, idx[rows], sim[rows], counts[rows], lambda ids: idx[ids], lambda ids: x[ids], **args)
+    keys, positions = reverse_index(((s, idx[s : s + 17]) for s in range(0, n, 17)), 0, 40, 11, n)
+    assert len(keys) == np.isin(idx, rows).sum()  # every place a row of 0-39 sits in the graph
+    lookup = graph_positions(keys, positions, n)
+    parts = [
+        plan_rows(r, idx[r], sim[r], counts[r], None, lambda ids: x[ids], neighbour_positions=lookup, **args)
+        for r in np.array_split(rows, [13, 26])
+    ]
+    joined = concat_plans(parts)
+    assert whole.n_pending > 0
+    for field in ("rows", "sigma", "k", "node", "ranks", "stop", "removed", "pending_row", "pending_pos"):
+        np.testing.assert_array_equal(getattr(joined, field), getattr(whole, field), err_msg=field)
+    for field in ("pending_j", "pending_i", "pending_sim"):
+        np.testing.assert_array_equal(getattr(joined, field), getattr(whole, field), err_msg=field)
 
 
 @pytest.mark.parametrize(("row", "value", "match"), [(4, np.nan, "row 4 has NaN"), (7, 0.0, "row 7 is all zeros")])
