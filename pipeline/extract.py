@@ -24,8 +24,9 @@ from wildreid.shards.reader import ShardDataset, split_entries, split_labels
 from wildreid.stores import FeatureStore
 from wildreid.transforms import normalise
 
-__all__ = ["extract_features", "extract_split", "refresh_key", "split_fingerprint"]
+__all__ = ["EXTRACT_BATCH", "extract_features", "extract_split", "refresh_key", "split_fingerprint"]
 
+EXTRACT_BATCH = 256  # images per extraction batch (the run's memory plan counts one batch's activations)
 REFRESH_KEYS = 1_000_000  # refresh_key(epoch) = REFRESH_KEYS + epoch: never a training epoch's key
 
 
@@ -104,7 +105,7 @@ def extract_split(
         store.write_labels(0, vids, camids)  # whole arrays: O(N) bytes once, not a chunk rewrite per batch
     was_training = model.training
     model.eval()
-    dataset = ShardDataset(shards_root, split, image_size=image_size, shuffle=False, chunk=min(chunk, 256))
+    dataset = ShardDataset(shards_root, split, image_size=image_size, shuffle=False, chunk=min(chunk, EXTRACT_BATCH))
     dataset.set_epoch(0, done)
     pending: list[np.ndarray] = []  # features not yet written
     start = done

@@ -64,7 +64,7 @@ from wildreid.stores.derived import (
 from wildreid.stores.rows import GATHER_WINDOW_BYTES
 from wildreid.tasks import run_tasks
 
-__all__ = ["MineParams", "block_plan", "graph_reader", "mine"]
+__all__ = ["MineParams", "block_plan", "graph_reader", "mine", "smallest_budget"]
 
 GRAPH_CHUNK_ROWS = 2048
 # Measured above an idle interpreter with numpy, faiss and zarr loaded, whatever the blocks: the BLAS
@@ -234,6 +234,19 @@ def block_plan(
         workers=workers_knn,
         rule_workers=rule_workers,
     )
+
+
+def smallest_budget(n: int, dim: int, itemsize: int, k: int, adjacency: int, workers: int, chunk_rows: int) -> int:
+    """The smallest ``memory_budget`` (in whole MiB) that ``block_plan`` accepts for these sizes."""
+    lo, hi = 1, 1 << 20  # MiB
+    while lo < hi:
+        mid = (lo + hi) // 2
+        try:
+            block_plan(n, dim, itemsize, k, adjacency, mid << 20, workers, chunk_rows)
+            hi = mid
+        except ConfigError:
+            lo = mid + 1
+    return lo << 20
 
 
 # --------------------------------------------------------------------------- store layout

@@ -9,14 +9,15 @@ Everything a run writes lives in the store folder:
     STORE/train/curves.png            the training curves
     STORE/train/model.pt              the final model (what ``wildreid eval`` reads)
 
-Memory: the dictionary is read and written through a page cache whose host
-budget is half of ``--memory-budget``; mining gets the other half while it runs
-(the cache is flushed and dropped first). Hard negatives stream the dictionary
+Memory: ``--memory-budget`` covers the whole process tree (``wildreid.run_budget``):
+the training process, a step and the DataLoader workers come first; of what is
+left, the dictionary's page cache gets half and mining the other half while it
+runs (the cache is flushed and dropped first). Hard negatives stream the dictionary
 through the cache in pages, so nothing here holds N x N or N x D beyond it.
 With ``loss.negatives: graph`` they are picked among each row's k-NN graph
 neighbours instead (``wildreid.dtl.graph_negatives``): the graph is mined at the
 start of every epoch, warm-up included (there only its k-NN stage), and read
-through a page cache of 1/8 of the budget over ``knn/indices``.
+through a page cache of 1/8 of what is left over ``knn/indices``.
 
 Dictionary refresh (``train.refresh``). "published" (default) does what the
 published code does (andreYoo/VeRI_SSML_FD, lib/models/graph.py and
@@ -55,7 +56,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +69,13 @@ from wildreid.config import Config, config_digest
 from wildreid.dplm import dplm_rows, dplm_rows_bytes, pseudo_label_quality, quality_means, quality_sums
 from wildreid.dtl import batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
 from wildreid.errors import ConfigError, ResumeError, ShardNotFoundError, Stopped, StoreError
-from wildreid.extract import extract_split, refresh_key
-from wildreid.mining import MineParams, mine
+from wildreid.extract import EXTRACT_BATCH, extract_split, refresh_key
+from wildreid.mining import GRAPH_CHUNK_ROWS, MineParams, mine, smallest_budget
 from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
+from wildreid.run_budget import RunMemory, activation_bytes, plan_run_memory, process_uss
 from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry, split_labels
 from wildreid.signals import ignore_stop_signals, signal_point
-from wildreid.stores import LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write
+from wildreid.stores import LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write, rows_per_chunk
 from wildreid.stores.derived import complete_fingerprint, graph_reader, read_positives
 from wildreid.transforms import train_transform
 
@@ -265,23 +267,10 @@ def _train(
             f"the training split(s) have {n} images, fewer than one batch of {tc.batch_size}; lower train.batch_size"
         )
     budget = options.memory_budget or default_budget()
-    if tc.mining == "batch":
-        _check_batch_mining(n, ARCHS[config.model.arch][1], tc.batch_size, config.mining.adjacency, budget)
     run_dir = store_path / "train"
 
-    store = _open_store(
-        store_path,
-        n,
-        ARCHS[config.model.arch][1],
-        options.resume,
-        config_digest(config),
-        config.dictionary.dtype,
-        lambda: split_labels(shards, splits),
-    )
     _seed_everything(tc.seed)
     model = build_model(config.model.arch, pretrained=config.model.pretrained, last_stride=config.model.last_stride)
-    if model.pretrained_from is None:
-        log("no --pretrained weights given: training starts from random weights")
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -292,6 +281,21 @@ def _train(
     optimizer = torch.optim.SGD(
         groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay, foreach=True
     )
+
+    use_graph = config.loss.negatives == "graph"
+    # planned before the store is touched: a budget that cannot be honoured leaves nothing behind
+    memory = _plan_memory(budget, model, n, config, device, use_graph)
+    store = _open_store(
+        store_path,
+        n,
+        ARCHS[config.model.arch][1],
+        options.resume,
+        config_digest(config),
+        config.dictionary.dtype,
+        lambda: split_labels(shards, splits),
+    )
+    if model.pretrained_from is None:  # said once the store is known to be this run's
+        log("no --pretrained weights given: training starts from random weights")
 
     epoch, position, step, history = 0, 0, 0, []
     positives = _self_positives(n)
@@ -308,6 +312,14 @@ def _train(
         positives = load_positives(ckpt)
         log(f"resumed from {ckpt.name}: epoch {epoch}, sample {position}, step {step}")
     _write_history(run_dir, history)
+    log(
+        f"memory budget {budget / 2**20:,.0f} MiB (whole process tree): training process "
+        f"{memory.process / 2**20:,.0f}, step {memory.step / 2**20:,.0f}, DataLoader workers "
+        f"{memory.workers / 2**20:,.0f}, dictionary cache {memory.cache / 2**20:,.0f}, mining "
+        f"{memory.mining / 2**20:,.0f} MiB"
+    )
+    if tc.mining == "batch":
+        _check_batch_mining(n, ARCHS[config.model.arch][1], tc.batch_size, config.mining.adjacency, memory.rest)
 
     augment = train_transform(config.model.image_size, seed=tc.seed)
     lanes = max(1, tc.workers)
@@ -320,7 +332,7 @@ def _train(
         chunk=tc.batch_size,
         decode=not tc.decode_on_device,
     )
-    cache_budget = budget // 2
+    cache_budget = memory.cache
     on_device = device_budget(options, device)
     cache_stats: dict[str, int] = {}
 
@@ -341,15 +353,13 @@ def _train(
         for key, value in cache.stats.items():
             cache_stats[key] = cache_stats.get(key, 0) + value
 
-    # gathered hard-negative rows (float32, with their gradient and a float16 copy) get 1/8 of the budget
-    gather_rows = max(256, budget // 8 // (ARCHS[config.model.arch][1] * 12))
+    # gathered hard-negative rows: float32, with their gradient and a float16 copy
+    gather_rows = max(256, memory.gathers // (ARCHS[config.model.arch][1] * 12))
     steps_here = 0
     asked_to_stop = should_stop
 
     def should_stop() -> bool:  # a signal, or --max-steps reached: the same checkpointed, resumable stop
         return asked_to_stop() or (options.max_steps is not None and steps_here >= options.max_steps)
-
-    use_graph = config.loss.negatives == "graph"
 
     def checkpoint(cache: PageCache, positives, partial: dict, refreshed: int = 0) -> None:
         """``refreshed``: samples of this epoch's dictionary rebuild done (0: none, or it is over)."""
@@ -432,9 +442,9 @@ def _train(
         if tc.is_warmup(epoch):
             positives = _self_positives(n)
         elif tc.mining == "epoch" and (epoch - tc.warmup_epochs) % tc.remine_every == 0:
-            return _mine(store, config, budget // 2, tc.workers, progress, should_stop)[0]
+            return _mine(store, config, memory.mining, tc.workers, progress, should_stop)[0]
         if use_graph:  # no DPLM this epoch, but graph negatives need a fresh graph
-            _mine(store, config, budget // 2, tc.workers, progress, should_stop, graph_only=True)
+            _mine(store, config, memory.mining, tc.workers, progress, should_stop, graph_only=True)
         return positives
 
     partial = state.get("partial", {})
@@ -460,12 +470,12 @@ def _train(
                 f"the k-NN graph of epoch {epoch} was replaced after {ckpt.name}; mining it again from that "
                 "checkpoint's dictionary: the run goes on, but is no longer bit-identical to an uninterrupted one"
             )
-            _mine(store, config, budget // 2, tc.workers, progress, should_stop, graph_only=True)
+            _mine(store, config, memory.mining, tc.workers, progress, should_stop, graph_only=True)
         per_batch = tc.mining == "batch" and not tc.is_warmup(epoch)
         labels = _labels(store.ids()) if per_batch else None
         cache = page_cache()
         # the graph mined at this epoch's start (kept in the store, so a resumed epoch reads the same one)
-        graph = graph_reader(store, config.mining.k, budget // 8) if use_graph else None
+        graph = graph_reader(store, config.mining.k, memory.graph) if use_graph else None
         _set_lr(optimizer, config, epoch)
         model.train()
         loader = loader_from(epoch, position)
@@ -560,6 +570,7 @@ def _train(
         "transductive": tc.transductive,
         # this process's page cache counts (not the run's: a resumed run starts them at 0)
         "page_cache": {"device_budget_bytes": on_device, **cache_stats},
+        "memory": {**asdict(memory), "budget_covers": "the process tree's USS"},
     }
 
 
@@ -643,6 +654,39 @@ def _fill_row(model: torch.nn.Module, batch: torch.Tensor, idx: torch.Tensor, ca
     x = refresh_features(model, batch).float()
     current = cache.get_rows_tensor(idx.numpy(), x.device).float()
     cache.set_rows(idx.numpy(), momentum_update(current, x, idx.to(x.device)).cpu().numpy())
+
+
+def _plan_memory(budget: int, model, n: int, config: Config, device, use_graph: bool) -> RunMemory:
+    """``--memory-budget`` split over the whole process tree (``wildreid.run_budget``), or a ConfigError naming
+    the smallest budget that works. ``n``: the dictionary's rows."""
+    tc, m = config.train, config.mining
+    dim, itemsize = ARCHS[config.model.arch][1], np.dtype(config.dictionary.dtype).itemsize
+    chunk_rows = min(rows_per_chunk(dim * itemsize), n)  # the store's (FeatureStore.create)
+    h, w = config.model.image_size
+    on_host = device.type != "cuda"  # on CUDA the activations live in device memory
+    mining = smallest_budget(n, dim, itemsize, min(m.k, n), m.adjacency, max(1, tc.workers), chunk_rows)
+    least_rest = max(
+        2 * mining,  # mining gets half
+        4 * chunk_rows * dim * itemsize,  # the cache (half, less an eighth for the graph) holds a page
+        8 * 256 * dim * 12,  # gathers (an eighth) hold 256 rows
+        8 * 2 * min(GRAPH_CHUNK_ROWS, n) * m.k * 8 if use_graph else 0,  # the graph cache holds a page
+    )
+    saved, largest = activation_bytes(model, (h, w), device) if on_host else (0, 0)
+    extract_batch = min(chunk_rows, EXTRACT_BATCH)
+    return plan_run_memory(
+        budget,
+        process=process_uss(),
+        weights=sum(p.numel() * p.element_size() for p in model.parameters()),
+        saved=saved,
+        largest=largest,
+        batch=tc.batch_size,
+        extract_batch=extract_batch,
+        image_bytes=3 * h * w * 4,
+        extract_rows_bytes=(chunk_rows + extract_batch) * dim * 4,
+        workers=tc.workers,
+        least_rest=least_rest,
+        use_graph=use_graph,
+    )
 
 
 def _check_batch_mining(n: int, dim: int, batch: int, adjacency: int, budget: int) -> None:

@@ -591,7 +591,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--pairs", default="", help="extra paired Δ, e.g. defaults:order-published,defaults:refresh-eval")
     p.add_argument("--resamples", type=int, default=2000)
     p.add_argument("--bootstrap-seed", type=int, default=0)
-    p.add_argument("--memory-budget", default="1GiB")
+    p.add_argument("--memory-budget", default="2GiB")
     p.add_argument("--keep-runs", action="store_true", help="keep run folders (checkpoints, model.pt)")
     p.add_argument("--quick", action="store_true", help="a tiny smoke run: " + json.dumps(QUICK))
     p.add_argument("--dry-run", action="store_true", help="list the runs to do and exit")

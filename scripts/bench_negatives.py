@@ -228,7 +228,7 @@ def training(work: Path, vehicles: int) -> list[dict]:
             "--config",
             str(ROOT / "configs" / "demo.yaml"),
             "--memory-budget",
-            "256MiB",
+            "2GiB",
             "--set",
             "train.workers=0",
             *extra,

@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
+from wildreid.run_budget import tree_memory
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_IMAGES, QUERIES, GALLERY = 277_797, 10_000, 128_517  # VeRi-Wild: train, large test split
@@ -43,23 +43,6 @@ IMAGES_PER_VEHICLE = 14
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "wildreid.cli", *args]
-
-
-def tree_memory(pid: int) -> tuple[int, int]:
-    """(USS, PSS) summed over process ``pid`` and all its descendants, in bytes (0 for vanished ones)."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0, 0
-    uss = pss = 0
-    for p in procs:
-        try:
-            info = p.memory_full_info()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        uss, pss = uss + info.uss, pss + getattr(info, "pss", info.uss)
-    return uss, pss
 
 
 def run_stage(name: str, cmd: list[str], ok_codes=(0,), interval: float = 0.5) -> dict:

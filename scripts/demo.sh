@@ -5,7 +5,7 @@ set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 cd "$ROOT"
 OUT="${DEMO_OUT:-demo-out}"
-BUDGET="${DEMO_BUDGET:-1GiB}"
+BUDGET="${DEMO_BUDGET:-2GiB}"
 if [ ! -f "$OUT/data/train_test_split/train_list.txt" ]; then
   rm -rf "$OUT/data"
   wildreid synth "$OUT/data" --train-vehicles 200 --test-vehicles 60 --images-per-vehicle 8 --seed 0 --workers 2 \

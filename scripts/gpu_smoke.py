@@ -118,7 +118,7 @@ def _train(shards: Path, store: Path, device: str, epochs: int, extra: list[str]
             "--device",
             device,
             "--memory-budget",
-            "2GiB",
+            "8GiB",  # the whole process tree: CUDA libraries alone take GiBs of host memory
             "--json",
             "--set",
             "train.warmup_epochs=1",

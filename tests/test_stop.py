@@ -107,7 +107,7 @@ def _train_cmd(shards, store, *args) -> list[str]:
         "--config",
         str(ROOT / "configs" / "demo.yaml"),
         "--memory-budget",
-        "256MiB",
+        "2GiB",
         "--deterministic",
         "--json",
         *args,

@@ -17,6 +17,8 @@ from wildreid.checkpoint import latest_checkpoint, load_model
 from wildreid.stores import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
+# --memory-budget covers the whole process tree: the interpreter and torch alone are ~700 MiB of it
+TRAIN_BUDGET = "2GiB"
 SMALL = [
     "train.epochs=3",
     "train.warmup_epochs=1",
@@ -30,7 +32,7 @@ SMALL = [
 ]
 
 
-def train_cli(shards, store, *args, overrides=SMALL, env=None, file_limit=None) -> subprocess.CompletedProcess:
+def train_command(shards, store, *args, overrides=SMALL, budget=TRAIN_BUDGET) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -43,13 +45,18 @@ def train_cli(shards, store, *args, overrides=SMALL, env=None, file_limit=None) 
         "--config",
         str(ROOT / "configs" / "demo.yaml"),
         "--memory-budget",
-        "256MiB",
+        budget,
         "--deterministic",
         "--json",
         *args,
     ]
     for item in overrides:
         cmd += ["--set", item]
+    return cmd
+
+
+def train_cli(shards, store, *args, overrides=SMALL, env=None, file_limit=None) -> subprocess.CompletedProcess:
+    cmd = train_command(shards, store, *args, overrides=overrides)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WILDREID_CRASH")}
     limit = None if file_limit is None else lambda: _limit_file_size(file_limit)
     return subprocess.run(
@@ -329,12 +336,12 @@ def test_batch_mining_uses_dplm_rows_of_the_live_dictionary(shard_root, tmp_path
     train_module_dplm_rows = train_module.dplm_rows
     monkeypatch.setattr(train_module, "dplm_rows", recording)
     config = load_config(ROOT / "configs" / "demo.yaml", [*SMALL, "train.epochs=2", "train.mining=batch"])
-    with pytest.raises(ConfigError, match=r"N = 80 needs .* use train.mining=epoch") as refused:
-        train_module.train(shard_root, tmp_path / "refused", config, train_module.TrainOptions(memory_budget=1 << 20))
-    assert "\n" not in str(refused.value) and not (tmp_path / "refused").exists()
+    with pytest.raises(ConfigError, match=r"N = 300,000 needs .* use train.mining=epoch") as refused:
+        train_module._check_batch_mining(300_000, 2048, 128, 100, 1 << 30)
+    assert "\n" not in str(refused.value)
 
     report = train_module.train(
-        shard_root, tmp_path / "store", config, train_module.TrainOptions(memory_budget=256 << 20)
+        shard_root, tmp_path / "store", config, train_module.TrainOptions(memory_budget=2 << 30)
     )
     history = report["history"]
     assert [(h["epoch"], h["warmup"], h["mining"]) for h in history] == [(0, True, "batch"), (1, False, "batch")]
@@ -382,3 +389,52 @@ def test_max_steps_stops_like_a_signal_and_resumes_exactly(uninterrupted, shard_
     assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
     assert resumed["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
     assert train_cli(shard_root, tmp_path / "other", "--max-steps", "0").returncode == 2
+
+
+def test_the_budget_covers_the_whole_process_tree(shard_root, tmp_path):
+    """A budget the run cannot honour is refused with the smallest that works, before anything is written; under
+    that smallest budget the training process and its two DataLoader workers together (USS summed over the
+    tree, sampled from outside every 20 ms) stay within it for the whole run."""
+    import re
+    import threading
+
+    from wildreid.errors import ConfigError
+    from wildreid.run_budget import tree_memory
+
+    overrides = [*SMALL, "train.workers=2"]
+    refused = subprocess.run(
+        train_command(shard_root, tmp_path / "refused", overrides=overrides, budget="256MiB"),
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == ConfigError.exit_code, refused.stderr[-2000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert "cannot hold this run's process tree" in line and "DataLoader worker" in line
+    assert not (tmp_path / "refused").exists()
+    smallest = int(re.search(r"the smallest budget that works is ([\d,]+) MiB", line).group(1).replace(",", ""))
+
+    cmd = train_command(shard_root, tmp_path / "store", overrides=overrides, budget=f"{smallest}MiB")
+    peak, children, done = [0], [0], threading.Event()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
+
+        def sample() -> None:
+            import psutil
+
+            while not done.is_set():
+                peak[0] = max(peak[0], tree_memory(run.pid)[0])
+                try:
+                    children[0] = max(children[0], len(psutil.Process(run.pid).children(recursive=True)))
+                except psutil.NoSuchProcess:
+                    pass
+                done.wait(0.02)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        out, err = run.communicate()
+        done.set()
+        sampler.join()
+    report = final_json(subprocess.CompletedProcess(cmd, run.returncode, out, err))
+    assert children[0] >= 2  # the DataLoader workers were part of the tree
+    assert report["memory"]["budget"] == smallest << 20
+    print(f"peak tree USS {peak[0] / 2**20:.0f} MiB under a {smallest} MiB budget")
+    assert 0 < peak[0] <= smallest << 20, f"peak tree USS {peak[0] / 2**20:.0f} MiB > {smallest} MiB"
