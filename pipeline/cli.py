@@ -243,7 +243,9 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Override train.epochs (0 writes the untrained baseline)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in STORE."),
     memory_budget: Optional[str] = typer.Option(
-        None, help="Host memory bound, e.g. 4GiB (default: 1/4 of free memory)."
+        None,
+        help="Host memory of the whole run: this process and its DataLoader workers (summed USS), e.g. 4GiB; "
+        "a budget too small is refused with the smallest that works (default: 1/4 of free memory).",
     ),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     device_budget: Optional[str] = typer.Option(
@@ -345,7 +347,8 @@ def mine(
     adjacency: int = typer.Option(100, help="DPLM adjacency size a."),
     order: str = typer.Option("similarity", help="DPLM candidate order: similarity or published (SSML-FD code)."),
     memory_budget: Optional[str] = typer.Option(
-        None, help="Working-set bound, e.g. 512MiB (default: 1/4 of free memory)."
+        None,
+        help="What mining may allocate above the idle process, e.g. 512MiB (default: 1/4 of free memory).",
     ),
     workers: int = typer.Option(2, help="Concurrent block tasks (local threads)."),
     scheduler: Optional[str] = typer.Option(None, help="dask.distributed scheduler address (default: local threads)."),
