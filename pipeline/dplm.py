@@ -87,6 +87,7 @@ __all__ = [
     "quality_means",
     "quality_sums",
     "reverse_index",
+    "settled_pending",
 ]
 
 
@@ -536,9 +537,23 @@ def finish_rows(plan: RowPlan, exact_rank) -> tuple[np.ndarray, np.ndarray]:
     return _csr([np.sort(plan.sigma[b, keep[b]]) for b in range(len(plan.rows))])
 
 
-def pending_ranks(plan: RowPlan, j_vectors: np.ndarray, base_blocks, *, pairs: slice = slice(None)) -> np.ndarray:
-    """Exact ranks of the plan's pending pairs (or of the slice ``pairs`` of them, ``j_vectors`` aligned
-    with it): 1 + counts over every ``(base_ids, base)`` block."""
+def settled_pending(plan: RowPlan, j_counts: np.ndarray, threshold: float) -> np.ndarray:
+    """Which pending pairs (j, i) cannot break rule 6, known without a counting pass.
+
+    When s_ji >= t, every row ahead of i in sigma_j has s_jr >= s_ji >= t, so i sits at
+    position C_j - 1 or earlier (``j_counts``: C_j of each pair's j, aligned); if that is
+    at most k_i, the check passes whatever the exact rank. In the dense regime (C_i near
+    N, e.g. the features of an untrained network) this settles nearly every pair.
+    A settled pair's rank can be given as ``plan.width``: a pair is pending only when its
+    whole graph row was searched (window = K) and k_i >= K, so K <= k_i as well.
+    """
+    k_i = plan.k[plan.pending_row]
+    return (plan.pending_sim >= threshold) & (np.asarray(j_counts, dtype=np.int64) - 1 <= k_i)
+
+
+def pending_ranks(plan: RowPlan, j_vectors: np.ndarray, base_blocks, *, pairs=slice(None)) -> np.ndarray:
+    """Exact ranks of the plan's pending pairs (or of ``pairs`` of them, a slice or indices, ``j_vectors``
+    aligned with it): 1 + counts over every ``(base_ids, base)`` block."""
     i_ids, s_ji, j_ids = plan.pending_i[pairs], plan.pending_sim[pairs], plan.pending_j[pairs]
     rank = np.ones(len(j_ids), dtype=np.int64)
     if len(j_ids):

@@ -44,6 +44,7 @@ from wildreid.dplm import (
     plan_rows,
     quality_sums,
     reverse_index,
+    settled_pending,
 )
 from wildreid.errors import ConfigError, Stopped, StoreError
 from wildreid.knn import knn_rows, set_temp_elements
@@ -164,7 +165,8 @@ def block_plan(
 
     def rules_bytes(w: int, rows: int, sub: int, b: int) -> int:
         pairs = pairs_per_row * rows
-        return w * _rules_task_bytes(rows, sub, pairs, b, dim, itemsize, k, adjacency, temp, graph_rows)
+        # ... and C_j of every row, held once per process (settled_pending)
+        return w * _rules_task_bytes(rows, sub, pairs, b, dim, itemsize, k, adjacency, temp, graph_rows) + n * 8
 
     def smallest_budget(need: int) -> int:
         return -(-(budget - room + need) >> 20)
@@ -515,16 +517,19 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
         )
     del keys, positions, neighbour_positions
     row_plan = concat_plans(plans)
-    ranks = np.ones(row_plan.n_pending, dtype=np.int64)
-    for p0 in range(0, row_plan.n_pending, plan.pending_pairs):
-        pairs = slice(p0, min(p0 + plan.pending_pairs, row_plan.n_pending))
+    j_counts = _per_process(store, "knn/counts", 0, lambda: store.array("knn/counts")[:])[row_plan.pending_j]
+    counted = np.flatnonzero(~settled_pending(row_plan, j_counts, params.threshold))
+    ranks = np.full(row_plan.n_pending, row_plan.width, dtype=np.int64)  # settled pairs: see settled_pending
+    for p0 in range(0, len(counted), plan.pending_pairs):
+        pairs = counted[p0 : p0 + plan.pending_pairs]
         j_rows = rows.gather(row_plan.pending_j[pairs])
         ranks[pairs] = pending_ranks(row_plan, j_rows, _base_blocks(rows, plan.rule_base_rows), pairs=pairs)
     indptr, indices = finish_rows(row_plan, ranks)
     ids, id_sizes = _labels(str(store.path), repr(store.fingerprint()))
     quality = quality_sums(np.arange(r0, r1), indptr, indices, ids, id_sizes)
-    write_positives_part(store, block, np.diff(indptr), indices, {**quality, "pending": row_plan.n_pending})
-    del plans, row_plan, ranks, indptr, indices, graph_idx, graph_sim, counts
+    sums = {**quality, "pending": row_plan.n_pending, "counted": len(counted)}
+    write_positives_part(store, block, np.diff(indptr), indices, sums)
+    del plans, row_plan, ranks, indptr, indices, graph_idx, graph_sim, counts, j_counts
     release_free_memory()
     _crash_point(f"rules:{block}")
     signal_point(f"rules:{block}")

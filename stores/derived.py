@@ -158,6 +158,8 @@ def assemble_positives(store: FeatureStore, blocks: int) -> None:
         "recall": sum(q["recall"] for q in sums) / n if known else None,
         "mean_positives": sum(q["positives"] for q in sums) / n,
         "pending_pairs": sum(q["pending"] for q in sums),
+        # pairs that needed a counting pass (parts written before this was recorded: all pending ones)
+        "counted_pairs": sum(q.get("counted", q["pending"]) for q in sums),
     }
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(sizes, out=indptr[1:])

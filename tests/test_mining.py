@@ -64,7 +64,7 @@ def test_mine_equals_the_dense_reference(tmp_path, regime, params, clusters, noi
     got = positives(path)
     assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
     if regime == "dense":
-        assert report["pending_pairs"] > 0  # the exact counting pass ran
+        assert report["counted_pairs"] > 0  # the exact counting pass ran
         assert (graph(path)[2] > params.k).sum() > 100  # many rows with C_i > K
     else:
         assert report["pending_pairs"] == 0 and (graph(path)[2] < params.k).all()
@@ -118,8 +118,23 @@ def test_many_small_blocks_on_two_threads(tmp_path, monkeypatch, params, cluster
     got = positives(path)
     assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
     if params.threshold < 0.5:
-        assert report["pending_pairs"] > 4 * SMALL_BLOCKS["pending_pairs"]  # several counting passes per task
+        assert report["counted_pairs"] > 4 * SMALL_BLOCKS["pending_pairs"]  # several counting passes per task
     assert not mining._BUFFERS and not mining._CACHES  # released when the stage ended
+
+
+def test_the_fully_dense_regime_needs_no_counting_pass(tmp_path):
+    """Every pair above the threshold (the features of an untrained network look like this: C_i = N): each
+    pending pair is settled by C_j, no counting pass over the dictionary runs, and the positives are the
+    dense reference's."""
+    x, labels = clustered(600, 16, clusters=1, noise=0.05)
+    params = MineParams(k=11, adjacency=10, threshold=0.3)
+    path = make_store(tmp_path / "s.zarr", x, labels)
+    report = mine(str(path), params, memory_budget=BUDGET)
+    assert (graph(path)[2] == len(x)).all()  # C_i = N for every row
+    assert report["pending_pairs"] > 1000 and report["counted_pairs"] == 0
+    ref = dplm_dense(x, threshold=params.threshold, min_candidates=params.min_candidates, adjacency=params.adjacency)
+    got = positives(path)
+    assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
 
 
 def test_mine_published_order(tmp_path):
