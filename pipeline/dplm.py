@@ -72,6 +72,7 @@ __all__ = [
     "RowPlan",
     "check_dplm_args",
     "check_order",
+    "check_sizes",
     "concat_plans",
     "dplm_blockwise",
     "dplm_dense",
@@ -363,6 +364,13 @@ class RowPlan:
         return len(self.pending_j)
 
 
+def check_sizes(counts, *, width: int, min_candidates: int, n: int) -> tuple[np.ndarray, int]:
+    """(k_i of every row, the window of graph entries rule 6 searches for a block of rows): a rank above
+    k_i breaks, so only the first max k_i + 1 entries of a graph row can hold a rank that does not."""
+    k = np.minimum(np.maximum(np.asarray(counts, dtype=np.int64), min_candidates), n)
+    return k, int(min(width, k.max() + 1)) if len(k) else width
+
+
 def plan_rows(
     rows,
     graph_idx,
@@ -412,7 +420,7 @@ def plan_rows(
         raise StoreError(f"expected graph rows that start with their own id and list {span} rows, found otherwise")
     if np.any(counts < 1) or np.any(counts > n):
         raise StoreError(f"expected C_i = 1 + knn counts in [1, {n}], found {counts.min()}..{counts.max()}")
-    k = np.minimum(np.maximum(counts, min_candidates), n)
+    k, window = check_sizes(counts, width=width, min_candidates=min_candidates, n=n)
     checks = np.minimum(k, span)
     published = order == "published"
     if published:
@@ -438,7 +446,6 @@ def plan_rows(
     # rule 6, vectorised over the block: where row i sits in the graph rows of its candidates.
     # A rank above k_i breaks, so only the first k_i + 1 entries of those rows are searched:
     # i missing from them means a break too, unless the window is the whole graph row.
-    window = int(min(width, k.max() + 1)) if n_rows else width
     if neighbour_positions is not None:
         at_b, at_p = np.nonzero(look)
         where = np.full(sigma.shape, -1, dtype=np.int64)

@@ -37,6 +37,7 @@ from wildreid.budget import default_budget, peak_rss_bytes, release_free_memory
 from wildreid.dplm import (
     check_dplm_args,
     check_order,
+    check_sizes,
     concat_plans,
     finish_rows,
     graph_positions,
@@ -72,7 +73,6 @@ GRAPH_CHUNK_ROWS = 2048
 # libraries' work buffers on first use, Zarr's I/O buffers, thread stacks.
 _PROCESS_BYTES = 16 << 20
 _TASK_BYTES = 2 << 20  # per running task, whatever its blocks: its interpreter-side small objects
-_TEMP_SHARE = 8  # the exact kernel keeps about 3 temporaries of float64: give them 3/8 of what is left
 # Bytes a k-NN task holds per query row, over and above the row itself: FAISS's score tile (1,024
 # base rows) and its reservoir of 2 x (K + margin) results, the heap, candidates and exact values.
 _KNN_ROW = 4096
@@ -168,7 +168,7 @@ def block_plan(
         # ... and C_j of every row, held once per process (settled_pending)
         return w * _rules_task_bytes(rows, sub, pairs, b, dim, itemsize, k, adjacency, temp, graph_rows) + n * 8
 
-    def smallest_budget(need: int) -> int:
+    def budget_for(need: int) -> int:  # in MiB, for the error messages
         return -(-(budget - room + need) >> 20)
 
     queries = sizes([2048, 1024, 512, 256, 128, 64], min(GRAPH_CHUNK_ROWS, n))
@@ -189,7 +189,7 @@ def block_plan(
         if not fitting:
             raise ConfigError(
                 f"memory budget of {budget / 2**20:.0f} MiB cannot hold one block of {dim}-d rows (K = {k}); "
-                f"the smallest budget that works is {smallest_budget(knn_bytes(1, queries[-1], bases[-1]))} MiB"
+                f"the smallest budget that works is {budget_for(knn_bytes(1, queries[-1], bases[-1]))} MiB"
             )
         choice = (1, *max(fitting, key=lambda qb: (min(qb[0], _GOOD_QUERY) * qb[1], qb[0])))
     workers_knn, query, base = choice
@@ -217,7 +217,7 @@ def block_plan(
             raise ConfigError(
                 f"memory budget of {budget / 2**20:.0f} MiB cannot hold one rules block of {dim}-d rows "
                 f"(K = {k}); the smallest budget that works is "
-                f"{smallest_budget(rules_bytes(1, *rule_options[-1]))} MiB"
+                f"{budget_for(rules_bytes(1, *rule_options[-1]))} MiB"
             )
         rule_choice = (1, *max(fitting, key=lambda o: (o[0] * o[2], o[1])))
     rule_workers, rule_rows, plan_rows, rule_base = rule_choice
@@ -281,7 +281,7 @@ def _buffer(name: str, shape: tuple[int, int], dtype) -> np.ndarray:
     Every query block streams the whole dictionary twice; fresh arrays for its
     blocks cost ~270 MB of newly zeroed pages per block at N = 100k, D = 256
     (measured: 3.3 million page faults in one k-NN stage). The task plan already
-    counts these buffers (``task_bytes``); ``_release_buffers`` drops them.
+    counts these buffers (``_knn_task_bytes``, ``_rules_task_bytes``); ``_release_buffers`` drops them.
     """
     key = (threading.get_ident(), name)
     size = shape[0] * shape[1]
@@ -293,7 +293,7 @@ def _buffer(name: str, shape: tuple[int, int], dtype) -> np.ndarray:
 
 
 def _release_buffers() -> None:
-    """After a stage: scratch buffers, held dictionary rows and graph pages go."""
+    """After a stage: scratch buffers, held dictionary rows, graph readers and counts go."""
     with _BUFFERS_LOCK:
         _BUFFERS.clear()
     with _CACHES_LOCK:
@@ -443,7 +443,7 @@ _CACHES_LOCK = threading.Lock()
 
 
 def _per_process(store: FeatureStore, name: str, size: int, make: Callable[[], object]):
-    """One reader or page cache per store, array and size per worker process, shared by its threads."""
+    """One reader (or array) per store, array and size per worker process, shared by its threads."""
     key = (str(store.path), name, repr(store.fingerprint()), size)
     with _CACHES_LOCK:
         if key not in _CACHES:
@@ -488,10 +488,11 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     store = FeatureStore.open(path, mode="r+")
     n = store.count()
     r0, r1 = block * plan.rule_rows, min((block + 1) * plan.rule_rows, n)
-    graph_idx, graph_sim, counts = (store.array(f"knn/{name}")[r0:r1] for name in ("indices", "similarities", "counts"))
+    graph_idx, graph_sim = (store.array(f"knn/{name}")[r0:r1] for name in ("indices", "similarities"))
+    all_counts = _per_process(store, "knn/counts", 0, lambda: store.array("knn/counts")[:])  # C_j of any j
+    counts = all_counts[r0:r1]
     rows = _dictionary_rows(store, plan.resident_rows)
-    k_i = np.minimum(np.maximum(counts, params.min_candidates), n)
-    window = int(min(graph_idx.shape[1], k_i.max() + 1)) if len(k_i) else 1
+    _, window = check_sizes(counts, width=graph_idx.shape[1], min_candidates=params.min_candidates, n=n)
     graph = _per_process(store, "knn/indices", 0, lambda: store.row_reader("knn/indices"))
     keys, positions = reverse_index(_graph_blocks(graph, plan.graph_rows), r0, r1, window, n)
     neighbour_positions = graph_positions(keys, positions, n)
@@ -517,8 +518,7 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
         )
     del keys, positions, neighbour_positions
     row_plan = concat_plans(plans)
-    j_counts = _per_process(store, "knn/counts", 0, lambda: store.array("knn/counts")[:])[row_plan.pending_j]
-    counted = np.flatnonzero(~settled_pending(row_plan, j_counts, params.threshold))
+    counted = np.flatnonzero(~settled_pending(row_plan, all_counts[row_plan.pending_j], params.threshold))
     ranks = np.full(row_plan.n_pending, row_plan.width, dtype=np.int64)  # settled pairs: see settled_pending
     for p0 in range(0, len(counted), plan.pending_pairs):
         pairs = counted[p0 : p0 + plan.pending_pairs]
@@ -529,7 +529,7 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     quality = quality_sums(np.arange(r0, r1), indptr, indices, ids, id_sizes)
     sums = {**quality, "pending": row_plan.n_pending, "counted": len(counted)}
     write_positives_part(store, block, np.diff(indptr), indices, sums)
-    del plans, row_plan, ranks, indptr, indices, graph_idx, graph_sim, counts, j_counts
+    del plans, row_plan, ranks, indptr, indices, graph_idx, graph_sim, counts
     release_free_memory()
     _crash_point(f"rules:{block}")
     signal_point(f"rules:{block}")

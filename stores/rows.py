@@ -151,11 +151,8 @@ class RowReader:
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         window = self.rows_per_chunk if not self.partial else max(1, GATHER_WINDOW_BYTES // self.row_bytes)
-        # a new read starts where an id lies a window or more beyond the first id of the current read
-        starts = [0]
-        for at in np.flatnonzero(np.diff(sorted_ids // window)) + 1:
-            starts.append(int(at))
-        starts.append(len(ids))
+        # one read per aligned window of rows that holds wanted ids, spanning just those ids
+        starts = np.r_[0, np.flatnonzero(np.diff(sorted_ids // window)) + 1, len(ids)]
         scratch = np.empty((window, self.width), dtype=self.dtype)
         for a, b in zip(starts[:-1], starts[1:]):
             lo, hi = int(sorted_ids[a]), int(sorted_ids[b - 1]) + 1
