@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -42,10 +43,11 @@ def friendly(command):
         try:
             return command(*args, **kwargs)
         except Stopped as exc:
-            console.print(f"[yellow]{exc}[/]", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]{escape(str(exc))}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except WildreidError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: messages name things like wildreid[export] that rich would read as markup
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: re-run the same command to resume")
@@ -54,7 +56,7 @@ def friendly(command):
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
                 raise
             console.print(
-                f"[bold red]error:[/] cannot write {exc.filename or 'output'}: {exc.strerror}; "
+                f"[bold red]error:[/] cannot write {escape(str(exc.filename or 'output'))}: {exc.strerror}; "
                 "finished work is kept: free space (or fix permissions) and re-run to resume",
                 highlight=False,
                 soft_wrap=True,
@@ -142,9 +144,20 @@ def synth(
 @app.command()
 @friendly
 def shard(
-    src: Path = typer.Argument(..., help="Dataset folder (or, with --verify, the shard folder)."),
+    src: Path = typer.Argument(
+        ..., help="Dataset folder, or the .csv file of --layout list (with --verify, the shard folder)."
+    ),
     out_dir: Optional[Path] = typer.Argument(None, metavar="OUT", help="Folder for the shards and manifest.json."),
-    layout: str = typer.Option("auto", help="auto, veriwild, veri776 or flat."),
+    layout: str = typer.Option(
+        "auto",
+        help="auto, veriwild, veri776, flat, folder (every image below SRC, no ids) or list (SRC is a CSV list: "
+        "path and optional vid, camid, split columns).",
+    ),
+    camera_from: Optional[str] = typer.Option(
+        None,
+        help="With --layout folder: cameras from the N-th folder level (level:1) or a regex group camera on "
+        "the relative path ('regex:c(?P<camera>\\d+)'); default: unknown (-1).",
+    ),
     max_samples: int = typer.Option(10_000, help="At most this many samples per shard."),
     max_bytes: str = typer.Option("1GiB", help="At most this many bytes per shard (e.g. 256MiB)."),
     workers: int = typer.Option(1, help="Processes scanning images and writing shards."),
@@ -153,7 +166,8 @@ def shard(
 ):
     """Pack a dataset into WebDataset tar shards (deterministic, resumable)."""
     from wildreid.errors import ShardError
-    from wildreid.shards import LAYOUTS, pack_dataset, read_dataset, verify_shards
+    from wildreid.shards import pack_dataset, read_dataset, verify_shards
+    from wildreid.shards.layouts import layout_description
 
     if verify:
         with RichProgress() as progress:
@@ -167,9 +181,9 @@ def shard(
     if out_dir is None:
         raise typer.BadParameter("OUT is required unless --verify is given")
     shard_bytes = parse_bytes(max_bytes)
-    index = read_dataset(src, layout)
+    index = read_dataset(src, layout, camera_from)
     how = "auto-detected" if layout == "auto" else "as asked"
-    console.print(f"layout: {LAYOUTS[index.layout].description} ({how}), {index.count()} images listed")
+    console.print(f"layout: {layout_description(index.layout)} ({how}), {index.count()} images listed")
     with RichProgress() as progress, GracefulStop() as stop:
         manifest = pack_dataset(
             index,
@@ -195,7 +209,8 @@ def _print_manifest(manifest: dict) -> None:
             str(split["num_samples"]),
             str(len(split["shards"])),
             format_bytes(split["num_bytes"]),
-            str(split["num_vehicles"]),
+            str(split["num_vehicles"])
+            + (f" ({split['num_unlabelled']} unknown)" if split.get("num_unlabelled") else ""),
             str(split["num_cameras"]),
         )
     out.print(table)
@@ -251,7 +266,11 @@ def train(
     device_budget: Optional[str] = typer.Option(
         None, help="Dictionary pages kept on --device, e.g. 8GiB (default: half the free CUDA memory; 0 on the CPU)."
     ),
-    pretrained: Optional[Path] = typer.Option(None, help="Local torchvision ImageNet state dict for the backbone."),
+    pretrained: Optional[str] = typer.Option(
+        None,
+        help="Backbone weights: 'imagenet' (torchvision's, from the torch hub cache under TORCH_HOME, downloaded "
+        "there when online) or a local torchvision state dict file.",
+    ),
     checkpoint_every: Optional[int] = typer.Option(None, help="Override train.checkpoint_every_steps."),
     max_steps: Optional[int] = typer.Option(
         None,
@@ -269,6 +288,11 @@ def train(
         "--decode-on-device",
         help="Decode the JPEGs in batches on --device (nvJPEG on CUDA) instead of in the DataLoader workers.",
     ),
+    tensorboard: Optional[Path] = typer.Option(
+        None,
+        help="Write per-step loss and lr and each epoch's history as TensorBoard scalars into this folder "
+        "(needs pip install 'wildreid[tensorboard]').",
+    ),
     overrides: list[str] = typer.Option([], "--set", help="Any config value, e.g. --set loss.delta=0.5 (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
 ):
@@ -283,7 +307,7 @@ def train(
     if checkpoint_every is not None:
         extra.append(f"train.checkpoint_every_steps={checkpoint_every}")
     if pretrained is not None:
-        extra.append(f"model.pretrained={json.dumps(str(pretrained))}")
+        extra.append(f"model.pretrained={json.dumps(pretrained)}")
     if transductive:
         extra.append("train.transductive=true")
     if decode_on_device:
@@ -300,6 +324,7 @@ def train(
         deterministic=deterministic,
         device_budget=parse_bytes(device_budget) if device_budget is not None else None,
         max_steps=max_steps,
+        tensorboard=str(tensorboard) if tensorboard is not None else None,
     )
     with RichProgress() as progress, GracefulStop() as stop:
         report = run_train(
@@ -315,15 +340,18 @@ def train(
         title=f"training run in {store}"
         + (" (TRANSDUCTIVE: trained on the test gallery too)" if report["transductive"] else "")
     )
-    for col in ("epoch", "loss", "precision", "recall", "positives/img", "images/s", "peak RSS"):
+    # precision and recall need every vehicle id; the label-free columns (wildreid.label_free) do not
+    scored = ("precision", "recall") if any(h.get("precision") is not None for h in report["history"]) else ()
+    for col in ("epoch", "loss", *scored, "positives/img", "with others", "groups", "images/s", "peak RSS"):
         table.add_column(col, justify="right")
     for h in report["history"]:
         table.add_row(
             str(h["epoch"]) + (" (warm-up)" if h["warmup"] else ""),
             _fmt(h["loss"]),
-            _fmt(h["precision"]),
-            _fmt(h["recall"]),
+            *(_fmt(h[key]) for key in scored),
             _fmt(h["mean_positives"]),
+            _fmt(h.get("share_with_others")),
+            "-" if h.get("groups") is None else f"{h['groups']:,}",
             f"{h['images_per_s']:.0f}",
             format_bytes(h["peak_rss_bytes"]),
         )
@@ -412,7 +440,7 @@ def evaluate(
 
     from wildreid.budget import default_budget
     from wildreid.errors import ConfigError
-    from wildreid.evaluate import evaluate_groups, write_results
+    from wildreid.evaluate import evaluate_groups, require_vehicle_ids, write_results
     from wildreid.plots import cmc_curve
 
     splits = {
@@ -457,6 +485,8 @@ def evaluate(
 
         wanted = [(name, *pairs[name]) for name in splits[split]]
         sizes = {s: split_entry(shards, s)["num_samples"] for _, q, g in wanted for s in (q, g)}  # before the model
+        for _, q_split, g_split in wanted:
+            require_vehicle_ids(shards, q_split, g_split)
         model, config = load_model(checkpoint, device)
         feature = feature or config["model"].get("eval_feature", "bnneck")
         if feature not in ("bnneck", "pool5"):
@@ -555,6 +585,41 @@ def _feature_group(path: Path, rows: int, dim: int):
     return store
 
 
+@app.command("export")
+@friendly
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="model.pt (or a checkpoint folder) written by 'wildreid train'."),
+    fmt: str = typer.Option(..., "--format", help="onnx (run with onnxruntime) or torchscript (torch.jit.load)."),
+    output: Path = typer.Option(..., help="The file to write (atomically, only once the check passes)."),
+    shards: Path = typer.Option(..., help="Shard folder whose images the export is checked on against PyTorch."),
+    split: Optional[str] = typer.Option(None, help="Split of the check images (default: train, else a query split)."),
+    feature: Optional[str] = typer.Option(None, help="bnneck or pool5 (default: the model's model.eval_feature)."),
+    tolerance: Optional[float] = typer.Option(
+        None, help="Largest absolute feature difference accepted (default 1e-4: float32 on the CPU)."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Export and check, but write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
+):
+    """Export the embedding network (uint8 images in, L2-normalised features out), checked against PyTorch."""
+    from wildreid.export import export_checkpoint
+
+    r = export_checkpoint(
+        checkpoint, fmt, output, shards, split=split, feature=feature, atol=tolerance, dry_run=dry_run
+    )
+    out.print(
+        f"checked on {r['check_images']} images of split {r['check_split']} (batches of "
+        f"{', '.join(map(str, r['checked_batches']))}): largest |{fmt} - PyTorch| = {r['max_abs_diff']:.3g}, "
+        f"tolerance {r['tolerance']:g}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    what = f"{r['input']} -> {r['feature']} features (N, {r['output_dim']}), L2-normalised"
+    verb = "would write" if dry_run else "wrote"
+    out.print(f"{verb} {output} ({format_bytes(r['bytes'])}): {what}", highlight=False, soft_wrap=True)
+    if as_json:
+        print(json.dumps(r, sort_keys=True))
+
+
 @app.command()
 @friendly
 def visualize(
@@ -632,6 +697,107 @@ def visualize(
     if history is not None:
         curves = curves if curves is not None else out_png.with_name(f"{out_png.stem}-curves.png")
         out.print(f"training curves ({len(records)} epochs): {training_curves(records, curves)}", highlight=False)
+
+
+@app.command()
+@friendly
+def embed(
+    src: Path = typer.Argument(..., help="A shard folder (with --split), an image folder or a list file."),
+    checkpoint: Path = typer.Option(..., help="model.pt (or a checkpoint folder) written by training."),
+    output: Path = typer.Option(..., help="Feature group to write (Zarr: features, ids, camids, keys)."),
+    split: Optional[str] = typer.Option(None, help="Split of a shard folder (or of a list with several)."),
+    camera_from: Optional[str] = typer.Option(
+        None, help="Cameras of an image folder: level:N (the N-th folder names it) or regex:PATTERN."
+    ),
+    memory_budget: Optional[str] = typer.Option(
+        None, help="Batch and chunk buffer beyond the model, e.g. 1GiB (default: 1/4 of free memory)."
+    ),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    chunk_rows: Optional[int] = typer.Option(None, help="Rows per Zarr chunk of a new group (default: 16 MiB)."),
+    feature: Optional[str] = typer.Option(None, help="bnneck or pool5 (default: the model's model.eval_feature)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
+):
+    """Embed every image of SRC into a feature group that 'wildreid search' can query (resumable)."""
+    from wildreid.embed import embed as run_embed
+    from wildreid.errors import ConfigError
+
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} asked for but CUDA is not available here; use --device cpu")
+    with RichProgress() as progress, GracefulStop() as stop:
+        report = run_embed(
+            src,
+            checkpoint,
+            output,
+            split=split,
+            camera_from=camera_from,
+            memory_budget=parse_bytes(memory_budget) if memory_budget else None,
+            device=device,
+            chunk_rows=chunk_rows,
+            feature=feature,
+            progress=progress,
+            should_stop=stop,
+            log=_say,
+        )
+    out.print(
+        f"embedded {report['rows']:,} images of {src} into {output} ({report['dim']}-d, batch {report['batch']}, "
+        f"{report['images_per_s']:.0f} images/s; {report['rows_found_done']:,} rows were already done)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+
+
+@app.command("search")
+@friendly
+def search_command(
+    gallery: Path = typer.Option(..., help="Gallery feature group (made by 'wildreid embed')."),
+    query: Path = typer.Option(..., help="An image file, or a feature group (each row is a query)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The model.pt that embedded the gallery (image queries)."),
+    top_k: int = typer.Option(20, "--top-k", help="Gallery images per query."),
+    index: str = typer.Option("exact", help="exact (blockwise, streams the gallery) or ivf (approximate, in memory)."),
+    nlist: Optional[int] = typer.Option(None, help="IVF lists (default: sqrt of the gallery rows)."),
+    nprobe: int = typer.Option(16, help="IVF lists visited per query."),
+    memory_budget: Optional[str] = typer.Option(None, help="Working-set bound, e.g. 1GiB (default: 1/4 of free RAM)."),
+    device: str = typer.Option("cpu", help="cpu or cuda (embedding an image query)."),
+    picture: Optional[Path] = typer.Option(None, help="PNG of the first 8 queries and their ranked gallery images."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line per query (no table)."),
+):
+    """Ranked gallery images of a query image or of every row of a query group, by cosine similarity."""
+    from wildreid.search import render_search, search
+
+    with RichProgress() as progress:
+        result = search(
+            gallery,
+            query,
+            checkpoint=checkpoint,
+            k=top_k,
+            index=index,
+            nlist=nlist,
+            nprobe=nprobe,
+            memory_budget=parse_bytes(memory_budget) if memory_budget else None,
+            device=device,
+            progress=progress,
+        )
+    if as_json:
+        for entry in result.results:
+            print(json.dumps(entry))
+    else:
+        shown = result.results[:10]
+        for entry in shown:
+            table = Table(title=f"query {entry['query']}", title_justify="left")
+            for col in ("rank", "similarity", "gallery key"):
+                table.add_column(col, justify="left" if col == "gallery key" else "right")
+            for r in entry["results"]:
+                table.add_row(str(r["rank"]), f"{r['similarity']:.4f}", r["key"])
+            out.print(table)
+        if len(result.results) > len(shown):
+            out.print(f"... and {len(result.results) - len(shown):,} more queries (use --json for all)")
+    if picture is not None:
+        console.print(f"picture: {render_search(result, picture)}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

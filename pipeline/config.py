@@ -57,7 +57,7 @@ class ModelConfig:
     arch: str = "resnet50"
     last_stride: int = 1
     image_size: tuple[int, int] = (256, 128)  # H, W
-    pretrained: str | None = None  # a local torchvision state dict; None = random weights
+    pretrained: str | None = None  # a local torchvision state dict or "imagenet"; None = random weights
     # the feature evaluation extracts: the L2-normalised BN-neck output (what the dictionary holds)
     # or the L2-normalised pooled feature before the neck (what the published code evaluates)
     eval_feature: str = "bnneck"
@@ -71,7 +71,7 @@ class ModelConfig:
             "[H, W] with both >= 16",
             list(self.image_size),
         )
-        _need(self.pretrained != "", "model.pretrained", "a file path or null", self.pretrained)
+        _need(self.pretrained != "", "model.pretrained", "a file path, 'imagenet' or null", self.pretrained)
         _need(
             self.eval_feature in EVAL_FEATURES,
             "model.eval_feature",

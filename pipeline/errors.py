@@ -64,6 +64,12 @@ class LockedError(WildreidError, BlockingIOError):
     exit_code = 8
 
 
+class ExportError(WildreidError, ValueError):
+    """An exported model does not run back, or disagrees with PyTorch; nothing was written."""
+
+    exit_code = 9
+
+
 class Stopped(WildreidError):
     """SIGTERM or SIGINT asked the command to stop; it stopped where a re-run resumes."""
 

@@ -1,4 +1,4 @@
-"""Feature extraction: one split's shards through a model into a Zarr feature group.
+"""Feature extraction: one split's shards (or any stream of images) through a model into a Zarr feature group.
 
 The group is the store format of :mod:`wildreid.stores.dictionary` (``features``,
 ``ids``, ``camids``) and can be mined or evaluated. Rows are written in whole
@@ -13,7 +13,7 @@ hold up to 2^20 rows, so per-batch writes would rewrite a whole chunk each time.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,16 @@ from wildreid.shards.reader import ShardDataset, split_entries, split_labels
 from wildreid.stores import FeatureStore
 from wildreid.transforms import normalise
 
-__all__ = ["EXTRACT_BATCH", "extract_features", "extract_split", "refresh_key", "split_fingerprint"]
+__all__ = [
+    "EXTRACT_BATCH",
+    "extract_features",
+    "extract_split",
+    "extraction_meta",
+    "refresh_key",
+    "rows_done",
+    "split_fingerprint",
+    "write_features",
+]
 
 EXTRACT_BATCH = 256  # images per extraction batch (the run's memory plan counts one batch's activations)
 REFRESH_KEYS = 1_000_000  # refresh_key(epoch) = REFRESH_KEYS + epoch: never a training epoch's key
@@ -57,62 +66,51 @@ def extract_features(model: torch.nn.Module, images: torch.Tensor, device, featu
     return model(x, feature).cpu().numpy()
 
 
-def extract_split(
-    shards_root: str | Path,
-    split: str | Sequence[str],
-    model: torch.nn.Module,
-    store: FeatureStore,
-    *,
-    image_size: tuple[int, int],
-    device="cpu",
-    progress: Callable[[str, int, int], None] = lambda phase, advance, total: None,
-    label: str = "",
-    should_stop: Callable[[], bool] = lambda: False,
-    feature: str = "bnneck",
-) -> FeatureStore:
-    """Fill ``store.features`` with the model's features of every sample of ``split``, resumably.
-
-    ``store`` must have one row per sample (row i = sample index i); a sequence of
-    splits fills it split after split (a transductive training run). Progress is kept
-    in the store's ``extraction`` attribute together with ``label`` (what produced
-    the features, e.g. a checkpoint digest) and ``feature`` (``ReidNet.forward``'s):
-    a store extracted by something else starts again from row 0. When ``should_stop()``
-    turns true, :class:`Stopped` is raised after the next whole chunk is written. The
-    caller holds the store's writer lock.
-    """
-    n = store.count()
-    samples = sum(entry["num_samples"] for _, entry, _ in split_entries(shards_root, split))
-    name = split if isinstance(split, str) else "+".join(split)
-    if samples != n:
-        raise StoreError(
-            f"store {store.path} has {n} rows but split {name} has {samples} samples; "
-            "use a new store path for this split"
-        )
-    meta = {"split": name, "shards": split_fingerprint(shards_root, split), "label": label}
+def extraction_meta(name: str, inputs: str, label: str, feature: str = "bnneck") -> dict:
+    """What the rows of an extraction depend on: the input's name and fingerprint, the model's label, the feature."""
+    meta = {"split": name, "shards": inputs, "label": label}
     if feature != "bnneck":  # records of bnneck extractions stay as they were
         meta["feature"] = feature
+    return meta
+
+
+def rows_done(store: FeatureStore, meta: dict) -> int:
+    """Rows of ``store`` already extracted under ``meta`` (0 when another extraction, or anything else, wrote them)."""
     state = store.meta("extraction", {})
     # rows count as extracted only if nothing wrote the features since (e.g. training steps before a kill -9)
     unchanged = state.get("features_version") == store.features_version
-    done = int(state.get("rows_done", 0)) if state.get("meta") == meta and unchanged else 0
-    chunk = store.chunk_rows
-    phase = f"features {name}"
-    progress(phase, done, n)
-    if done >= n:
-        return store
-    vids, camids = split_labels(shards_root, split)
-    if not (np.array_equal(store.ids(), vids) and np.array_equal(store.camids(), camids)):
-        store.write_labels(0, vids, camids)  # whole arrays: O(N) bytes once, not a chunk rewrite per batch
+    return int(state.get("rows_done", 0)) if state.get("meta") == meta and unchanged else 0
+
+
+def write_features(
+    store: FeatureStore,
+    batches: Iterable[tuple[torch.Tensor, np.ndarray]],
+    model: torch.nn.Module,
+    *,
+    meta: dict,
+    start: int,
+    device="cpu",
+    progress: Callable[[str, int, int], None] = lambda phase, advance, total: None,
+    phase: str = "features",
+    should_stop: Callable[[], bool] = lambda: False,
+    feature: str = "bnneck",
+    on_chunk: Callable[[int], None] = lambda rows_done: None,
+) -> FeatureStore:
+    """Features of ``batches`` ((B, 3, H, W) uint8 images, their row numbers from ``start`` on) into ``store``.
+
+    Rows are written in whole chunks; after each, ``rows_done`` and ``meta`` are recorded in the
+    store's ``extraction`` attribute (what :func:`rows_done` resumes from) and ``on_chunk(rows_done)``
+    runs. When ``should_stop()`` turns true, :class:`Stopped` is raised after the next whole chunk.
+    """
+    n, chunk = store.count(), store.chunk_rows
+    name = meta.get("split", "")
     was_training = model.training
     model.eval()
-    dataset = ShardDataset(shards_root, split, image_size=image_size, shuffle=False, chunk=min(chunk, EXTRACT_BATCH))
-    dataset.set_epoch(0, done)
     pending: list[np.ndarray] = []  # features not yet written
-    start = done
     try:
-        for images, idx, _, _ in dataset:
+        for images, idx in batches:
             rows = sum(len(p) for p in pending)
-            if not np.array_equal(idx.numpy(), np.arange(start + rows, start + rows + len(idx))):
+            if not np.array_equal(np.asarray(idx), np.arange(start + rows, start + rows + len(idx))):
                 raise StoreError(
                     f"split {name} yielded sample indices out of order at {start + rows}; re-shard the data set"
                 )
@@ -128,10 +126,77 @@ def extract_split(
                     "extraction", {"meta": meta, "rows_done": start, "features_version": store.features_version}
                 )
                 progress(phase, whole, n)
+                on_chunk(start)
                 if should_stop() and start < n:
                     raise Stopped(
                         f"extraction of {name} stopped after {start} of {n} rows; run the same command again to resume"
                     )
     finally:
         model.train(was_training)
+    if start < n:
+        raise StoreError(f"{name} ended after {start} of {n} rows; expected one image per row: re-run the command")
     return store
+
+
+def extract_split(
+    shards_root: str | Path,
+    split: str | Sequence[str],
+    model: torch.nn.Module,
+    store: FeatureStore,
+    *,
+    image_size: tuple[int, int],
+    device="cpu",
+    progress: Callable[[str, int, int], None] = lambda phase, advance, total: None,
+    label: str = "",
+    should_stop: Callable[[], bool] = lambda: False,
+    feature: str = "bnneck",
+    batch: int = EXTRACT_BATCH,
+    labels: tuple[np.ndarray, np.ndarray] | None = None,
+    on_chunk: Callable[[int], None] = lambda rows_done: None,
+) -> FeatureStore:
+    """Fill ``store.features`` with the model's features of every sample of ``split``, resumably.
+
+    ``store`` must have one row per sample (row i = sample index i); a sequence of
+    splits fills it split after split (a transductive training run). Progress is kept
+    in the store's ``extraction`` attribute together with ``label`` (what produced
+    the features, e.g. a checkpoint digest) and ``feature`` (``ReidNet.forward``'s):
+    a store extracted by something else starts again from row 0. When ``should_stop()``
+    turns true, :class:`Stopped` is raised after the next whole chunk is written. The
+    caller holds the store's writer lock. ``batch``: images per forward pass (at most a
+    chunk); ``labels``: the split's (vids, camids) when the caller has read them already;
+    ``on_chunk(rows_done)`` runs after each chunk.
+    """
+    n = store.count()
+    samples = sum(entry["num_samples"] for _, entry, _ in split_entries(shards_root, split))
+    name = split if isinstance(split, str) else "+".join(split)
+    if samples != n:
+        raise StoreError(
+            f"store {store.path} has {n} rows but split {name} has {samples} samples; "
+            "use a new store path for this split"
+        )
+    meta = extraction_meta(name, split_fingerprint(shards_root, split), label, feature)
+    done = rows_done(store, meta)
+    phase = f"features {name}"
+    progress(phase, done, n)
+    if done >= n:
+        return store
+    vids, camids = labels if labels is not None else split_labels(shards_root, split)
+    if not (np.array_equal(store.ids(), vids) and np.array_equal(store.camids(), camids)):
+        store.write_labels(0, vids, camids)  # whole arrays: O(N) bytes once, not a chunk rewrite per batch
+    dataset = ShardDataset(
+        shards_root, split, image_size=image_size, shuffle=False, chunk=max(1, min(store.chunk_rows, batch))
+    )
+    dataset.set_epoch(0, done)
+    return write_features(
+        store,
+        ((images, idx.numpy()) for images, idx, _, _ in dataset),
+        model,
+        meta=meta,
+        start=done,
+        device=device,
+        progress=progress,
+        phase=phase,
+        should_stop=should_stop,
+        feature=feature,
+        on_chunk=on_chunk,
+    )

@@ -37,6 +37,7 @@ __all__ = [
     "pair_similarity",
     "set_temp_elements",
     "similarity",
+    "topk_pairs",
     "validate_rows",
     "with_self_first",
 ]
@@ -208,7 +209,7 @@ def _ceil32(x: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ top-k
 
 
-def _rowwise_topk(n_rows: int, r: np.ndarray, sims: np.ndarray, ids: np.ndarray, k: int):
+def topk_pairs(n_rows: int, r: np.ndarray, sims: np.ndarray, ids: np.ndarray, k: int):
     """(sim desc, id asc) top-k per row of a (row, sim, id) list; -inf / -1 padding."""
     out_sim = np.full((n_rows, k), -np.inf)
     out_idx = np.full((n_rows, k), -1, dtype=np.int64)
@@ -438,7 +439,7 @@ def _exact_rows(query, qids, rows, base_blocks, cut, k, free=None):
             found_r.append(rr + r0)
             sims.append(_pairs(query, rows[rr + r0], base, cc, free=free))
             ids.append(bids[cc])
-    return _rowwise_topk(len(rows), np.concatenate(found_r), np.concatenate(sims), np.concatenate(ids), k)
+    return topk_pairs(len(rows), np.concatenate(found_r), np.concatenate(sims), np.concatenate(ids), k)
 
 
 def knn_graph(features, k: int, *, threshold: float, block_rows: int = 1024, block_base: int = 4096, margin: int = 16):

@@ -4,17 +4,27 @@
 eval mode alike: SSML-FD feeds the normalised feature to the dictionary triplet
 loss and stores it in the dictionary. ``forward(x, "pool5")`` returns the
 L2-normalised pooled feature before the neck instead, what the published code
-evaluates (``model.eval_feature``). Nothing is downloaded: ``pretrained`` names
-a local torchvision ImageNet state dict (``fc.*`` keys are ignored); without it
-training starts from random weights, and ``model.pretrained_from`` is None.
+evaluates (``model.eval_feature``). ``pretrained`` names a local torchvision
+ImageNet state dict (``fc.*`` keys are ignored), or is ``"imagenet"``: torchvision's
+IMAGENET1K_V1 weights of the arch (what the published code started from), taken
+from the torch hub cache (``$TORCH_HOME/hub/checkpoints``) or downloaded there by
+torch.hub where the machine is online and ``WILDREID_OFFLINE`` is not set. Without
+``pretrained`` training starts from random weights, and ``model.pretrained_from``
+is None.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import pickle
-from collections.abc import Callable
+import re
+import socket
+import urllib.error
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +33,18 @@ from torchvision import models
 
 from wildreid.errors import ConfigError
 
-__all__ = ["ARCHS", "FEATURES", "ReidNet", "build_model", "load_backbone_weights", "param_groups", "weights_sha256"]
+__all__ = [
+    "ARCHS",
+    "FEATURES",
+    "IMAGENET",
+    "ReidNet",
+    "build_model",
+    "imagenet_weights",
+    "imagenet_weights_file",
+    "load_backbone_weights",
+    "param_groups",
+    "weights_sha256",
+]
 
 # arch -> (constructor, feature dim)
 ARCHS: dict[str, tuple[Callable[..., models.ResNet], int]] = {
@@ -33,6 +54,8 @@ ARCHS: dict[str, tuple[Callable[..., models.ResNet], int]] = {
 }
 
 FEATURES = ("bnneck", "pool5")
+IMAGENET = "imagenet"  # model.pretrained value: torchvision's ImageNet weights of the arch
+DOWNLOAD_TIMEOUT_S = 30  # a connection that hangs (a firewall dropping packets) fails instead of blocking the run
 
 
 def _set_last_stride(resnet: models.ResNet, stride: int) -> None:
@@ -109,8 +132,57 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     backbone.load_state_dict(state)
 
 
+def imagenet_weights_file(arch: str) -> tuple[str, Path]:
+    """The URL of torchvision's IMAGENET1K_V1 weights for ``arch`` and where torch.hub caches them."""
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
+    url = models.get_model_weights(arch)["IMAGENET1K_V1"].url
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    # torch.hub's downloader takes no timeout; the process-wide default is set only around the download
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def imagenet_weights(arch: str, *, offline: bool | None = None) -> Path:
+    """The cached ImageNet state dict of ``arch``, downloaded into the torch hub cache first if missing and
+    ``offline`` is false (default: true when the environment sets ``WILDREID_OFFLINE``)."""
+    url, path = imagenet_weights_file(arch)
+    if path.is_file():
+        return path
+    if offline is None:
+        offline = os.environ.get("WILDREID_OFFLINE", "") not in ("", "0")
+    why = "WILDREID_OFFLINE is set"
+    if not offline:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+                # writes a temporary file and renames it; checks the sha256 prefix that the file name carries
+                torch.hub.download_url_to_file(url, str(path), hash_prefix=_hash_prefix(path.name), progress=True)
+            return path
+        except (OSError, urllib.error.URLError, RuntimeError) as exc:
+            why = f"the download failed ({type(exc).__name__}: {exc})"
+    raise ConfigError(
+        f"ImageNet weights for {arch} are not in the torch hub cache and {why}: put {path.name} "
+        f"(from {url}) into {path.parent} (the folder follows TORCH_HOME), or pass --pretrained FILE"
+    )
+
+
+def _hash_prefix(name: str) -> str | None:
+    match = re.search(r"-([a-f0-9]{6,})\.", name)
+    return match.group(1) if match else None
+
+
 def build_model(arch: str = "resnet50", *, pretrained: str | Path | None = None, last_stride: int = 1) -> ReidNet:
-    """A ``ReidNet`` on ``arch``, from ``pretrained`` (a local file) or random weights (``pretrained_from`` None)."""
+    """A ``ReidNet`` on ``arch``, from ``pretrained`` (a local file or ``"imagenet"``) or random weights
+    (``pretrained_from`` None)."""
     if arch not in ARCHS:
         raise ConfigError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
     if last_stride not in (1, 2):
@@ -120,8 +192,9 @@ def build_model(arch: str = "resnet50", *, pretrained: str | Path | None = None,
     _set_last_stride(backbone, last_stride)
     model = ReidNet(arch, backbone, dim)
     if pretrained is not None and str(pretrained) != "":
-        load_backbone_weights(model.backbone, pretrained)
-        model.pretrained_from = str(pretrained)
+        path = imagenet_weights(arch) if str(pretrained) == IMAGENET else Path(pretrained)
+        load_backbone_weights(model.backbone, path)
+        model.pretrained_from = f"{IMAGENET} ({path})" if str(pretrained) == IMAGENET else str(path)
     return model
 
 

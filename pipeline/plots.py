@@ -17,7 +17,7 @@ from wildreid.errors import ConfigError, StoreError
 from wildreid.evaluate import topk_lists
 from wildreid.stores.durable import atomic_write
 
-__all__ = ["cmc_curve", "nice_ticks", "ranked_grid", "render_ranked_lists", "training_curves"]
+__all__ = ["cmc_curve", "nice_ticks", "ranked_grid", "render_ranked_lists", "search_grid", "training_curves"]
 
 GREEN, RED, GREY, BLUE = (22, 160, 60), (215, 40, 40), (150, 150, 150), (40, 90, 210)
 PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
@@ -89,6 +89,49 @@ def ranked_grid(
                 rank += 1
                 draw.text((x, y), f"{rank}", fill=GREEN if flag else RED, font=font)
             _framed(canvas, thumb, x, y + head, GREY if flag is None else GREEN if flag else RED, border)
+    return _save(canvas, path)
+
+
+def search_grid(
+    query_images: Sequence[Image.Image],
+    gallery_images_per_query: Sequence[Sequence[Image.Image]],
+    captions: Sequence[Sequence[str]],
+    flags: Sequence[Sequence[bool | None]],
+    path,
+    *,
+    labels: Sequence[str],
+    tile: tuple[int, int] = (64, 64),
+) -> Path:
+    """``wildreid search``'s picture: one row per query (blue), then its ranked gallery images, each
+    captioned (rank and similarity). ``flags[i][j]``: True = the same vehicle id (green), False = another
+    (red), None = unknown ids (grey, the usual case for unlabelled images)."""
+    if not (len(query_images) == len(gallery_images_per_query) == len(captions) == len(flags) == len(labels)):
+        raise ConfigError(
+            f"expected as many queries, gallery lists, captions, flags and labels, found {len(query_images)}, "
+            f"{len(gallery_images_per_query)}, {len(captions)}, {len(flags)} and {len(labels)}"
+        )
+    border, gap, head = 4, 6, 16
+    th, tw = tile[0] + 2 * border, tile[1] + 2 * border
+    font = _font(11)
+    labels = [label if len(label) <= 40 else "..." + label[-37:] for label in labels]  # the end names the file
+    first = max([tw] + [int(font.getlength(label)) + 4 for label in labels])
+    cols = max([len(g) for g in gallery_images_per_query] + [1])
+    cell = max(tw, *(int(font.getlength(c)) + 4 for row in captions for c in row)) if any(captions) else tw
+    width = gap + first + gap + cols * (cell + gap) + gap
+    height = max(gap + len(query_images) * (th + head + gap), th + head + 2 * gap)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (q, gallery, caps, fl) in enumerate(zip(query_images, gallery_images_per_query, captions, flags)):
+        if not len(gallery) == len(caps) == len(fl):
+            raise ConfigError(f"query {i}: {len(gallery)} gallery images, {len(caps)} captions, {len(fl)} flags")
+        y = gap + i * (th + head + gap)
+        draw.text((gap, y), labels[i], fill=BLUE, font=font)
+        _framed(canvas, _thumb(q, tile), gap, y + head, BLUE, border)
+        for j, (image, caption, flag) in enumerate(zip(gallery, caps, fl)):
+            x = gap + first + gap + j * (cell + gap) + gap
+            colour = GREY if flag is None else GREEN if flag else RED
+            draw.text((x, y), caption, fill=colour, font=font)
+            _framed(canvas, _thumb(image, tile), x, y + head, colour, border)
     return _save(canvas, path)
 
 
@@ -283,12 +326,17 @@ def cmc_curve(cmc, path, label: str = "CMC", *, size: tuple[int, int] = (480, 36
 
 
 def training_curves(history: list[dict], path, *, size: tuple[int, int] = (760, 340)) -> Path:
-    """Loss (left) and pseudo-label precision / recall (right) per epoch; missing keys are skipped."""
+    """Loss (left) and pseudo-label precision / recall (right) per epoch; missing keys are skipped.
+
+    Without vehicle ids (no precision anywhere) the right panel shows the share of images with
+    positives besides themselves instead (``wildreid.label_free``)."""
     canvas = Image.new("RGB", size, "white")
     half = size[0] // 2
+    scored = any(h.get("precision") is not None for h in history)
+    right = (("precision", "recall"), "pseudo labels") if scored else (("share_with_others",), "positives (no ids)")
     panels = (
         (("loss",), (20, 40, half - 20, size[1] - 50), "loss"),
-        (("precision", "recall"), (half + 50, 40, size[0] - 20, size[1] - 50), "pseudo labels"),
+        (right[0], (half + 50, 40, size[0] - 20, size[1] - 50), right[1]),
     )
     for keys, box, title in panels:
         series = {}

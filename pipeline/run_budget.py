@@ -22,6 +22,10 @@ with is refused with the smallest budget that works.
 
 from __future__ import annotations
 
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -32,10 +36,12 @@ from wildreid.errors import ConfigError
 __all__ = [
     "STEP_SLACK",
     "WORKER_BYTES",
+    "Measured",
     "RunMemory",
     "activation_bytes",
     "plan_run_memory",
     "process_uss",
+    "run_measured",
     "tree_memory",
 ]
 
@@ -68,6 +74,50 @@ def tree_memory(pid: int) -> tuple[int, int]:
             continue
         uss, pss = uss + info.uss, pss + getattr(info, "pss", info.uss)
     return uss, pss
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A finished command, its wall time and its process tree's peaks sampled from outside."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    peak_uss: int  # the largest summed USS seen (tree_memory)
+    peak_pss: int
+    most_children: int  # the most descendants alive at one sample (e.g. DataLoader workers)
+
+
+def run_measured(cmd: Sequence[str], *, interval: float = 0.5, env: dict | None = None) -> Measured:
+    """Run ``cmd`` to its end, sampling its whole process tree's USS and PSS every ``interval`` seconds
+    (the tests, benchmarks and the full-size rehearsal: memory claims measured from outside the process)."""
+    began = time.perf_counter()
+    peaks = {"uss": 0, "pss": 0, "children": 0}
+    done = threading.Event()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as proc:
+
+        def sample() -> None:
+            while not done.is_set():
+                uss, pss = tree_memory(proc.pid)
+                try:
+                    children = len(psutil.Process(proc.pid).children(recursive=True))
+                except psutil.NoSuchProcess:
+                    children = 0
+                peaks["uss"], peaks["pss"] = max(peaks["uss"], uss), max(peaks["pss"], pss)
+                peaks["children"] = max(peaks["children"], children)
+                done.wait(interval)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            out, err = proc.communicate()
+        finally:
+            done.set()
+            sampler.join()
+    return Measured(
+        proc.returncode, out, err, time.perf_counter() - began, peaks["uss"], peaks["pss"], peaks["children"]
+    )
 
 
 def activation_bytes(model: torch.nn.Module, image_size: tuple[int, int], device) -> tuple[int, int]:

@@ -61,7 +61,8 @@ def signal_point(name: str) -> None:
 
     Points: ``step:N`` (after the N-th training step of the process), ``extract:E`` and
     ``mine:E`` (training, epoch E), ``refresh:E:B`` (after batch B of epoch E's dictionary
-    rebuild), ``knn:B`` and ``rules:B`` (a mining block), ``shard:FILE``.
+    rebuild), ``knn:B`` and ``rules:B`` (a mining block), ``shard:FILE``,
+    ``embed:R`` (``wildreid embed``, after the chunk that ends at row R).
     """
     if os.environ.get("WILDREID_SIGNAL_AT") == name:
         os.kill(os.getpid(), signal.SIGTERM)

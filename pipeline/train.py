@@ -70,9 +70,11 @@ from wildreid.dplm import dplm_rows, dplm_rows_bytes, pseudo_label_quality, qual
 from wildreid.dtl import batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
 from wildreid.errors import ConfigError, ResumeError, ShardNotFoundError, Stopped, StoreError
 from wildreid.extract import EXTRACT_BATCH, extract_split, refresh_key
+from wildreid.label_free import positives_stats
 from wildreid.mining import GRAPH_CHUNK_ROWS, MineParams, mine, smallest_budget
 from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
 from wildreid.run_budget import RunMemory, activation_bytes, plan_run_memory, process_uss
+from wildreid.scalars import open_scalars, require_tensorboard
 from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry, split_labels
 from wildreid.signals import ignore_stop_signals, signal_point
 from wildreid.stores import LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write, rows_per_chunk
@@ -95,6 +97,7 @@ class TrainOptions:
     deterministic: bool = False
     device_budget: int | None = None  # the page cache's device tier; None: DEVICE_SHARE of free CUDA memory, 0 on CPU
     max_steps: int | None = None  # stop (checkpointed, resumable) after this many steps of this invocation
+    tensorboard: str | None = None  # a folder for TensorBoard scalars (wildreid.scalars); None: none written
 
 
 # Without --device-budget, a CUDA run gives the dictionary's device pages this share of the device memory that is
@@ -252,6 +255,8 @@ def _train(
     shards, store_path: Path, config: Config, options: TrainOptions, device: torch.device, progress, log, should_stop
 ) -> dict:
     """``train`` with the store's lock held."""
+    if options.tensorboard is not None:
+        require_tensorboard()
     if options.deterministic:
         torch.use_deterministic_algorithms(True)
     tc = config.train
@@ -296,6 +301,13 @@ def _train(
     )
     if model.pretrained_from is None:  # said once the store is known to be this run's
         log("no --pretrained weights given: training starts from random weights")
+    unknown = int(np.count_nonzero(store.ids() < 0))
+    if unknown:
+        log(
+            f"the vehicle ids of {unknown:,} of {n:,} training images are unknown (-1): the history shows no "
+            "pseudo-label precision or recall, only what needs no ids (positives per image, the share of "
+            "images with positives besides themselves, connected groups)"
+        )
 
     epoch, position, step, history = 0, 0, 0, []
     positives = _self_positives(n)
@@ -312,6 +324,8 @@ def _train(
         positives = load_positives(ckpt)
         log(f"resumed from {ckpt.name}: epoch {epoch}, sample {position}, step {step}")
     _write_history(run_dir, history)
+    # a resumed run purges what the earlier session logged after its checkpoint: one run's curves, not two
+    scalars = open_scalars(options.tensorboard, resumed_step=step if ckpt is not None else None)
     log(
         f"memory budget {budget / 2**20:,.0f} MiB (whole process tree): training process "
         f"{memory.process / 2**20:,.0f}, step {memory.step / 2**20:,.0f}, DataLoader workers "
@@ -379,6 +393,7 @@ def _train(
         }
         tag = f"-refresh-{refreshed:010d}" if refreshed else ""
         save_checkpoint(run_dir, step, state, store.path / "features", positives, tag=tag)
+        scalars.flush()  # what the checkpoint covers is on disk too
 
     def stop_here() -> None:
         if should_stop():
@@ -481,7 +496,7 @@ def _train(
         loader = loader_from(epoch, position)
         losses = partial.get("losses", [])
         seen = partial.get("seen", 0)
-        mined = partial.get("mined", {"rows": 0, "positives": 0, "precision": 0.0, "recall": 0.0})
+        mined = partial.get("mined", {"rows": 0, "positives": 0, "precision": 0.0, "recall": 0.0, "with_others": 0})
         for images, idx, _vid, _cam in loader:
             position += len(idx)
             if len(idx) < 2:  # BatchNorm cannot train on one sample; the order stays the same on resume
@@ -507,6 +522,7 @@ def _train(
             losses.append(loss)
             seen += len(idx)
             step += 1
+            scalars.step(step, loss, {g["name"]: g["lr"] for g in optimizer.param_groups})
             steps_here += 1
             progress(f"epoch {epoch}", len(idx), n)
             partial = {"losses": losses, "seen": seen, "mined": mined}
@@ -519,7 +535,7 @@ def _train(
             if steps_here == _CRASH_AFTER_STEPS:
                 os.kill(os.getpid(), signal.SIGKILL)  # tests: a kill -9 at a chosen step
         count(cache)
-        quality = quality_means(mined) if per_batch else pseudo_label_quality(*positives, store.ids())
+        quality = _positives_quality(mined if per_batch else None, positives, store.ids())
         record = {
             "epoch": epoch,
             "loss": float(np.mean(losses)) if losses else None,
@@ -529,6 +545,9 @@ def _train(
             "precision": quality["precision"],
             "recall": quality["recall"],
             "mean_positives": quality["mean_positives"],
+            "share_with_others": quality["share_with_others"],
+            "groups": quality["groups"],
+            "largest_group": quality["largest_group"],
             "images_per_s": seen / (time.perf_counter() - began),
             "peak_rss_bytes": peak_rss_bytes(),
             "lr": config.train.lr_at(epoch),
@@ -537,6 +556,7 @@ def _train(
             "refresh": tc.refresh,
         }
         history.append(_plain(record))
+        scalars.epoch(step, record)
         epoch, position, partial = epoch + 1, 0, {}
         checkpoint(cache, positives, partial)
         _write_history(run_dir, history)
@@ -560,6 +580,7 @@ def _train(
         run_dir / "model.pt", model, config.to_dict(), {"history": history, "transductive": tc.transductive}
     )
     _plot(run_dir, history)
+    scalars.close()
     return {
         "checkpoint": str(model_path),
         "weights_sha256": weights_sha256(model),
@@ -719,7 +740,22 @@ def _mine_batch(cache: PageCache, rows: np.ndarray, config: Config, labels, mine
     sums = quality_sums(rows, *found, *labels)
     for key in ("rows", "positives", "precision", "recall"):
         mined[key] = None if mined[key] is None or sums[key] is None else mined[key] + sums[key]
+    if "with_others" in mined:  # (absent from the partial epochs of older checkpoints)
+        batch_row = np.repeat(np.arange(len(rows)), np.diff(found[0]))
+        others = np.asarray(found[1]) != np.asarray(rows)[batch_row]
+        mined["with_others"] += int(np.count_nonzero(np.bincount(batch_row[others], minlength=len(rows))))
     return found
+
+
+def _positives_quality(mined: dict | None, positives, ids: np.ndarray) -> dict:
+    """The epoch's positives: precision and recall (None unless every id is known) and the label-free
+    statistics (``wildreid.label_free``). ``mined``: the sums of a batch-mining epoch, whose steps' positives
+    form no one graph (no groups); None: the epoch's CSR ``positives``."""
+    if mined is not None:
+        rows = max(mined["rows"], 1)
+        share = mined["with_others"] / rows if "with_others" in mined else None
+        return {**quality_means(mined), "share_with_others": share, "groups": None, "largest_group": None}
+    return {**pseudo_label_quality(*positives, ids), **positives_stats(*positives)}
 
 
 def _np(ids) -> np.ndarray:

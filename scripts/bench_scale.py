@@ -25,13 +25,10 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-from wildreid.run_budget import tree_memory
+from wildreid.run_budget import run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_IMAGES, QUERIES, GALLERY = 277_797, 10_000, 128_517  # VeRi-Wild: train, large test split
@@ -47,36 +44,21 @@ def _cli(*args: str) -> list[str]:
 
 def run_stage(name: str, cmd: list[str], ok_codes=(0,), interval: float = 0.5) -> dict:
     """Run ``cmd``, sampling its process tree's memory; wall time, peaks and the last stdout line."""
-    began = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peaks = {"uss": 0, "pss": 0}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            uss, pss = tree_memory(proc.pid)
-            peaks["uss"], peaks["pss"] = max(peaks["uss"], uss), max(peaks["pss"], pss)
-            done.wait(interval)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = proc.communicate()
-    done.set()
-    sampler.join()
-    wall = time.perf_counter() - began
-    if proc.returncode not in ok_codes:
-        raise SystemExit(f"error: stage {name} exited {proc.returncode}: {err.strip()[-800:]}")
-    last = out.strip().splitlines()[-1] if out.strip() else ""
+    run = run_measured(cmd, interval=interval)
+    if run.returncode not in ok_codes:
+        raise SystemExit(f"error: stage {name} exited {run.returncode}: {run.stderr.strip()[-800:]}")
+    last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""
     print(
-        f"[{name}] {wall:.0f} s, peak tree USS {peaks['uss'] / 2**20:.0f} MiB, PSS {peaks['pss'] / 2**20:.0f} MiB",
+        f"[{name}] {run.seconds:.0f} s, peak tree USS {run.peak_uss / 2**20:.0f} MiB, "
+        f"PSS {run.peak_pss / 2**20:.0f} MiB",
         flush=True,
     )
     return {
         "stage": name,
-        "seconds": wall,
-        "peak_uss_bytes": peaks["uss"],
-        "peak_pss_bytes": peaks["pss"],
-        "exit_code": proc.returncode,
+        "seconds": run.seconds,
+        "peak_uss_bytes": run.peak_uss,
+        "peak_pss_bytes": run.peak_pss,
+        "exit_code": run.returncode,
         "last_line": last,
     }
 

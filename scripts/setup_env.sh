@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "installing wildreid and its dependencies into $VENV (first run takes a few minutes)" >&2
   "$PY" -m pip install -q --disable-pip-version-check "torch==${WILDREID_TORCH:-2.14.1}" "torchvision==${WILDREID_TORCHVISION:-0.29.1}" 2>&1 | grep -v "^WARNING: Location" >&2 || true
   "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  "$PY" -c "import wildreid, torch, torchvision, faiss, zarr, webdataset, dask" || { echo "installation failed" >&2; exit 1; }
+  "$PY" -c "import wildreid, torch, torchvision, faiss, zarr, webdataset, dask, onnxscript, onnxruntime, tensorboard" || { echo "installation failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

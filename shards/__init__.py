@@ -11,6 +11,8 @@ from wildreid.shards.layouts import (
     Reject,
     detect_layout,
     read_dataset,
+    read_folder,
+    read_list,
 )
 from wildreid.shards.writer import load_manifest, pack_dataset, verify_shards
 
@@ -23,5 +25,7 @@ __all__ = [
     "load_manifest",
     "pack_dataset",
     "read_dataset",
+    "read_folder",
+    "read_list",
     "verify_shards",
 ]

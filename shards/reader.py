@@ -374,8 +374,9 @@ def read_split_samples(root: str | Path, split: str) -> Iterator[dict]:
             shard.close()
 
 
-def split_labels(root: str | Path, splits: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(vid, camid) of every sample of ``splits`` by dense index, from the samples' .json members only.
+def split_labels(root: str | Path, splits: str | Sequence[str], *, paths: bool = False) -> tuple[np.ndarray, ...]:
+    """(vid, camid) of every sample of ``splits`` by dense index, from the samples' .json members only;
+    with ``paths`` also each sample's source path (relative to the data set root) as a third array.
 
     Python's ``tarfile`` seeks over the image members, so this reads the tar headers and the
     small label members, not the images: what a store needs before any image is embedded.
@@ -383,6 +384,7 @@ def split_labels(root: str | Path, splits: str | Sequence[str]) -> tuple[np.ndar
     entries = split_entries(root, splits)
     n = sum(entry["num_samples"] for _, entry, _ in entries)
     vids, camids, seen = np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n, bool)
+    sources = np.full(n, "", dtype=object) if paths else None
     for _, entry, first in entries:
         for shard in entry["shards"]:
             path = Path(root) / shard["file"]
@@ -393,6 +395,8 @@ def split_labels(root: str | Path, splits: str | Sequence[str]) -> tuple[np.ndar
                             meta = json.loads(tar.extractfile(member).read())
                             i = first + int(meta["index"])
                             vids[i], camids[i], seen[i] = meta["vid"], meta["camid"], True
+                            if sources is not None:
+                                sources[i] = meta.get("path", "")
             except FileNotFoundError:
                 raise ShardNotFoundError(
                     f"shard {path} is missing; run 'wildreid shard --verify' on the shard folder"
@@ -406,7 +410,7 @@ def split_labels(root: str | Path, splits: str | Sequence[str]) -> tuple[np.ndar
             f"{int((~seen).sum())} samples of {splits} have no .json label in their shards; "
             "run 'wildreid shard --verify'"
         )
-    return vids, camids
+    return (vids, camids) if sources is None else (vids, camids, sources.astype(str))
 
 
 def read_back(root: str | Path, split: str, *, image_size=(256, 128), workers: int = 0, batch: int = 64) -> dict:
@@ -434,8 +438,8 @@ def read_back(root: str | Path, split: str, *, image_size=(256, 128), workers: i
     return {
         "split": split,
         "samples": len(dataset),
-        "vehicles": len(vids),
-        "cameras": len(cams),
+        "vehicles": len(vids - {-1}),  # known ids only: -1 is an unknown one
+        "cameras": len(cams - {-1}),
         "seconds": seconds,
         "images_per_s": len(dataset) / max(seconds, 1e-9),
     }

@@ -90,13 +90,14 @@ class Sample:
         return f'{{"camid":{r.camid},"index":{index},"path":{json.dumps(r.path)},"vid":{r.vid}}}'.encode()
 
 
-def sample_key(rel_path: str) -> str:
-    """Tar key of an image: its path below the split folder, without extension, no dots.
+def sample_key(rel_path: str, split_folders: bool = True) -> str:
+    """Tar key of an image: its path below the split folder (``split_folders``; else the whole
+    path), without extension, no dots.
 
     WebDataset splits a member name at the first dot of its base name, so dots
-    inside the stem would corrupt the key.
+    inside the stem would corrupt the key (``../`` of a list's image outside its folder becomes ``__/``).
     """
-    parts = rel_path.split("/")[1:]
+    parts = rel_path.split("/")[1:] if split_folders else rel_path.split("/")
     stem = "/".join(parts)
     stem = stem.rsplit(".", 1)[0] if "." in parts[-1] else stem
     return stem.replace(".", "_")
@@ -126,11 +127,13 @@ def _samples(
                 )
             chunk = records[start : start + 512]
             for record, size in zip(chunk, sizes(split, chunk)):
-                key = sample_key(record.path)
+                key = sample_key(record.path, index.split_folders)
                 if isinstance(size, str):
                     rejects.append(Reject(split, record.path, size))
                 elif key in seen:
-                    rejects.append(Reject(split, record.path, f"duplicate key {key!r} (same name, other extension)"))
+                    rejects.append(
+                        Reject(split, record.path, f"duplicate key {key!r} (same name, other extension or dots)")
+                    )
                 else:
                     seen.add(key)
                     samples[split].append(Sample(record, key, size))
@@ -415,7 +418,8 @@ def _reusable(out: Path, plan: ShardPlan, known: dict[str, tuple[str, str]]) -> 
     return ShardResult(sha, final.stat().st_size, index_sha256=_reused_index(final, len(plan)))
 
 
-def _write_all(out, source, plans, known, pool, progress, should_stop) -> dict[str, ShardResult]:
+def _write_all(out, root, plans, known, pool, progress, should_stop) -> dict[str, ShardResult]:
+    """Write (or reuse) every shard of ``plans``, reading images below ``root``."""
     total = sum(len(p) for p in plans)
     results: dict[str, ShardResult] = {}
     todo = []
@@ -427,9 +431,9 @@ def _write_all(out, source, plans, known, pool, progress, should_stop) -> dict[s
         else:
             todo.append(plan)
     if pool is None:
-        done: Iterator = ((plan, write_shard(source, str(out), plan)) for plan in todo)
+        done: Iterator = ((plan, write_shard(root, str(out), plan)) for plan in todo)
     else:
-        futures = [(plan, pool.submit(write_shard, source, str(out), plan)) for plan in todo]
+        futures = [(plan, pool.submit(write_shard, root, str(out), plan)) for plan in todo]
         done = ((plan, future.result()) for plan, future in futures)
     for plan, result in done:
         results[plan.file] = result
@@ -558,13 +562,13 @@ def pack_dataset(
         raise ShardError(f"output {out} exists and is not a folder")
     if not (out / LOCK_NAME).exists():  # a folder with a lock is ours: the lock decides first (a live writer's
         # half-written files would otherwise read as a folder of others), then _pack checks it
-        _check_out_folder(out, str(index.root), index.layout)  # before the lock file goes into a folder of others
+        _check_out_folder(out, str(index.source), index.layout)  # before the lock file goes into a folder of others
     with WriterLock(out, log=log):
         return _pack(index, out, max_samples, max_bytes, workers, strict, progress, should_stop)
 
 
 def _pack(index: DatasetIndex, out: Path, max_samples, max_bytes, workers, strict, progress, should_stop) -> dict:
-    source = str(index.root)
+    source, root = str(index.source), str(index.root)  # what was read; where its record paths start
     known = _check_out_folder(out, source, index.layout)
     pool = worker_pool(workers)
     try:
@@ -586,7 +590,7 @@ def _pack(index: DatasetIndex, out: Path, max_samples, max_bytes, workers, stric
                 for split, split_samples in samples.items()
                 for plan in plan_shards(split, split_samples, max_samples=max_samples, max_bytes=max_bytes)
             ]
-            results = _write_all(out, source, plans, known, pool, progress, should_stop)
+            results = _write_all(out, root, plans, known, pool, progress, should_stop)
             bad = {(plan.split, path): reason for plan in plans for path, reason in results[plan.file].bad}
             if not bad:
                 break
@@ -628,15 +632,17 @@ def _manifest(index, samples, plans, results, rejects, max_samples, max_bytes) -
         splits[split] = {
             "num_samples": len(samples[split]),
             "num_bytes": sum(s["bytes"] for s in shards),
-            "num_vehicles": len({s.record.vid for s in samples[split]}),
-            "num_cameras": len({s.record.camid for s in samples[split]}),
+            # known ids only: -1 (unknown) is no vehicle or camera
+            "num_vehicles": len({s.record.vid for s in samples[split]} - {-1}),
+            "num_cameras": len({s.record.camid for s in samples[split]} - {-1}),
+            "num_unlabelled": sum(s.record.vid < 0 for s in samples[split]),
             "shards": shards,
         }
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "layout": index.layout,
-        "source": str(index.root),
+        "source": str(index.source),
         "options": {"max_samples": max_samples, "max_bytes": max_bytes},
         "splits": splits,
         "skipped": [{"split": r.split, "path": r.path, "reason": r.reason} for r in rejects],

@@ -6,7 +6,7 @@ chain with crc32c, so a damaged chunk is found on read):
     features          (N, D) float16 (or float32)   one L2-normalised row per image
     ids               (N,)   int64   vehicle id, -1 when unknown (diagnostics only)
     camids            (N,)   int64   camera id, -1 when unknown
-    keys              (N,)   str     sample key in the shards
+    keys              (N,)   str     the row's image: its source path (wildreid embed), or sample key
     knn/, positives/  the k-NN graph and the DPLM positives (wildreid.stores.derived)
     .wildreid.lock    the writer lock (wildreid.stores.lock)
 
@@ -139,7 +139,7 @@ class FeatureStore:
             )
         self.features = self.array("features")
         n = self.features.shape[0]
-        for name in ("ids", "camids"):
+        for name in ("ids", "camids", "keys"):
             if self.has(name) and self._node(name).shape != (n,):
                 raise StoreError(f"{path}/{name} has shape {self._node(name).shape}, expected ({n},) to match features")
 
@@ -260,6 +260,25 @@ class FeatureStore:
 
     def camids(self) -> np.ndarray:
         return self.array("camids")[:] if self.has("camids") else np.full(self.count(), -1, dtype=np.int64)
+
+    def keys(self, rows=None) -> np.ndarray:
+        """The ``keys`` of all rows (or of the row numbers ``rows``), strings; the row numbers as text without them."""
+        rows = np.arange(self.count()) if rows is None else np.asarray(rows, dtype=np.int64)
+        if not self.has("keys"):
+            return rows.astype(str)
+        return np.asarray(self.array("keys")[rows]) if len(rows) else np.array([], dtype=str)
+
+    def write_keys(self, keys) -> None:
+        """Replace the whole ``keys`` array with one string per row (the array is made when missing)."""
+        self._check_writable()
+        keys = np.asarray(keys)
+        keys = keys.astype(str) if keys.dtype == object or not len(keys) else keys
+        n = self.count()
+        if keys.shape != (n,):
+            raise StoreError(f"expected {n} keys (one per row) for {self.path}, found shape {keys.shape}")
+        if not self.has("keys"):
+            create_checked_array(self.group, "keys", shape=(n,), chunks=(max(min(n, 1 << 18), 1),), dtype=str)
+        self.group["keys"][:] = keys
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32."""

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision import models
 from torchvision.transforms.v2 import functional as tvf
 
 from wildreid.errors import ConfigError
-from wildreid.model import build_model, param_groups, weights_sha256
+from wildreid.model import build_model, imagenet_weights_file, param_groups, weights_sha256
 from wildreid.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -91,6 +96,43 @@ def test_pretrained_errors(tmp_path):
         build_model("resnet18", pretrained=junk)
     with pytest.raises(ConfigError, match="resnet18"):
         build_model("vgg16")
+
+
+def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("WILDREID_OFFLINE", "1")  # a cache hit must not need the network
+    url, cached = imagenet_weights_file("resnet18")
+    assert cached == tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth" and url.endswith(cached.name)
+    torch.manual_seed(2)
+    source = models.resnet18(weights=None)
+    cached.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), cached)
+    model = build_model("resnet18", pretrained="imagenet")
+    assert model.pretrained_from == f"imagenet ({cached})"
+    torch.testing.assert_close(model.backbone.layer3[0].conv1.weight, source.layer3[0].conv1.weight, rtol=0, atol=0)
+    assert weights_sha256(model) == weights_sha256(build_model("resnet18", pretrained=cached))
+
+
+def test_imagenet_weights_missing_offline_name_the_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("WILDREID_OFFLINE", "1")
+    folder = tmp_path / "empty" / "hub" / "checkpoints"
+    with pytest.raises(ConfigError) as caught:
+        build_model("resnet50", pretrained="imagenet")
+    message = str(caught.value)
+    assert "resnet50-0676ba61.pth" in message and str(folder) in message and "\n" not in message
+    assert "WILDREID_OFFLINE" in message and not folder.exists()  # offline: nothing created, nothing fetched
+
+
+def test_imagenet_weights_cli_error_is_one_line(shard_root, tmp_path):
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "WILDREID_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "wildreid.cli", "train", "--shards", str(shard_root), "--store", str(tmp_path / "run")]
+    cmd += ["--config", str(Path(__file__).parent.parent / "configs" / "demo.yaml"), "--pretrained", "imagenet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ImageNet weights for resnet18"), done.stderr
+    assert not (tmp_path / "run").exists()  # refused before the store was created
 
 
 def test_weights_digest_follows_every_tensor(resnet18):

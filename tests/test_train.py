@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from wildreid.checkpoint import latest_checkpoint, load_model
+from wildreid.scalars import read_scalars
 from wildreid.stores import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,9 @@ def test_uninterrupted_run(uninterrupted, shard_root):
     assert [h["negatives"] for h in history] == ["exact"] * 3
     assert history[0]["mean_positives"] == 1.0  # warm-up: each image is its own positive
     assert history[1]["mean_positives"] > 1.0  # DPLM found more
+    # with ids known, the label-free statistics come beside precision and recall
+    assert (history[0]["share_with_others"], history[0]["groups"], history[0]["largest_group"]) == (0.0, 80, 1)
+    assert history[1]["precision"] is not None and history[1]["share_with_others"] > 0 and history[1]["groups"] < 80
     assert all(np.isfinite(h["loss"]) for h in history)
     model, config = load_model(uninterrupted["checkpoint"])
     assert config["train"]["epochs"] == 3 and model.feature_dim == 512
@@ -347,7 +351,7 @@ def test_batch_mining_uses_dplm_rows_of_the_live_dictionary(shard_root, tmp_path
     assert [(h["epoch"], h["warmup"], h["mining"]) for h in history] == [(0, True, "batch"), (1, False, "batch")]
     assert len(calls) == history[1]["steps"] == 5  # every step of the DPLM epoch, none in warm-up
     ids = FeatureStore.open(tmp_path / "store").ids()
-    precision, recall, sizes = [], [], []
+    precision, recall, sizes, others = [], [], [], []
     for n, (features, rows, (indptr, indices), args) in enumerate(calls):
         dense_ptr, dense_idx = dplm_dense(features, **args)
         for b, row in enumerate(rows):
@@ -356,12 +360,15 @@ def test_batch_mining_uses_dplm_rows_of_the_live_dictionary(shard_root, tmp_path
             precision.append(np.mean(ids[mined] == ids[row]))
             recall.append(np.sum(ids[mined] == ids[row]) / np.sum(ids == ids[row]))
             sizes.append(len(mined))
+            others.append(bool(np.any(mined != row)))
         if n:  # the dictionary moved between steps exactly in the previous batch's rows
             moved = np.flatnonzero((features != calls[n - 1][0]).any(axis=1))
             assert len(moved) and set(moved) <= set(calls[n - 1][1].tolist())
     assert history[1]["precision"] == pytest.approx(np.mean(precision))
     assert history[1]["recall"] == pytest.approx(np.mean(recall))
     assert history[1]["mean_positives"] == pytest.approx(np.mean(sizes)) and np.mean(sizes) > 1
+    # label-free: the share of rows with positives besides themselves; no one graph, so no groups
+    assert history[1]["share_with_others"] == pytest.approx(np.mean(others)) and history[1]["groups"] is None
     lines = (tmp_path / "store" / "train" / "history.jsonl").read_text().splitlines()
     assert [json.loads(line)["mining"] for line in lines] == ["batch", "batch"]
     assert not (tmp_path / "store" / "knn").exists()  # no k-NN graph was built
@@ -381,13 +388,21 @@ def test_device_page_tier_is_used_and_changes_nothing(uninterrupted, shard_root,
 
 
 def test_max_steps_stops_like_a_signal_and_resumes_exactly(uninterrupted, shard_root, tmp_path):
-    store = tmp_path / "store"
-    stopped = train_cli(shard_root, store, "--max-steps", "4")
+    store, board = tmp_path / "store", tmp_path / "tensorboard"
+    stopped = train_cli(shard_root, store, "--max-steps", "4", "--tensorboard", str(board))
     assert stopped.returncode == 75, stopped.stderr[-2000:]
     assert "stopped at epoch 0 step 4; resume with --resume" in stopped.stderr
-    resumed = final_json(train_cli(shard_root, store, "--resume"))
+    resumed = final_json(train_cli(shard_root, store, "--resume", "--tensorboard", str(board)))
     assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
     assert resumed["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
+    # TensorBoard: one value per step across both sessions, and each epoch's record at its last step
+    scalars = read_scalars(board)
+    steps = [s for s, _ in scalars["step/loss"]]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == sum(h["steps"] for h in resumed["history"])
+    ends = np.cumsum([h["steps"] for h in resumed["history"]]).tolist()
+    assert scalars["epoch/loss"] == [(e, pytest.approx(h["loss"], rel=1e-6)) for e, h in zip(ends, resumed["history"])]
+    first = [v for s, v in scalars["step/loss"] if s <= ends[0]]
+    assert np.mean(first) == pytest.approx(resumed["history"][0]["loss"], rel=1e-5)
     assert train_cli(shard_root, tmp_path / "other", "--max-steps", "0").returncode == 2
 
 
@@ -396,10 +411,9 @@ def test_the_budget_covers_the_whole_process_tree(shard_root, tmp_path):
     that smallest budget the training process and its two DataLoader workers together (USS summed over the
     tree, sampled from outside every 20 ms) stay within it for the whole run."""
     import re
-    import threading
 
     from wildreid.errors import ConfigError
-    from wildreid.run_budget import tree_memory
+    from wildreid.run_budget import run_measured
 
     overrides = [*SMALL, "train.workers=2"]
     refused = subprocess.run(
@@ -414,27 +428,10 @@ def test_the_budget_covers_the_whole_process_tree(shard_root, tmp_path):
     smallest = int(re.search(r"the smallest budget that works is ([\d,]+) MiB", line).group(1).replace(",", ""))
 
     cmd = train_command(shard_root, tmp_path / "store", overrides=overrides, budget=f"{smallest}MiB")
-    peak, children, done = [0], [0], threading.Event()
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as run:
-
-        def sample() -> None:
-            import psutil
-
-            while not done.is_set():
-                peak[0] = max(peak[0], tree_memory(run.pid)[0])
-                try:
-                    children[0] = max(children[0], len(psutil.Process(run.pid).children(recursive=True)))
-                except psutil.NoSuchProcess:
-                    pass
-                done.wait(0.02)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        out, err = run.communicate()
-        done.set()
-        sampler.join()
-    report = final_json(subprocess.CompletedProcess(cmd, run.returncode, out, err))
-    assert children[0] >= 2  # the DataLoader workers were part of the tree
+    run = run_measured(cmd, interval=0.02)
+    report = final_json(subprocess.CompletedProcess(cmd, run.returncode, run.stdout, run.stderr))
+    assert run.most_children >= 2  # the DataLoader workers were part of the tree
     assert report["memory"]["budget"] == smallest << 20
-    print(f"peak tree USS {peak[0] / 2**20:.0f} MiB under a {smallest} MiB budget")
-    assert 0 < peak[0] <= smallest << 20, f"peak tree USS {peak[0] / 2**20:.0f} MiB > {smallest} MiB"
+    peak = run.peak_uss
+    print(f"peak tree USS {peak / 2**20:.0f} MiB under a {smallest} MiB budget")
+    assert 0 < peak <= smallest << 20, f"peak tree USS {peak / 2**20:.0f} MiB > {smallest} MiB"
