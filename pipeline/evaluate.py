@@ -242,10 +242,17 @@ class _Gallery:
         return rows, self.order[np.repeat(lo, n) + within]
 
 
+def same_camera(g_cams: np.ndarray, q_cams) -> np.ndarray:
+    """True where a gallery image comes from the query's camera: the protocol's junk among true matches.
+    Camera -1 is unknown (images of one's own data without ``--camera-from``), never the same camera, so
+    such data keep their matches instead of losing every one of them as junk."""
+    return (g_cams == q_cams) & (np.asarray(q_cams) >= 0)
+
+
 def match_lists(gallery: _Gallery, q_ids: np.ndarray, q_cams: np.ndarray):
     """((rows, cols) of true matches, (rows, cols) of junk) of a block of queries, cols = gallery indices."""
     rows, cols = gallery.same_id(q_ids)
-    junk = gallery.cams[cols] == q_cams[rows]
+    junk = same_camera(gallery.cams[cols], q_cams[rows])
     return (rows[~junk], cols[~junk]), (rows[junk], cols[junk])
 
 
@@ -389,7 +396,7 @@ def evaluate_distances(dist: np.ndarray, q_ids, q_cams, g_ids, g_cams, *, max_ra
     for i in range(nq):
         order = np.argsort(dist[i], kind="stable")
         same = (g_ids[order] == q_ids[i]) & (q_ids[i] >= 0)
-        keep = ~(same & (g_cams[order] == q_cams[i]))
+        keep = ~(same & same_camera(g_cams[order], q_cams[i]))
         hits = same[keep].astype(np.float64)
         if not hits.any():
             continue
@@ -429,7 +436,7 @@ def per_query_metrics(dist: np.ndarray, q_ids, q_cams, g_ids, g_cams) -> tuple[n
     for i in range(nq):
         order = np.argsort(dist[i], kind="stable")
         same = (g_ids[order] == q_ids[i]) & (q_ids[i] >= 0)
-        hits = same[~(same & (g_cams[order] == q_cams[i]))]
+        hits = same[~(same & same_camera(g_cams[order], q_cams[i]))]
         pos = np.flatnonzero(hits)
         if len(pos):
             ap[i] = np.mean(np.arange(1, len(pos) + 1) / (pos + 1.0))
@@ -734,7 +741,7 @@ def topk_lists(
         t0 = q // tq * tq
         row = strip(t0, min(nq, t0 + tq))[q - t0]
         same = (g_ids == q_ids[q]) & (q_ids[q] >= 0)
-        junk = same & (g_cams == q_cams[q])
+        junk = same & same_camera(g_cams, q_cams[q])
         n_junk = int(junk.sum())
         take = min(ng, k + n_junk)
         cand = np.argpartition(row, take - 1)[:take] if take < ng else np.arange(ng)

@@ -166,6 +166,23 @@ HAND = [
         [1, 2, 0, 1, 0],
         {"mAP": (1 / 3 + 2 / 4) / 2, "mINP": 2 / 4, "rank1": 0.0, "rank5": 1.0, "valid": 1},
     ),
+    # unknown cameras (-1, data without --camera-from): never the same camera, so no match is junk:
+    # order 4, 0 (match), 1, 3 (match), 2 (match)
+    (
+        [7],
+        [-1],
+        [7, 3, 7, 7, 3],
+        [-1, -1, -1, -1, -1],
+        {"mAP": (1 / 2 + 2 / 4 + 3 / 5) / 3, "mINP": 3 / 5, "rank1": 0.0, "rank5": 1.0, "valid": 1},
+    ),
+    # a query of unknown camera keeps a match from camera 0; a gallery row of unknown camera is kept too
+    (
+        [7],
+        [-1],
+        [7, 3, 7, 7, 3],
+        [0, 2, -1, 0, 0],
+        {"mAP": (1 / 2 + 2 / 4 + 3 / 5) / 3, "mINP": 3 / 5, "rank1": 0.0, "rank5": 1.0, "valid": 1},
+    ),
 ]
 
 
