@@ -427,7 +427,11 @@ def evaluate(
         help="Subtract each camera's mean feature (over its query and gallery "
         "rows) before ranking; not the standard protocol.",
     ),
-    memory_budget: Optional[str] = typer.Option(None, help="Working-set bound, e.g. 1GiB (default: 1/4 of free RAM)."),
+    memory_budget: Optional[str] = typer.Option(
+        None,
+        help="Memory of this whole process (USS), e.g. 2GiB: evaluation works in what the interpreter, libraries "
+        "and model leave of it (default: 1/4 of free RAM).",
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda (feature extraction and distances)."),
     output: Optional[Path] = typer.Option(None, help="Results JSON (with --checkpoint: CKPT_DIR/eval-SPLIT.json)."),
     feature: Optional[str] = typer.Option(
@@ -442,6 +446,7 @@ def evaluate(
     from wildreid.errors import ConfigError
     from wildreid.evaluate import evaluate_groups, require_vehicle_ids, write_results
     from wildreid.plots import cmc_curve
+    from wildreid.run_budget import run_within
 
     splits = {
         "small": ["small"],
@@ -473,8 +478,12 @@ def evaluate(
 
     if query is not None:
         results = {
-            query.name: evaluate_groups(
-                query, gallery, memory_budget=budget, device=device, rerank=rerank, camera_norm=camera_norm
+            query.name: run_within(
+                budget,
+                lambda left: evaluate_groups(
+                    query, gallery, memory_budget=left, device=device, rerank=rerank, camera_norm=camera_norm
+                ),
+                what="evaluation",
             )
         }
     else:
@@ -518,13 +527,17 @@ def evaluate(
                             should_stop=stop,
                             feature=feature,
                         )
-                    results[name] = evaluate_groups(
-                        folder / q_split,
-                        folder / g_split,
-                        memory_budget=budget,
-                        device=device,
-                        rerank=rerank,
-                        camera_norm=camera_norm,
+                    results[name] = run_within(
+                        budget,
+                        lambda left, q=folder / q_split, g=folder / g_split: evaluate_groups(
+                            q,
+                            g,
+                            memory_budget=left,
+                            device=device,
+                            rerank=rerank,
+                            camera_norm=camera_norm,
+                        ),
+                        what="evaluation",
                     )
                 transductive = bool(config.get("train", {}).get("transductive", False))
                 results[name].update(

@@ -42,6 +42,14 @@ class ConfigError(WildreidError, ValueError):
     exit_code = 2
 
 
+class BudgetError(ConfigError):
+    """A memory budget too small for a working set; ``need`` is the smallest working set, in bytes."""
+
+    def __init__(self, message: str, need: int):
+        super().__init__(message)
+        self.need = need
+
+
 class StoreError(WildreidError, ValueError):
     """A Zarr store is missing arrays, has the wrong shape, or belongs to another run."""
 

@@ -43,7 +43,7 @@ from typing import Protocol
 
 import numpy as np
 
-from wildreid.errors import ConfigError, StoreError
+from wildreid.errors import BudgetError, ConfigError, StoreError
 
 __all__ = [
     "TILE",
@@ -488,9 +488,10 @@ def plan_query_rows(row_bytes: int, budget: int, *, tile_q: int, n_query: int, f
     least = max(1, min(tile_q, n_query))
     if rows < tile_q and room < least * row_bytes:
         need = fixed + _COUNT_CHUNK * 24 + least * row_bytes
-        raise ConfigError(
+        raise BudgetError(
             f"memory budget of {budget} bytes is too small: a strip of {least} queries against the "
-            f"gallery needs {need} bytes; raise --memory-budget to at least that"
+            f"gallery needs {need} bytes; raise --memory-budget to at least that",
+            need,
         )
     return int(max(tile_q, min(rows, -(-n_query // tile_q) * tile_q)))
 

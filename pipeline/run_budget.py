@@ -25,13 +25,15 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import psutil
 import torch
 
-from wildreid.errors import ConfigError
+from wildreid.budget import release_free_memory
+from wildreid.errors import BudgetError, ConfigError
 
 __all__ = [
     "STEP_SLACK",
@@ -42,6 +44,7 @@ __all__ = [
     "plan_run_memory",
     "process_uss",
     "run_measured",
+    "run_within",
     "tree_memory",
 ]
 
@@ -57,6 +60,33 @@ PREFETCH_FACTOR = 2  # torch's default: batches a worker prepares ahead
 def process_uss(pid: int | None = None) -> int:
     """USS of one process (this one by default), in bytes."""
     return psutil.Process(pid).memory_full_info().uss
+
+
+T = TypeVar("T")
+
+
+def run_within(budget: int, run: Callable[[int], T], *, what: str) -> T:
+    """``run(left)`` with what a whole-process ``budget`` leaves once what this process holds now
+    (interpreter, libraries, a loaded model; malloc's free arenas handed back first) is taken out of it.
+
+    What it holds is counted as its RSS, not its USS: library pages that another process (a second
+    torch program) maps too are left out of USS while that process runs and come back into it when it
+    exits, 225 MiB of torch's in one measurement, so a budget planned on USS could be overrun by them.
+
+    ``run`` plans its working set within ``left`` and raises :class:`BudgetError` with the working set it
+    needs when that is too little; the error then names the smallest whole-process budget that works.
+    """
+    release_free_memory()
+    held = psutil.Process().memory_info().rss
+    try:
+        return run(max(1, budget - held))
+    except BudgetError as exc:
+        raise ConfigError(
+            f"--memory-budget {budget / 2**20:,.0f} MiB covers this whole process, which holds "
+            f"{held / 2**20:,.0f} MiB before {what} (interpreter, libraries, model) while {what} needs "
+            f"{exc.need / 2**20:,.0f} MiB more: the smallest budget that works is "
+            f"{-(-(held + exc.need) // 2**20):,} MiB"
+        ) from None
 
 
 def tree_memory(pid: int) -> tuple[int, int]:

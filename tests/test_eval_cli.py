@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,8 @@ from wildreid.stores import LOCK_NAME, FeatureStore
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20")
-EVAL = ["eval", "--memory-budget", "256MiB"]  # an explicit budget keeps the tests off the machine's free memory
+# an explicit budget keeps the tests off the machine's free memory; it covers the whole (pytest) process
+EVAL = ["eval", "--memory-budget", "4GiB"]
 
 
 def _model(seed: int):
@@ -280,6 +283,24 @@ def test_errors_are_one_line_with_an_exit_code(tmp_path, case, code, text):
         "history": [*vis, "--history", tmp_path / "h.jsonl"],
     }[case]
     _one_line_error(runner.invoke(app, [str(a) for a in args]), code, text)
+
+
+def test_eval_budget_covers_the_whole_process(tmp_path):
+    """A budget below what the process holds before evaluating is refused with the smallest that works,
+    and that budget works (a separate process: the test process's own size is not the command's)."""
+    import re
+
+    q, g = _groups(tmp_path)
+    cmd = [sys.executable, "-m", "wildreid.cli", "eval", "--query", str(q), "--gallery", str(g), "--json"]
+    refused = subprocess.run([*cmd, "--memory-budget", "64MiB"], capture_output=True, text=True)
+    assert refused.returncode == 2, refused.stderr
+    line = refused.stderr.strip()
+    assert "\n" not in line and "covers this whole process, which holds" in line, line
+    smallest = int(re.search(r"the smallest budget that works is ([\d,]+) MiB", line).group(1).replace(",", ""))
+    assert smallest > 64
+    done = subprocess.run([*cmd, "--memory-budget", f"{smallest}MiB"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _same(json.loads(done.stdout.strip().splitlines()[-1]), _dense(q, g, rerank=False))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
