@@ -66,6 +66,19 @@ def friendly(command):
     return wrapper
 
 
+def _check_device(device: str) -> None:
+    """One line, not a torch traceback, for a device this machine cannot use."""
+    from wildreid.errors import ConfigError
+
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"expected --device cpu or cuda, found {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} asked for but CUDA is not available here; use --device cpu")
+
+
 def _say(message: str) -> None:
     console.print(message, highlight=False, soft_wrap=True)
 
@@ -466,13 +479,7 @@ def evaluate(
         )
     if split not in splits:
         raise ConfigError(f"expected --split to be one of {', '.join(splits)}, found {split!r}")
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise ConfigError(f"expected --device cpu or cuda, found {device!r}")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device} asked for but CUDA is not available here; use --device cpu")
+    _check_device(device)
     budget = parse_bytes(memory_budget) if memory_budget else default_budget()
     tag = ("-rerank" if rerank else "") + ("-camnorm" if camera_norm else "")
 
@@ -658,11 +665,7 @@ def visualize(
 
     if k < 1 or num < 1:
         raise ConfigError(f"expected --k and --num >= 1, found {k} and {num}")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device} asked for but CUDA is not available here; use --device cpu")
+    _check_device(device)
     records = []
     if history is not None:  # read first: a bad history fails before the slow part
         if not history.is_file():
@@ -732,13 +735,8 @@ def embed(
 ):
     """Embed every image of SRC into a feature group that 'wildreid search' can query (resumable)."""
     from wildreid.embed import embed as run_embed
-    from wildreid.errors import ConfigError
 
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device} asked for but CUDA is not available here; use --device cpu")
+    _check_device(device)
     with RichProgress() as progress, GracefulStop() as stop:
         report = run_embed(
             src,
@@ -773,7 +771,7 @@ def search_command(
     top_k: int = typer.Option(20, "--top-k", help="Gallery images per query."),
     index: str = typer.Option("exact", help="exact (blockwise, streams the gallery) or ivf (approximate, in memory)."),
     nlist: Optional[int] = typer.Option(None, help="IVF lists (default: sqrt of the gallery rows)."),
-    nprobe: int = typer.Option(16, help="IVF lists visited per query."),
+    nprobe: Optional[int] = typer.Option(None, help="IVF lists visited per query (default: 16, at most --nlist)."),
     memory_budget: Optional[str] = typer.Option(None, help="Working-set bound, e.g. 1GiB (default: 1/4 of free RAM)."),
     device: str = typer.Option("cpu", help="cpu or cuda (embedding an image query)."),
     picture: Optional[Path] = typer.Option(None, help="PNG of the first 8 queries and their ranked gallery images."),
@@ -782,6 +780,7 @@ def search_command(
     """Ranked gallery images of a query image or of every row of a query group, by cosine similarity."""
     from wildreid.search import render_search, search
 
+    _check_device(device)
     with RichProgress() as progress:
         result = search(
             gallery,

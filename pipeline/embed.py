@@ -191,12 +191,19 @@ class EmbedPlan:
 
 
 def plan_embed(
-    budget: int, *, dim: int, image_size: tuple[int, int], largest: int, chunk_rows: int | None = None
+    budget: int,
+    *,
+    dim: int,
+    image_size: tuple[int, int],
+    largest: int,
+    chunk_rows: int | None = None,
+    rows: int | None = None,
 ) -> EmbedPlan:
     """Batch and chunk sizes that keep embedding within ``budget`` (module docstring).
 
     ``largest``: bytes per image of the network's largest activation (0 when activations live on a device);
-    ``chunk_rows``: the chunk height of an existing group or one asked for (else from the budget).
+    ``chunk_rows``: the chunk height of an existing group or one asked for (else from the budget);
+    ``rows``: the group's height, when known.
     """
     h, w = image_size
     per_image = 3 * h * w + 2 * 3 * h * w * 4 + 2 * largest + dim * 4
@@ -207,8 +214,11 @@ def plan_embed(
     buffer = chunk_rows * dim * 4
     room = budget - FIXED_BYTES - buffer
     most = min(EXTRACT_BATCH, chunk_rows, room // per_image) if room > 0 else 0
-    # a divisor of the chunk height: batches never straddle a chunk, so a resumed run forms the same batches
-    batch = max((b for b in range(1, int(most) + 1) if chunk_rows % b == 0), default=0)
+    # a divisor of the chunk height: batches never straddle a chunk, so a resumed run forms the same batches;
+    # a group of one chunk (shorter than a chunk: its chunk is its own height, 401 rows say) resumes at row 0
+    # only, so any batch does (a divisor of 401 would be 1: 50x slower)
+    single = rows is not None and chunk_rows >= rows
+    batch = int(most) if single else max((b for b in range(1, int(most) + 1) if chunk_rows % b == 0), default=0)
     if batch < 1:
         need = FIXED_BYTES + buffer + per_image
         raise ConfigError(
@@ -277,10 +287,11 @@ def embed(
     began = time.perf_counter()
     with WriterLock(output, log=log):
         existing = FeatureStore.open(output).chunk_rows if (output / "features").exists() else chunk_rows
-        plan = plan_embed(budget, dim=dim, image_size=image_size, largest=largest, chunk_rows=existing)
+        shape = {"dim": dim, "image_size": image_size, "largest": largest, "rows": source.count}
+        plan = plan_embed(budget, chunk_rows=existing, **shape)
         store = _group(output, source.count, dim, plan.chunk_rows)
         if store.chunk_rows != plan.chunk_rows:  # a group shorter than a chunk has one chunk of its own height
-            plan = plan_embed(budget, dim=dim, image_size=image_size, largest=largest, chunk_rows=store.chunk_rows)
+            plan = plan_embed(budget, chunk_rows=store.chunk_rows, **shape)
         meta = extraction_meta(source.name, source.fingerprint, label, feature)
         done = rows_done(store, meta)
         if done == 0 or not store.has("keys") or store.meta("source") != source.meta():

@@ -624,17 +624,13 @@ def _open_checked(path, what: str):
             f"{what} store {path} has only unknown ids (-1); expected the vehicle id of each row "
             "to evaluate: extract features from labelled shards"
         )
-    if what == "query" and (ids < 0).any():  # gallery rows of id -1 are distractors; a query has to be scored
-        raise StoreError(
-            f"query store {path} has {int((ids < 0).sum()):,} of {len(ids):,} rows with unknown ids (-1); "
-            "expected the vehicle id of every query: extract features from a query split labelled throughout"
-        )
     return store, ids, store.camids()
 
 
 def require_vehicle_ids(shards, query_split: str, gallery_split: str) -> None:
-    """Refuse, before any extraction, shard splits that cannot be evaluated: a query split with an image
-    of unknown vehicle id (-1) or a gallery split without any id, as counted in the shard manifest.
+    """Refuse, before any extraction, shard splits that cannot be evaluated: a query or gallery split without
+    any vehicle id (all -1), as counted in the shard manifest (queries of unknown id among labelled ones
+    are skipped and counted by the metrics).
 
     (Manifests of older wildreid lack the count; ``evaluate_groups`` refuses such groups after extraction.)
     """
@@ -643,10 +639,10 @@ def require_vehicle_ids(shards, query_split: str, gallery_split: str) -> None:
     for split, what in ((query_split, "query"), (gallery_split, "gallery")):
         entry = split_entry(shards, split)
         unknown, total = entry.get("num_unlabelled", 0), entry["num_samples"]
-        if unknown and (what == "query" or unknown == total):
+        if unknown and unknown == total:  # a query of unknown id among labelled ones is skipped and counted
             raise ConfigError(
                 f"{what} split {split!r} of {shards} has {unknown:,} of {total:,} images without a vehicle id "
-                f"(-1); evaluation needs the id of every query and of some gallery images: shard a list with a "
+                f"(-1); evaluation needs vehicle ids of queries and gallery images: shard a list with a "
                 "vid column for them (unlabelled images can be trained on and searched, not evaluated)"
             )
 

@@ -64,6 +64,7 @@ __all__ = [
 
 FIXED_BYTES = 64 << 20  # FAISS's 4096 x 1024 float32 tile and heaps, the exact kernel's 32 MiB temporaries
 MARGIN = 16  # extra FAISS proposals per query and block
+DEFAULT_NPROBE = 16  # IVF lists visited per query unless asked (all of them for galleries of < 16 lists)
 TRAIN_PER_LIST = 64  # IVF k-means sample: rows per list (FAISS asks for at least 39)
 
 
@@ -441,7 +442,7 @@ def search(
     k: int = 20,
     index: str = "exact",
     nlist: int | None = None,
-    nprobe: int = 16,
+    nprobe: int | None = None,
     memory_budget: int | None = None,
     device: str = "cpu",
     progress: Callable[[str, int, int], None] = lambda phase, advance, total: None,
@@ -465,6 +466,7 @@ def search(
     reserved = 0  # the IVF index and its training sample, beside the blocks
     if index == "ivf":
         nlist = nlist if nlist is not None else default_nlist(n)
+        nprobe = nprobe if nprobe is not None else min(DEFAULT_NPROBE, nlist)
         reserved = ivf_bytes(n, dim, nlist) + min(n, TRAIN_PER_LIST * nlist) * dim * (itemsize + 4)
     try:
         plan = plan_search(

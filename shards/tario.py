@@ -87,8 +87,9 @@ class ShardSink:
         return self.size + self.pending
 
     def add(self, name: str, data: bytes) -> None:
-        self.parts += (tar_header(name, len(data)), data, _ZEROS[: -len(data) % BLOCK])
-        self.pending += BLOCK + padded(len(data))
+        header = tar_header(name, len(data))  # more than one block for a long or non-ASCII name (PAX)
+        self.parts += (header, data, _ZEROS[: -len(data) % BLOCK])
+        self.pending += len(header) + padded(len(data))
         if self.pending >= self.flush_at:
             self.flush()
 

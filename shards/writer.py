@@ -386,13 +386,16 @@ def write_shard(root: str, out: str, plan: ShardPlan) -> ShardResult:
 
 def _reused_index(final: Path, samples: int) -> str:
     """sha256 of a kept shard's index; written from a scan when missing or not matching the shard."""
+    scanned = scan_sample_offsets(final)  # headers only: one seek per member
     if index_path(final).is_file():
         try:
-            load_sample_offsets(final, samples)
-            return file_sha256(index_path(final))
+            # an index that fits the shard but points elsewhere (an earlier wildreid miscounted a shard
+            # with multi-block PAX headers) is replaced too
+            if np.array_equal(load_sample_offsets(final, samples), scanned):
+                return file_sha256(index_path(final))
         except ShardError:
-            pass  # an index of another shard or a damaged one: the scan below replaces it
-    return _write_index(final, scan_sample_offsets(final))
+            pass  # an index of another shard or a damaged one: replaced below
+    return _write_index(final, scanned)
 
 
 def _reusable(out: Path, plan: ShardPlan, known: dict[str, tuple[str, str]]) -> ShardResult | None:
@@ -676,5 +679,10 @@ def verify_shards(out: str | Path, *, progress: ProgressFn = _no_progress) -> li
                 )
             elif shard.get("index_sha256") and file_sha256(index) != shard["index_sha256"]:
                 problems.append(f"{index.relative_to(out)}: sha256 differs from the manifest (corrupted)")
+            elif index.is_file() and not np.array_equal(np.fromfile(index, dtype="<u8"), scan_sample_offsets(path)):
+                problems.append(
+                    f"{index.relative_to(out)}: offsets differ from the shard's headers; re-run 'wildreid shard' "
+                    "to rewrite it"
+                )
         progress("verifying shards", shard["samples"], total)
     return problems

@@ -152,6 +152,11 @@ def test_plan_embed_sizes_the_batch_from_the_budget():
     assert 16 * 2**20 + tight.buffer + tight.batch * tight.per_image <= 64 << 20
     with pytest.raises(ConfigError, match="raise --memory-budget to at least"):
         plan_embed(20 << 20, dim=512, image_size=(256, 128), largest=1 << 20)
+    # a group of one chunk (401 rows: prime) resumes at row 0 only, so its batch need not divide 401;
+    # a chunk of 401 rows inside a longer group keeps batches within chunks (divisors only)
+    shape = {"dim": 512, "image_size": (256, 128), "largest": 1 << 20, "chunk_rows": 401}
+    assert plan_embed(1 << 30, rows=401, **shape).batch == 256
+    assert plan_embed(1 << 30, rows=4010, **shape).batch == 1
 
 
 # --------------------------------------------------------------------------- search on embedded groups

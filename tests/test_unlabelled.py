@@ -139,7 +139,6 @@ def model_file(tmp_path_factory) -> Path:
     "query_vids, gallery_vids, text",
     [
         (["", ""], ["", "", ""], "query split 'query-small'"),
-        (["1", ""], ["1", "2", "2"], "query split 'query-small'"),  # one query without an id is enough
         (["1", "2"], ["", "", ""], "gallery split 'gallery-small'"),
     ],
 )
@@ -168,12 +167,17 @@ def _groups(tmp_path: Path, q_ids, g_ids) -> tuple[Path, Path]:
 
 
 def test_eval_of_feature_groups_refuses_queries_without_ids(tmp_path):
-    q, g = _groups(tmp_path, np.array([3, -1, 4]), np.array([3, 4, -1, 4]))
-    args = ["eval", "--query", str(q), "--gallery", str(g), "--memory-budget", "256MiB"]
-    _one_line_error(runner.invoke(app, args), 6, "has 1 of 3 rows with unknown ids (-1)")
+    q, g = _groups(tmp_path, np.array([-1, -1, -1]), np.array([3, 4, -1, 4]))
+    args = ["eval", "--query", str(q), "--gallery", str(g), "--memory-budget", "4GiB"]
+    _one_line_error(runner.invoke(app, args), 6, "has only unknown ids (-1)")
+    # a query of unknown id among labelled ones is skipped and counted, as the protocol skips queries
+    q, g = _groups(tmp_path / "some", np.array([3, -1, 4]), np.array([3, 4, -1, 4]))
+    done = runner.invoke(app, ["eval", "--query", str(q), "--gallery", str(g), "--memory-budget", "4GiB", "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output.strip().splitlines()[-1])["skipped_queries"] == 1
     # a gallery row of id -1 is a distractor, as before: labelled queries are evaluated
     q, g = _groups(tmp_path / "ok", np.array([3, 4]), np.array([3, 4, -1, 4]))
-    done = runner.invoke(app, ["eval", "--query", str(q), "--gallery", str(g), "--memory-budget", "256MiB", "--json"])
+    done = runner.invoke(app, ["eval", "--query", str(q), "--gallery", str(g), "--memory-budget", "4GiB", "--json"])
     assert done.exit_code == 0, done.output
     assert json.loads(done.output.strip().splitlines()[-1])["gallery"] == 4
 
