@@ -133,6 +133,12 @@ def open_source(src: str | Path, split: str | None = None, camera_from: str | No
     if not records:
         raise ConfigError(f"{src} lists no images; expected image files (.jpg, .png, ...) or a list of them")
     root = Path(index.root).resolve()
+    unreadable = {r.path: why for r in records if (why := _not_an_image(root / r.path)) is not None}
+    rejects = [f"{r.path}: {r.reason}" for r in index.rejects if split is None or r.split == split]
+    rejects += [f"{path}: {why}" for path, why in unreadable.items()]
+    records = [r for r in records if r.path not in unreadable]
+    if not records:
+        raise ConfigError(f"{src} holds no readable images; first problem: {rejects[0] if rejects else 'none'}")
     paths = tuple(r.path for r in records)
     return Source(
         kind,
@@ -144,8 +150,25 @@ def open_source(src: str | Path, split: str | None = None, camera_from: str | No
         paths=paths,
         vids=np.array([r.vid for r in records], dtype=np.int64),
         camids=np.array([r.camid for r in records], dtype=np.int64),
-        rejects=tuple(f"{r.path}: {r.reason}" for r in index.rejects if split is None or r.split == split),
+        rejects=tuple(rejects),
     )
+
+
+def _not_an_image(path: Path) -> str | None:
+    """Why the file at ``path`` is not an image (empty, unreadable, no known image header), or None. Only the
+    header is parsed (PIL opens lazily): junk files are skipped and listed before any row is embedded, so
+    removing them never changes a finished group's rows; a file that is truncated past its header still
+    fails later, when it is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - the header is parsed by open; size proves it named one
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        return f"not a readable image ({type(exc).__name__})"
+    return None
 
 
 # --------------------------------------------------------------------------- images of files
@@ -165,7 +188,9 @@ def load_image(path: str | Path, image_size: tuple[int, int]) -> torch.Tensor:
         image = decode_tensor(data)
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImageError(
-            f"image {path} cannot be decoded ({exc}); remove it from the source or replace it"
+            f"image {path} cannot be decoded ({type(exc).__name__}); replace it with a whole image "
+            "(rows done so far are kept; removing the file instead shifts the rows after it, and the group "
+            "has to be made again)"
         ) from None
     return resize_uint8(image, image_size)
 
@@ -298,6 +323,8 @@ def embed(
             labels = _write_keys(store, source)
         else:
             labels = None
+            if source.kind != "shards":  # a shard split's labels are checked by extract_split
+                _update_labels(store, source)
         on_chunk = lambda rows: signal_point(f"embed:{rows}")  # noqa: E731 - test hook (kill -9 mid-run)
         if source.kind == "shards":
             extract_split(
@@ -360,7 +387,14 @@ def _write_keys(store: FeatureStore, source: Source) -> tuple[np.ndarray, np.nda
         labels = (vids, camids)
     else:
         store.write_keys(np.asarray(source.paths, dtype=str))
-        store.write_labels(0, source.vids, source.camids)
+        _update_labels(store, source)
         labels = None
     store.set_meta("source", source.meta())
     return labels
+
+
+def _update_labels(store: FeatureStore, source: Source) -> None:
+    """Ids and cameras of a folder or list as the source gives them now: they do not change the features, so
+    a re-run with another ``--camera-from`` or edited list cells updates them and keeps the rows."""
+    if not (np.array_equal(store.ids(), source.vids) and np.array_equal(store.camids(), source.camids)):
+        store.write_labels(0, source.vids, source.camids)

@@ -354,6 +354,8 @@ def open_group(path, what: str):
     if store.count() == 0:
         raise StoreError(f"{what} group {path} has 0 rows; expected the features of at least one image")
     state = store.meta("extraction")
+    if state is None and store.meta("source") is not None:
+        state = {"rows_done": 0}  # embedding began (keys, source written) and was stopped before its first chunk
     if state is not None and int(state.get("rows_done", 0)) < store.count():
         raise StoreError(
             f"{what} group {path} is embedded up to row {int(state.get('rows_done', 0)):,} of {store.count():,}; "

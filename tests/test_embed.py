@@ -206,3 +206,38 @@ def test_search_a_query_group_of_shards_draws_its_ranked_lists(shard_root, model
     shutil.rmtree(tmp_path / "gallery-small" / "features")
     broken = runner.invoke(app, ["search", "--gallery", str(tmp_path / "gallery-small"), "--query", str(png)])
     assert broken.exit_code == 6 and len(broken.output.strip().splitlines()) == 1
+
+
+def test_junk_files_are_skipped_and_labels_follow_the_source_on_a_rerun(images, model_file, tmp_path):
+    """A file that is no image is skipped and listed before any row (so removing it later changes nothing);
+    a re-run with another --camera-from keeps the finished rows and updates the cameras."""
+    src = tmp_path / "photos"
+    for n, path in enumerate(sorted(images.rglob("*.jpg"))[:6]):
+        (src / f"c{n % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, src / f"c{n % 2}" / path.name)
+    (src / "c0" / "zzz.jpg").write_bytes(b"not an image at all")
+    (src / "c1" / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "group"
+    first = runner.invoke(app, ["embed", str(src), "--checkpoint", str(model_file), "--output", str(out), *BUDGET])
+    assert first.exit_code == 0, first.output
+    assert "skipped 2 entries" in first.output
+    store = FeatureStore.open(out)
+    assert store.count() == 6 and (store.camids() == -1).all()
+    assert not any("zzz" in k or "empty" in k for k in store.keys().tolist())
+    rows = _features(out)
+    again = _embed([src, "--checkpoint", model_file, "--output", out, "--camera-from", "level:1"])
+    assert again["rows_found_done"] == 6  # nothing embedded again
+    store = FeatureStore.open(out)
+    assert sorted(set(store.camids().tolist())) == [0, 1] and np.array_equal(_features(out), rows)
+
+
+def test_a_group_stopped_before_its_first_chunk_is_not_searched(images, model_file, tmp_path):
+    from wildreid.embed import Source, _write_keys
+
+    out = tmp_path / "group"
+    store = FeatureStore.create(out, 3, 512)
+    paths = tuple(p.relative_to(images).as_posix() for p in sorted(images.rglob("*.jpg"))[:3])
+    minus = np.full(3, -1, dtype=np.int64)
+    _write_keys(store, Source("folder", images, "x", None, 3, "f", paths=paths, vids=minus, camids=minus))
+    refused = runner.invoke(app, ["search", "--gallery", str(out), "--query", str(out)])
+    assert refused.exit_code == 6 and "embedded up to row 0 of 3" in refused.output, refused.output
