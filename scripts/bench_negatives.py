@@ -243,7 +243,7 @@ def training(work: Path, vehicles: int) -> list[dict]:
             "--split",
             "large",
             "--memory-budget",
-            "256MiB",
+            "2GiB",  # the whole eval process
         )["large"]
         history = report["history"]
         out.append(

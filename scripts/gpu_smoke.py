@@ -179,7 +179,7 @@ def check_eval(shards: Path, checkpoint: Path, out: Path, device: str) -> list[d
                     "--features-dir",
                     str(folder),
                     "--memory-budget",
-                    "2GiB",
+                    "8GiB",  # the whole eval process: CUDA libraries alone take GiBs of host memory
                     "--json",
                 )
             )
