@@ -263,6 +263,14 @@ def save_model(path: str | Path, model: torch.nn.Module, config: dict, extra: di
     return path
 
 
+def recorded_shards(path: str | Path) -> Path | None:
+    """The shard folder a ``model.pt`` was trained on, as training recorded it (None for older models)."""
+    path = Path(path)
+    blob = safe_torch_load(path / "state.pt" if path.is_dir() else path, "wildreid model")
+    shards = blob.get("shards") if isinstance(blob, dict) else None
+    return Path(shards) if isinstance(shards, str) else None
+
+
 def load_model(path: str | Path, device="cpu") -> tuple[torch.nn.Module, dict]:
     """A model from ``model.pt`` or a checkpoint folder; returns (model in eval mode, config dict)."""
     path = Path(path)

@@ -611,7 +611,11 @@ def export_command(
     checkpoint: Path = typer.Argument(..., help="model.pt (or a checkpoint folder) written by 'wildreid train'."),
     fmt: str = typer.Option(..., "--format", help="onnx (run with onnxruntime) or torchscript (torch.jit.load)."),
     output: Path = typer.Option(..., help="The file to write (atomically, only once the check passes)."),
-    shards: Path = typer.Option(..., help="Shard folder whose images the export is checked on against PyTorch."),
+    shards: Optional[Path] = typer.Option(
+        None,
+        help="Shard folder whose images the export is checked on against PyTorch (default: the shards the model "
+        "was trained on, as model.pt records them).",
+    ),
     split: Optional[str] = typer.Option(None, help="Split of the check images (default: train, else a query split)."),
     feature: Optional[str] = typer.Option(None, help="bnneck or pool5 (default: the model's model.eval_feature)."),
     tolerance: Optional[float] = typer.Option(

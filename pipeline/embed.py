@@ -114,7 +114,11 @@ def open_source(src: str | Path, split: str | None = None, camera_from: str | No
     src = Path(src)
     if not src.exists():
         raise ConfigError(f"{src} does not exist; expected a shard folder (with --split), an image folder or a list")
-    if src.is_dir() and (src / MANIFEST_NAME).is_file():
+    is_shards = src.is_dir() and (src / MANIFEST_NAME).is_file()
+    if camera_from is not None and (is_shards or not src.is_dir()):
+        what = "a shard folder (its cameras are in the shards)" if is_shards else "a list (its camid column)"
+        raise ConfigError(f"--camera-from applies to an image folder, and {src} is {what}; leave it out")
+    if is_shards:
         from wildreid.shards.reader import split_entry
         from wildreid.shards.writer import load_manifest
 
@@ -126,7 +130,7 @@ def open_source(src: str | Path, split: str | None = None, camera_from: str | No
     from wildreid.shards.layouts import read_dataset
 
     kind = "folder" if src.is_dir() else "list"
-    index = read_dataset(src, kind, camera_from=camera_from if kind == "folder" else None)
+    index = read_dataset(src, kind, camera_from=camera_from)
     if split is not None and split not in index.records:
         raise ConfigError(f"{src} has no split {split!r}; it has {', '.join(index.records) or 'none'}")
     records = [r for name in ([split] if split is not None else index.records) for r in index.records[name]]

@@ -336,14 +336,15 @@ def export_checkpoint(
     checkpoint: str | Path,
     fmt: str,
     output: str | Path,
-    shards: str | Path,
+    shards: str | Path | None = None,
     *,
     split: str | None = None,
     feature: str | None = None,
     atol: float | None = None,
     dry_run: bool = False,
 ) -> dict:
-    """``export_model`` of a ``model.pt`` (or checkpoint folder) written by training, checked on ``shards``.
+    """``export_model`` of a ``model.pt`` (or checkpoint folder) written by training, checked on ``shards``
+    (default: the shards the model was trained on, as ``model.pt`` records them).
 
     The input size is the checkpoint config's ``model.image_size``, the feature its
     ``model.eval_feature`` unless ``feature`` is given, as in ``wildreid eval``; ``atol`` defaults to ``ATOL``.
@@ -362,6 +363,15 @@ def export_checkpoint(
     if feature not in FEATURES:
         raise ConfigError(f"expected --feature {' or '.join(FEATURES)}, found {feature!r}")
     image_size = tuple(int(s) for s in config["model"]["image_size"])
+    if shards is None:
+        from wildreid.checkpoint import recorded_shards
+
+        shards = recorded_shards(checkpoint)
+        if shards is None or not (shards / "manifest.json").is_file():
+            found = "records none" if shards is None else f"records {shards}, which holds no shards now"
+            raise ConfigError(
+                f"{checkpoint} {found}; pass --shards SHARDS: the images the export is checked on against PyTorch"
+            )
     images, split = check_images(shards, split, image_size)
     report = export_model(
         model, fmt, output, images, feature=feature, atol=ATOL if atol is None else atol, dry_run=dry_run

@@ -577,7 +577,11 @@ def _train(
             label=f"epoch-{epoch}-step-{step}",
         )
     model_path = save_model(
-        run_dir / "model.pt", model, config.to_dict(), {"history": history, "transductive": tc.transductive}
+        run_dir / "model.pt",
+        model,
+        config.to_dict(),
+        # the shards: where 'wildreid export' finds images to check an export on
+        {"history": history, "transductive": tc.transductive, "shards": str(Path(shards).resolve())},
     )
     _plot(run_dir, history)
     scalars.close()

@@ -229,6 +229,11 @@ def test_junk_files_are_skipped_and_labels_follow_the_source_on_a_rerun(images, 
     assert again["rows_found_done"] == 6  # nothing embedded again
     store = FeatureStore.open(out)
     assert sorted(set(store.camids().tolist())) == [0, 1] and np.array_equal(_features(out), rows)
+    listed = tmp_path / "l.csv"
+    listed.write_text("path\n" + "\n".join(str(p) for p in sorted(src.rglob("*.jpg"))[:2]) + "\n")
+    args = [listed, "--checkpoint", model_file, "--output", tmp_path / "l", "--camera-from", "level:1"]
+    refused = runner.invoke(app, ["embed", *map(str, args)])
+    assert refused.exit_code == 2 and "--camera-from applies to an image folder" in refused.output, refused.output
 
 
 def test_a_group_stopped_before_its_first_chunk_is_not_searched(images, model_file, tmp_path):

@@ -222,6 +222,20 @@ def test_dry_run_checks_and_writes_nothing(model_file, shard_root, tmp_path):
     assert "would write" in result.stdout and not output.exists()
 
 
+@jit_load_warns
+def test_the_shards_default_to_those_the_model_was_trained_on(uninterrupted, shard_root, model_file, tmp_path):
+    output = tmp_path / "model.ts"
+    args = ["export", uninterrupted["checkpoint"], "--format", "torchscript", "--output", output, "--dry-run"]
+    result = runner.invoke(app, [str(a) for a in [*args, "--json"]])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["check_split"] == "train" and report["max_abs_diff"] <= ATOL
+    # a model.pt that records no shards (saved by hand, or by an older wildreid) asks for --shards
+    bare = ["export", model_file, "--format", "torchscript", "--output", output]
+    refused = runner.invoke(app, [str(a) for a in bare])
+    _one_line_error(refused, 2, "records none; pass --shards SHARDS")
+
+
 @pytest.mark.parametrize(
     "splits, expected",
     [
