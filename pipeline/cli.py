@@ -782,9 +782,11 @@ def search_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line per query (no table)."),
 ):
     """Ranked gallery images of a query image or of every row of a query group, by cosine similarity."""
-    from wildreid.search import render_search, search
+    from wildreid.search import check_pictures, render_search, search
 
     _check_device(device)
+    if picture is not None:  # before the search, not after it
+        check_pictures(gallery, query)
     with RichProgress() as progress:
         result = search(
             gallery,

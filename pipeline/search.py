@@ -49,6 +49,7 @@ from wildreid.knn import _slack, check_features, pair_similarity, similarity, to
 
 __all__ = [
     "ArrayRows",
+    "check_pictures",
     "SearchPlan",
     "SearchResult",
     "StoreRows",
@@ -547,16 +548,30 @@ def _shard_images(root: Path, split: str, rows: list[int]) -> dict:
     return found
 
 
-def row_images(store, rows: list[int]) -> dict:
-    """The images of ``rows`` of a group, found through its ``source`` attribute (``wildreid embed``)."""
-    from PIL import Image
-
+def _image_source(store) -> dict:
     source = store.meta("source")
     if not source:
         raise StoreError(
             f"{store.path} does not record where its images are (only groups made by 'wildreid embed' do); "
             "--picture needs them: embed the images with 'wildreid embed'"
         )
+    return source
+
+
+def check_pictures(gallery, query) -> None:
+    """Refuse ``--picture`` before searching when the gallery, or a query group, does not record its images."""
+    from wildreid.stores import FeatureStore
+
+    for path in (Path(gallery), Path(query)):
+        if path.is_dir() and (path / "features").exists():
+            _image_source(FeatureStore.open(path))
+
+
+def row_images(store, rows: list[int]) -> dict:
+    """The images of ``rows`` of a group, found through its ``source`` attribute (``wildreid embed``)."""
+    from PIL import Image
+
+    source = _image_source(store)
     root = Path(source["root"])
     if source["kind"] == "shards":
         return _shard_images(root, source["split"], rows)

@@ -175,6 +175,9 @@ def test_search_cli_errors_are_one_line(tmp_path):
         (["--gallery", gallery, "--query", other], 6, "dimension 8 but gallery"),
         (["--gallery", gallery, "--query", image], 2, "is an image: pass --checkpoint"),
         (["--gallery", gallery, "--query", other, "--index", "hnsw"], 2, "expected --index exact or ivf"),
+        # refused before searching (no table printed): groups made without 'wildreid embed' record no images
+        (["--gallery", gallery, "--query", gallery, "--picture", tmp_path / "p.png"], 6, "--picture needs them"),
+        (["--gallery", gallery, "--query", other, "--device", "gpu"], 2, "expected --device cpu or cuda"),
     ]
     for args, code, text in cases:
         result = _invoke([*args, "--memory-budget", "256MiB"])
