@@ -49,13 +49,16 @@ __all__ = [
     "batch_positives",
     "dtl_dense",
     "dtl_loss",
+    "dtl_partial",
     "dtl_streaming",
     "gathered_dot",
     "graph_negatives",
     "hard_negative_counts",
     "hard_negatives",
     "momentum_update",
+    "select_hard",
     "self_positives",
+    "span_candidates",
     "tensor_blocks",
     "tensor_rows",
 ]
@@ -230,6 +233,33 @@ def hard_negatives(
     order; blocks may be numpy (e.g. float16 from the store) and go to ``device``
     (default: x's) in x's dtype. Rows of H_b are sorted by (z descending, index ascending).
     """
+    values, idx, h = span_candidates(
+        x, dictionary_blocks, pos_indptr, pos_indices, rows, r, count=count, span=(0, count), device=device
+    )
+    return select_hard(values, idx, h), h
+
+
+@torch.no_grad()
+def span_candidates(
+    x: torch.Tensor,
+    dictionary_blocks: Iterable[tuple[int, torch.Tensor | np.ndarray]],
+    pos_indptr,
+    pos_indices,
+    rows,
+    r: float,
+    *,
+    count: int,
+    span: tuple[int, int],
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best hard-negative candidates among the rows of ``span`` = (lo, hi) of a ``count``-row dictionary:
+    ``(values (B, h_max), indices (B, h_max), h (B,))``, by (z descending, index ascending), (-inf, -1) padded.
+
+    ``dictionary_blocks`` covers the span once. h_b = floor(r * (count - |P_b|)) counts the
+    whole dictionary, so the candidates of every span of a partition, merged by
+    ``select_hard``, give exactly the H_b of the whole dictionary: the rows a
+    distributed run's ranks own are such spans (``wildreid.world``).
+    """
     device = torch.device(device) if device is not None else x.device
     xq = x.detach().to(device)
     rows, indptr, indices = _long(rows, device), _long(pos_indptr, device), _long(pos_indices, device)
@@ -241,11 +271,12 @@ def hard_negatives(
     # float32 (training) keeps packed keys and a top-k per block; other dtypes sort (the reference)
     keyed = xq.dtype == torch.float32 and count <= _LOW32
     top_keys = torch.full((b, h_max), _NO_KEY, dtype=torch.long, device=device)
+    lo, hi = span
     spans = []
     for start, block in dictionary_blocks:
         stop = start + len(block)
-        if start < 0 or stop > count:
-            raise ConfigError(f"expected dictionary blocks inside rows 0..{count - 1}, found rows {start}..{stop - 1}")
+        if start < lo or stop > hi:
+            raise ConfigError(f"expected dictionary blocks inside rows {lo}..{hi - 1}, found rows {start}..{stop - 1}")
         spans.append((start, stop))
         if h_max == 0 or len(block) == 0:
             continue
@@ -260,26 +291,35 @@ def hard_negatives(
         else:
             idx = torch.arange(start, stop, device=device).expand(b, -1)
             top_v, top_i = _merge_top(top_v, top_i, z, idx, h_max)
-    _check_cover(spans, count)
+    _check_cover(spans, lo, hi)
     if keyed:
         top_v, top_i = keys_to_rows(top_keys)
-    keep = torch.arange(h_max, device=device) < h[:, None]
-    if bool(torch.isnan(top_v[keep]).any() | torch.isinf(top_v[keep]).any()):
+    return top_v, top_i, h
+
+
+def select_hard(values: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """H_b from candidates ``(values, idx)`` (B, K), gathered from one or more spans: the h_b best by
+    (value descending, index ascending), as (B, max h) indices padded with -1."""
+    h_max = int(h.max()) if len(h) else 0
+    if values.shape[1] > h_max:  # candidates of several spans: keep the best h_max of their union
+        values, idx = _merge_top(values[:, :0], idx[:, :0], values, idx, h_max)
+    keep = torch.arange(h_max, device=values.device) < h[:, None]
+    if bool(torch.isnan(values[keep]).any() | torch.isinf(values[keep]).any()):
         raise ConfigError("expected finite similarities, found NaN or inf: the features or dictionary hold bad rows")
-    return torch.where(keep, top_i, -1), h
+    return torch.where(keep, idx, -1)
 
 
-def _check_cover(spans: list[tuple[int, int]], count: int) -> None:
-    covered = 0
+def _check_cover(spans: list[tuple[int, int]], lo: int, hi: int) -> None:
+    covered = lo
     for start, stop in sorted(s for s in spans if s[1] > s[0]):
         if start != covered:
             break
         covered = stop
     else:
-        if covered == count:
+        if covered == hi:
             return
     raise ConfigError(
-        f"expected dictionary blocks covering rows 0..{count - 1} once each, found rows 0..{covered - 1} "
+        f"expected dictionary blocks covering rows {lo}..{hi - 1} once each, found rows {lo}..{covered - 1} "
         "covered in order; pass every block of the dictionary once"
     )
 
@@ -478,6 +518,52 @@ def dtl_loss(
     neg_j = hard[neg_b, neg_k]
     z = gathered_dot(x, torch.cat([seg, neg_b]), torch.cat([indices, neg_j]), rows_fn, chunk_rows)
     return _combine(z[: len(indices)], seg, z[len(indices) :], neg_b, len(x), delta)
+
+
+def dtl_partial(
+    x: torch.Tensor,
+    rows_fn: RowsFn,
+    rows,
+    pos_indptr,
+    pos_indices,
+    hard: torch.Tensor,
+    delta: float,
+    *,
+    span: tuple[int, int],
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> dict[str, torch.Tensor]:
+    """The share of ``dtl_loss`` that the dictionary rows of ``span`` = (lo, hi) contribute.
+
+    Each element's terms over the positives and hard negatives inside the span are
+    summed and divided by its whole |P_b| and |H_b|, then by B, so the shares of the
+    spans of a partition add up to ``dtl_loss`` (``{"loss", "positive", "negative"}``)
+    and so do their gradients: a distributed run's ranks each compute their own span's
+    share and the all-gather's backward sums the gradients (``wildreid.world``).
+    ``rows_fn`` is only asked for rows inside the span.
+    """
+    _check_inputs(x, delta)
+    device = x.device
+    lo, hi = span
+    rows, indptr, indices = _long(rows, device), _long(pos_indptr, device), _long(pos_indices, device)
+    seg = _segments(indptr)
+    hard = _long(hard, device)
+    if hard.ndim != 2 or len(hard) != len(x):
+        raise ConfigError(f"expected hard negatives of shape ({len(x)}, h), found {tuple(hard.shape)}")
+    b = len(x)
+    pos_counts = (indptr[1:] - indptr[:-1]).to(x.dtype)
+    neg_counts = (hard >= 0).sum(1).to(x.dtype)
+    pos_in = (indices >= lo) & (indices < hi)
+    neg_b, neg_k = torch.nonzero((hard >= lo) & (hard < hi), as_tuple=True)
+    pos_seg, pos_j = seg[pos_in], indices[pos_in]
+    z = gathered_dot(x, torch.cat([pos_seg, neg_b]), torch.cat([pos_j, hard[neg_b, neg_k]]), rows_fn, chunk_rows)
+    zero = torch.zeros(b, dtype=x.dtype, device=device)
+    positive = zero.index_add(0, pos_seg, (1.0 - z[: len(pos_j)]) ** 2) / pos_counts.clamp(min=1)
+    negative = zero.index_add(0, neg_b, (1.0 + z[len(pos_j) :]) ** 2) / neg_counts.clamp(min=1)
+    return {
+        "loss": (positive + delta * negative).sum() / b,
+        "positive": positive.sum() / b,
+        "negative": negative.sum() / b,
+    }
 
 
 def dtl_streaming(

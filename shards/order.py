@@ -10,6 +10,10 @@ so training can resume mid-epoch on exactly the samples it would have seen:
 4. the epoch is the round-robin of the lanes, ``chunk`` samples at a time
    (``chunk`` = the DataLoader batch size), skipping lanes that ran out, which
    is how a PyTorch DataLoader merges its workers' batches.
+
+In a distributed run ``chunk`` is the global batch and process r of W takes its
+``batch_share`` of each one, so the order never depends on W: a run resumed with
+another number of processes goes on with the samples the first one would have used.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Group", "epoch_order", "lane_groups", "merge_lanes", "schedule_from"]
+__all__ = ["Group", "batch_share", "epoch_order", "lane_groups", "merge_lanes", "schedule_from"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +111,8 @@ def epoch_order(
     if not schedule:
         return np.zeros(0, dtype=np.int64)
     return np.concatenate([streams[lane][lo:hi] for lane, lo, hi in schedule]).astype(np.int64)
+
+
+def batch_share(count: int, rank: int, size: int) -> tuple[int, int]:
+    """Positions [lo, hi) of a global batch of ``count`` samples that process ``rank`` of ``size`` takes."""
+    return count * rank // size, count * (rank + 1) // size

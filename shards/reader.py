@@ -26,7 +26,7 @@ from torchvision.transforms.v2 import functional as tvf
 
 from wildreid.errors import ConfigError, ShardError, ShardNotFoundError
 from wildreid.shards.images import decode_rgb
-from wildreid.shards.order import Group, epoch_order, lane_groups, schedule_from
+from wildreid.shards.order import Group, batch_share, epoch_order, lane_groups, schedule_from
 from wildreid.shards.tario import sample_key, tar_members
 from wildreid.shards.writer import load_manifest, load_sample_offsets
 
@@ -222,9 +222,12 @@ class ShardDataset(IterableDataset):
         chunk: int = 1,
         group: int = 2,
         decode: bool = True,
+        share: tuple[int, int] = (0, 1),
     ):
         if lanes < 1 or chunk < 1 or group < 1:
             raise ConfigError(f"expected lanes, chunk and group >= 1, found {lanes}, {chunk}, {group}")
+        if not 0 <= share[0] < share[1]:
+            raise ConfigError(f"expected a share (rank, size) with 0 <= rank < size, found {share}")
         self.root = Path(root)
         self.split = split
         self.shard_files, self.shard_sizes, self.shard_entries, self._offsets = [], [], [], {}
@@ -243,6 +246,8 @@ class ShardDataset(IterableDataset):
         # decode=False yields each batch's images still encoded (a list of 1-D uint8 tensors), for
         # decode_batch on the training device when CPU workers cannot decode fast enough
         self.decode = decode
+        # (rank, size): this process yields its batch_share of every chunk of the order (chunk = the global batch)
+        self.share = share
         self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
@@ -279,12 +284,17 @@ class ShardDataset(IterableDataset):
                 continue
             shards = [IndexedShard(self.shard_files[s], self._sample_offsets(s)) for s in group.shards]
             try:
-                samples = parse_meta(permuted(shards, group, skip))
-                yield from decoded(self._dense(samples), self._transform if self.decode else None)
+                yield from self._dense(parse_meta(permuted(shards, group, skip)))
             finally:
                 for shard in shards:
                     shard.close()
             skip = 0
+
+    @property
+    def _empty(self) -> tuple:
+        none = torch.zeros(0, dtype=torch.int64)
+        images = torch.zeros((0, 3, *self.image_size), dtype=torch.uint8) if self.decode else []
+        return images, none, none.clone(), none.clone()
 
     def _sample_offsets(self, s: int) -> np.ndarray:
         # One small array per shard (8 bytes a sample), loaded or scanned once per worker.
@@ -327,12 +337,18 @@ class ShardDataset(IterableDataset):
         for lane, lo, _ in schedule:
             firsts.setdefault(lane, lo)
         streams = {lane: self._lane(lanes[lane], lo) for lane, lo in firsts.items()}
+        rank, size = self.share
         for lane, lo, hi in schedule:
-            yield collate([next(streams[lane]) for _ in range(hi - lo)])
+            samples = [next(streams[lane]) for _ in range(hi - lo)]  # read past the other ranks' shares, not decoded
+            a, b = batch_share(hi - lo, rank, size)
+            yield collate(list(decoded(samples[a:b], self._transform if self.decode else None)), self._empty)
 
 
-def collate(batch: list[tuple]) -> tuple:
-    """Stack a list of (image, index, vid, camid) into batch tensors (images as a list if not tensors)."""
+def collate(batch: list[tuple], empty: tuple | None = None) -> tuple:
+    """Stack a list of (image, index, vid, camid) into batch tensors (images as a list if not tensors);
+    ``empty`` is what an empty list gives (a process's share of a short last batch may be empty)."""
+    if not batch and empty is not None:
+        return empty
     images = [b[0] for b in batch]
     if all(isinstance(i, torch.Tensor) and i.shape == images[0].shape and i.ndim == 3 for i in images):
         images = torch.stack(images)

@@ -128,10 +128,13 @@ def damaged_chunk_error(store_path: Path, name: str, chunk: int, lo: int, hi: in
 class FeatureStore:
     """The only door to a store's Zarr group; ``read_only`` is checked in one place."""
 
-    def __init__(self, path: str | Path, group: zarr.Group, read_only: bool):
+    def __init__(self, path: str | Path, group: zarr.Group, read_only: bool, meta_writer: bool = True):
         self.path = Path(path)
         self.group = group
         self.read_only = read_only
+        # False on the other ranks of a distributed run: they write their own feature chunks only, while
+        # rank 0 alone rewrites the group's attributes (two writers of one zarr.json would lose updates)
+        self.meta_writer = meta_writer
         if not self.has("features") or len(self._node("features").shape) != 2:
             raise StoreError(
                 f"{path} has no 2-D 'features' array; expected a store written by wildreid or "
@@ -146,7 +149,7 @@ class FeatureStore:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
+    def open(cls, path: str | Path, mode: str = "r", *, meta_writer: bool = True) -> FeatureStore:
         if not Path(path).exists():
             raise StoreError(f"store {path} does not exist; create it with 'wildreid train' or pass a Zarr group")
         if mode != "r":
@@ -163,7 +166,7 @@ class FeatureStore:
             )
         except (FileNotFoundError, ValueError, KeyError) as exc:
             raise StoreError(f"{path} is not a Zarr group ({exc})") from None
-        return cls(path, group, read_only=mode == "r")
+        return cls(path, group, read_only=mode == "r", meta_writer=meta_writer)
 
     @classmethod
     def create(
@@ -232,7 +235,7 @@ class FeatureStore:
             node = self._node(name)
         except KeyError:
             raise StoreError(f"{self.path} has no array {name!r}; expected it from an earlier stage") from None
-        on_write = self.bump_features_version if name == "features" else None
+        on_write = self.bump_features_version if name == "features" and self.meta_writer else None
         return CheckedArray(node, self.path, on_write)
 
     def group_of(self, name: str) -> zarr.Group:
@@ -306,8 +309,13 @@ class FeatureStore:
         return dict(self.group.attrs).get(name, default)
 
     def set_meta(self, name: str, value) -> None:
-        self._check_writable()
+        self._check_meta_writer()
         self.group.attrs[name] = value
+
+    def _check_meta_writer(self) -> None:
+        self._check_writable()
+        if not self.meta_writer:
+            raise StoreError(f"{self.path}: only rank 0 of a distributed run writes the store's attributes")
 
     # ------------------------------------------------------------------ provenance
 
@@ -317,7 +325,7 @@ class FeatureStore:
         return int(self.meta("wildreid", {}).get("features_version", 0))
 
     def bump_features_version(self) -> None:
-        self._check_writable()
+        self._check_meta_writer()
         meta = dict(self.meta("wildreid", {}))
         meta["features_version"] = int(meta.get("features_version", 0)) + 1
         self.group.attrs["wildreid"] = meta

@@ -36,11 +36,26 @@ def _torch_dtype(dtype: np.dtype):
 
 class PageCache:
     def __init__(
-        self, array, *, host_budget: int, device_budget: int = 0, device="cpu", dtype=np.float32, promote_after: int = 2
+        self,
+        array,
+        *,
+        host_budget: int,
+        device_budget: int = 0,
+        device="cpu",
+        dtype=np.float32,
+        promote_after: int = 2,
+        span: tuple[int, int] | None = None,
     ):
         self.array = array
         self.rows_per_page = array.chunks[0]
         self.n = array.shape[0]
+        # the rows this cache may touch: a rank of a distributed run owns whole pages of its span (wildreid.world)
+        self.span = (0, self.n) if span is None else (int(span[0]), int(span[1]))
+        lo, hi = self.span
+        if not 0 <= lo <= hi <= self.n or lo % self.rows_per_page or (hi % self.rows_per_page and hi != self.n):
+            raise ConfigError(
+                f"expected a span of whole pages of {self.rows_per_page} rows inside 0..{self.n}, found {lo}..{hi}"
+            )
         self.width = array.shape[1]
         self.dtype = np.dtype(dtype)
         self.page_bytes = self.rows_per_page * self.width * self.dtype.itemsize
@@ -122,15 +137,28 @@ class PageCache:
         self.on_device[page] = torch.from_numpy(self.host.pop(page)).to(self.device)
         self.stats["promotions"] += 1
 
+    def _pages(self) -> range:
+        """The pages of the span."""
+        return range(self.span[0] // self.rows_per_page, -(-self.span[1] // self.rows_per_page))
+
+    def _check_rows(self, idx: np.ndarray) -> None:
+        lo, hi = self.span
+        if len(idx) and (int(idx.min()) < lo or int(idx.max()) >= hi):
+            raise ConfigError(
+                f"expected rows in this cache's span {lo}..{hi - 1}, found {int(idx.min())}..{int(idx.max())}; "
+                "a rank reads and writes only the rows it owns"
+            )
+
     def load_all_to_device(self) -> bool:
-        """Put every page on the device when the device budget holds them all (then they stay); whether it did."""
+        """Put every page of the span on the device when the device budget holds them all (then they stay);
+        whether it did."""
         import torch
 
-        pages = -(-self.n // self.rows_per_page)
-        if not self.device_capacity or pages > self.device_capacity:
+        pages = self._pages()
+        if not self.device_capacity or len(pages) > self.device_capacity:
             return False
         with self.lock:
-            for page in range(pages):
+            for page in pages:
                 if page not in self.on_device:
                     values = self.host.pop(page) if page in self.host else self._read_page(page)
                     self.on_device[page] = torch.from_numpy(values).to(self.device)
@@ -142,6 +170,7 @@ class PageCache:
     def get_rows(self, idx: np.ndarray) -> np.ndarray:
         """Rows ``idx`` (any order, repeats allowed) as a (len(idx), width) array."""
         idx = np.asarray(idx, dtype=np.int64)
+        self._check_rows(idx)
         out = np.empty((len(idx), self.width), dtype=self.dtype)
         with self.lock:
             pages = idx // self.rows_per_page
@@ -156,6 +185,8 @@ class PageCache:
         ``out`` (stop - start, width), of any dtype, receives them (converted while copied)
         and is returned; without it a new array of the cache's dtype is.
         """
+        if stop > start:
+            self._check_rows(np.array([start, stop - 1]))
         if out is None:
             out = np.empty((stop - start, self.width), dtype=self.dtype)
         elif out.shape != (stop - start, self.width):
@@ -176,6 +207,7 @@ class PageCache:
 
         device = torch.device(device or self.device)
         idx = np.asarray(idx, dtype=np.int64)
+        self._check_rows(idx)
         if not self.on_device and not self.device_capacity:
             return torch.from_numpy(self.get_rows(idx)).to(device)
         out = torch.empty((len(idx), self.width), dtype=_torch_dtype(self.dtype), device=device)
@@ -195,6 +227,7 @@ class PageCache:
     def set_rows(self, idx: np.ndarray, values: np.ndarray) -> None:
         """Overwrite rows; the store sees them at eviction or :meth:`flush`."""
         idx = np.asarray(idx, dtype=np.int64)
+        self._check_rows(idx)
         values = np.asarray(values, dtype=self.dtype)
         with self.lock:
             pages = idx // self.rows_per_page
@@ -212,12 +245,12 @@ class PageCache:
                 self.dirty.add(page)
 
     def scan(self, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, rows) over the whole array in order, resident (possibly dirty) pages included."""
+        """(start, rows) over the span in order, resident (possibly dirty) pages included."""
         block_rows = block_rows or self.rows_per_page
         if block_rows % self.rows_per_page:
             raise ConfigError(f"scan blocks must be whole pages of {self.rows_per_page} rows, found {block_rows}")
-        for start in range(0, self.n, block_rows):
-            stop = min(start + block_rows, self.n)
+        for start in range(self.span[0], self.span[1], block_rows):
+            stop = min(start + block_rows, self.span[1])
             with self.lock:
                 block = np.empty((stop - start, self.width), dtype=self.dtype)
                 for page in range(start // self.rows_per_page, -(-stop // self.rows_per_page)):
@@ -233,7 +266,7 @@ class PageCache:
         import torch
 
         device = torch.device(device)
-        for start in range(0, self.n, self.rows_per_page):
+        for start in range(self.span[0], self.span[1], self.rows_per_page):
             page = start // self.rows_per_page
             with self.lock:
                 resident = self.on_device.get(page)

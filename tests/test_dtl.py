@@ -11,6 +11,7 @@ from wildreid.dtl import (
     batch_positives,
     dtl_dense,
     dtl_loss,
+    dtl_partial,
     dtl_streaming,
     gathered_dot,
     graph_negatives,
@@ -19,7 +20,9 @@ from wildreid.dtl import (
     keys_to_rows,
     momentum_update,
     order_keys,
+    select_hard,
     self_positives,
+    span_candidates,
     tensor_blocks,
     tensor_rows,
 )
@@ -93,6 +96,54 @@ def test_streaming_equals_dense(block_rows, r, max_extra):
     assert g_dense.abs().sum() > 0
     counts = torch.count_nonzero(dense["hard"] >= 0, dim=1)
     np.testing.assert_array_equal(counts.numpy(), np.floor(r * (n - np.diff(indptr.numpy())) + 1e-9))
+
+
+def span_blocks(m, lo, hi, block_rows):
+    return ((lo + start, block) for start, block in tensor_blocks(m[lo:hi], block_rows))
+
+
+@pytest.mark.parametrize("cuts", [(0, 250), (0, 100, 250), (0, 8, 120, 121, 250), (0, 0, 250)])
+@pytest.mark.parametrize(("r", "max_extra"), [(0.01, 0), (0.05, 6), (0.3, 3)])
+def test_spans_of_a_partition_add_up_to_the_dense_loss(cuts, r, max_extra):
+    """What each rank of a distributed run computes over the rows it owns, merged, is the single-process DTL."""
+    rng = np.random.default_rng(5)
+    n, d, b, delta = 250, 16, 9, 0.4
+    m = normalised(rng, n, d)
+    x = normalised(rng, b, d)
+    rows = torch.tensor(rng.choice(n, size=b, replace=False))
+    indptr, indices = mined_positives(rng, rows, n, max_extra) if max_extra else self_positives(rows)
+    dense, g_dense = grad_of(lambda v: dtl_dense(v, m, rows, indptr, indices, r, delta), x)
+    for dtype in (torch.float64, torch.float32):  # float32: the packed-key path training takes
+        spans = list(zip(cuts[:-1], cuts[1:]))
+        xs = x.to(dtype).clone().requires_grad_(True)
+        found = [
+            span_candidates(xs, span_blocks(m.to(dtype), lo, hi, 7), indptr, indices, rows, r, count=n, span=(lo, hi))
+            for lo, hi in spans
+        ]
+        hard = select_hard(torch.cat([f[0] for f in found], 1), torch.cat([f[1] for f in found], 1), found[0][2])
+        parts = [
+            dtl_partial(xs, tensor_rows(m.to(dtype)), rows, indptr, indices, hard, delta, span=s, chunk_rows=3)
+            for s in spans
+        ]
+        total = {key: sum(p[key] for p in parts) for key in ("loss", "positive", "negative")}
+        total["loss"].backward()
+        torch.testing.assert_close(hard, dense["hard"], rtol=0, atol=0)
+        tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+        for key in ("loss", "positive", "negative"):
+            torch.testing.assert_close(total[key].double(), dense[key], **tol)
+        torch.testing.assert_close(xs.grad.double(), g_dense, **tol)
+    assert g_dense.abs().sum() > 0
+
+
+def test_a_span_refuses_blocks_outside_it_and_rows_it_does_not_cover():
+    rng = np.random.default_rng(6)
+    m, x = normalised(rng, 20, 4), normalised(rng, 2, 4)
+    rows = torch.tensor([0, 15])
+    indptr, indices = self_positives(rows)
+    with pytest.raises(ConfigError, match="inside rows 10..19"):
+        span_candidates(x, tensor_blocks(m, 5), indptr, indices, rows, 0.2, count=20, span=(10, 20))
+    with pytest.raises(ConfigError, match="covering rows 10..19"):
+        span_candidates(x, span_blocks(m, 10, 15, 5), indptr, indices, rows, 0.2, count=20, span=(10, 20))
 
 
 def test_dense_matches_the_formula():

@@ -102,6 +102,28 @@ def test_resume_mid_epoch(shard_root, train_len, workers, start):
     assert set(resumed_ends.tolist()) <= set(ends.tolist())
 
 
+@pytest.mark.parametrize(("size", "start"), [(2, 0), (3, 0), (2, CHUNK + 2), (4, 3)])
+def test_processes_take_their_share_of_every_global_batch(shard_root, size, start):
+    """Rank r of W yields its slice of each batch of the one canonical order: together, batch by batch,
+    the W processes see what one process sees, whatever W and wherever a resumed epoch starts."""
+    one = ShardDataset(shard_root, "train", image_size=(16, 8), seed=3, lanes=2, chunk=CHUNK)
+    one.set_epoch(2, start=start)
+    whole = _batches(one, 2)
+    parts = []
+    for rank in range(size):
+        ds = ShardDataset(shard_root, "train", image_size=(16, 8), seed=3, lanes=2, chunk=CHUNK, share=(rank, size))
+        ds.set_epoch(2, start=start)
+        parts.append(_batches(ds, 2 if rank % 2 else 0))
+    assert all(len(p) == len(whole) for p in parts)
+    for b, batch in enumerate(whole):
+        assert np.concatenate([p[b] for p in parts]).tolist() == batch.tolist()
+        assert [len(p[b]) for p in parts] == [
+            len(batch) * (r + 1) // size - len(batch) * r // size for r in range(size)
+        ]
+    with pytest.raises(ConfigError, match="share"):
+        ShardDataset(shard_root, "train", share=(2, 2))
+
+
 def test_resume_at_the_end_yields_nothing(shard_root, train_len):
     ds = ShardDataset(shard_root, "train", lanes=2, chunk=CHUNK)
     ds.set_epoch(0, start=train_len)

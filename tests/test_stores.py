@@ -114,6 +114,26 @@ def test_a_dictionary_within_the_device_budget_lives_there(tmp_path):
     assert np.array_equal(store.read_rows(0, 100), values)
 
 
+def test_a_rank_s_cache_touches_only_the_rows_it_owns(tmp_path):
+    store, values = _store(tmp_path)  # 100 rows in pages of 10
+    page_bytes = 10 * 8 * 4
+    cache = PageCache(store.features, host_budget=2 * page_bytes, device_budget=3 * page_bytes, span=(30, 60))
+    assert [start for start, _ in cache.scan_tensors("cpu")] == [30, 40, 50]
+    assert np.array_equal(np.concatenate([b for _, b in cache.scan()]), values[30:60])
+    assert cache.load_all_to_device() and sorted(cache.on_device) == [3, 4, 5]
+    cache.set_rows(np.array([59, 30]), np.full((2, 8), 2, np.float32))
+    for outside in ([29], [60], [0, 45]):
+        with pytest.raises(ConfigError, match="span 30..59"):
+            cache.get_rows(np.array(outside))
+        with pytest.raises(ConfigError, match="span 30..59"):
+            cache.set_rows(np.array(outside), np.zeros((len(outside), 8), np.float32))
+    cache.flush()
+    values[[59, 30]] = 2
+    assert np.array_equal(store.read_rows(0, 100), values)  # the other rows untouched
+    with pytest.raises(ConfigError, match="whole pages"):
+        PageCache(store.features, host_budget=page_bytes, span=(5, 60))
+
+
 def test_page_cache_budget_too_small(tmp_path):
     store, _ = _store(tmp_path)
     with pytest.raises(ConfigError, match="smallest budget that works is 320 bytes"):

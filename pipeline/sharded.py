@@ -1,0 +1,110 @@
+"""The training step of a distributed run over a dictionary sharded by rows (``wildreid.world``).
+
+Each rank holds the rows ``cache.span`` of the dictionary. One step:
+
+1. all-gather the batch features (with their gradient) and row ids: every rank then has the global batch;
+2. each rank picks, for every element of the global batch, its best hard-negative
+   candidates among its own rows (``span_candidates``, h_b of them: h_b counts the
+   whole dictionary), and the candidates of all ranks are gathered and merged by
+   (z descending, row ascending): exactly the global top-h_b (``select_hard``);
+3. each rank computes its rows' share of the DTL (``dtl_partial``: its positives and
+   hard negatives, divided by the global |P_b| and h_b); the shares add up to the
+   single-process loss, and so do the gradients: the gather's backward sums them
+   over ranks, and DDP sums (not averages) the parameter gradients (``sum_gradients``);
+4. each rank updates the momentum of its own rows of the batch, in global batch order.
+
+Bytes communicated per step: the features B x D x 4 and rows B x 8 (gather and the
+backward's reduce-scatter), the candidates B x h_max x 16, the model's gradients
+(DDP) and two scalars.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from wildreid.dtl import batch_positives, dtl_partial, momentum_update, select_hard, span_candidates
+from wildreid.stores import PageCache
+from wildreid.world import World
+
+__all__ = ["ddp_model", "sharded_step", "step_bytes", "sum_gradients"]
+
+
+def sum_gradients(state, bucket):
+    """DDP communication hook: the sum of the ranks' gradients (DDP's default averages them).
+
+    Each rank's loss is its share of the global loss, so the global gradient is their sum.
+    """
+    future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return future.then(lambda done: done.value()[0])
+
+
+def ddp_model(model: torch.nn.Module, world: World, sync_bn: bool) -> torch.nn.Module:
+    """``model`` for ``world``: itself for one process; else DistributedDataParallel summing gradients,
+    with SyncBatchNorm when ``sync_bn`` (BatchNorm statistics of the global batch, as one process has)."""
+    if not world.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ids = [world.device.index] if world.device.type == "cuda" else None
+    wrapped = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=not sync_bn)
+    wrapped.register_comm_hook(None, sum_gradients)
+    return wrapped
+
+
+def sharded_step(
+    world: World,
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    cache: PageCache,
+    positives,
+    r: float,
+    delta: float,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    share: int,
+    gather_rows: int,
+) -> float:
+    """One DTL step of this rank (module docstring); returns the global loss.
+
+    ``x`` (this rank's features, with grad) and ``idx`` (their rows) are its share of the
+    global batch, at most ``share`` rows; ``positives`` is the CSR over all N rows.
+    """
+    device = x.device
+    features, rows = world.gather_batch(x, idx.to(device), share)
+    pos_ptr, pos_idx = batch_positives(positives[0], positives[1], rows, device=device)
+    values, candidates, h = span_candidates(
+        features, cache.scan_tensors(device), pos_ptr, pos_idx, rows, r, count=cache.n, span=cache.span
+    )
+    hard = select_hard(world.cat(values, 1), world.cat(candidates, 1), h)
+    rows_fn = lambda ids: cache.get_rows_tensor(ids.cpu().numpy(), device).float()  # noqa: E731
+    out = dtl_partial(features, rows_fn, rows, pos_ptr, pos_idx, hard, delta, span=cache.span, chunk_rows=gather_rows)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    out["loss"].backward()
+    if optimizer is not None:
+        optimizer.step()
+    lo, hi = cache.span
+    own = ((rows >= lo) & (rows < hi)).cpu().numpy()
+    if own.any():
+        mine = rows.cpu().numpy()[own]
+        current = cache.get_rows_tensor(mine, device).float()
+        updated = momentum_update(current, features.detach().float()[torch.from_numpy(own).to(device)], mine)
+        cache.set_rows(mine, updated.cpu().numpy())
+    return float(world.sum(out["loss"].detach()))
+
+
+def step_bytes(batch: int, dim: int, h_max: int, parameters: int, size: int) -> dict[str, int]:
+    """Bytes one rank sends and receives per step over the collectives of ``sharded_step`` (ring algorithms:
+    an all-gather or reduce-scatter moves (W - 1) / W of the gathered tensor, an all-reduce twice that)."""
+    ring = (size - 1) / size
+    features = batch * dim * 4
+    return {
+        "features": int(2 * ring * features),  # the gather, and its backward's reduce-scatter
+        "rows": int(ring * batch * 8),
+        "candidates": int(ring * batch * h_max * (4 + 8)),
+        "gradients": int(2 * ring * parameters * 4),
+        "scalars": int(2 * 2 * ring * 8),
+    }

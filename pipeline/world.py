@@ -1,0 +1,206 @@
+"""The processes of one training run: torch.distributed under torchrun, or one process.
+
+A run of W processes ("ranks") is the run of one process cut in W, not W copies:
+
+- **data**: ``train.batch_size`` is the global batch. The epoch's order is the
+  reader's canonical order (a pure function of seed, epoch and shard sizes), and
+  rank r takes its share ``batch_share`` of every global batch, so global step s
+  sees the same samples whatever W is;
+- **dictionary**: rank r owns a contiguous, chunk-aligned range of rows
+  (``owned_rows``), reads and writes only those, through its own page cache;
+- **communication** goes through torch.distributed collectives only (gloo on the
+  CPU, nccl on CUDA). ``gather_batch`` all-gathers the batch features with their
+  gradient (the backward sums every rank's gradient and hands each rank the
+  gradient of its own rows, as fast-reid's ``GatherLayer`` does).
+
+Every collective has the group's timeout (``--collective-timeout``): a rank that
+died or hangs makes the others fail within it, and ``DistributedError`` says so
+in one line naming the rank that saw it. ``World()`` is the one-process run; its
+collectives return their input, so the single-process path is the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from wildreid.errors import ConfigError
+from wildreid.shards.order import batch_share
+
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "World",
+    "batch_share",
+    "check_world_size",
+    "join_world",
+    "leave_world",
+    "owned_rows",
+]
+
+# Long enough for a slow rank's checkpoint write, short enough that a dead peer does not hold a GPU node for hours.
+DEFAULT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: ``rank`` of ``size``, on ``device``."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that prints, writes the model and the run's shared files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def owned_rows(self, n: int, chunk_rows: int) -> tuple[int, int]:
+        return owned_rows(n, chunk_rows, self.rank, self.size)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (a stop asked of one rank stops all at the same step)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=self._comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a tensor without grad (a copy; the input is left alone)."""
+        total = value.detach().clone()
+        if self.distributed:
+            dist.all_reduce(total)
+        return total
+
+    def cat(self, value: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Equal-shaped tensors of every rank, concatenated in rank order along ``dim`` (no grad)."""
+        if not self.distributed:
+            return value
+        parts = [torch.empty_like(value) for _ in range(self.size)]
+        dist.all_gather(parts, value.contiguous())
+        return torch.cat(parts, dim)
+
+    def broadcast(self, value: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.distributed:
+            dist.broadcast(value, src)
+        return value
+
+    def gather_batch(self, x: torch.Tensor, idx: torch.Tensor, share: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch from every rank's ``(x, idx)``, in rank order: ``(features with grad, rows)``.
+
+        Each rank's part is padded to ``share`` rows (the last batch of an epoch may split
+        unevenly); padding is dropped after the gather. The backward of the features sums the
+        gradient over ranks and returns each rank the gradient of its own rows.
+        """
+        if not self.distributed:
+            return x, idx
+        if len(x) > share:
+            raise ConfigError(f"expected at most {share} rows of the batch on rank {self.rank}, found {len(x)}")
+        pad = share - len(x)
+        padded_x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))]) if pad else x
+        rows = idx.to(device=x.device, dtype=torch.long)
+        padded_rows = torch.cat([rows, rows.new_full((pad,), -1)]) if pad else rows
+        gathered = _GatherWithGrad.apply(padded_x.contiguous(), self.rank, self.size)
+        gathered_rows = self.cat(padded_rows)
+        keep = gathered_rows >= 0
+        return gathered[keep], gathered_rows[keep]
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along rows whose backward gives each rank the sum over ranks of its rows' gradient.
+
+    Written here because torch 2.14 marks both of its autograd gathers deprecated
+    (``torch.distributed.nn.functional.all_gather`` and ``all_gather_tensor_autograd``);
+    this uses only the public collectives, on every backend.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+        ctx.rank, ctx.rows = rank, len(x)
+        out = x.new_empty((size * len(x), *x.shape[1:]))
+        dist.all_gather_single(out, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        if grad.device.type == "cuda":  # nccl: each rank receives only its rows' sum
+            mine = grad.new_empty((ctx.rows, *grad.shape[1:]))
+            dist.reduce_scatter_single(mine, grad)
+            return mine, None, None
+        dist.all_reduce(grad)  # gloo has no reduce-scatter of tensors: the whole sum, then this rank's rows
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows].clone(), None, None
+
+
+def owned_rows(n: int, chunk_rows: int, rank: int, size: int) -> tuple[int, int]:
+    """Rows [lo, hi) of an ``n``-row dictionary that ``rank`` of ``size`` owns: whole chunks of ``chunk_rows``,
+    contiguous, as even as whole chunks allow (a rank may own none when there are fewer chunks than ranks)."""
+    if not 0 <= rank < size or chunk_rows < 1:
+        raise ConfigError(f"expected 0 <= rank < size and chunk_rows >= 1, found rank {rank} of {size}, {chunk_rows}")
+    chunks = -(-n // chunk_rows)
+    lo, hi = chunks * rank // size, chunks * (rank + 1) // size
+    return min(lo * chunk_rows, n), min(hi * chunk_rows, n)
+
+
+def check_world_size(batch_size: int, size: int) -> None:
+    """ConfigError unless ``size`` processes split the global batch evenly, naming the sizes that would."""
+    if batch_size % size == 0:
+        return
+    fits = [w for w in range(1, min(batch_size, 64) + 1) if batch_size % w == 0]
+    raise ConfigError(
+        f"train.batch_size is the global batch and {batch_size} does not split evenly over {size} processes; "
+        f"use a number of processes in {fits}, or a train.batch_size that is a multiple of {size}"
+    )
+
+
+def join_world(device: str | torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
+    """This process's World: from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or one process.
+
+    CUDA ranks run on ``cuda:LOCAL_RANK`` with nccl; CPU ranks use gloo.
+    """
+    if timeout_s <= 0:
+        raise ConfigError(f"expected a collective timeout > 0 seconds, found {timeout_s}")
+    device = torch.device(device)
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World(device=device, timeout_s=timeout_s)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"rank {rank} is local rank {local_rank} but this node has {torch.cuda.device_count()} CUDA "
+                "devices; start at most that many processes per node"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+            rank=rank,
+            world_size=size,
+        )
+    return World(rank=rank, size=size, local_rank=local_rank, device=device, timeout_s=timeout_s)
+
+
+def leave_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

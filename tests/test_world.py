@@ -1,0 +1,86 @@
+"""Distributed training pieces: row ownership, batch shares, and a 2-rank sharded DTL step (torchrun, gloo)
+against the dense single-process reference."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wildreid.dtl import batch_positives, dtl_dense, momentum_update
+from wildreid.errors import ConfigError
+from wildreid.shards.order import batch_share
+from wildreid.world import World, check_world_size, owned_rows
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ddp_dtl_worker import problem  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize(("n", "chunk", "size"), [(250, 16, 2), (250, 16, 3), (10, 4, 4), (0, 4, 2), (64, 64, 2)])
+def test_owned_rows_are_whole_chunks_covering_the_dictionary_once(n, chunk, size):
+    spans = [owned_rows(n, chunk, rank, size) for rank in range(size)]
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(lo % chunk == 0 for lo, _ in spans)
+    chunks = [-(-(hi - lo) // chunk) for lo, hi in spans]
+    assert max(chunks) - min(chunks) <= 1
+
+
+def test_batch_shares_split_a_batch_in_order():
+    for count in range(0, 12):
+        for size in (1, 2, 3, 4):
+            shares = [batch_share(count, rank, size) for rank in range(size)]
+            assert shares[0][0] == 0 and shares[-1][1] == count
+            assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+
+
+def test_a_world_size_that_does_not_divide_the_global_batch_is_refused():
+    check_world_size(64, 4)
+    with pytest.raises(ConfigError, match=r"64 does not split evenly over 3 processes.*\[1, 2, 4, 8, 16, 32, 64\]"):
+        check_world_size(64, 3)
+
+
+def test_one_process_collectives_return_their_input():
+    world = World()
+    x, idx = torch.ones(3, 2, requires_grad=True), torch.arange(3)
+    assert world.gather_batch(x, idx, 3) == (x, idx)
+    assert world.any(True) and not world.any(False)
+    assert torch.equal(world.sum(torch.tensor(2.0)), torch.tensor(2.0))
+
+
+@pytest.mark.parametrize(("nproc", "r", "delta"), [(2, 0.05, 0.4), (3, 0.3, 1.0)])
+def test_a_sharded_step_equals_the_dense_single_process_dtl(tmp_path, nproc, r, delta):
+    """Each rank owns part of a real Zarr dictionary; loss, gradients and the momentum-updated dictionary
+    equal the dense reference (float32 against float64: a few ulps)."""
+    done = torchrun(nproc, str(HERE / "ddp_dtl_worker.py"), str(tmp_path), str(r), str(delta))
+    assert done.returncode == 0, done.stderr[-3000:]
+    m, x, rows, positives = problem()
+    reference = x.double().clone().requires_grad_(True)
+    pos_ptr, pos_idx = batch_positives(positives[0], positives[1], rows)
+    dense = dtl_dense(reference, m.double(), rows, pos_ptr, pos_idx, r, delta)
+    dense["loss"].backward()
+    ranks = [torch.load(tmp_path / f"rank-{k}.pt") for k in range(nproc)]
+    spans = [tuple(k["span"]) for k in ranks]
+    assert spans[0][0] == 0 and spans[-1][1] == len(m) and all(lo < hi for lo, hi in spans)  # every rank owns rows
+    for k in ranks:
+        assert k["loss"] == pytest.approx(dense["loss"].item(), rel=1e-6)
+    grad = torch.cat([k["grad"] for k in ranks]).double()
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, reference.grad, rtol=1e-5, atol=1e-7)
+    expected = m.clone()
+    expected[rows] = momentum_update(m[rows], x, rows)  # the batch repeats a row: updated twice, in batch order
+    assert len(np.unique(rows.numpy())) < len(rows)
+    torch.testing.assert_close(torch.load(tmp_path / "dictionary.pt"), expected, rtol=0, atol=0)
