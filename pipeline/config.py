@@ -108,6 +108,8 @@ class TrainConfig:
     # epoch 0) by a no-grad pass in train mode on augmented images, as the published code does;
     # "eval": extracted in eval mode without augmentation at epoch 0 and every reextract_every epochs
     refresh: str = "published"
+    # SyncBatchNorm in runs of several processes: BatchNorm statistics of the global batch, as one process has
+    sync_bn: bool = True
 
     def __post_init__(self):
         _need(self.epochs >= 0, "train.epochs", "an int >= 0 (0 writes the untrained model)", self.epochs)

@@ -82,3 +82,9 @@ class Stopped(WildreidError):
     """SIGTERM or SIGINT asked the command to stop; it stopped where a re-run resumes."""
 
     exit_code = 75  # EX_TEMPFAIL (sysexits.h): "try again later", what a scheduler should requeue on
+
+
+class DistributedError(WildreidError, RuntimeError):
+    """A rank of a distributed run failed, or a collective with the other ranks did not complete in time."""
+
+    exit_code = 10

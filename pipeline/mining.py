@@ -65,6 +65,7 @@ from wildreid.stores.derived import (
 )
 from wildreid.stores.rows import GATHER_WINDOW_BYTES
 from wildreid.tasks import run_tasks
+from wildreid.world import World
 
 __all__ = ["MineParams", "block_plan", "graph_reader", "mine", "smallest_budget"]
 
@@ -551,6 +552,7 @@ def mine(
     should_stop: Callable[[], bool] = lambda: False,
     locked: bool = False,
     log: Callable[[str], None] = lambda message: None,
+    world: World = World(),
 ) -> dict:
     """Compute the k-NN graph and the DPLM positives of the store at ``path``; returns a report.
 
@@ -558,12 +560,18 @@ def mine(
     The store's writer lock is taken for the run unless the caller holds it (``locked``).
     When ``should_stop()`` turns true, blocks not yet started are skipped and
     :class:`Stopped` is raised: a re-run resumes after the finished blocks.
+
+    In a distributed training run every rank calls this with its ``world``: rank r runs
+    the blocks b with b % W == r of each stage (each block writes whole chunks of its own
+    rows and its own done flag), and rank 0 alone writes the groups' attributes and
+    assembles the positives, between barriers. A stop asked of any rank stops all of them
+    after the stage's blocks.
     """
     started = time.perf_counter()
     check_order(params.order)
-    lock = None if locked else WriterLock(path, log=log)
+    lock = None if locked or not world.main else WriterLock(path, log=log)  # the ranks of a run are one writer
     try:
-        store = FeatureStore.open(path, mode="r+")
+        store = FeatureStore.open(path, mode="r+", meta_writer=world.main)
         n, dim = store.count(), store.dim()
         if n == 0:
             raise StoreError(f"{path}/features has no rows")
@@ -593,7 +601,7 @@ def mine(
         with _one_blas_thread():
             _LIMITED.append(True)
             try:
-                timings = _run_stages(store, params, plan, workers, scheduler, progress, graph_only, should_stop)
+                timings = _run_stages(store, params, plan, workers, scheduler, progress, graph_only, should_stop, world)
             finally:
                 _LIMITED.clear()
         if graph_only:
@@ -607,8 +615,8 @@ def mine(
     return report
 
 
-def _stop_if_asked(should_stop: Callable[[], bool], stage: str) -> None:
-    if should_stop():
+def _stop_if_asked(should_stop: Callable[[], bool], stage: str, world: World = World()) -> None:
+    if world.any(should_stop()):
         raise Stopped(
             f"mining stopped during the {stage} stage after its finished blocks; run the same command again to resume"
         )
@@ -623,51 +631,67 @@ def _run_stages(
     progress,
     graph_only: bool,
     should_stop: Callable[[], bool],
+    world: World = World(),
 ) -> dict:
     n = store.count()
     timings = {}
-    complete = open_derived(store, "knn", _fingerprint(store, params, plan, "knn"))
-    blocks = -(-n // plan.query_rows)
-    if not complete:
-        prepare_knn(store, params.k, plan.query_rows)
-        todo = knn_pending(store)
-        progress("k-NN graph", blocks - len(todo), blocks)
+    if world.main:
+        open_derived(store, "knn", _fingerprint(store, params, plan, "knn"))
+    world.barrier()
+    if not open_derived(store, "knn", _fingerprint(store, params, plan, "knn")):  # (now the same on every rank)
+        blocks = -(-n // plan.query_rows)
+        if world.main:
+            prepare_knn(store, params.k, plan.query_rows)
+        world.barrier()
+        todo = _my_blocks(knn_pending(store), world)
+        progress("k-NN graph", blocks - len(todo) * world.size, blocks)
         began = time.perf_counter()
         run_tasks(
             "knn",
             [(_knn_task, (str(store.path), b, params, plan)) for b in todo],
             scheduler=scheduler,
             workers=plan.workers,
-            on_done=lambda: progress("k-NN graph", 1, blocks),
+            on_done=lambda: progress("k-NN graph", world.size, blocks),
             cleanup=_release_buffers,
             should_stop=should_stop,
         )
-        _stop_if_asked(should_stop, "k-NN")
+        _stop_if_asked(should_stop, "k-NN", world)
         timings["knn_s"] = time.perf_counter() - began
-        mark_complete(store, "knn")
+        if world.main:
+            mark_complete(store, "knn")
+        world.barrier()
     _crash_point("knn-complete")
     if graph_only:
         return timings
 
-    complete = open_derived(store, "positives", _fingerprint(store, params, plan, "rules"))
-    if not complete:
+    if world.main:
+        open_derived(store, "positives", _fingerprint(store, params, plan, "rules"))
+    world.barrier()
+    if not open_derived(store, "positives", _fingerprint(store, params, plan, "rules")):
         rule_blocks = -(-n // plan.rule_rows)
-        todo = parts_pending(store, rule_blocks)
-        progress("DPLM rules", rule_blocks - len(todo), rule_blocks)
+        todo = _my_blocks(parts_pending(store, rule_blocks), world)
+        progress("DPLM rules", rule_blocks - len(todo) * world.size, rule_blocks)
         began = time.perf_counter()
         run_tasks(
             "rules",
             [(_rules_task, (str(store.path), b, params, plan)) for b in todo],
             scheduler=scheduler,
             workers=plan.rule_workers,
-            on_done=lambda: progress("DPLM rules", 1, rule_blocks),
+            on_done=lambda: progress("DPLM rules", world.size, rule_blocks),
             cleanup=_release_buffers,
             should_stop=should_stop,
         )
-        _stop_if_asked(should_stop, "rules")
+        _stop_if_asked(should_stop, "rules", world)
         timings["rules_s"] = time.perf_counter() - began
-        assemble_positives(store, rule_blocks)
+        if world.main:
+            assemble_positives(store, rule_blocks)
+        world.barrier()
     return timings
+
+
+def _my_blocks(pending: list[int], world: World) -> list[int]:
+    """This rank's pending blocks: block b goes to rank b % W, whatever was done before a resume."""
+    return [b for b in pending if b % world.size == world.rank]
 
 
 def _report(store: FeatureStore, params: MineParams, plan: BlockPlan, budget: int) -> dict:

@@ -3,6 +3,7 @@ against the dense single-process reference."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,3 +85,21 @@ def test_a_sharded_step_equals_the_dense_single_process_dtl(tmp_path, nproc, r, 
     expected[rows] = momentum_update(m[rows], x, rows)  # the batch repeats a row: updated twice, in batch order
     assert len(np.unique(rows.numpy())) < len(rows)
     torch.testing.assert_close(torch.load(tmp_path / "dictionary.pt"), expected, rtol=0, atol=0)
+
+
+def test_two_ranks_mine_the_graph_and_positives_one_process_mines(tmp_path):
+    """Each rank runs its share of the k-NN and rules blocks of one store; rank 0 assembles the positives."""
+    from test_mining import clustered, graph, make_store, positives
+
+    from wildreid.mining import MineParams, mine
+
+    x, labels = clustered(2500, 16, clusters=40, noise=0.5)
+    one, two = make_store(tmp_path / "one.zarr", x, labels), make_store(tmp_path / "two.zarr", x, labels)
+    budget = 24 << 20
+    mine(str(one), MineParams(k=11, adjacency=10), memory_budget=budget, workers=1)
+    done = torchrun(2, str(HERE / "ddp_mine_worker.py"), str(two), str(budget), "11", "10")
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads(done.stdout.strip().splitlines()[-1])
+    assert plan["query_rows"] < len(x) / 2  # several k-NN blocks: both ranks had some
+    for a, b in zip(graph(one) + positives(one), graph(two) + positives(two)):
+        assert np.array_equal(a, b)
