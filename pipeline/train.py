@@ -56,7 +56,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,7 @@ from wildreid.label_free import positives_stats
 from wildreid.mining import GRAPH_CHUNK_ROWS, MineParams, mine, smallest_budget
 from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
 from wildreid.run_budget import RunMemory, activation_bytes, plan_run_memory, process_uss
-from wildreid.scalars import open_scalars, require_tensorboard
+from wildreid.scalars import NoScalars, open_scalars, require_tensorboard
 from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry, split_labels
 from wildreid.signals import ignore_stop_signals, signal_point
 from wildreid.stores import LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write, rows_per_chunk
@@ -251,15 +251,144 @@ def train(
         lock.release()
 
 
+@dataclass(eq=False)
+class _Run:
+    """What the phases of one training run share: its inputs, model, store and plans, and where it is."""
+
+    shards: str | Path
+    splits: str | tuple[str, str]
+    n: int  # the dictionary's rows: the training images
+    config: Config
+    options: TrainOptions
+    device: torch.device
+    progress: Progress
+    log: Callable[[str], None]
+    asked_to_stop: Callable[[], bool]  # the caller's (a signal); should_stop() adds --max-steps
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    store: FeatureStore
+    run_dir: Path
+    memory: RunMemory
+    use_graph: bool
+    scalars: NoScalars
+    augment: Callable
+    dataset: ShardDataset
+    on_device: int  # bytes of dictionary pages on the device
+    gather_rows: int
+    # the checkpoint resumed from and its state ({}: none): what a resumed epoch's k-NN graph is checked against
+    ckpt: Path | None
+    state: dict
+    # where the run is: what a checkpoint records
+    epoch: int
+    position: int
+    step: int
+    history: list[dict]
+    positives: tuple[np.ndarray, np.ndarray]
+    partial: dict
+    refreshed: int  # samples of this epoch's dictionary rebuild done (0: none, or it is over)
+    steps_here: int = 0  # steps of this invocation: what --max-steps and the crash tests count
+    cache_stats: dict[str, int] = field(default_factory=dict)
+
+    def should_stop(self) -> bool:
+        """A signal, or --max-steps reached: the same checkpointed, resumable stop."""
+        max_steps = self.options.max_steps
+        return self.asked_to_stop() or (max_steps is not None and self.steps_here >= max_steps)
+
+    def stop_here(self) -> None:
+        if self.should_stop():
+            raise Stopped(f"stopped at epoch {self.epoch} step {self.step}; resume with --resume")
+
+
+@dataclass(eq=False)
+class _Epoch:
+    """What one epoch's steps read, and the sums its history record reports (a checkpoint's ``partial``)."""
+
+    per_batch: bool  # train.mining=batch after warm-up: each step mines its own positives
+    labels: tuple[np.ndarray, np.ndarray] | None  # what batch mining's quality is scored against
+    cache: PageCache
+    graph: Callable[[np.ndarray], np.ndarray] | None
+    began: float
+    losses: list[float]
+    seen: int
+    mined: dict
+
+
 def _train(
     shards, store_path: Path, config: Config, options: TrainOptions, device: torch.device, progress, log, should_stop
 ) -> dict:
     """``train`` with the store's lock held."""
+    run = _set_up(shards, store_path, config, options, device, progress, log, should_stop)
+    while run.epoch < config.train.epochs:
+        _epoch(run)
+    return _finish(run)
+
+
+def _set_up(
+    shards, store_path: Path, config: Config, options: TrainOptions, device: torch.device, progress, log, should_stop
+) -> _Run:
+    """Everything before the first epoch: model, optimizer, memory plan, store, resumed checkpoint, data set."""
     if options.tensorboard is not None:
         require_tensorboard()
     if options.deterministic:
         torch.use_deterministic_algorithms(True)
     tc = config.train
+    splits, n = _training_data(shards, tc, log)
+    budget = options.memory_budget or default_budget()
+    _seed_everything(tc.seed)
+    model, optimizer = _model_and_optimizer(config, device)
+    use_graph = config.loss.negatives == "graph"
+    # planned before the store is touched: a budget that cannot be honoured leaves nothing behind
+    memory = _plan_memory(budget, model, n, config, device, use_graph)
+    dim = ARCHS[config.model.arch][1]
+    digest, dtype = config_digest(config), config.dictionary.dtype
+    store = _open_store(store_path, n, dim, options.resume, digest, dtype, lambda: split_labels(shards, splits))
+    _log_start(model, store, n, log)
+
+    run_dir = store_path / "train"
+    ckpt, state, where = _restore(run_dir, options.resume, model, optimizer, store, n, log)
+    epoch, position, step, history, positives = where
+    _write_history(run_dir, history)
+    # a resumed run purges what the earlier session logged after its checkpoint: one run's curves, not two
+    scalars = open_scalars(options.tensorboard, resumed_step=step if ckpt is not None else None)
+    _log_memory(budget, memory, log)
+    if tc.mining == "batch":
+        _check_batch_mining(n, dim, tc.batch_size, config.mining.adjacency, memory.rest)
+    return _Run(
+        shards=shards,
+        splits=splits,
+        n=n,
+        config=config,
+        options=options,
+        device=device,
+        progress=progress,
+        log=log,
+        asked_to_stop=should_stop,
+        model=model,
+        optimizer=optimizer,
+        store=store,
+        run_dir=run_dir,
+        memory=memory,
+        use_graph=use_graph,
+        scalars=scalars,
+        augment=train_transform(config.model.image_size, seed=tc.seed),
+        dataset=_dataset(shards, splits, config),
+        on_device=device_budget(options, device),
+        # gathered hard-negative rows: float32, with their gradient and a float16 copy
+        gather_rows=max(256, memory.gathers // (dim * 12)),
+        ckpt=ckpt,
+        state=state,
+        epoch=epoch,
+        position=position,
+        step=step,
+        history=history,
+        positives=positives,
+        partial=state.get("partial", {}),
+        refreshed=state.get("refreshed", 0),  # a rebuild interrupted at this many samples
+    )
+
+
+def _training_data(shards, tc, log) -> tuple[str | tuple[str, str], int]:
+    """The split(s) the run trains on and their number of images (at least one batch)."""
     splits = _train_splits(shards, tc.transductive)
     n = sum(entry["num_samples"] for _, entry, _ in split_entries(shards, splits))
     if tc.transductive:
@@ -271,10 +400,11 @@ def _train(
         raise ConfigError(
             f"the training split(s) have {n} images, fewer than one batch of {tc.batch_size}; lower train.batch_size"
         )
-    budget = options.memory_budget or default_budget()
-    run_dir = store_path / "train"
+    return splits, n
 
-    _seed_everything(tc.seed)
+
+def _model_and_optimizer(config: Config, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    tc = config.train
     model = build_model(config.model.arch, pretrained=config.model.pretrained, last_stride=config.model.last_stride)
     model.to(device)
     if device.type == "cuda":
@@ -286,20 +416,12 @@ def _train(
     optimizer = torch.optim.SGD(
         groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay, foreach=True
     )
+    return model, optimizer
 
-    use_graph = config.loss.negatives == "graph"
-    # planned before the store is touched: a budget that cannot be honoured leaves nothing behind
-    memory = _plan_memory(budget, model, n, config, device, use_graph)
-    store = _open_store(
-        store_path,
-        n,
-        ARCHS[config.model.arch][1],
-        options.resume,
-        config_digest(config),
-        config.dictionary.dtype,
-        lambda: split_labels(shards, splits),
-    )
-    if model.pretrained_from is None:  # said once the store is known to be this run's
+
+def _log_start(model: torch.nn.Module, store: FeatureStore, n: int, log) -> None:
+    """What the run starts from (said once the store is known to be this run's)."""
+    if model.pretrained_from is None:
         log("no --pretrained weights given: training starts from random weights")
     unknown = int(np.count_nonzero(store.ids() < 0))
     if unknown:
@@ -309,293 +431,346 @@ def _train(
             "images with positives besides themselves, connected groups)"
         )
 
-    epoch, position, step, history = 0, 0, 0, []
-    positives = _self_positives(n)
-    found = resume_checkpoint(run_dir, log) if options.resume else None
-    ckpt, state = found if found is not None else (None, {})
-    if ckpt is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
-        epoch, position, step, history = state["epoch"], state["position"], state["step"], state["history"]
-        store.replace_features(ckpt / "dictionary")  # a crash-safe swap (FeatureStore.replace_features)
-        # an extraction recorded after this checkpoint described rows that were just replaced
-        store.set_meta("extraction", {})
-        positives = load_positives(ckpt)
-        log(f"resumed from {ckpt.name}: epoch {epoch}, sample {position}, step {step}")
-    _write_history(run_dir, history)
-    # a resumed run purges what the earlier session logged after its checkpoint: one run's curves, not two
-    scalars = open_scalars(options.tensorboard, resumed_step=step if ckpt is not None else None)
+
+def _restore(run_dir: Path, resume: bool, model, optimizer, store: FeatureStore, n: int, log) -> tuple:
+    """With --resume, model, optimizer, RNGs and dictionary as the latest checkpoint left them. Returns that
+    checkpoint (None: none), its state ({}: none) and where the run is: (epoch, position, step, history, positives).
+    """
+    found = resume_checkpoint(run_dir, log) if resume else None
+    if found is None:
+        return None, {}, (0, 0, 0, [], _self_positives(n))
+    ckpt, state = found
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    _set_rng_state(state["rng"])
+    epoch, position, step, history = state["epoch"], state["position"], state["step"], state["history"]
+    store.replace_features(ckpt / "dictionary")  # a crash-safe swap (FeatureStore.replace_features)
+    # an extraction recorded after this checkpoint described rows that were just replaced
+    store.set_meta("extraction", {})
+    positives = load_positives(ckpt)
+    log(f"resumed from {ckpt.name}: epoch {epoch}, sample {position}, step {step}")
+    return ckpt, state, (epoch, position, step, history, positives)
+
+
+def _log_memory(budget: int, memory: RunMemory, log) -> None:
     log(
         f"memory budget {budget / 2**20:,.0f} MiB (whole process tree): training process "
         f"{memory.process / 2**20:,.0f}, step {memory.step / 2**20:,.0f}, DataLoader workers "
         f"{memory.workers / 2**20:,.0f}, dictionary cache {memory.cache / 2**20:,.0f}, mining "
         f"{memory.mining / 2**20:,.0f} MiB"
     )
-    if tc.mining == "batch":
-        _check_batch_mining(n, ARCHS[config.model.arch][1], tc.batch_size, config.mining.adjacency, memory.rest)
 
-    augment = train_transform(config.model.image_size, seed=tc.seed)
-    lanes = max(1, tc.workers)
-    dataset = ShardDataset(
+
+def _dataset(shards, splits, config: Config) -> ShardDataset:
+    tc = config.train
+    return ShardDataset(
         shards,
         splits,
         image_size=tuple(config.model.image_size),
         seed=tc.seed,
-        lanes=lanes,
+        lanes=max(1, tc.workers),
         chunk=tc.batch_size,
         decode=not tc.decode_on_device,
     )
-    cache_budget = memory.cache
-    on_device = device_budget(options, device)
-    cache_stats: dict[str, int] = {}
 
-    def page_cache() -> PageCache:
-        """This phase's cache over the dictionary: host pages within half the budget, device pages within
-        ``on_device`` (the whole dictionary there when it fits: it then stays for the phase)."""
-        cache = PageCache(
-            store.features,
-            host_budget=max(cache_budget, _page_bytes(store)),
-            device_budget=on_device,
-            device=device,
-            dtype=store.features.dtype,
+
+def _page_cache(run: _Run) -> PageCache:
+    """This phase's cache over the dictionary: host pages within half the budget, device pages within
+    ``run.on_device`` (the whole dictionary there when it fits: it then stays for the phase)."""
+    store = run.store
+    cache = PageCache(
+        store.features,
+        host_budget=max(run.memory.cache, _page_bytes(store)),
+        device_budget=run.on_device,
+        device=run.device,
+        dtype=store.features.dtype,
+    )
+    cache.load_all_to_device()
+    return cache
+
+
+def _count(run: _Run, cache: PageCache) -> None:
+    for key, value in cache.stats.items():
+        run.cache_stats[key] = run.cache_stats.get(key, 0) + value
+
+
+def _checkpoint(run: _Run, cache: PageCache, partial: dict, refreshed: int = 0) -> None:
+    """``refreshed``: samples of this epoch's dictionary rebuild done (0: none, or it is over)."""
+    cache.flush()
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "rng": _rng_state(),
+        "epoch": run.epoch,
+        "position": run.position,
+        "step": run.step,
+        "history": run.history,
+        "partial": _plain(partial),
+        "graph": complete_fingerprint(run.store, "knn") if run.use_graph else None,
+        "refreshed": refreshed,
+        "config": run.config.to_dict(),
+    }
+    tag = f"-refresh-{refreshed:010d}" if refreshed else ""
+    save_checkpoint(run.run_dir, run.step, state, run.store.path / "features", run.positives, tag=tag)
+    run.scalars.flush()  # what the checkpoint covers is on disk too
+
+
+def _loader(run: _Run, key: int, start: int) -> DataLoader:
+    """The training loader over order and augmentation ``key`` (an epoch, or its rebuild's), from ``start``."""
+    run.dataset.set_epoch(key, start)
+    return DataLoader(
+        run.dataset,
+        batch_size=None,
+        num_workers=run.config.train.workers,
+        worker_init_fn=ignore_stop_signals,
+        pin_memory=run.device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def _mine_now(run: _Run, graph_only: bool = False):
+    return _mine(
+        run.store,
+        run.config,
+        run.memory.mining,
+        run.config.train.workers,
+        run.progress,
+        run.should_stop,
+        graph_only=graph_only,
+    )
+
+
+def _epoch(run: _Run) -> None:
+    """One epoch (or the rest of a resumed one): its start, its steps, its history record and checkpoint.
+
+    The epoch's caches live as long as this call: at the next epoch's start their memory goes to mining.
+    """
+    tc = run.config.train
+    began = time.perf_counter()
+    if run.position == 0:
+        _epoch_start(run)
+    elif run.use_graph and complete_fingerprint(run.store, "knn") != run.state.get("graph"):
+        # resumed mid-epoch from a checkpoint older than the stored graph (a damaged newer one was set aside)
+        run.log(
+            f"the k-NN graph of epoch {run.epoch} was replaced after {run.ckpt.name}; mining it again from that "
+            "checkpoint's dictionary: the run goes on, but is no longer bit-identical to an uninterrupted one"
         )
-        cache.load_all_to_device()
-        return cache
-
-    def count(cache: PageCache) -> None:
-        for key, value in cache.stats.items():
-            cache_stats[key] = cache_stats.get(key, 0) + value
-
-    # gathered hard-negative rows: float32, with their gradient and a float16 copy
-    gather_rows = max(256, memory.gathers // (ARCHS[config.model.arch][1] * 12))
-    steps_here = 0
-    asked_to_stop = should_stop
-
-    def should_stop() -> bool:  # a signal, or --max-steps reached: the same checkpointed, resumable stop
-        return asked_to_stop() or (options.max_steps is not None and steps_here >= options.max_steps)
-
-    def checkpoint(cache: PageCache, positives, partial: dict, refreshed: int = 0) -> None:
-        """``refreshed``: samples of this epoch's dictionary rebuild done (0: none, or it is over)."""
-        cache.flush()
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(),
-            "epoch": epoch,
-            "position": position,
-            "step": step,
-            "history": history,
-            "partial": _plain(partial),
-            "graph": complete_fingerprint(store, "knn") if use_graph else None,
-            "refreshed": refreshed,
-            "config": config.to_dict(),
-        }
-        tag = f"-refresh-{refreshed:010d}" if refreshed else ""
-        save_checkpoint(run_dir, step, state, store.path / "features", positives, tag=tag)
-        scalars.flush()  # what the checkpoint covers is on disk too
-
-    def stop_here() -> None:
-        if should_stop():
-            raise Stopped(f"stopped at epoch {epoch} step {step}; resume with --resume")
-
-    def loader_from(key: int, start: int) -> DataLoader:
-        """The training loader over order and augmentation ``key`` (an epoch, or its rebuild's), from ``start``."""
-        dataset.set_epoch(key, start)
-        return DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=tc.workers,
-            worker_init_fn=ignore_stop_signals,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
-        )
-
-    def rebuild(start: int) -> None:
-        """The published refresh (module docstring), from sample ``start`` of its pass."""
-        model.train()
-        cache = page_cache()
-        key = refresh_key(epoch)
-        loader = loader_from(key, start)
-        done, batches = start, 0
-        for images, idx, _vid, _cam in loader:
-            if tc.decode_on_device:
-                images = decode_batch(images, tuple(config.model.image_size), device)
-            x = refresh_features(model, augment(images.to(device, non_blocking=True), idx, key))
-            cache.set_rows(idx.numpy(), x.float().cpu().numpy())
-            done += len(idx)
-            batches += 1
-            progress(f"refresh {epoch}", len(idx), n)
-            signal_point(f"refresh:{epoch}:{batches}")
-            stopping = should_stop() and done < n
-            if done < n and (stopping or tc.checkpoint_every_steps and batches % tc.checkpoint_every_steps == 0):
-                checkpoint(cache, positives, {}, refreshed=done)
-            if stopping:
-                raise Stopped(
-                    f"stopped at epoch {epoch} step {step}, in the dictionary rebuild ({done} of {n} "
-                    "samples); resume with --resume"
-                )
-        cache.flush()
-        count(cache)
-
-    def epoch_start(positives):
-        """Eval-mode re-extraction and mining before the epoch's first step; returns the epoch's positives."""
-        if tc.refresh == "eval" and epoch % tc.reextract_every == 0:
-            signal_point(f"extract:{epoch}")
-            extract_split(
-                shards,
-                splits,
-                model,
-                store,
-                image_size=tuple(config.model.image_size),
-                device=device,
-                progress=progress,
-                label=f"epoch-{epoch}-step-{step}",
-                should_stop=should_stop,
-            )
-        signal_point(f"mine:{epoch}")
-        if tc.is_warmup(epoch):
-            positives = _self_positives(n)
-        elif tc.mining == "epoch" and (epoch - tc.warmup_epochs) % tc.remine_every == 0:
-            return _mine(store, config, memory.mining, tc.workers, progress, should_stop)[0]
-        if use_graph:  # no DPLM this epoch, but graph negatives need a fresh graph
-            _mine(store, config, memory.mining, tc.workers, progress, should_stop, graph_only=True)
-        return positives
-
-    partial = state.get("partial", {})
-    refreshed = state.get("refreshed", 0)  # a rebuild interrupted at this many samples
-    while epoch < tc.epochs:
-        began = time.perf_counter()
-        if position == 0:
-            partial = {}
-            cache = graph = None  # the last epoch's caches (flushed at its checkpoint): their memory goes to mining
-            stop_here()
-            if tc.refresh == "published" and epoch % tc.reextract_every == 0 and epoch != 0:
-                rebuild(refreshed)  # stops with its own checkpoint
-            refreshed = 0
-            try:
-                positives = epoch_start(positives)
-            except Stopped:  # extraction and mining stop after a finished chunk or block: what resume redoes
-                raise Stopped(
-                    f"stopped at epoch {epoch} step {step}, before the epoch's first step; resume with --resume"
-                ) from None
-        elif use_graph and complete_fingerprint(store, "knn") != state.get("graph"):
-            # resumed mid-epoch from a checkpoint older than the stored graph (a damaged newer one was set aside)
-            log(
-                f"the k-NN graph of epoch {epoch} was replaced after {ckpt.name}; mining it again from that "
-                "checkpoint's dictionary: the run goes on, but is no longer bit-identical to an uninterrupted one"
-            )
-            _mine(store, config, memory.mining, tc.workers, progress, should_stop, graph_only=True)
-        per_batch = tc.mining == "batch" and not tc.is_warmup(epoch)
-        labels = _labels(store.ids()) if per_batch else None
-        cache = page_cache()
+        _mine_now(run, graph_only=True)
+    per_batch = tc.mining == "batch" and not tc.is_warmup(run.epoch)
+    ep = _Epoch(
+        per_batch=per_batch,
+        labels=_labels(run.store.ids()) if per_batch else None,
+        cache=_page_cache(run),
         # the graph mined at this epoch's start (kept in the store, so a resumed epoch reads the same one)
-        graph = graph_reader(store, config.mining.k, memory.graph) if use_graph else None
-        _set_lr(optimizer, config, epoch)
-        model.train()
-        loader = loader_from(epoch, position)
-        losses = partial.get("losses", [])
-        seen = partial.get("seen", 0)
-        mined = partial.get("mined", {"rows": 0, "positives": 0, "precision": 0.0, "recall": 0.0, "with_others": 0})
-        for images, idx, _vid, _cam in loader:
-            position += len(idx)
-            if len(idx) < 2:  # BatchNorm cannot train on one sample; the order stays the same on resume
-                if tc.refresh == "published":
-                    _fill_row(model, augment(images.to(device), idx, epoch), idx, cache)
-                continue
-            if tc.decode_on_device:
-                images = decode_batch(images, tuple(config.model.image_size), device)
-            x = _forward(model, augment(images.to(device, non_blocking=True), idx, epoch))
-            used = _mine_batch(cache, idx.numpy(), config, labels, mined) if per_batch else positives
-            loss = dictionary_step(
-                x,
-                idx,
-                cache,
-                used,
-                config.loss.r,
-                config.loss.delta,
-                optimizer,
-                gather_rows=gather_rows,
-                graph=graph,
-                of_batch=per_batch,
-            )
-            losses.append(loss)
-            seen += len(idx)
-            step += 1
-            scalars.step(step, loss, {g["name"]: g["lr"] for g in optimizer.param_groups})
-            steps_here += 1
-            progress(f"epoch {epoch}", len(idx), n)
-            partial = {"losses": losses, "seen": seen, "mined": mined}
-            signal_point(f"step:{steps_here}")
-            stopping = should_stop() and position < n  # at the epoch's end its own checkpoint comes first
-            if position < n and (stopping or tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0):
-                checkpoint(cache, positives, partial)
-            if stopping:
-                stop_here()
-            if steps_here == _CRASH_AFTER_STEPS:
-                os.kill(os.getpid(), signal.SIGKILL)  # tests: a kill -9 at a chosen step
-        count(cache)
-        quality = _positives_quality(mined if per_batch else None, positives, store.ids())
-        record = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)) if losses else None,
-            "steps": len(losses),
-            "warmup": tc.is_warmup(epoch),
-            "mining": tc.mining,
-            "precision": quality["precision"],
-            "recall": quality["recall"],
-            "mean_positives": quality["mean_positives"],
-            "share_with_others": quality["share_with_others"],
-            "groups": quality["groups"],
-            "largest_group": quality["largest_group"],
-            "images_per_s": seen / (time.perf_counter() - began),
-            "peak_rss_bytes": peak_rss_bytes(),
-            "lr": config.train.lr_at(epoch),
-            "transductive": tc.transductive,
-            "negatives": config.loss.negatives,
-            "refresh": tc.refresh,
-        }
-        history.append(_plain(record))
-        scalars.epoch(step, record)
-        epoch, position, partial = epoch + 1, 0, {}
-        checkpoint(cache, positives, partial)
-        _write_history(run_dir, history)
-        log(json.dumps(record))
-        if epoch < tc.epochs:
-            stop_here()
+        graph=graph_reader(run.store, run.config.mining.k, run.memory.graph) if run.use_graph else None,
+        began=began,
+        losses=run.partial.get("losses", []),
+        seen=run.partial.get("seen", 0),
+        mined=run.partial.get("mined", {"rows": 0, "positives": 0, "precision": 0.0, "recall": 0.0, "with_others": 0}),
+    )
+    _set_lr(run.optimizer, run.config, run.epoch)
+    run.model.train()
+    _epoch_steps(run, ep, _loader(run, run.epoch, run.position))
+    _count(run, ep.cache)
+    record = _epoch_record(run, ep)
+    run.history.append(_plain(record))
+    run.scalars.epoch(run.step, record)
+    run.epoch, run.position, run.partial = run.epoch + 1, 0, {}
+    _checkpoint(run, ep.cache, run.partial)
+    _write_history(run.run_dir, run.history)
+    run.log(json.dumps(record))
+    if run.epoch < tc.epochs:
+        run.stop_here()
 
-    if tc.epochs == 0 or not history:
+
+def _epoch_start(run: _Run) -> None:
+    """Before an epoch's first step: the published dictionary rebuild, then extraction and mining."""
+    tc = run.config.train
+    run.partial = {}
+    run.stop_here()
+    if tc.refresh == "published" and run.epoch % tc.reextract_every == 0 and run.epoch != 0:
+        _rebuild(run, run.refreshed)  # stops with its own checkpoint
+    run.refreshed = 0
+    try:
+        run.positives = _extract_and_mine(run)
+    except Stopped:  # extraction and mining stop after a finished chunk or block: what resume redoes
+        raise Stopped(
+            f"stopped at epoch {run.epoch} step {run.step}, before the epoch's first step; resume with --resume"
+        ) from None
+
+
+def _extract_and_mine(run: _Run) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode re-extraction and mining before the epoch's first step; returns the epoch's positives."""
+    tc = run.config.train
+    if tc.refresh == "eval" and run.epoch % tc.reextract_every == 0:
+        signal_point(f"extract:{run.epoch}")
+        extract_split(
+            run.shards,
+            run.splits,
+            run.model,
+            run.store,
+            image_size=tuple(run.config.model.image_size),
+            device=run.device,
+            progress=run.progress,
+            label=f"epoch-{run.epoch}-step-{run.step}",
+            should_stop=run.should_stop,
+        )
+    signal_point(f"mine:{run.epoch}")
+    positives = run.positives
+    if tc.is_warmup(run.epoch):
+        positives = _self_positives(run.n)
+    elif tc.mining == "epoch" and (run.epoch - tc.warmup_epochs) % tc.remine_every == 0:
+        return _mine_now(run)[0]
+    if run.use_graph:  # no DPLM this epoch, but graph negatives need a fresh graph
+        _mine_now(run, graph_only=True)
+    return positives
+
+
+def _rebuild(run: _Run, start: int) -> None:
+    """The published refresh (module docstring), from sample ``start`` of its pass."""
+    tc, epoch, n = run.config.train, run.epoch, run.n
+    run.model.train()
+    cache = _page_cache(run)
+    key = refresh_key(epoch)
+    loader = _loader(run, key, start)
+    done, batches = start, 0
+    for images, idx, _vid, _cam in loader:
+        if tc.decode_on_device:
+            images = decode_batch(images, tuple(run.config.model.image_size), run.device)
+        x = refresh_features(run.model, run.augment(images.to(run.device, non_blocking=True), idx, key))
+        cache.set_rows(idx.numpy(), x.float().cpu().numpy())
+        done += len(idx)
+        batches += 1
+        run.progress(f"refresh {epoch}", len(idx), n)
+        signal_point(f"refresh:{epoch}:{batches}")
+        stopping = run.should_stop() and done < n
+        if done < n and (stopping or tc.checkpoint_every_steps and batches % tc.checkpoint_every_steps == 0):
+            _checkpoint(run, cache, {}, refreshed=done)
+        if stopping:
+            raise Stopped(
+                f"stopped at epoch {epoch} step {run.step}, in the dictionary rebuild ({done} of {n} "
+                "samples); resume with --resume"
+            )
+    cache.flush()
+    _count(run, cache)
+
+
+def _epoch_steps(run: _Run, ep: _Epoch, loader: DataLoader) -> None:
+    """The epoch's batches from ``run.position`` on, each a step with its bookkeeping: checkpoints every
+    ``train.checkpoint_every_steps`` and where a stop is asked for (at the epoch's end its own comes first)."""
+    tc = run.config.train
+    for images, idx, _vid, _cam in loader:
+        run.position += len(idx)
+        if len(idx) < 2:  # BatchNorm cannot train on one sample; the order stays the same on resume
+            if tc.refresh == "published":
+                _fill_row(run.model, run.augment(images.to(run.device), idx, run.epoch), idx, ep.cache)
+            continue
+        loss = _train_step(run, ep, images, idx)
+        ep.losses.append(loss)
+        ep.seen += len(idx)
+        run.step += 1
+        run.scalars.step(run.step, loss, {g["name"]: g["lr"] for g in run.optimizer.param_groups})
+        run.steps_here += 1
+        run.progress(f"epoch {run.epoch}", len(idx), run.n)
+        run.partial = {"losses": ep.losses, "seen": ep.seen, "mined": ep.mined}
+        signal_point(f"step:{run.steps_here}")
+        within = run.position < run.n
+        stopping = run.should_stop() and within
+        if within and (stopping or tc.checkpoint_every_steps and run.step % tc.checkpoint_every_steps == 0):
+            _checkpoint(run, ep.cache, run.partial)
+        if stopping:
+            run.stop_here()
+        if run.steps_here == _CRASH_AFTER_STEPS:
+            os.kill(os.getpid(), signal.SIGKILL)  # tests: a kill -9 at a chosen step
+
+
+def _train_step(run: _Run, ep: _Epoch, images, idx: torch.Tensor) -> float:
+    """One step on a batch of two or more: forward, the step's positives, the dictionary step; its loss.
+
+    The step's whole body, so that a run over several processes can swap in its own dictionary step.
+    """
+    config = run.config
+    if config.train.decode_on_device:
+        images = decode_batch(images, tuple(config.model.image_size), run.device)
+    x = _forward(run.model, run.augment(images.to(run.device, non_blocking=True), idx, run.epoch))
+    if ep.per_batch:
+        used = _mine_batch(ep.cache, idx.numpy(), config, ep.labels, ep.mined)
+    else:
+        used = run.positives
+    return dictionary_step(
+        x,
+        idx,
+        ep.cache,
+        used,
+        config.loss.r,
+        config.loss.delta,
+        run.optimizer,
+        gather_rows=run.gather_rows,
+        graph=ep.graph,
+        of_batch=ep.per_batch,
+    )
+
+
+def _epoch_record(run: _Run, ep: _Epoch) -> dict:
+    """The epoch's line of the history."""
+    tc = run.config.train
+    quality = _positives_quality(ep.mined if ep.per_batch else None, run.positives, run.store.ids())
+    return {
+        "epoch": run.epoch,
+        "loss": float(np.mean(ep.losses)) if ep.losses else None,
+        "steps": len(ep.losses),
+        "warmup": tc.is_warmup(run.epoch),
+        "mining": tc.mining,
+        "precision": quality["precision"],
+        "recall": quality["recall"],
+        "mean_positives": quality["mean_positives"],
+        "share_with_others": quality["share_with_others"],
+        "groups": quality["groups"],
+        "largest_group": quality["largest_group"],
+        "images_per_s": ep.seen / (time.perf_counter() - ep.began),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "lr": tc.lr_at(run.epoch),
+        "transductive": tc.transductive,
+        "negatives": run.config.loss.negatives,
+        "refresh": tc.refresh,
+    }
+
+
+def _finish(run: _Run) -> dict:
+    """After the last epoch: the final model, the curves and the run's report."""
+    tc = run.config.train
+    if tc.epochs == 0 or not run.history:
         # the untrained baseline (--epochs 0): the dictionary is the initial model's features
         extract_split(
-            shards,
-            splits,
-            model,
-            store,
-            image_size=tuple(config.model.image_size),
-            device=device,
-            progress=progress,
-            label=f"epoch-{epoch}-step-{step}",
+            run.shards,
+            run.splits,
+            run.model,
+            run.store,
+            image_size=tuple(run.config.model.image_size),
+            device=run.device,
+            progress=run.progress,
+            label=f"epoch-{run.epoch}-step-{run.step}",
         )
     model_path = save_model(
-        run_dir / "model.pt",
-        model,
-        config.to_dict(),
+        run.run_dir / "model.pt",
+        run.model,
+        run.config.to_dict(),
         # the shards: where 'wildreid export' finds images to check an export on
-        {"history": history, "transductive": tc.transductive, "shards": str(Path(shards).resolve())},
+        {"history": run.history, "transductive": tc.transductive, "shards": str(Path(run.shards).resolve())},
     )
-    _plot(run_dir, history)
-    scalars.close()
+    _plot(run.run_dir, run.history)
+    run.scalars.close()
     return {
         "checkpoint": str(model_path),
-        "weights_sha256": weights_sha256(model),
-        "dictionary_sha256": dictionary_sha256(store),
-        "history": history,
+        "weights_sha256": weights_sha256(run.model),
+        "dictionary_sha256": dictionary_sha256(run.store),
+        "history": run.history,
         "epochs": tc.epochs,
-        "pretrained": model.pretrained_from,
+        "pretrained": run.model.pretrained_from,
         "transductive": tc.transductive,
         # this process's page cache counts (not the run's: a resumed run starts them at 0)
-        "page_cache": {"device_budget_bytes": on_device, **cache_stats},
-        "memory": {**asdict(memory), "budget_covers": "the process tree's USS"},
+        "page_cache": {"device_budget_bytes": run.on_device, **run.cache_stats},
+        "memory": {**asdict(run.memory), "budget_covers": "the process tree's USS"},
     }
 
 
