@@ -43,11 +43,12 @@ def friendly(command):
         try:
             return command(*args, **kwargs)
         except Stopped as exc:
-            console.print(f"[yellow]{escape(str(exc))}[/]", highlight=False, soft_wrap=True)
+            if _rank() in ("", "rank 0: "):  # every rank stops at the same step: one says so
+                console.print(f"[yellow]{escape(str(exc))}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except WildreidError as exc:
             # escaped: messages name things like wildreid[export] that rich would read as markup
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {_rank()}{escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: re-run the same command to resume")
@@ -64,6 +65,13 @@ def friendly(command):
             raise typer.Exit(StoreError.exit_code) from None
 
     return wrapper
+
+
+def _rank() -> str:
+    """'rank R: ' in a rank of a distributed run (torchrun's environment), so every error names its rank."""
+    import os
+
+    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def _check_device(device: str) -> None:
@@ -308,11 +316,32 @@ def train(
     ),
     overrides: list[str] = typer.Option([], "--set", help="Any config value, e.g. --set loss.delta=0.5 (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
+    nproc_per_node: int = typer.Option(
+        1,
+        help="Train with this many processes on this machine (torch.distributed, as torchrun --standalone "
+        "--nproc-per-node N -m wildreid train ...): one per GPU with --device cuda. train.batch_size is the global "
+        "batch; --memory-budget and --device-budget are per process.",
+    ),
+    collective_timeout: float = typer.Option(
+        600.0,
+        help="Seconds a rank waits for the others in a collective before the run stops with an error "
+        "naming the rank (a rank that died or hangs).",
+    ),
 ):
     """Train SSML-FD on the unlabelled train split: dictionary, DPLM positives and DTL, crash-safe."""
+    import os
+
     from wildreid.config import load_config
     from wildreid.train import TrainOptions
     from wildreid.train import train as run_train
+    from wildreid.world import join_world, leave_world
+
+    if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        from wildreid.launch import launch, without_option
+
+        argv = without_option(sys.argv[1:], "--nproc-per-node")
+        code = launch(nproc_per_node, argv, lambda line: console.print(escape(line), highlight=False))
+        raise typer.Exit(code)
 
     extra = list(overrides)
     if epochs is not None:
@@ -339,16 +368,25 @@ def train(
         max_steps=max_steps,
         tensorboard=str(tensorboard) if tensorboard is not None else None,
     )
-    with RichProgress() as progress, GracefulStop() as stop:
-        report = run_train(
-            shards,
-            store,
-            cfg,
-            options,
-            progress=progress,
-            should_stop=stop,
-            log=lambda message: console.print(message, highlight=False, soft_wrap=True),
-        )
+    world = join_world(device, collective_timeout)
+    try:
+        with RichProgress() as bar, GracefulStop() as stop:
+            report = run_train(
+                shards,
+                store,
+                cfg,
+                options,
+                progress=bar if world.main else lambda phase, advance, total: None,
+                should_stop=stop,
+                log=(lambda message: console.print(message, highlight=False, soft_wrap=True))
+                if world.main
+                else lambda message: None,
+                world=world,
+            )
+    finally:
+        leave_world(world)
+    if not world.main:
+        return
     table = Table(
         title=f"training run in {store}"
         + (" (TRANSDUCTIVE: trained on the test gallery too)" if report["transductive"] else "")

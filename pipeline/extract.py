@@ -95,14 +95,19 @@ def write_features(
     should_stop: Callable[[], bool] = lambda: False,
     feature: str = "bnneck",
     on_chunk: Callable[[int], None] = lambda rows_done: None,
+    stop: int | None = None,
 ) -> FeatureStore:
     """Features of ``batches`` ((B, 3, H, W) uint8 images, their row numbers from ``start`` on) into ``store``.
 
     Rows are written in whole chunks; after each, ``rows_done`` and ``meta`` are recorded in the
     store's ``extraction`` attribute (what :func:`rows_done` resumes from) and ``on_chunk(rows_done)``
     runs. When ``should_stop()`` turns true, :class:`Stopped` is raised after the next whole chunk.
+    ``stop``: the rows end there (a rank's share of the dictionary; nothing is recorded then,
+    since the attribute speaks for the whole store).
     """
-    n, chunk = store.count(), store.chunk_rows
+    chunk = store.chunk_rows
+    n = store.count() if stop is None else stop
+    record = stop is None
     name = meta.get("split", "")
     was_training = model.training
     model.eval()
@@ -122,9 +127,10 @@ def write_features(
                 store.write_rows(start, block[:whole])
                 pending = [block[whole:]] if whole < len(block) else []
                 start += whole
-                store.set_meta(
-                    "extraction", {"meta": meta, "rows_done": start, "features_version": store.features_version}
-                )
+                if record:
+                    store.set_meta(
+                        "extraction", {"meta": meta, "rows_done": start, "features_version": store.features_version}
+                    )
                 progress(phase, whole, n)
                 on_chunk(start)
                 if should_stop() and start < n:
@@ -153,6 +159,7 @@ def extract_split(
     batch: int = EXTRACT_BATCH,
     labels: tuple[np.ndarray, np.ndarray] | None = None,
     on_chunk: Callable[[int], None] = lambda rows_done: None,
+    span: tuple[int, int] | None = None,
 ) -> FeatureStore:
     """Fill ``store.features`` with the model's features of every sample of ``split``, resumably.
 
@@ -165,6 +172,10 @@ def extract_split(
     caller holds the store's writer lock. ``batch``: images per forward pass (at most a
     chunk); ``labels``: the split's (vids, camids) when the caller has read them already;
     ``on_chunk(rows_done)`` runs after each chunk.
+
+    ``span`` = (lo, hi), chunk-aligned: only those rows, as a rank of a distributed run
+    extracts the rows it owns (``wildreid.world``); the labels are then left to rank 0
+    and a stopped extraction starts again from ``lo`` (no progress is recorded).
     """
     n = store.count()
     samples = sum(entry["num_samples"] for _, entry, _ in split_entries(shards_root, split))
@@ -175,6 +186,8 @@ def extract_split(
             "use a new store path for this split"
         )
     meta = extraction_meta(name, split_fingerprint(shards_root, split), label, feature)
+    if span is not None:
+        return _extract_span(shards_root, split, model, store, meta, span, image_size, device, batch, should_stop)
     done = rows_done(store, meta)
     phase = f"features {name}"
     progress(phase, done, n)
@@ -200,3 +213,26 @@ def extract_split(
         feature=feature,
         on_chunk=on_chunk,
     )
+
+
+def _extract_span(
+    shards_root, split, model, store: FeatureStore, meta: dict, span, image_size, device, batch, should_stop
+):
+    """``extract_split`` of the rows ``span`` = (lo, hi) only."""
+    lo, hi = span
+    if lo >= hi:
+        return store
+    dataset = ShardDataset(
+        shards_root, split, image_size=image_size, shuffle=False, chunk=max(1, min(store.chunk_rows, batch))
+    )
+    dataset.set_epoch(0, lo)
+
+    def batches():
+        for images, idx, _, _ in dataset:
+            keep = int(np.searchsorted(idx.numpy(), hi))
+            if keep:
+                yield images[:keep], idx.numpy()[:keep]
+            if keep < len(idx):
+                return
+
+    return write_features(store, batches(), model, meta=meta, start=lo, device=device, should_stop=should_stop, stop=hi)

@@ -38,8 +38,8 @@ def launch(nproc: int, argv: Sequence[str], say: Callable[[str], None]) -> int:
     """Run ``python -m wildreid ARGV`` as ``nproc`` ranks on this machine; returns the exit code for the user."""
     if nproc < 1:
         raise ConfigError(f"expected --nproc-per-node >= 1, found {nproc}")
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # torch's agent logs each worker's start and a multi-line report of a failure; the ranks say it in one line

@@ -571,6 +571,7 @@ def mine(
     check_order(params.order)
     lock = None if locked or not world.main else WriterLock(path, log=log)  # the ranks of a run are one writer
     try:
+        world.barrier()  # every rank's writes to the dictionary are done before any rank reads its version
         store = FeatureStore.open(path, mode="r+", meta_writer=world.main)
         n, dim = store.count(), store.dim()
         if n == 0:
@@ -585,7 +586,8 @@ def mine(
             adjacency=params.adjacency,
             order=params.order,
         )
-        budget = memory_budget or default_budget()
+        # every rank plans the same blocks (the plan is in the results' fingerprint): for the tightest budget
+        budget = world.least(memory_budget or default_budget())
         plan = block_plan(
             n,
             dim,
@@ -664,8 +666,8 @@ def _run_stages(
     if graph_only:
         return timings
 
-    if world.main:
-        open_derived(store, "positives", _fingerprint(store, params, plan, "rules"))
+    if world.main and not open_derived(store, "positives", _fingerprint(store, params, plan, "rules")):
+        parts_pending(store, -(-n // plan.rule_rows))  # creates the parts group: one rank, before the others look
     world.barrier()
     if not open_derived(store, "positives", _fingerprint(store, params, plan, "rules")):
         rule_blocks = -(-n // plan.rule_rows)

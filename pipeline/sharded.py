@@ -25,32 +25,33 @@ import torch.distributed as dist
 
 from wildreid.dtl import batch_positives, dtl_partial, momentum_update, select_hard, span_candidates
 from wildreid.stores import PageCache
-from wildreid.world import World
+from wildreid.world import GlobalBatchNorm, World
 
 __all__ = ["ddp_model", "sharded_step", "step_bytes", "sum_gradients"]
 
 
-def sum_gradients(state, bucket):
+def sum_gradients(world: World, bucket):
     """DDP communication hook: the sum of the ranks' gradients (DDP's default averages them).
 
     Each rank's loss is its share of the global loss, so the global gradient is their sum.
     """
+    world._count("gradients", bucket.buffer())
     future = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
     return future.then(lambda done: done.value()[0])
 
 
-def ddp_model(model: torch.nn.Module, world: World, sync_bn: bool) -> torch.nn.Module:
-    """``model`` for ``world``: itself for one process; else DistributedDataParallel summing gradients,
-    with SyncBatchNorm when ``sync_bn`` (BatchNorm statistics of the global batch, as one process has)."""
+def ddp_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """``model`` for ``world``: itself for one process; else DistributedDataParallel summing the gradients.
+
+    SyncBatchNorm (``train.sync_bn``) is converted by the caller before the optimizer is made."""
     if not world.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    synced = any(isinstance(m, (torch.nn.SyncBatchNorm, GlobalBatchNorm)) for m in model.modules())
     ids = [world.device.index] if world.device.type == "cuda" else None
-    wrapped = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=not sync_bn)
-    wrapped.register_comm_hook(None, sum_gradients)
+    wrapped = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=not synced)
+    wrapped.register_comm_hook(world, sum_gradients)
     return wrapped
 
 
@@ -78,7 +79,7 @@ def sharded_step(
     values, candidates, h = span_candidates(
         features, cache.scan_tensors(device), pos_ptr, pos_idx, rows, r, count=cache.n, span=cache.span
     )
-    hard = select_hard(world.cat(values, 1), world.cat(candidates, 1), h)
+    hard = select_hard(world.cat(values, 1, "candidates"), world.cat(candidates, 1, "candidates"), h)
     rows_fn = lambda ids: cache.get_rows_tensor(ids.cpu().numpy(), device).float()  # noqa: E731
     out = dtl_partial(features, rows_fn, rows, pos_ptr, pos_idx, hard, delta, span=cache.span, chunk_rows=gather_rows)
     if optimizer is not None:

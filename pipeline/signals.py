@@ -63,11 +63,18 @@ def signal_point(name: str) -> None:
     ``mine:E`` (training, epoch E), ``refresh:E:B`` (after batch B of epoch E's dictionary
     rebuild), ``knn:B`` and ``rules:B`` (a mining block), ``shard:FILE``,
     ``embed:R`` (``wildreid embed``, after the chunk that ends at row R).
+    WILDREID_HANG_AT=<name> makes the process hang there (a stuck rank, for collective timeouts).
+    WILDREID_SIGNAL_RANK=<r> limits these to rank r of a distributed run (torchrun's RANK).
     """
+    rank = os.environ.get("WILDREID_SIGNAL_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return
     if os.environ.get("WILDREID_SIGNAL_AT") == name:
         os.kill(os.getpid(), signal.SIGTERM)
     if os.environ.get("WILDREID_KILL_AT") == name:  # a kill -9 at the same points
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("WILDREID_HANG_AT") == name:
+        signal.pause()  # until a signal ends the process (the launcher's, when the group is stopped)
 
 
 def ignore_stop_signals(*_args) -> None:

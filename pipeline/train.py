@@ -68,18 +68,20 @@ from wildreid.checkpoint import load_positives, resume_checkpoint, save_checkpoi
 from wildreid.config import Config, config_digest
 from wildreid.dplm import dplm_rows, dplm_rows_bytes, pseudo_label_quality, quality_means, quality_sums
 from wildreid.dtl import batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
-from wildreid.errors import ConfigError, ResumeError, ShardNotFoundError, Stopped, StoreError
+from wildreid.errors import ConfigError, DistributedError, ResumeError, ShardNotFoundError, Stopped, StoreError
 from wildreid.extract import EXTRACT_BATCH, extract_split, refresh_key
 from wildreid.label_free import positives_stats
 from wildreid.mining import GRAPH_CHUNK_ROWS, MineParams, mine, smallest_budget
 from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
 from wildreid.run_budget import RunMemory, activation_bytes, plan_run_memory, process_uss
 from wildreid.scalars import NoScalars, open_scalars, require_tensorboard
+from wildreid.sharded import ddp_model, sharded_step
 from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry, split_labels
 from wildreid.signals import ignore_stop_signals, signal_point
-from wildreid.stores import LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write, rows_per_chunk
+from wildreid.stores import CHUNK_BYTES, LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write, rows_per_chunk
 from wildreid.stores.derived import complete_fingerprint, graph_reader, read_positives
 from wildreid.transforms import train_transform
+from wildreid.world import World, check_world_size, sync_batchnorm
 
 __all__ = ["TrainOptions", "dictionary_sha256", "dictionary_step", "refresh_features", "train"]
 
@@ -164,9 +166,12 @@ def _check_device(device: str) -> torch.device:
     return dev
 
 
-def _open_store(path: Path, n: int, dim: int, resume: bool, digest: str, dtype: str, labels) -> FeatureStore:
+def _open_store(
+    path: Path, n: int, dim: int, resume: bool, digest: str, dtype: str, labels, processes: int = 1
+) -> FeatureStore:
     """The run's store: created (``labels()`` gives its ids and camids), or reopened for --resume
-    after checking it belongs to this run."""
+    after checking it belongs to this run. Created for a run of several ``processes``, its chunks are
+    small enough that each process owns at least one (small dictionaries only: the usual chunk is 8 MiB)."""
     if path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
         store = FeatureStore.open(path, mode="r+")
         run = store.meta("train_run")
@@ -182,7 +187,9 @@ def _open_store(path: Path, n: int, dim: int, resume: bool, digest: str, dtype: 
                 f"{path} already holds a training run; pass --resume to continue it or choose a new --store path"
             )
         return store
-    store = FeatureStore.create(path, n, dim, dtype=dtype)  # zeros until extracted or filled by steps
+    row_bytes = dim * np.dtype(dtype).itemsize
+    chunk_bytes = min(CHUNK_BYTES, -(-n // processes) * row_bytes)
+    store = FeatureStore.create(path, n, dim, dtype=dtype, chunk_bytes=chunk_bytes)  # zeros until filled
     store.write_labels(0, *labels())  # what mining quality is scored against before any extraction
     store.set_meta("train_run", {"config": digest})
     return store
@@ -207,7 +214,14 @@ def _self_positives(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _mine(
-    store: FeatureStore, config: Config, budget: int, workers: int, progress: Progress, should_stop, graph_only=False
+    store: FeatureStore,
+    config: Config,
+    budget: int,
+    workers: int,
+    progress: Progress,
+    should_stop,
+    graph_only=False,
+    world: World = World(),
 ):
     """DPLM on the current dictionary: ``(positives CSR, report)``; ``graph_only``: the k-NN graph, ``(None, report)``.
 
@@ -223,6 +237,7 @@ def _mine(
         graph_only=graph_only,
         should_stop=should_stop,
         locked=True,
+        world=world,
     )
     return (None if graph_only else read_positives(store)), report
 
@@ -236,19 +251,32 @@ def train(
     progress: Progress = lambda phase, advance, total: None,
     log: Callable[[str], None] = lambda message: None,
     should_stop: Callable[[], bool] = lambda: False,
+    world: World = World(),
 ) -> dict:
     """Train (or resume) SSML-FD on the ``train`` split of ``shards``; returns the run's report.
 
     The store's writer lock is held for the whole run. When ``should_stop()`` turns
     true (``wildreid.signals.GracefulStop``), the current step finishes, a checkpoint
     is written and :class:`Stopped` says where; ``--resume`` continues from there.
+
+    ``world``: this process's rank in a run of several (``wildreid.world``; every rank
+    calls this). Rank 0 holds the lock for all of them.
     """
-    device = _check_device(options.device)
-    lock = WriterLock(store_path, log=log)
+    device = world.device if world.distributed else _check_device(options.device)
+    lock = WriterLock(store_path, log=log) if world.main else None
     try:
-        return _train(shards, Path(store_path), config, options, device, progress, log, should_stop)
+        return _train(shards, Path(store_path), config, options, device, progress, log, should_stop, world)
+    except RuntimeError as exc:
+        if world.distributed and collective_failure(exc):
+            raise DistributedError(
+                f"a collective with the other ranks failed ({collective_failure(exc)}): another rank died, or did "
+                f"not answer within --collective-timeout {world.timeout_s:g} s; the run stopped: "
+                "resume with --resume"
+            ) from None
+        raise
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 @dataclass(eq=False)
@@ -264,7 +292,9 @@ class _Run:
     progress: Progress
     log: Callable[[str], None]
     asked_to_stop: Callable[[], bool]  # the caller's (a signal); should_stop() adds --max-steps
-    model: torch.nn.Module
+    world: World
+    model: torch.nn.Module  # what is saved; ``net`` is what trains (DistributedDataParallel around it, or itself)
+    net: torch.nn.Module
     optimizer: torch.optim.Optimizer
     store: FeatureStore
     run_dir: Path
@@ -290,9 +320,24 @@ class _Run:
     cache_stats: dict[str, int] = field(default_factory=dict)
 
     def should_stop(self) -> bool:
-        """A signal, or --max-steps reached: the same checkpointed, resumable stop."""
+        """A signal, or --max-steps reached: the same checkpointed, resumable stop (on every rank at once:
+        a collective in a run of several processes, so every rank asks at the same points)."""
+        return self.world.any(self.stop_asked_here())
+
+    def stop_asked_here(self) -> bool:
+        """``should_stop`` of this process alone (for phases whose ranks agree at their end: mining)."""
         max_steps = self.options.max_steps
         return self.asked_to_stop() or (max_steps is not None and self.steps_here >= max_steps)
+
+    @property
+    def share(self) -> int:
+        """The most samples of a global batch that one rank takes."""
+        return -(-self.config.train.batch_size // self.world.size)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The dictionary rows this rank owns (all of them in a run of one process)."""
+        return self.world.owned_rows(self.n, self.store.chunk_rows)
 
     def stop_here(self) -> None:
         if self.should_stop():
@@ -314,38 +359,64 @@ class _Epoch:
 
 
 def _train(
-    shards, store_path: Path, config: Config, options: TrainOptions, device: torch.device, progress, log, should_stop
+    shards,
+    store_path: Path,
+    config: Config,
+    options: TrainOptions,
+    device: torch.device,
+    progress,
+    log,
+    should_stop,
+    world: World,
 ) -> dict:
     """``train`` with the store's lock held."""
-    run = _set_up(shards, store_path, config, options, device, progress, log, should_stop)
+    run = _set_up(shards, store_path, config, options, device, progress, log, should_stop, world)
     while run.epoch < config.train.epochs:
         _epoch(run)
     return _finish(run)
 
 
 def _set_up(
-    shards, store_path: Path, config: Config, options: TrainOptions, device: torch.device, progress, log, should_stop
+    shards,
+    store_path: Path,
+    config: Config,
+    options: TrainOptions,
+    device: torch.device,
+    progress,
+    log,
+    should_stop,
+    world: World,
 ) -> _Run:
-    """Everything before the first epoch: model, optimizer, memory plan, store, resumed checkpoint, data set."""
+    """Everything before the first epoch: model, optimizer, memory plan, store, resumed checkpoint, data set.
+
+    In a run of several processes rank 0 opens (or creates) the store and restores the checkpoint's
+    dictionary first; the other ranks then open it, and every rank loads the checkpoint's state."""
     if options.tensorboard is not None:
         require_tensorboard()
     if options.deterministic:
         torch.use_deterministic_algorithms(True)
     tc = config.train
     splits, n = _training_data(shards, tc, log)
+    _check_world(config, world)
     budget = options.memory_budget or default_budget()
     _seed_everything(tc.seed)
-    model, optimizer = _model_and_optimizer(config, device)
+    model, optimizer = _model_and_optimizer(config, device, world)
     use_graph = config.loss.negatives == "graph"
     # planned before the store is touched: a budget that cannot be honoured leaves nothing behind
     memory = _plan_memory(budget, model, n, config, device, use_graph)
     dim = ARCHS[config.model.arch][1]
     digest, dtype = config_digest(config), config.dictionary.dtype
-    store = _open_store(store_path, n, dim, options.resume, digest, dtype, lambda: split_labels(shards, splits))
-    _log_start(model, store, n, log)
-
     run_dir = store_path / "train"
-    ckpt, state, where = _restore(run_dir, options.resume, model, optimizer, store, n, log)
+    if world.main:
+        labels = lambda: split_labels(shards, splits)  # noqa: E731
+        store = _open_store(store_path, n, dim, options.resume, digest, dtype, labels, world.size)
+        _check_rows_per_rank(store, n, world)
+        _log_start(model, store, n, log)
+        ckpt, state, where = _restore(run_dir, options.resume, model, optimizer, store, n, log)
+    world.barrier()
+    if not world.main:
+        store = FeatureStore.open(store_path, mode="r+", meta_writer=False)
+        ckpt, state, where = _restore(run_dir, options.resume, model, optimizer, None, n, log)
     epoch, position, step, history, positives = where
     _write_history(run_dir, history)
     # a resumed run purges what the earlier session logged after its checkpoint: one run's curves, not two
@@ -363,7 +434,9 @@ def _set_up(
         progress=progress,
         log=log,
         asked_to_stop=should_stop,
+        world=world,
         model=model,
+        net=ddp_model(model, world),
         optimizer=optimizer,
         store=store,
         run_dir=run_dir,
@@ -371,7 +444,7 @@ def _set_up(
         use_graph=use_graph,
         scalars=scalars,
         augment=train_transform(config.model.image_size, seed=tc.seed),
-        dataset=_dataset(shards, splits, config),
+        dataset=_dataset(shards, splits, config, world),
         on_device=device_budget(options, device),
         # gathered hard-negative rows: float32, with their gradient and a float16 copy
         gather_rows=max(256, memory.gathers // (dim * 12)),
@@ -403,12 +476,16 @@ def _training_data(shards, tc, log) -> tuple[str | tuple[str, str], int]:
     return splits, n
 
 
-def _model_and_optimizer(config: Config, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def _model_and_optimizer(
+    config: Config, device: torch.device, world: World
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     tc = config.train
     model = build_model(config.model.arch, pretrained=config.model.pretrained, last_stride=config.model.last_stride)
     model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if world.distributed and tc.sync_bn:  # the same module with its BatchNorm layers synchronised (same state_dict)
+        model = sync_batchnorm(model, device)
     groups = param_groups(model, 1.0, tc.backbone_lr_factor)
     for g in groups:
         g["lr_factor"] = g["lr"]
@@ -432,9 +509,10 @@ def _log_start(model: torch.nn.Module, store: FeatureStore, n: int, log) -> None
         )
 
 
-def _restore(run_dir: Path, resume: bool, model, optimizer, store: FeatureStore, n: int, log) -> tuple:
+def _restore(run_dir: Path, resume: bool, model, optimizer, store: FeatureStore | None, n: int, log) -> tuple:
     """With --resume, model, optimizer, RNGs and dictionary as the latest checkpoint left them. Returns that
     checkpoint (None: none), its state ({}: none) and where the run is: (epoch, position, step, history, positives).
+    ``store`` None: the dictionary is left alone (rank 0 of a distributed run restores it for all).
     """
     found = resume_checkpoint(run_dir, log) if resume else None
     if found is None:
@@ -444,9 +522,10 @@ def _restore(run_dir: Path, resume: bool, model, optimizer, store: FeatureStore,
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     epoch, position, step, history = state["epoch"], state["position"], state["step"], state["history"]
-    store.replace_features(ckpt / "dictionary")  # a crash-safe swap (FeatureStore.replace_features)
-    # an extraction recorded after this checkpoint described rows that were just replaced
-    store.set_meta("extraction", {})
+    if store is not None:
+        store.replace_features(ckpt / "dictionary")  # a crash-safe swap (FeatureStore.replace_features)
+        # an extraction recorded after this checkpoint described rows that were just replaced
+        store.set_meta("extraction", {})
     positives = load_positives(ckpt)
     log(f"resumed from {ckpt.name}: epoch {epoch}, sample {position}, step {step}")
     return ckpt, state, (epoch, position, step, history, positives)
@@ -461,7 +540,7 @@ def _log_memory(budget: int, memory: RunMemory, log) -> None:
     )
 
 
-def _dataset(shards, splits, config: Config) -> ShardDataset:
+def _dataset(shards, splits, config: Config, world: World) -> ShardDataset:
     tc = config.train
     return ShardDataset(
         shards,
@@ -471,6 +550,7 @@ def _dataset(shards, splits, config: Config) -> ShardDataset:
         lanes=max(1, tc.workers),
         chunk=tc.batch_size,
         decode=not tc.decode_on_device,
+        share=(world.rank, world.size),  # this rank's slice of every global batch
     )
 
 
@@ -484,6 +564,7 @@ def _page_cache(run: _Run) -> PageCache:
         device_budget=run.on_device,
         device=run.device,
         dtype=store.features.dtype,
+        span=run.span,
     )
     cache.load_all_to_device()
     return cache
@@ -492,11 +573,23 @@ def _page_cache(run: _Run) -> PageCache:
 def _count(run: _Run, cache: PageCache) -> None:
     for key, value in cache.stats.items():
         run.cache_stats[key] = run.cache_stats.get(key, 0) + value
+    # dictionary bytes this process held at once (its own rows only, in a run of several)
+    run.cache_stats["held_bytes"] = max(run.cache_stats.get("held_bytes", 0), cache.resident_bytes)
 
 
 def _checkpoint(run: _Run, cache: PageCache, partial: dict, refreshed: int = 0) -> None:
-    """``refreshed``: samples of this epoch's dictionary rebuild done (0: none, or it is over)."""
+    """``refreshed``: samples of this epoch's dictionary rebuild done (0: none, or it is over).
+
+    Every rank writes its dirty rows back (fsynced chunk by chunk); once all have (the barrier),
+    rank 0 copies the dictionary and writes the state; LATEST names it only when complete."""
     cache.flush()
+    run.world.barrier()
+    if run.world.main:
+        _save_state(run, partial, refreshed)
+    run.world.barrier()
+
+
+def _save_state(run: _Run, partial: dict, refreshed: int) -> None:
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -535,8 +628,10 @@ def _mine_now(run: _Run, graph_only: bool = False):
         run.memory.mining,
         run.config.train.workers,
         run.progress,
-        run.should_stop,
+        # the ranks agree at the end of each mining stage (wildreid.mining), not per block
+        run.stop_asked_here if run.world.distributed else run.should_stop,
         graph_only=graph_only,
+        world=run.world,
     )
 
 
@@ -604,17 +699,7 @@ def _extract_and_mine(run: _Run) -> tuple[np.ndarray, np.ndarray]:
     tc = run.config.train
     if tc.refresh == "eval" and run.epoch % tc.reextract_every == 0:
         signal_point(f"extract:{run.epoch}")
-        extract_split(
-            run.shards,
-            run.splits,
-            run.model,
-            run.store,
-            image_size=tuple(run.config.model.image_size),
-            device=run.device,
-            progress=run.progress,
-            label=f"epoch-{run.epoch}-step-{run.step}",
-            should_stop=run.should_stop,
-        )
+        _extract(run)
     signal_point(f"mine:{run.epoch}")
     positives = run.positives
     if tc.is_warmup(run.epoch):
@@ -624,6 +709,27 @@ def _extract_and_mine(run: _Run) -> tuple[np.ndarray, np.ndarray]:
     if run.use_graph:  # no DPLM this epoch, but graph negatives need a fresh graph
         _mine_now(run, graph_only=True)
     return positives
+
+
+def _extract(run: _Run, should_stop: bool = True) -> None:
+    """The dictionary extracted in eval mode (``wildreid.extract``): by each rank for the rows it owns, then a
+    barrier, in a run of several processes (a stop there comes after the whole extraction)."""
+    world = run.world
+    extract_split(
+        run.shards,
+        run.splits,
+        run.model,
+        run.store,
+        image_size=tuple(run.config.model.image_size),
+        device=run.device,
+        progress=run.progress,
+        label=f"epoch-{run.epoch}-step-{run.step}",
+        should_stop=run.should_stop if should_stop and not world.distributed else lambda: False,
+        span=run.span if world.distributed else None,
+    )
+    world.barrier()
+    if world.distributed and should_stop and run.should_stop():
+        raise Stopped(f"extraction of epoch {run.epoch} stopped; resume with --resume")
 
 
 def _rebuild(run: _Run, start: int) -> None:
@@ -637,11 +743,14 @@ def _rebuild(run: _Run, start: int) -> None:
     for images, idx, _vid, _cam in loader:
         if tc.decode_on_device:
             images = decode_batch(images, tuple(run.config.model.image_size), run.device)
-        x = refresh_features(run.model, run.augment(images.to(run.device, non_blocking=True), idx, key))
-        cache.set_rows(idx.numpy(), x.float().cpu().numpy())
-        done += len(idx)
+        count = _global_count(run, idx)
+        x = refresh_features(
+            run.model, run.augment(images.to(run.device, non_blocking=True), idx, key), train_mode=count >= 2
+        )
+        _set_owned_rows(run, cache, x.float(), idx)
+        done += count
         batches += 1
-        run.progress(f"refresh {epoch}", len(idx), n)
+        run.progress(f"refresh {epoch}", count, n)
         signal_point(f"refresh:{epoch}:{batches}")
         stopping = run.should_stop() and done < n
         if done < n and (stopping or tc.checkpoint_every_steps and batches % tc.checkpoint_every_steps == 0):
@@ -652,6 +761,7 @@ def _rebuild(run: _Run, start: int) -> None:
                 "samples); resume with --resume"
             )
     cache.flush()
+    run.world.barrier()  # the rebuilt rows of every rank are in the store before mining reads them
     _count(run, cache)
 
 
@@ -660,18 +770,20 @@ def _epoch_steps(run: _Run, ep: _Epoch, loader: DataLoader) -> None:
     ``train.checkpoint_every_steps`` and where a stop is asked for (at the epoch's end its own comes first)."""
     tc = run.config.train
     for images, idx, _vid, _cam in loader:
-        run.position += len(idx)
-        if len(idx) < 2:  # BatchNorm cannot train on one sample; the order stays the same on resume
+        count = _global_count(run, idx)  # the global batch's samples (this rank has its share of them)
+        run.position += count
+        if count < 2:  # BatchNorm cannot train on one sample; the order stays the same on resume
             if tc.refresh == "published":
-                _fill_row(run.model, run.augment(images.to(run.device), idx, run.epoch), idx, ep.cache)
+                _fill_rows(run, ep.cache, run.augment(images.to(run.device), idx, run.epoch), idx)
             continue
+        _trace_rows(run, idx)
         loss = _train_step(run, ep, images, idx)
         ep.losses.append(loss)
-        ep.seen += len(idx)
+        ep.seen += count
         run.step += 1
         run.scalars.step(run.step, loss, {g["name"]: g["lr"] for g in run.optimizer.param_groups})
         run.steps_here += 1
-        run.progress(f"epoch {run.epoch}", len(idx), run.n)
+        run.progress(f"epoch {run.epoch}", count, run.n)
         run.partial = {"losses": ep.losses, "seen": ep.seen, "mined": ep.mined}
         signal_point(f"step:{run.steps_here}")
         within = run.position < run.n
@@ -692,7 +804,20 @@ def _train_step(run: _Run, ep: _Epoch, images, idx: torch.Tensor) -> float:
     config = run.config
     if config.train.decode_on_device:
         images = decode_batch(images, tuple(config.model.image_size), run.device)
-    x = _forward(run.model, run.augment(images.to(run.device, non_blocking=True), idx, run.epoch))
+    x = _forward(run.net, run.augment(images.to(run.device, non_blocking=True), idx, run.epoch))
+    if run.world.distributed:
+        return sharded_step(
+            run.world,
+            x,
+            idx,
+            ep.cache,
+            run.positives,
+            config.loss.r,
+            config.loss.delta,
+            run.optimizer,
+            share=run.share,
+            gather_rows=run.gather_rows,
+        )
     if ep.per_batch:
         used = _mine_batch(ep.cache, idx.numpy(), config, ep.labels, ep.mined)
     else:
@@ -741,16 +866,10 @@ def _finish(run: _Run) -> dict:
     tc = run.config.train
     if tc.epochs == 0 or not run.history:
         # the untrained baseline (--epochs 0): the dictionary is the initial model's features
-        extract_split(
-            run.shards,
-            run.splits,
-            run.model,
-            run.store,
-            image_size=tuple(run.config.model.image_size),
-            device=run.device,
-            progress=run.progress,
-            label=f"epoch-{run.epoch}-step-{run.step}",
-        )
+        _extract(run, should_stop=False)
+    ranks = _ranks_report(run)
+    if not run.world.main:
+        return {"rank": run.world.rank}
     model_path = save_model(
         run.run_dir / "model.pt",
         run.model,
@@ -771,6 +890,27 @@ def _finish(run: _Run) -> dict:
         # this process's page cache counts (not the run's: a resumed run starts them at 0)
         "page_cache": {"device_budget_bytes": run.on_device, **run.cache_stats},
         "memory": {**asdict(run.memory), "budget_covers": "the process tree's USS"},
+        "world": ranks,
+    }
+
+
+def _ranks_report(run: _Run) -> dict:
+    """Every rank's share of the run: dictionary rows owned, dictionary bytes held at once, and what it put into
+    collectives per step (payload bytes, by kind; bench_ddp.py reads it)."""
+    world = run.world
+    steps = max(run.steps_here, 1)
+    kinds = ("features", "rows", "candidates", "gradients", "sums", "flags", "gathers")
+    mine = torch.tensor(
+        [*run.span, run.cache_stats.get("held_bytes", 0), *(world.traffic.get(k, 0) / steps for k in kinds)],
+        dtype=torch.float64,
+        device=world.device if world.device.type == "cuda" else "cpu",
+    )
+    every = world.cat(mine[None]).cpu().numpy()
+    return {
+        "size": world.size,
+        "rows": [[int(r[0]), int(r[1])] for r in every],
+        "dictionary_bytes_held": [int(r[2]) for r in every],
+        "bytes_per_step": [{k: int(v) for k, v in zip(kinds, r[3:])} for r in every],
     }
 
 
@@ -823,15 +963,16 @@ def dictionary_step(
     return float(out["loss"].detach())
 
 
-def refresh_features(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def refresh_features(model: torch.nn.Module, batch: torch.Tensor, train_mode: bool | None = None) -> torch.Tensor:
     """One batch of the published dictionary rebuild: the model's features without grad, in train mode.
 
     Train mode is the point (lib/trainer.py runs the rebuild after ``model.train()``):
     BatchNorm uses the batch's statistics and updates its running statistics as a
-    training forward pass does. A one-sample batch is taken in eval mode instead.
+    training forward pass does. A one-sample batch is taken in eval mode instead
+    (``train_mode``: whether the global batch, of which ``batch`` is a share, has two or more).
     """
     with torch.no_grad():
-        if len(batch) < 2:
+        if not (len(batch) >= 2 if train_mode is None else train_mode):
             was_training = model.training
             model.eval()
             try:
@@ -847,6 +988,76 @@ def _forward(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return model(batch.contiguous(memory_format=torch.channels_last)).float()
     return model(batch)
+
+
+def _trace_rows(run: _Run, idx: torch.Tensor) -> None:
+    """Test hook: WILDREID_TRACE_ROWS=<prefix> appends each step's rows of this rank to <prefix>.rank<r>
+    (epoch, step, rows), so tests can check which samples a resumed run of another world size trains on."""
+    prefix = os.environ.get("WILDREID_TRACE_ROWS")
+    if prefix:
+        with open(f"{prefix}.rank{run.world.rank}", "a") as f:
+            f.write(f"{run.epoch} {run.step + 1} {' '.join(map(str, idx.tolist()))}\n")
+
+
+def _global_count(run: _Run, idx: torch.Tensor) -> int:
+    """Samples of the global batch whose share is ``idx`` (the ranks' shares summed)."""
+    if not run.world.distributed:
+        return len(idx)
+    return int(run.world.sum(torch.tensor([len(idx)], device=run.world._comm_device)).item())
+
+
+def _set_owned_rows(run: _Run, cache: PageCache, x: torch.Tensor, idx: torch.Tensor) -> None:
+    """Rows ``idx`` of the global batch set to ``x`` by the ranks that own them (features gathered first)."""
+    x, rows = run.world.gather_batch(x.detach(), idx.to(x.device), run.share)
+    lo, hi = cache.span
+    own = ((rows >= lo) & (rows < hi)).cpu().numpy()
+    cache.set_rows(rows.cpu().numpy()[own], x.cpu().numpy()[own])
+
+
+def _fill_rows(run: _Run, cache: PageCache, batch: torch.Tensor, idx: torch.Tensor) -> None:
+    """``_fill_row`` of a global batch too small to train on, each row updated by its owner."""
+    if not run.world.distributed:
+        _fill_row(run.model, batch, idx, cache)
+        return
+    x = refresh_features(run.model, batch, train_mode=False).float()
+    x, rows = run.world.gather_batch(x, idx.to(x.device), run.share)
+    lo, hi = cache.span
+    own = ((rows >= lo) & (rows < hi)).cpu().numpy()
+    if own.any():
+        mine = rows.cpu().numpy()[own]
+        current = cache.get_rows_tensor(mine, x.device).float()
+        cache.set_rows(mine, momentum_update(current, x[torch.from_numpy(own)], mine).cpu().numpy())
+
+
+def _check_world(config: Config, world: World) -> None:
+    """What a run of several processes cannot do (yet), refused before anything is written."""
+    if not world.distributed:
+        return
+    check_world_size(config.train.batch_size, world.size)
+    if config.loss.negatives == "graph" or config.train.mining == "batch":
+        raise ConfigError(
+            "loss.negatives=graph and train.mining=batch run in one process only for now; "
+            "use loss.negatives=exact and train.mining=epoch with --nproc-per-node or torchrun"
+        )
+
+
+def _check_rows_per_rank(store: FeatureStore, n: int, world: World) -> None:
+    chunks = -(-n // store.chunk_rows)
+    if chunks < world.size:
+        raise ConfigError(
+            f"the dictionary has {chunks} chunks of {store.chunk_rows} rows and every one of {world.size} processes "
+            f"must own one; use at most {chunks} processes"
+        )
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """The first line of a torch.distributed backend error (a peer gone, a timeout), or None for other errors."""
+    text = str(exc).strip()
+    markers = ("gloo", "NCCL", "nccl", "Timed out", "timed out", "Connection closed", "Connection reset", "Broken pipe")
+    if isinstance(exc, torch.distributed.DistError) or any(m in text for m in markers):
+        line = text.splitlines()[0] if text else type(exc).__name__
+        return line.split("] ", 1)[-1][:200]  # without gloo's source-file prefix
+    return None
 
 
 def _fill_row(model: torch.nn.Module, batch: torch.Tensor, idx: torch.Tensor, cache: PageCache) -> None:

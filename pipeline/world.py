@@ -33,12 +33,14 @@ from wildreid.shards.order import batch_share
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "GlobalBatchNorm",
     "World",
     "batch_share",
     "check_world_size",
     "join_world",
     "leave_world",
     "owned_rows",
+    "sync_batchnorm",
 ]
 
 # Long enough for a slow rank's checkpoint write, short enough that a dead peer does not hold a GPU node for hours.
@@ -54,6 +56,11 @@ class World:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # bytes this rank put into each kind of collective (its payload, not the wire's): what bench_ddp reports
+    traffic: dict[str, int] = field(default_factory=dict, compare=False)
+
+    def _count(self, kind: str, value: torch.Tensor) -> None:
+        self.traffic[kind] = self.traffic.get(kind, 0) + value.numel() * value.element_size()
 
     @property
     def main(self) -> bool:
@@ -76,20 +83,32 @@ class World:
         if not self.distributed:
             return flag
         t = torch.tensor([int(flag)], device=self._comm_device)
+        self._count("flags", t)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def least(self, value: int) -> int:
+        """The smallest of the ranks' values (a plan every rank must make alike, sized for the tightest)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self._comm_device)
+        self._count("flags", t)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """The sum over ranks of a tensor without grad (a copy; the input is left alone)."""
         total = value.detach().clone()
         if self.distributed:
+            self._count("sums", total)
             dist.all_reduce(total)
         return total
 
-    def cat(self, value: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    def cat(self, value: torch.Tensor, dim: int = 0, kind: str = "gathers") -> torch.Tensor:
         """Equal-shaped tensors of every rank, concatenated in rank order along ``dim`` (no grad)."""
         if not self.distributed:
             return value
+        self._count(kind, value)
         parts = [torch.empty_like(value) for _ in range(self.size)]
         dist.all_gather(parts, value.contiguous())
         return torch.cat(parts, dim)
@@ -115,7 +134,8 @@ class World:
         rows = idx.to(device=x.device, dtype=torch.long)
         padded_rows = torch.cat([rows, rows.new_full((pad,), -1)]) if pad else rows
         gathered = _GatherWithGrad.apply(padded_x.contiguous(), self.rank, self.size)
-        gathered_rows = self.cat(padded_rows)
+        self._count("features", padded_x)  # and as much again in the backward's reduction
+        gathered_rows = self.cat(padded_rows, kind="rows")
         keep = gathered_rows >= 0
         return gathered[keep], gathered_rows[keep]
 
@@ -148,6 +168,75 @@ class _GatherWithGrad(torch.autograd.Function):
             return mine, None, None
         dist.all_reduce(grad)  # gloo has no reduce-scatter of tensors: the whole sum, then this rank's rows
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows].clone(), None, None
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over ranks; its gradient is the sum of the ranks' gradients (every rank's loss uses it)."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor) -> torch.Tensor:
+        total = value.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch: per-channel sums all-reduced.
+
+    torch's SyncBatchNorm does this on GPUs only (2.14 refuses CPU tensors), so CPU ranks (gloo, and the tests)
+    use this; CUDA ranks use torch's (``sync_batchnorm``). Outside a distributed training pass it is BatchNorm.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ConfigError(f"expected a batch of at least 2 dimensions, found {x.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        channels, dims = x.shape[1], [0, *range(2, x.dim())]
+        count = torch.tensor([x.numel() // channels], dtype=x.dtype, device=x.device)
+        totals = _SumOverRanks.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:channels] / n
+        var = (totals[channels : 2 * channels] / n - mean * mean).clamp(min=0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp(min=1))
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` with every BatchNorm layer computing global-batch statistics (the same parameters, buffers and
+    state_dict keys): torch's SyncBatchNorm on CUDA, ``GlobalBatchNorm`` on the CPU."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
+            synced = GlobalBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
+            synced.load_state_dict(child.state_dict())
+            if child.affine:  # the same Parameter objects: an optimizer made before still updates them
+                synced.weight, synced.bias = child.weight, child.bias
+            synced.train(child.training)
+            setattr(model, name, synced.to(next(child.buffers()).device))
+        else:
+            sync_batchnorm(child, device)
+    return model
 
 
 def owned_rows(n: int, chunk_rows: int, rank: int, size: int) -> tuple[int, int]:
