@@ -36,6 +36,7 @@ from wildreid.errors import DamagedDataError, ResumeError, StoreError
 from wildreid.model import build_model
 from wildreid.shards.tario import file_sha256
 from wildreid.stores import atomic_write, publish, remove_tree
+from wildreid.stores.durable import fsync_tree
 
 __all__ = [
     "latest_checkpoint",
@@ -44,8 +45,13 @@ __all__ = [
     "load_state",
     "resume_checkpoint",
     "safe_torch_load",
+    "begin_checkpoint",
+    "checkpoint_paths",
+    "finish_checkpoint",
+    "load_rng",
     "save_checkpoint",
     "save_model",
+    "save_part",
 ]
 
 KEEP = 2  # complete checkpoints kept on disk
@@ -70,10 +76,6 @@ def _disk_error(exc: OSError, what: str, keep: Path | None) -> StoreError:
     reason = "the disk is full" if exc.errno == errno.ENOSPC else f"it could not be written ({exc.strerror})"
     kept = f"the last good checkpoint {keep} is intact" if keep else "no earlier checkpoint exists"
     return StoreError(f"cannot write {what}: {reason}; {kept}. Free space (or fix permissions) and run with --resume")
-
-
-def _file_digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -157,22 +159,82 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, features_dir: P
 
     ``tag`` tells apart checkpoints written between two steps (a dictionary rebuild's):
     ``ckpt-<step><tag>`` sorts after ``ckpt-<step>`` and before ``ckpt-<step + 1>``.
+    One process writing all three phases of ``begin_checkpoint``, ``save_part`` and ``finish_checkpoint``.
     """
+    tmp = begin_checkpoint(run_dir, step, features_dir, tag)
+    save_part(run_dir, tmp, features_dir, (0, None), 0)
+    return finish_checkpoint(run_dir, tmp, step, state, positives, tag)
+
+
+def checkpoint_paths(run_dir: Path, step: int, tag: str = "") -> tuple[Path, Path]:
+    """(the folder a checkpoint is written in, the name it is published under)."""
+    final = run_dir / "checkpoints" / f"ckpt-{step:010d}{tag}"
+    return final.with_name(final.name + ".partial"), final
+
+
+def begin_checkpoint(run_dir: str | Path, step: int, features_dir: Path, tag: str = "") -> Path:
+    """Phase 1 (rank 0): an empty ``.partial`` folder for checkpoint ``step``, with the dictionary's metadata."""
     run_dir = Path(run_dir)
-    root = run_dir / "checkpoints"
-    final = root / f"ckpt-{step:010d}{tag}"
-    tmp = root / f"ckpt-{step:010d}{tag}.partial"
+    tmp, final = checkpoint_paths(run_dir, step, tag)
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        remove_tree(tmp)
+        (tmp / "dictionary").mkdir(parents=True)
+        shutil.copy2(features_dir / "zarr.json", tmp / "dictionary" / "zarr.json")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _disk_error(exc, f"checkpoint {final}", latest_checkpoint(run_dir)) from None
+    return tmp
+
+
+def save_part(
+    run_dir: str | Path,
+    tmp: Path,
+    features_dir: Path,
+    chunks: tuple[int, int | None],
+    rank: int,
+    rng: dict | None = None,
+) -> None:
+    """Phase 2 (every rank): the dictionary chunks [first, last) this rank owns (``None``: to the end) copied into
+    ``tmp``, fsynced, and ``part-<rank>.json`` listing their sha256 written last (with ``rng``: ``rng-<rank>.pt``)."""
+    first, last = chunks
+    digests = {}
+    try:
+        source = features_dir / "c"
+        for folder in sorted(source.iterdir(), key=lambda p: int(p.name)) if source.is_dir() else []:
+            if int(folder.name) < first or (last is not None and int(folder.name) >= last):
+                continue
+            target = tmp / "dictionary" / "c" / folder.name
+            shutil.copytree(folder, target, dirs_exist_ok=True)
+            fsync_tree(target)
+            digests.update(_file_digests_under(tmp, target))
+        if rng is not None:
+            with open(tmp / f"rng-{rank}.pt", "wb") as f:
+                _save_torch(rng, f)
+            digests.update(_file_digests_under(tmp, tmp / f"rng-{rank}.pt"))
+        atomic_write(tmp / f"part-{rank}.json", json.dumps(digests, sort_keys=True))
+    except OSError as exc:
+        raise _disk_error(exc, f"rank {rank}'s part of checkpoint {tmp}", latest_checkpoint(run_dir)) from None
+
+
+def finish_checkpoint(run_dir: str | Path, tmp: Path, step: int, state: dict, positives, tag: str = "") -> Path:
+    """Phase 3 (rank 0, once every rank's part is written): state and positives, COMPLETE with every file's
+    sha256 (the parts' own lists merged), then the folder published and LATEST pointed at it."""
+    run_dir = Path(run_dir)
+    _, final = checkpoint_paths(run_dir, step, tag)
+    root = final.parent
     previous = latest_checkpoint(run_dir)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_tree(tmp)
-        tmp.mkdir()
         with open(tmp / "state.pt", "wb") as f:
             _save_torch(state, f)
-        shutil.copytree(features_dir, tmp / "dictionary")
         indptr, indices = positives
         np.savez(tmp / "positives.npz", indptr=indptr, indices=indices)
-        complete = {"format": FORMAT, "step": step, "sha256": _file_digests(tmp)}
+        digests = {}
+        for part in sorted(tmp.glob("part-*.json")):
+            digests.update(json.loads(part.read_text()))
+        for name in ("state.pt", "positives.npz", "dictionary/zarr.json"):
+            digests[name] = file_sha256(tmp / name)
+        complete = {"format": FORMAT, "step": step, "sha256": digests}
         (tmp / "COMPLETE").write_text(json.dumps(complete, indent=1, sort_keys=True) + "\n")
         remove_tree(final)
         publish(tmp, final)
@@ -184,6 +246,17 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, features_dir: P
     for stale in old[:-KEEP]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _file_digests_under(root: Path, path: Path) -> dict[str, str]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): file_sha256(p) for p in files}
+
+
+def load_rng(ckpt: Path, rank: int, state: dict) -> dict:
+    """Rank ``rank``'s RNG states from a checkpoint: its own part's, or rank 0's (a resume with more ranks)."""
+    path = ckpt / f"rng-{rank}.pt"
+    return safe_torch_load(path, "training checkpoint") if rank and path.exists() else state["rng"]
 
 
 def _what_it_is(path: Path) -> str:

@@ -64,7 +64,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from wildreid.budget import default_budget, peak_rss_bytes
-from wildreid.checkpoint import load_positives, resume_checkpoint, save_checkpoint, save_model
+from wildreid.checkpoint import (
+    begin_checkpoint,
+    checkpoint_paths,
+    finish_checkpoint,
+    load_positives,
+    load_rng,
+    resume_checkpoint,
+    save_checkpoint,
+    save_model,
+    save_part,
+)
 from wildreid.config import Config, config_digest
 from wildreid.dplm import dplm_rows, dplm_rows_bytes, pseudo_label_quality, quality_means, quality_sums
 from wildreid.dtl import batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
@@ -318,6 +328,7 @@ class _Run:
     refreshed: int  # samples of this epoch's dictionary rebuild done (0: none, or it is over)
     steps_here: int = 0  # steps of this invocation: what --max-steps and the crash tests count
     cache_stats: dict[str, int] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)  # this invocation's steps, data loading excluded
 
     def should_stop(self) -> bool:
         """A signal, or --max-steps reached: the same checkpointed, resumable stop (on every rank at once:
@@ -416,7 +427,7 @@ def _set_up(
     world.barrier()
     if not world.main:
         store = FeatureStore.open(store_path, mode="r+", meta_writer=False)
-        ckpt, state, where = _restore(run_dir, options.resume, model, optimizer, None, n, log)
+        ckpt, state, where = _restore(run_dir, options.resume, model, optimizer, None, n, log, world.rank)
     epoch, position, step, history, positives = where
     _write_history(run_dir, history)
     # a resumed run purges what the earlier session logged after its checkpoint: one run's curves, not two
@@ -509,7 +520,9 @@ def _log_start(model: torch.nn.Module, store: FeatureStore, n: int, log) -> None
         )
 
 
-def _restore(run_dir: Path, resume: bool, model, optimizer, store: FeatureStore | None, n: int, log) -> tuple:
+def _restore(
+    run_dir: Path, resume: bool, model, optimizer, store: FeatureStore | None, n: int, log, rank: int = 0
+) -> tuple:
     """With --resume, model, optimizer, RNGs and dictionary as the latest checkpoint left them. Returns that
     checkpoint (None: none), its state ({}: none) and where the run is: (epoch, position, step, history, positives).
     ``store`` None: the dictionary is left alone (rank 0 of a distributed run restores it for all).
@@ -520,7 +533,7 @@ def _restore(run_dir: Path, resume: bool, model, optimizer, store: FeatureStore 
     ckpt, state = found
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
+    _set_rng_state(load_rng(ckpt, rank, state))
     epoch, position, step, history = state["epoch"], state["position"], state["step"], state["history"]
     if store is not None:
         store.replace_features(ckpt / "dictionary")  # a crash-safe swap (FeatureStore.replace_features)
@@ -580,17 +593,39 @@ def _count(run: _Run, cache: PageCache) -> None:
 def _checkpoint(run: _Run, cache: PageCache, partial: dict, refreshed: int = 0) -> None:
     """``refreshed``: samples of this epoch's dictionary rebuild done (0: none, or it is over).
 
-    Every rank writes its dirty rows back (fsynced chunk by chunk); once all have (the barrier),
-    rank 0 copies the dictionary and writes the state; LATEST names it only when complete."""
+    In a run of several processes, in phases between barriers (``wildreid.checkpoint``): every rank writes
+    its dirty rows back; rank 0 starts the checkpoint folder; every rank copies the chunks it owns and its
+    RNG states, fsynced; then rank 0 writes the state, and LATEST names the checkpoint only when complete."""
     cache.flush()
-    run.world.barrier()
-    if run.world.main:
-        _save_state(run, partial, refreshed)
-    run.world.barrier()
+    tag = f"-refresh-{refreshed:010d}" if refreshed else ""
+    world = run.world
+    if not world.distributed:
+        save_checkpoint(run.run_dir, run.step, _state(run, partial, refreshed), _features(run), run.positives, tag)
+        run.scalars.flush()  # what the checkpoint covers is on disk too
+        return
+    world.barrier()
+    if world.main:
+        begin_checkpoint(run.run_dir, run.step, _features(run), tag)
+    world.barrier()
+    tmp, _ = checkpoint_paths(run.run_dir, run.step, tag)
+    lo, hi = run.span
+    chunk = run.store.chunk_rows
+    rng = None if world.main else _rng_state()
+    save_part(run.run_dir, tmp, _features(run), (lo // chunk, -(-hi // chunk)), world.rank, rng)
+    world.barrier()
+    if world.main:
+        finish_checkpoint(run.run_dir, tmp, run.step, _state(run, partial, refreshed), run.positives, tag)
+        run.scalars.flush()
+    world.barrier()
 
 
-def _save_state(run: _Run, partial: dict, refreshed: int) -> None:
-    state = {
+def _features(run: _Run) -> Path:
+    return run.store.path / "features"
+
+
+def _state(run: _Run, partial: dict, refreshed: int) -> dict:
+    """What a checkpoint's state.pt holds (rank 0's RNG states; the other ranks' are in their parts)."""
+    return {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "rng": _rng_state(),
@@ -603,9 +638,6 @@ def _save_state(run: _Run, partial: dict, refreshed: int) -> None:
         "refreshed": refreshed,
         "config": run.config.to_dict(),
     }
-    tag = f"-refresh-{refreshed:010d}" if refreshed else ""
-    save_checkpoint(run.run_dir, run.step, state, run.store.path / "features", run.positives, tag=tag)
-    run.scalars.flush()  # what the checkpoint covers is on disk too
 
 
 def _loader(run: _Run, key: int, start: int) -> DataLoader:
@@ -774,10 +806,14 @@ def _epoch_steps(run: _Run, ep: _Epoch, loader: DataLoader) -> None:
         run.position += count
         if count < 2:  # BatchNorm cannot train on one sample; the order stays the same on resume
             if tc.refresh == "published":
+                if tc.decode_on_device:  # the workers left the images encoded
+                    images = decode_batch(images, tuple(run.config.model.image_size), run.device)
                 _fill_rows(run, ep.cache, run.augment(images.to(run.device), idx, run.epoch), idx)
             continue
         _trace_rows(run, idx)
+        began = time.perf_counter()
         loss = _train_step(run, ep, images, idx)
+        run.step_seconds.append(time.perf_counter() - began)
         ep.losses.append(loss)
         ep.seen += count
         run.step += 1
@@ -908,6 +944,8 @@ def _ranks_report(run: _Run) -> dict:
     every = world.cat(mine[None]).cpu().numpy()
     return {
         "size": world.size,
+        # the median step of this invocation (forward, DTL, backward, optimizer, momentum update; no data loading)
+        "seconds_per_step": float(np.median(run.step_seconds)) if run.step_seconds else None,
         "rows": [[int(r[0]), int(r[1])] for r in every],
         "dictionary_bytes_held": [int(r[2]) for r in every],
         "bytes_per_step": [{k: int(v) for k, v in zip(kinds, r[3:])} for r in every],
