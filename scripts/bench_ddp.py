@@ -11,7 +11,9 @@ same synthetic shards, ``--epochs`` epochs (the first is warm-up, the others min
   algorithms of gloo and NCCL move about (W - 1) / W of a gathered tensor and twice that of a
   summed one per rank).
 
-Ratios are 2 processes over 1, in the same invocation. The machine is shared: other jobs move the
+A third run takes 2 processes with ``train.sync_bn=false`` (BatchNorm statistics of each rank's half
+batch, a different training) to show what the global-batch BatchNorm costs. Ratios are over the
+1-process run, in the same invocation. The machine is shared: other jobs move the
 times, not the bytes.
 
 Then a worked estimate (no measurement) for 8 GPUs at VeRi-Wild scale, from ``wildreid.sharded.step_bytes``:
@@ -49,11 +51,11 @@ def shards(work: Path, vehicles: int) -> Path:
     return out
 
 
-def train(shard_root: Path, store: Path, processes: int, epochs: int) -> dict:
+def train(shard_root: Path, store: Path, processes: int, epochs: int, sync_bn: bool = True) -> dict:
     command = [sys.executable, "-m", "wildreid", "train", "--shards", str(shard_root), "--store", str(store)]
     command += ["--config", str(ROOT / "configs" / "demo.yaml"), "--memory-budget", "2GiB", "--json"]
     command += ["--nproc-per-node", str(processes), "--set", f"train.epochs={epochs}", "--set", "train.warmup_epochs=1"]
-    command += ["--set", "train.workers=0"]
+    command += ["--set", "train.workers=0", "--set", f"train.sync_bn={str(sync_bn).lower()}"]
     run = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if run.returncode != 0:
         raise SystemExit(f"training on {processes} process(es) failed:\n{run.stderr[-3000:]}")
@@ -63,14 +65,15 @@ def train(shard_root: Path, store: Path, processes: int, epochs: int) -> dict:
 def measured(work: Path, vehicles: int, epochs: int) -> list[dict]:
     shard_root = shards(work, vehicles)
     rows = []
-    for processes in (1, 2):
-        store = work / f"run-{processes}"
+    for processes, sync_bn in ((1, True), (2, True), (2, False)):
+        store = work / f"run-{processes}-{sync_bn}"
         subprocess.run(["rm", "-rf", str(store)], check=True)
-        world = train(shard_root, store, processes, epochs)["world"]
+        world = train(shard_root, store, processes, epochs, sync_bn)["world"]
         per_step = world["bytes_per_step"]
         rows.append(
             {
                 "processes": processes,
+                "sync_bn": sync_bn,
                 "seconds_per_step": world["seconds_per_step"],
                 "dictionary_rows": sum(hi - lo for lo, hi in world["rows"]),
                 "held_per_rank": world["dictionary_bytes_held"],
@@ -112,17 +115,21 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     rows = measured(args.work, args.vehicles, args.epochs)
-    one, two = rows
+    one, two, unsynced = rows
     print(f"\n1 vs 2 processes (gloo, 1 thread each), {one['dictionary_rows']:,} dictionary rows\n")
-    print("| processes | s/step (median) | dictionary bytes held per rank | collective payload per step per rank |")
-    print("|---:|---:|---:|---:|")
+    print(
+        "| processes | BatchNorm | s/step (median) | dictionary bytes held per rank | collectives per step per rank |"
+    )
+    print("|---:|---|---:|---:|---:|")
     for row in rows:
         held = " / ".join(f"{mib(b)} MiB" for b in row["held_per_rank"])
         total = " / ".join(f"{mib(b)} MiB" for b in row["total_per_step"])
-        print(f"| {row['processes']} | {row['seconds_per_step']:.3f} | {held} | {total} |")
+        bn = "per process" if row["processes"] == 1 or not row["sync_bn"] else "global batch"
+        print(f"| {row['processes']} | {bn} | {row['seconds_per_step']:.3f} | {held} | {total} |")
     print(
         f"\nratios, 2 over 1: step time {two['seconds_per_step'] / one['seconds_per_step']:.2f}x, "
-        f"dictionary bytes per rank {max(two['held_per_rank']) / max(one['held_per_rank']):.2f}x"
+        f"dictionary bytes per rank {max(two['held_per_rank']) / max(one['held_per_rank']):.2f}x; "
+        f"without train.sync_bn {unsynced['seconds_per_step'] / one['seconds_per_step']:.2f}x"
     )
     print(
         "rank 0's payload per step by kind (2 processes):",
