@@ -16,7 +16,7 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 
-from wildreid.errors import ConfigError
+from wildreid.errors import ConfigError, Stopped
 
 __all__ = ["launch", "without_option"]
 
@@ -67,7 +67,8 @@ def launch(nproc: int, argv: Sequence[str], say: Callable[[str], None]) -> int:
         if code < 0:
             say(f"rank {rank} was killed by {signal.Signals(-code).name}; the other ranks were stopped")
             return 128 - code
-        say(f"rank {rank} exited with code {code}; the other ranks were stopped")
+        if code != Stopped.exit_code:  # a stop the ranks agreed on: rank 0 has said where
+            say(f"rank {rank} exited with code {code}; the other ranks were stopped")
         return code
     except SignalException as exc:  # SIGTERM/SIGINT to the launcher: the ranks got it too and stopped
         say(f"stopped by {signal.Signals(exc.sigval).name}; resume with --resume")

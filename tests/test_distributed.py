@@ -82,6 +82,19 @@ def test_a_rank_killed_mid_epoch_then_resumed_ends_as_the_uninterrupted_run(two_
         assert resumed[key] == two_ranks["report"][key]
 
 
+def test_a_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(two_ranks, shard_root, tmp_path):
+    """A scheduler's SIGTERM that reaches one rank only: the ranks agree to stop after the same step."""
+    store = tmp_path / "run"
+    term = {"WILDREID_SIGNAL_AT": "step:8", "WILDREID_SIGNAL_RANK": "1"}
+    stopped = train_ranks(shard_root, store, *TWO, env=term)
+    assert stopped.returncode == 75, stopped.stderr[-2000:]
+    assert stopped.stderr.count("stopped at epoch 1 step 8; resume with --resume") == 1  # rank 0 says it, once
+    assert "Traceback" not in stopped.stderr and "error" not in stopped.stderr
+    resumed = final_json(train_ranks(shard_root, store, *TWO, "--resume"))
+    for key in ("weights_sha256", "dictionary_sha256"):
+        assert resumed[key] == two_ranks["report"][key]
+
+
 def test_a_two_process_checkpoint_resumed_by_one_process_trains_on_the_same_samples(two_ranks, shard_root, tmp_path):
     store, trace = tmp_path / "run", tmp_path / "trace"
     stopped = train_ranks(shard_root, store, *TWO, "--max-steps", "7")
