@@ -416,22 +416,14 @@ def _set_up(
     # planned before the store is touched: a budget that cannot be honoured leaves nothing behind
     memory = _plan_memory(budget, model, n, config, device, use_graph)
     dim = ARCHS[config.model.arch][1]
-    digest, dtype = config_digest(config), config.dictionary.dtype
     run_dir = store_path / "train"
+    opened = _store_and_checkpoint(shards, splits, store_path, n, config, options, model, optimizer, world, log)
+    store, ckpt, state, (epoch, position, step, history, positives) = opened
     if world.main:
-        labels = lambda: split_labels(shards, splits)  # noqa: E731
-        store = _open_store(store_path, n, dim, options.resume, digest, dtype, labels, world.size)
-        _check_rows_per_rank(store, n, world)
-        _log_start(model, store, n, log)
-        ckpt, state, where = _restore(run_dir, options.resume, model, optimizer, store, n, log)
-    world.barrier()
-    if not world.main:
-        store = FeatureStore.open(store_path, mode="r+", meta_writer=False)
-        ckpt, state, where = _restore(run_dir, options.resume, model, optimizer, None, n, log, world.rank)
-    epoch, position, step, history, positives = where
-    _write_history(run_dir, history)
+        _write_history(run_dir, history)
     # a resumed run purges what the earlier session logged after its checkpoint: one run's curves, not two
-    scalars = open_scalars(options.tensorboard, resumed_step=step if ckpt is not None else None)
+    tensorboard = options.tensorboard if world.main else None
+    scalars = open_scalars(tensorboard, resumed_step=step if ckpt is not None else None)
     _log_memory(budget, memory, log)
     if tc.mining == "batch":
         _check_batch_mining(n, dim, tc.batch_size, config.mining.adjacency, memory.rest)
@@ -469,6 +461,27 @@ def _set_up(
         partial=state.get("partial", {}),
         refreshed=state.get("refreshed", 0),  # a rebuild interrupted at this many samples
     )
+
+
+def _store_and_checkpoint(
+    shards, splits, store_path: Path, n: int, config: Config, options: TrainOptions, model, optimizer, world, log
+) -> tuple:
+    """The run's store, and model, optimizer and RNGs as the checkpoint resumed from left them: ``(store, checkpoint
+    or None, its state or {}, (epoch, position, step, history, positives))``. Rank 0 first (it creates the store,
+    sets damaged checkpoints aside and restores the dictionary), then, after a barrier, the other ranks."""
+    run_dir = store_path / "train"
+    if world.main:
+        dim, digest, dtype = ARCHS[config.model.arch][1], config_digest(config), config.dictionary.dtype
+        labels = lambda: split_labels(shards, splits)  # noqa: E731
+        store = _open_store(store_path, n, dim, options.resume, digest, dtype, labels, world.size)
+        _check_rows_per_rank(store, n, world)
+        _log_start(model, store, n, log)
+        found = _restore(run_dir, options.resume, model, optimizer, store, n, log)
+    world.barrier()
+    if not world.main:
+        store = FeatureStore.open(store_path, mode="r+", meta_writer=False)
+        found = _restore(run_dir, options.resume, model, optimizer, None, n, log, world.rank)
+    return (store, *found)
 
 
 def _training_data(shards, tc, log) -> tuple[str | tuple[str, str], int]:
@@ -704,7 +717,8 @@ def _epoch(run: _Run) -> None:
     run.scalars.epoch(run.step, record)
     run.epoch, run.position, run.partial = run.epoch + 1, 0, {}
     _checkpoint(run, ep.cache, run.partial)
-    _write_history(run.run_dir, run.history)
+    if run.world.main:
+        _write_history(run.run_dir, run.history)
     run.log(json.dumps(record))
     if run.epoch < tc.epochs:
         run.stop_here()
