@@ -787,12 +787,8 @@ def _rebuild(run: _Run, start: int) -> None:
     loader = _loader(run, key, start)
     done, batches = start, 0
     for images, idx, _vid, _cam in loader:
-        if tc.decode_on_device:
-            images = decode_batch(images, tuple(run.config.model.image_size), run.device)
         count = _global_count(run, idx)
-        x = refresh_features(
-            run.model, run.augment(images.to(run.device, non_blocking=True), idx, key), train_mode=count >= 2
-        )
+        x = refresh_features(run.model, _inputs(run, images, idx, key), train_mode=count >= 2)
         _set_owned_rows(run, cache, x.float(), idx)
         done += count
         batches += 1
@@ -820,9 +816,7 @@ def _epoch_steps(run: _Run, ep: _Epoch, loader: DataLoader) -> None:
         run.position += count
         if count < 2:  # BatchNorm cannot train on one sample; the order stays the same on resume
             if tc.refresh == "published":
-                if tc.decode_on_device:  # the workers left the images encoded
-                    images = decode_batch(images, tuple(run.config.model.image_size), run.device)
-                _fill_rows(run, ep.cache, run.augment(images.to(run.device), idx, run.epoch), idx)
+                _fill_rows(run, ep.cache, _inputs(run, images, idx, run.epoch), idx)
             continue
         _trace_rows(run, idx)
         began = time.perf_counter()
@@ -846,15 +840,26 @@ def _epoch_steps(run: _Run, ep: _Epoch, loader: DataLoader) -> None:
             os.kill(os.getpid(), signal.SIGKILL)  # tests: a kill -9 at a chosen step
 
 
+def _inputs(run: _Run, images, idx: torch.Tensor, key: int) -> torch.Tensor:
+    """The batch on the device, decoded there with ``train.decode_on_device``, augmented with ``key``.
+
+    A rank's share of a short last batch may be empty: it still runs the forward (its BatchNorm layers
+    and DDP take part in the ranks' collectives), on an empty batch."""
+    size = tuple(run.config.model.image_size)
+    if len(idx) == 0:
+        return torch.zeros((0, 3, *size), device=run.device)
+    if run.config.train.decode_on_device:  # the workers left the images encoded
+        images = decode_batch(images, size, run.device)
+    return run.augment(images.to(run.device, non_blocking=True), idx, key)
+
+
 def _train_step(run: _Run, ep: _Epoch, images, idx: torch.Tensor) -> float:
     """One step on a batch of two or more: forward, the step's positives, the dictionary step; its loss.
 
     The step's whole body, so that a run over several processes can swap in its own dictionary step.
     """
     config = run.config
-    if config.train.decode_on_device:
-        images = decode_batch(images, tuple(config.model.image_size), run.device)
-    x = _forward(run.net, run.augment(images.to(run.device, non_blocking=True), idx, run.epoch))
+    x = _forward(run.net, _inputs(run, images, idx, run.epoch))
     if run.world.distributed:
         return sharded_step(
             run.world,

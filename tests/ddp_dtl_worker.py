@@ -36,7 +36,7 @@ def problem(seed: int = 9, n: int = 250, d: int = 16, b: int = 10, extra: int = 
     return m, x, torch.from_numpy(rows), (indptr, np.concatenate(lists).astype(np.int64))
 
 
-def main(out: Path, r: float, delta: float) -> None:
+def main(out: Path, r: float, delta: float, split: str) -> None:
     world = join_world("cpu", timeout_s=60)
     m, x, rows, positives = problem()
     store_path = out / "store"
@@ -47,11 +47,14 @@ def main(out: Path, r: float, delta: float) -> None:
     store = FeatureStore.open(store_path, mode="r+", meta_writer=world.main)
     span = world.owned_rows(len(m), store.chunk_rows)
     cache = PageCache(store.features, host_budget=1 << 20, span=span, dtype=np.float32)
-    lo, hi = batch_share(len(x), world.rank, world.size)
+    if split == "even":
+        lo, hi = batch_share(len(x), world.rank, world.size)
+        share = -(-len(x) // world.size)
+    else:  # the last rank takes the whole batch, the others an empty share (a short last batch)
+        lo, hi = (0, len(x)) if world.rank == world.size - 1 else (0, 0)
+        share = len(x)
     mine = x[lo:hi].clone().requires_grad_(True)
-    loss = sharded_step(
-        world, mine, rows[lo:hi], cache, positives, r, delta, None, share=-(-len(x) // world.size), gather_rows=3
-    )
+    loss = sharded_step(world, mine, rows[lo:hi], cache, positives, r, delta, None, share=share, gather_rows=3)
     cache.flush()
     torch.save({"loss": loss, "grad": mine.grad, "span": span}, out / f"rank-{world.rank}.pt")
     world.barrier()
@@ -61,4 +64,4 @@ def main(out: Path, r: float, delta: float) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]))
+    main(Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4])

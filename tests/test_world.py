@@ -62,11 +62,12 @@ def test_one_process_collectives_return_their_input():
     assert torch.equal(world.sum(torch.tensor(2.0)), torch.tensor(2.0))
 
 
-@pytest.mark.parametrize(("nproc", "r", "delta"), [(2, 0.05, 0.4), (3, 0.3, 1.0)])
-def test_a_sharded_step_equals_the_dense_single_process_dtl(tmp_path, nproc, r, delta):
+@pytest.mark.parametrize(("nproc", "r", "delta", "split"), [(2, 0.05, 0.4, "even"), (3, 0.3, 1.0, "last")])
+def test_a_sharded_step_equals_the_dense_single_process_dtl(tmp_path, nproc, r, delta, split):
     """Each rank owns part of a real Zarr dictionary; loss, gradients and the momentum-updated dictionary
-    equal the dense reference (float32 against float64: a few ulps)."""
-    done = torchrun(nproc, str(HERE / "ddp_dtl_worker.py"), str(tmp_path), str(r), str(delta))
+    equal the dense reference (float32 against float64: a few ulps). "last": only the last rank has batch
+    rows, the others an empty share, as in a short last batch."""
+    done = torchrun(nproc, str(HERE / "ddp_dtl_worker.py"), str(tmp_path), str(r), str(delta), split)
     assert done.returncode == 0, done.stderr[-3000:]
     m, x, rows, positives = problem()
     reference = x.double().clone().requires_grad_(True)
@@ -103,3 +104,15 @@ def test_two_ranks_mine_the_graph_and_positives_one_process_mines(tmp_path):
     assert plan["query_rows"] < len(x) / 2  # several k-NN blocks: both ranks had some
     for a, b in zip(graph(one) + positives(one), graph(two) + positives(two)):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("split", ["even", "last"])
+def test_global_batchnorm_under_ddp_equals_one_process_on_the_whole_batch(tmp_path, split):
+    """ResNet-18 with sync_batchnorm (GlobalBatchNorm on the CPU) and DDP summing gradients, the batch split over
+    2 ranks (or all of it on one, an empty share on the other): outputs, gradients and running statistics
+    of one process on the whole batch, up to float rounding."""
+    done = torchrun(2, str(HERE / "ddp_bn_worker.py"), str(tmp_path), split)
+    assert done.returncode == 0, done.stderr[-3000:]
+    differences = torch.load(tmp_path / "bn.pt")
+    assert differences["outputs"] < 1e-4 and differences["stats"] < 1e-4
+    assert differences["grads"] < 1e-4  # relative
