@@ -29,6 +29,11 @@ neighbours minus P_b, as the min(h_b, |C_b|) candidates with the largest z
 (same order), with z computed live for those rows only; with C_b = every
 negative it is the exact H_b.
 
+Over a dictionary split in spans of rows (the ranks of a distributed run): ``span_candidates``
+gives each span's best h_b candidates, ``select_hard`` merges them into exactly H_b, and
+``dtl_partial`` gives each span's share of the loss (its terms over the global |P_b| and |H_b|),
+so the shares and their gradients add up to ``dtl_loss``.
+
 Positives come as a CSR over the batch: ``pos_indices[pos_indptr[b]:pos_indptr[b + 1]]``
 are P_b (unique, any order). ``batch_positives`` cuts it from the store's CSR;
 ``self_positives`` gives the warm-up {y_b}.

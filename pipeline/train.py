@@ -45,6 +45,12 @@ rows against the live dictionary (the cache's rows, momentum updates of earlier
 steps included), with no k-NN graph. It holds the dictionary and full similarity
 rows in memory, so it is refused unless ``dplm_rows_bytes`` fits a quarter of the
 budget; its history records the quality of the positives the steps really used.
+
+Several processes (``wildreid.world``; ``--nproc-per-node`` or torchrun): the same phases run on
+every rank, each over its share of every global batch and the dictionary rows it owns
+(``wildreid.sharded``); rank 0 alone writes the store's attributes, the history and the model, and
+every decision that ends a loop (a stop, a batch too small to train on) is taken from counts all
+ranks agree on, so the ranks always call the same collectives in the same order.
 """
 
 from __future__ import annotations
