@@ -162,8 +162,12 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, features_dir: P
     One process writing all three phases of ``begin_checkpoint``, ``save_part`` and ``finish_checkpoint``.
     """
     tmp = begin_checkpoint(run_dir, step, features_dir, tag)
-    save_part(run_dir, tmp, features_dir, (0, None), 0)
-    return finish_checkpoint(run_dir, tmp, step, state, positives, tag)
+    try:
+        save_part(run_dir, tmp, features_dir, (0, None), 0)
+    except StoreError:  # (a full disk) no half-copied dictionary is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return finish_checkpoint(run_dir, tmp, step, state, positives, features_dir, tag)
 
 
 def checkpoint_paths(run_dir: Path, step: int, tag: str = "") -> tuple[Path, Path]:
@@ -217,13 +221,32 @@ def save_part(
         raise _disk_error(exc, f"rank {rank}'s part of checkpoint {tmp}", latest_checkpoint(run_dir)) from None
 
 
-def finish_checkpoint(run_dir: str | Path, tmp: Path, step: int, state: dict, positives, tag: str = "") -> Path:
+def finish_checkpoint(
+    run_dir: str | Path,
+    tmp: Path,
+    step: int,
+    state: dict,
+    positives,
+    features_dir: Path,
+    tag: str = "",
+    parts: int = 1,
+) -> Path:
     """Phase 3 (rank 0, once every rank's part is written): state and positives, COMPLETE with every file's
-    sha256 (the parts' own lists merged), then the folder published and LATEST pointed at it."""
+    sha256 (the parts' own lists merged), then the folder published and LATEST pointed at it.
+
+    StoreError unless ``parts`` parts are there and together hold every chunk file of ``features_dir``."""
     run_dir = Path(run_dir)
     _, final = checkpoint_paths(run_dir, step, tag)
     root = final.parent
     previous = latest_checkpoint(run_dir)
+    found = sorted(tmp.glob("part-*.json"))
+    copied, chunks = _chunk_files(tmp / "dictionary"), _chunk_files(features_dir)
+    if len(found) != parts or copied != chunks:
+        raise StoreError(
+            f"checkpoint {final} is incomplete: expected {parts} parts holding {len(chunks)} dictionary chunks, "
+            f"found {len(found)} parts and {len(copied)} chunks; it was not published (the last good one, "
+            f"{previous}, stays): resume with --resume"
+        )
     try:
         with open(tmp / "state.pt", "wb") as f:
             _save_torch(state, f)
@@ -246,6 +269,11 @@ def finish_checkpoint(run_dir: str | Path, tmp: Path, step: int, state: dict, po
     for stale in old[:-KEEP]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _chunk_files(array_dir: Path) -> set[str]:
+    folder = array_dir / "c"
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
 
 
 def _file_digests_under(root: Path, path: Path) -> dict[str, str]:

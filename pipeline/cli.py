@@ -336,6 +336,10 @@ def train(
     from wildreid.train import train as run_train
     from wildreid.world import join_world, leave_world
 
+    if nproc_per_node < 1:
+        from wildreid.errors import ConfigError
+
+        raise ConfigError(f"expected --nproc-per-node >= 1, found {nproc_per_node}")
     if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
         from wildreid.launch import launch, without_option
 

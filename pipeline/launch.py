@@ -16,7 +16,7 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 
-from wildreid.errors import ConfigError, Stopped
+from wildreid.errors import ConfigError, DistributedError, Stopped
 
 __all__ = ["launch", "without_option"]
 
@@ -62,7 +62,7 @@ def launch(nproc: int, argv: Sequence[str], say: Callable[[str], None]) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "wildreid", *argv)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        rank, failure = _cause(exc.failures)
         code = failure.exitcode
         if code < 0:
             say(f"rank {rank} was killed by {signal.Signals(-code).name}; the other ranks were stopped")
@@ -74,3 +74,17 @@ def launch(nproc: int, argv: Sequence[str], say: Callable[[str], None]) -> int:
         say(f"stopped by {signal.Signals(exc.sigval).name}; resume with --resume")
         return 75
     return 0
+
+
+def _cause(failures: dict) -> tuple[int, object]:
+    """The failure that ended the run: a rank's own error or death before the ranks that only saw a peer go
+    (exit code 10, or the agent's SIGTERM), then the earliest, then the lowest rank. torch's own
+    ``get_first_failure`` orders by whole-second timestamps only, so a consequence seen in the same
+    second as its cause could be reported instead of it."""
+    consequences = (DistributedError.exit_code, -signal.SIGTERM, 128 + signal.SIGTERM)
+
+    def order(item):
+        rank, failure = item
+        return (failure.exitcode in consequences, failure.timestamp, rank)
+
+    return min(failures.items(), key=order)

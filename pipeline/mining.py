@@ -672,6 +672,7 @@ def _run_stages(
     if not open_derived(store, "positives", _fingerprint(store, params, plan, "rules")):
         rule_blocks = -(-n // plan.rule_rows)
         todo = _my_blocks(parts_pending(store, rule_blocks), world)
+        world.barrier()  # every rank has listed the parts before any rank rewrites one
         progress("DPLM rules", rule_blocks - len(todo) * world.size, rule_blocks)
         began = time.perf_counter()
         run_tasks(

@@ -76,6 +76,7 @@ from wildreid.checkpoint import (
     finish_checkpoint,
     load_positives,
     load_rng,
+    load_state,
     resume_checkpoint,
     save_checkpoint,
     save_model,
@@ -483,10 +484,11 @@ def _store_and_checkpoint(
         _check_rows_per_rank(store, n, world)
         _log_start(model, store, n, log)
         found = _restore(run_dir, options.resume, model, optimizer, store, n, log)
-    world.barrier()
-    if not world.main:
+    chosen = world.from_main(found[0].name if world.main and found[0] is not None else None)
+    if not world.main:  # the checkpoint rank 0 checked and restored, loaded as it is
         store = FeatureStore.open(store_path, mode="r+", meta_writer=False)
-        found = _restore(run_dir, options.resume, model, optimizer, None, n, log, world.rank)
+        _check_rows_per_rank(store, n, world)
+        found = _restore(run_dir, options.resume, model, optimizer, None, n, log, world.rank, chosen)
     return (store, *found)
 
 
@@ -540,13 +542,27 @@ def _log_start(model: torch.nn.Module, store: FeatureStore, n: int, log) -> None
 
 
 def _restore(
-    run_dir: Path, resume: bool, model, optimizer, store: FeatureStore | None, n: int, log, rank: int = 0
+    run_dir: Path,
+    resume: bool,
+    model,
+    optimizer,
+    store: FeatureStore | None,
+    n: int,
+    log,
+    rank: int = 0,
+    chosen: str | None = None,
 ) -> tuple:
     """With --resume, model, optimizer, RNGs and dictionary as the latest checkpoint left them. Returns that
     checkpoint (None: none), its state ({}: none) and where the run is: (epoch, position, step, history, positives).
-    ``store`` None: the dictionary is left alone (rank 0 of a distributed run restores it for all).
+    ``store`` None: the dictionary is left alone (rank 0 of a distributed run restores it for all), and the
+    checkpoint is ``chosen`` (the one rank 0 checked; None: none).
     """
-    found = resume_checkpoint(run_dir, log) if resume else None
+    if store is None:
+        found = (
+            None if chosen is None else (run_dir / "checkpoints" / chosen, load_state(run_dir / "checkpoints" / chosen))
+        )
+    else:
+        found = resume_checkpoint(run_dir, log) if resume else None
     if found is None:
         return None, {}, (0, 0, 0, [], _self_positives(n))
     ckpt, state = found
@@ -633,7 +649,8 @@ def _checkpoint(run: _Run, cache: PageCache, partial: dict, refreshed: int = 0) 
     save_part(run.run_dir, tmp, _features(run), (lo // chunk, -(-hi // chunk)), world.rank, rng)
     world.barrier()
     if world.main:
-        finish_checkpoint(run.run_dir, tmp, run.step, _state(run, partial, refreshed), run.positives, tag)
+        state = _state(run, partial, refreshed)
+        finish_checkpoint(run.run_dir, tmp, run.step, state, run.positives, _features(run), tag, world.size)
         run.scalars.flush()
     world.barrier()
 
@@ -673,6 +690,10 @@ def _loader(run: _Run, key: int, start: int) -> DataLoader:
 
 
 def _mine_now(run: _Run, graph_only: bool = False):
+    if run.world.distributed and run.world.main:
+        # the other ranks' writes do not bump the dictionary's version (rank 0 alone writes its attributes):
+        # a new version, so that no graph of older rows is taken for this one
+        run.store.bump_features_version()
     return _mine(
         run.store,
         run.config,
@@ -794,7 +815,7 @@ def _rebuild(run: _Run, start: int) -> None:
     done, batches = start, 0
     for images, idx, _vid, _cam in loader:
         count = _global_count(run, idx)
-        x = refresh_features(run.model, _inputs(run, images, idx, key), train_mode=count >= 2)
+        x = refresh_features(run.model, _inputs(run, images, idx, key), train_mode=_trainable(run, idx, count))
         _set_owned_rows(run, cache, x.float(), idx)
         done += count
         batches += 1
@@ -820,7 +841,7 @@ def _epoch_steps(run: _Run, ep: _Epoch, loader: DataLoader) -> None:
     for images, idx, _vid, _cam in loader:
         count = _global_count(run, idx)  # the global batch's samples (this rank has its share of them)
         run.position += count
-        if count < 2:  # BatchNorm cannot train on one sample; the order stays the same on resume
+        if not _trainable(run, idx, count):  # the order stays the same on resume
             if tc.refresh == "published":
                 _fill_rows(run, ep.cache, _inputs(run, images, idx, run.epoch), idx)
             continue
@@ -1060,6 +1081,16 @@ def _trace_rows(run: _Run, idx: torch.Tensor) -> None:
     if prefix:
         with open(f"{prefix}.rank{run.world.rank}", "a") as f:
             f.write(f"{run.epoch} {run.step + 1} {' '.join(map(str, idx.tolist()))}\n")
+
+
+def _trainable(run: _Run, idx: torch.Tensor, count: int) -> bool:
+    """Whether BatchNorm can train on this global batch of ``count``: two samples or more, and on every rank
+    when each normalises its own share (``train.sync_bn`` off); else its rows are filled without a step."""
+    if count < 2:
+        return False
+    if run.world.distributed and not run.config.train.sync_bn:
+        return run.world.least(len(idx)) >= 2
+    return True
 
 
 def _global_count(run: _Run, idx: torch.Tensor) -> int:

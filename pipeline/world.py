@@ -113,10 +113,13 @@ class World:
         dist.all_gather(parts, value.contiguous())
         return torch.cat(parts, dim)
 
-    def broadcast(self, value: torch.Tensor, src: int = 0) -> torch.Tensor:
-        if self.distributed:
-            dist.broadcast(value, src)
-        return value
+    def from_main(self, value: str | None) -> str | None:
+        """Rank 0's ``value`` on every rank (a choice only rank 0 may make, e.g. the checkpoint to resume)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self._comm_device if self.device.type == "cuda" else None)
+        return box[0]
 
     def gather_batch(self, x: torch.Tensor, idx: torch.Tensor, share: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The global batch from every rank's ``(x, idx)``, in rank order: ``(features with grad, rows)``.
@@ -170,27 +173,14 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows].clone(), None, None
 
 
-class _SumOverRanks(torch.autograd.Function):
-    """The sum of a tensor over ranks; its gradient is the sum of the ranks' gradients (every rank's loss uses it)."""
-
-    @staticmethod
-    def forward(ctx, value: torch.Tensor) -> torch.Tensor:
-        total = value.clone()
-        dist.all_reduce(total)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
 class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose training statistics are those of the global batch: per-channel sums all-reduced.
+    """BatchNorm whose training statistics are those of the global batch.
 
-    torch's SyncBatchNorm does this on GPUs only (2.14 refuses CPU tensors), so CPU ranks (gloo, and the tests)
-    use this; CUDA ranks use torch's (``sync_batchnorm``). Outside a distributed training pass it is BatchNorm.
+    Each rank's count, mean and sum of squared deviations per channel are gathered (with their
+    gradient) and merged as Chan et al.'s parallel variance does, which keeps the precision of a
+    two-pass variance (E[x^2] - E[x]^2 in float32 would not). torch's SyncBatchNorm does this on GPUs
+    only (2.14 refuses CPU tensors), so CPU ranks (gloo, and the tests) use this and CUDA ranks use
+    torch's (``sync_batchnorm``). Outside a distributed training pass it is BatchNorm.
     """
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -201,18 +191,27 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
         channels, dims = x.shape[1], [0, *range(2, x.dim())]
-        count = torch.tensor([x.numel() // channels], dtype=x.dtype, device=x.device)
-        totals = _SumOverRanks.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
-        n = totals[-1]
-        mean = totals[:channels] / n
-        var = (totals[channels : 2 * channels] / n - mean * mean).clamp(min=0)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        rows = x.numel() // channels
+        if rows:
+            local_mean = x.mean(dims)
+            local_m2 = ((x - local_mean.view(shape)) ** 2).sum(dims)
+        else:  # an empty share: nothing to add, but still part of the graph and of the gather
+            local_mean = local_m2 = x.sum(dims)
+        count = torch.full((1,), float(rows), dtype=x.dtype, device=x.device)
+        every = _GatherWithGrad.apply(
+            torch.cat([count, local_mean, local_m2])[None], dist.get_rank(), dist.get_world_size()
+        )
+        n, means = every[:, :1], every[:, 1 : channels + 1]
+        total = n.sum()
+        mean = (n * means).sum(0) / total
+        var = (every[:, channels + 1 :].sum(0) + (n * (means - mean) ** 2).sum(0)) / total
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - m).add_(m * mean.detach())
-                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1).clamp(min=1))
-        shape = [1, channels] + [1] * (x.dim() - 2)
+                self.running_var.mul_(1 - m).add_(m * var.detach() * total / (total - 1).clamp(min=1))
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
@@ -280,6 +279,10 @@ def join_world(device: str | torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    if device.type == "cuda":
+        # a timed-out NCCL collective raises in the waiting rank (one line, exit 10) instead of the watchdog
+        # aborting the process; not run on a GPU yet
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     if not dist.is_initialized():
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",

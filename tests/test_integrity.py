@@ -17,7 +17,7 @@ import pytest
 import torch
 import zarr
 from test_mining import clustered, make_store
-from test_train import final_json, train_cli
+from test_train import final_json, train_cli, train_command
 from typer.testing import CliRunner
 
 from wildreid.checkpoint import latest_checkpoint, load_model
@@ -150,10 +150,16 @@ def test_two_trainings_and_a_mining_on_one_store(uninterrupted, shard_root, tmp_
     store = tmp_path / "store"
     first = subprocess.Popen(_train_cmd(shard_root, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_lock(store, first)
-    second = train_cli(shard_root, store, "--resume")
-    mining = subprocess.run(
-        [sys.executable, "-m", "wildreid.cli", "mine", "--store", str(store), *MINE], capture_output=True, text=True
-    )
+    # both at once, while the first surely runs (one after the other, the second could start after it ended)
+    writers = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for cmd in (
+            train_command(shard_root, store, "--resume"),
+            [sys.executable, "-m", "wildreid.cli", "mine", "--store", str(store), *MINE],
+        )
+    ]
+    outputs = [w.communicate(timeout=600) for w in writers]
+    second, mining = (subprocess.CompletedProcess(w.args, w.returncode, *o) for w, o in zip(writers, outputs))
     out, err = first.communicate(timeout=600)
     for refused in (second, mining):
         assert refused.returncode == LockedError.exit_code, refused.stderr[-2000:]

@@ -116,3 +116,28 @@ def test_global_batchnorm_under_ddp_equals_one_process_on_the_whole_batch(tmp_pa
     differences = torch.load(tmp_path / "bn.pt")
     assert differences["outputs"] < 1e-4 and differences["stats"] < 1e-4
     assert differences["grads"] < 1e-4  # relative
+
+
+def test_a_checkpoint_of_several_ranks_is_published_only_with_every_part(tmp_path):
+    """The phases each rank of a run writes: without rank 1's part the checkpoint is refused and LATEST stays."""
+    from wildreid.checkpoint import begin_checkpoint, finish_checkpoint, latest_checkpoint, resume_checkpoint, save_part
+    from wildreid.errors import StoreError
+    from wildreid.stores import FeatureStore
+
+    store = FeatureStore.create(tmp_path / "store", 40, 8, dtype="float32", chunk_bytes=10 * 8 * 4)  # 4 chunks
+    store.write_rows(0, np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32))
+    run, features = tmp_path / "run", store.path / "features"
+    state = {"model": {}, "optimizer": {}, "rng": {}, "epoch": 0, "step": 3, "position": 8, "history": []}
+    positives = (np.arange(41), np.arange(40))
+    tmp = begin_checkpoint(run, 3, features)
+    save_part(run, tmp, features, (0, 2), 0)
+    with pytest.raises(StoreError, match="expected 2 parts holding 4 dictionary chunks, found 1 parts and 2 chunks"):
+        finish_checkpoint(run, tmp, 3, state, positives, features, parts=2)
+    assert latest_checkpoint(run) is None
+    save_part(run, tmp, features, (2, None), 1, rng={"torch": torch.get_rng_state()})
+    final = finish_checkpoint(run, tmp, 3, state, positives, features, parts=2)
+    assert latest_checkpoint(run) == final
+    complete = json.loads((final / "COMPLETE").read_text())["sha256"]
+    assert {f"dictionary/c/{i}/0" for i in range(4)} | {"rng-1.pt"} <= set(complete)
+    ckpt, loaded = resume_checkpoint(run)
+    assert ckpt == final and loaded["position"] == 8
