@@ -336,17 +336,6 @@ def train(
     from wildreid.train import train as run_train
     from wildreid.world import join_world, leave_world
 
-    if nproc_per_node < 1:
-        from wildreid.errors import ConfigError
-
-        raise ConfigError(f"expected --nproc-per-node >= 1, found {nproc_per_node}")
-    if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
-        from wildreid.launch import launch, without_option
-
-        argv = without_option(sys.argv[1:], "--nproc-per-node")
-        code = launch(nproc_per_node, argv, lambda line: console.print(escape(line), highlight=False))
-        raise typer.Exit(code)
-
     extra = list(overrides)
     if epochs is not None:
         extra.append(f"train.epochs={epochs}")
@@ -359,10 +348,20 @@ def train(
     if decode_on_device:
         extra.append("train.decode_on_device=true")
     cfg = load_config(config, extra)
-    if max_steps is not None and max_steps < 1:
-        from wildreid.errors import ConfigError
+    from wildreid.errors import ConfigError
 
+    if max_steps is not None and max_steps < 1:
         raise ConfigError(f"expected --max-steps >= 1, found {max_steps}")
+    if nproc_per_node < 1:
+        raise ConfigError(f"expected --nproc-per-node >= 1, found {nproc_per_node}")
+    if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        from wildreid.launch import launch, without_option
+        from wildreid.world import check_world_size
+
+        check_world_size(cfg.train.batch_size, nproc_per_node)  # before any rank starts: one line, not N
+        argv = without_option(sys.argv[1:], "--nproc-per-node")
+        code = launch(nproc_per_node, argv, lambda line: console.print(escape(line), highlight=False))
+        raise typer.Exit(code)
     options = TrainOptions(
         resume=resume,
         memory_budget=parse_bytes(memory_budget) if memory_budget else None,
