@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -46,6 +47,10 @@ def launch(nproc: int, argv: Sequence[str], say: Callable[[str], None]) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     # as torchrun: the ranks share the cores instead of each taking all of them
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # every rank is on this machine: gloo talks over loopback, not over the interface the host name resolves to
+    # (which a container may not resolve at all)
+    if "lo" in (name for _, name in socket.if_nameindex()):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
