@@ -17,7 +17,7 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 
-from wildreid.errors import ConfigError, DistributedError, Stopped
+from wildreid.errors import DistributedError, Stopped
 
 __all__ = ["launch", "without_option"]
 
@@ -37,8 +37,6 @@ def without_option(argv: Sequence[str], name: str) -> list[str]:
 
 def launch(nproc: int, argv: Sequence[str], say: Callable[[str], None]) -> int:
     """Run ``python -m wildreid ARGV`` as ``nproc`` ranks on this machine; returns the exit code for the user."""
-    if nproc < 1:
-        raise ConfigError(f"expected --nproc-per-node >= 1, found {nproc}")
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

@@ -20,6 +20,7 @@ backward's reduce-scatter), the candidates B x h_max x 16, the model's gradients
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -27,7 +28,7 @@ from wildreid.dtl import batch_positives, dtl_partial, momentum_update, select_h
 from wildreid.stores import PageCache
 from wildreid.world import GlobalBatchNorm, World
 
-__all__ = ["ddp_model", "sharded_step", "step_bytes", "sum_gradients"]
+__all__ = ["ddp_model", "owned", "sharded_step", "step_bytes", "sum_gradients", "update_owned"]
 
 
 def sum_gradients(world: World, bucket):
@@ -87,14 +88,24 @@ def sharded_step(
     out["loss"].backward()
     if optimizer is not None:
         optimizer.step()
+    update_owned(cache, features.detach().float(), rows)
+    return float(world.sum(out["loss"].detach()))
+
+
+def owned(cache: PageCache, rows: torch.Tensor) -> np.ndarray:
+    """Which of the global batch's ``rows`` this rank owns (its cache's span), as a boolean array."""
     lo, hi = cache.span
-    own = ((rows >= lo) & (rows < hi)).cpu().numpy()
+    return ((rows >= lo) & (rows < hi)).cpu().numpy()
+
+
+def update_owned(cache: PageCache, features: torch.Tensor, rows: torch.Tensor) -> None:
+    """The momentum update of the global batch's rows this rank owns, in batch order (repeated rows too)."""
+    own = owned(cache, rows)
     if own.any():
         mine = rows.cpu().numpy()[own]
-        current = cache.get_rows_tensor(mine, device).float()
-        updated = momentum_update(current, features.detach().float()[torch.from_numpy(own).to(device)], mine)
+        current = cache.get_rows_tensor(mine, features.device).float()
+        updated = momentum_update(current, features[torch.from_numpy(own).to(features.device)], mine)
         cache.set_rows(mine, updated.cpu().numpy())
-    return float(world.sum(out["loss"].detach()))
 
 
 def step_bytes(batch: int, dim: int, h_max: int, parameters: int, size: int) -> dict[str, int]:

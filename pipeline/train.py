@@ -92,7 +92,7 @@ from wildreid.mining import GRAPH_CHUNK_ROWS, MineParams, mine, smallest_budget
 from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
 from wildreid.run_budget import RunMemory, activation_bytes, plan_run_memory, process_uss
 from wildreid.scalars import NoScalars, open_scalars, require_tensorboard
-from wildreid.sharded import ddp_model, sharded_step
+from wildreid.sharded import ddp_model, owned, sharded_step, update_owned
 from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry, split_labels
 from wildreid.signals import ignore_stop_signals, signal_point
 from wildreid.stores import CHUNK_BYTES, LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write, rows_per_chunk
@@ -284,9 +284,10 @@ def train(
     try:
         return _train(shards, Path(store_path), config, options, device, progress, log, should_stop, world)
     except RuntimeError as exc:
-        if world.distributed and collective_failure(exc):
+        failure = collective_failure(exc) if world.distributed else None
+        if failure:
             raise DistributedError(
-                f"a collective with the other ranks failed ({collective_failure(exc)}): another rank died, or did "
+                f"a collective with the other ranks failed ({failure}): another rank died, or did "
                 f"not answer within --collective-timeout {world.timeout_s:g} s; the run stopped: "
                 "resume with --resume"
             ) from None
@@ -814,7 +815,7 @@ def _rebuild(run: _Run, start: int) -> None:
     loader = _loader(run, key, start)
     done, batches = start, 0
     for images, idx, _vid, _cam in loader:
-        count = _global_count(run, idx)
+        count = run.world.total(len(idx))
         x = refresh_features(run.model, _inputs(run, images, idx, key), train_mode=_trainable(run, idx, count))
         _set_owned_rows(run, cache, x.float(), idx)
         done += count
@@ -839,7 +840,7 @@ def _epoch_steps(run: _Run, ep: _Epoch, loader: DataLoader) -> None:
     ``train.checkpoint_every_steps`` and where a stop is asked for (at the epoch's end its own comes first)."""
     tc = run.config.train
     for images, idx, _vid, _cam in loader:
-        count = _global_count(run, idx)  # the global batch's samples (this rank has its share of them)
+        count = run.world.total(len(idx))  # the global batch's samples (this rank has its share of them)
         run.position += count
         if not _trainable(run, idx, count):  # the order stays the same on resume
             if tc.refresh == "published":
@@ -985,7 +986,7 @@ def _ranks_report(run: _Run) -> dict:
     mine = torch.tensor(
         [*run.span, run.cache_stats.get("held_bytes", 0), *(world.traffic.get(k, 0) / steps for k in kinds)],
         dtype=torch.float64,
-        device=world.device if world.device.type == "cuda" else "cpu",
+        device=world.comm_device,
     )
     every = world.cat(mine[None]).cpu().numpy()
     return {
@@ -1093,34 +1094,18 @@ def _trainable(run: _Run, idx: torch.Tensor, count: int) -> bool:
     return True
 
 
-def _global_count(run: _Run, idx: torch.Tensor) -> int:
-    """Samples of the global batch whose share is ``idx`` (the ranks' shares summed)."""
-    if not run.world.distributed:
-        return len(idx)
-    return int(run.world.sum(torch.tensor([len(idx)], device=run.world._comm_device)).item())
-
-
 def _set_owned_rows(run: _Run, cache: PageCache, x: torch.Tensor, idx: torch.Tensor) -> None:
     """Rows ``idx`` of the global batch set to ``x`` by the ranks that own them (features gathered first)."""
     x, rows = run.world.gather_batch(x.detach(), idx.to(x.device), run.share)
-    lo, hi = cache.span
-    own = ((rows >= lo) & (rows < hi)).cpu().numpy()
+    own = owned(cache, rows)
     cache.set_rows(rows.cpu().numpy()[own], x.cpu().numpy()[own])
 
 
 def _fill_rows(run: _Run, cache: PageCache, batch: torch.Tensor, idx: torch.Tensor) -> None:
-    """``_fill_row`` of a global batch too small to train on, each row updated by its owner."""
-    if not run.world.distributed:
-        _fill_row(run.model, batch, idx, cache)
-        return
+    """Momentum update of the rows of a global batch too small to train on (fewer than two samples) from
+    their eval-mode features, without a step; each row updated by the rank that owns it."""
     x = refresh_features(run.model, batch, train_mode=False).float()
-    x, rows = run.world.gather_batch(x, idx.to(x.device), run.share)
-    lo, hi = cache.span
-    own = ((rows >= lo) & (rows < hi)).cpu().numpy()
-    if own.any():
-        mine = rows.cpu().numpy()[own]
-        current = cache.get_rows_tensor(mine, x.device).float()
-        cache.set_rows(mine, momentum_update(current, x[torch.from_numpy(own)], mine).cpu().numpy())
+    update_owned(cache, *run.world.gather_batch(x, idx.to(x.device), run.share))
 
 
 def _check_world(config: Config, world: World) -> None:
@@ -1152,13 +1137,6 @@ def collective_failure(exc: BaseException) -> str | None:
         line = text.splitlines()[0] if text else type(exc).__name__
         return line.split("] ", 1)[-1][:200]  # without gloo's source-file prefix
     return None
-
-
-def _fill_row(model: torch.nn.Module, batch: torch.Tensor, idx: torch.Tensor, cache: PageCache) -> None:
-    """Momentum update of a one-sample batch's row from its eval-mode feature (no training step)."""
-    x = refresh_features(model, batch).float()
-    current = cache.get_rows_tensor(idx.numpy(), x.device).float()
-    cache.set_rows(idx.numpy(), momentum_update(current, x, idx.to(x.device)).cpu().numpy())
 
 
 def _plan_memory(budget: int, model, n: int, config: Config, device, use_graph: bool) -> RunMemory:

@@ -80,20 +80,22 @@ class World:
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (a stop asked of one rank stops all at the same step)."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([int(flag)], device=self._comm_device)
-        self._count("flags", t)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(self._reduce(int(flag), dist.ReduceOp.MAX))
 
     def least(self, value: int) -> int:
         """The smallest of the ranks' values (a plan every rank must make alike, sized for the tightest)."""
+        return self._reduce(value, dist.ReduceOp.MIN)
+
+    def total(self, value: int) -> int:
+        """The sum of the ranks' values (e.g. the samples of a global batch, from each rank's share)."""
+        return self._reduce(value, dist.ReduceOp.SUM)
+
+    def _reduce(self, value: int, op) -> int:
         if not self.distributed:
             return value
-        t = torch.tensor([value], dtype=torch.int64, device=self._comm_device)
+        t = torch.tensor([value], dtype=torch.int64, device=self.comm_device)
         self._count("flags", t)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        dist.all_reduce(t, op=op)
         return int(t.item())
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -118,7 +120,7 @@ class World:
         if not self.distributed:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0, device=self._comm_device if self.device.type == "cuda" else None)
+        dist.broadcast_object_list(box, src=0, device=self.comm_device)
         return box[0]
 
     def gather_batch(self, x: torch.Tensor, idx: torch.Tensor, share: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +145,8 @@ class World:
         return gathered[keep], gathered_rows[keep]
 
     @property
-    def _comm_device(self) -> torch.device:
+    def comm_device(self) -> torch.device:
+        """Where this rank's collectives' tensors live: its GPU for nccl, the CPU for gloo."""
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
 
