@@ -1,7 +1,7 @@
 """Run configuration: defaults -> YAML file (one shallow ``_base_``) -> CLI overrides -> frozen dataclass.
 
 A YAML file holds any of the sections ``model``, ``train``, ``loss``, ``mining``,
-``dictionary`` with any of their keys; a file may name one base file (``_base_: veriwild.yaml``,
+``dictionary``, ``camera`` with any of their keys; a file may name one base file (``_base_: veriwild.yaml``,
 relative to itself) whose values it overrides, and the base may not name another.
 Overrides are ``section.key=value`` strings whose value is parsed as YAML
 (``train.lr_steps=[30,45]``, ``model.pretrained=null``). Every value is checked
@@ -27,6 +27,7 @@ import yaml
 from wildreid.errors import ConfigError
 
 __all__ = [
+    "CameraConfig",
     "Config",
     "DictionaryConfig",
     "LossConfig",
@@ -167,6 +168,9 @@ class MiningConfig:
     # "similarity": candidates and adjacency by true similarity; "published": rows below the
     # threshold follow id order, as the published code's clamp-then-sort leaves them
     order: str = "similarity"
+    # a ceiling for studies, never a default: positives are the rows of the same vehicle id (read from the
+    # shards) instead of DPLM's, through the same DTL; refused where any id is unknown
+    oracle: bool = False
 
     def __post_init__(self):
         _need(-1 < self.threshold <= 1, "mining.threshold", "a float in (-1, 1]", self.threshold)
@@ -187,12 +191,41 @@ class DictionaryConfig:
 
 
 @dataclass(frozen=True)
+class CameraConfig:
+    """Camera-aware SSML-FD (``wildreid.camera``); off (``aware: false``) trains exactly as without it."""
+
+    aware: bool = False
+    # DPLM on camera-normalised dictionary rows: each camera's mean removed, then L2-normalised again
+    normalise: bool = True
+    # share of each row's hard negatives taken among its own camera's rows (the same-camera confusers), on top
+    # of the usual top r of all negatives; 0 leaves the negatives as they are
+    own_negatives: float = 0.0
+    # weight of the inter-camera term: mean (1 - z)^2 over the positives seen by other cameras than the anchor's
+    inter_weight: float = 0.0
+
+    def __post_init__(self):
+        _need(0 <= self.own_negatives < 1, "camera.own_negatives", "a float in [0, 1)", self.own_negatives)
+        _need(self.inter_weight >= 0, "camera.inter_weight", "a float >= 0", self.inter_weight)
+
+    @property
+    def pieces(self) -> dict[str, bool]:
+        """Which camera-aware pieces a run uses (none unless ``aware``)."""
+        on = self.aware
+        return {
+            "normalise": on and self.normalise,
+            "own_negatives": on and self.own_negatives > 0,
+            "inter": on and self.inter_weight > 0,
+        }
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     dictionary: DictionaryConfig = field(default_factory=DictionaryConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
 
     def __post_init__(self):
         if self.train.refresh == "published" and self.loss.negatives == "graph" and self.train.epochs > 0:
@@ -200,6 +233,21 @@ class Config:
                 "loss.negatives=graph needs a k-NN graph of the dictionary from epoch 0, but "
                 "train.refresh=published starts the dictionary at zeros; use train.refresh=eval "
                 "with graph negatives"
+            )
+        if self.mining.oracle and self.train.mining == "batch":
+            raise ConfigError(
+                "mining.oracle replaces the epoch's DPLM positives, but train.mining=batch mines every step; "
+                "use train.mining=epoch with mining.oracle=true"
+            )
+        if self.camera.aware and self.loss.negatives == "graph":
+            raise ConfigError(
+                "camera.aware=true runs with loss.negatives=exact only for now (graph negatives read the "
+                "camera-agnostic k-NN graph); use loss.negatives=exact or camera.aware=false"
+            )
+        if self.camera.aware and self.train.mining == "batch":
+            raise ConfigError(
+                "camera.aware=true mines once per epoch (train.mining=epoch); use train.mining=epoch or "
+                "camera.aware=false"
             )
 
     def to_dict(self) -> dict:
@@ -218,6 +266,7 @@ SECTIONS: dict[str, type] = {
     "loss": LossConfig,
     "mining": MiningConfig,
     "dictionary": DictionaryConfig,
+    "camera": CameraConfig,
 }
 
 
@@ -334,14 +383,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 # where work runs, not what it computes: a run may be resumed with these changed
 _OPERATIONAL = {"train": ("decode_on_device",)}
+# keys added after stores were written: left out of the digest while at these values (what every run before
+# them did), so a run started before they existed still resumes
+_ADDED = {"mining": {"oracle": False}, "camera": dataclasses.asdict(CameraConfig())}
 
 
 def config_digest(config: Config) -> str:
     """SHA-256 of the canonical JSON of ``config.to_dict()`` without its operational keys
-    (``_OPERATIONAL``): configs that train the same model, equal digests."""
+    (``_OPERATIONAL``) and the later keys at their old behaviour (``_ADDED``): configs that train the
+    same model, equal digests."""
     values = config.to_dict()
     for section, keys in _OPERATIONAL.items():
         values[section] = {k: v for k, v in values[section].items() if k not in keys}
+    for section, defaults in _ADDED.items():
+        values[section] = {k: v for k, v in values[section].items() if defaults.get(k, object()) != v}
+        if not values[section]:
+            del values[section]
     text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -81,6 +81,7 @@ __all__ = [
     "dplm_rows_bytes",
     "finish_rows",
     "graph_positions",
+    "oracle_positives",
     "pending_ranks",
     "plan_rows",
     "pseudo_label_quality",
@@ -666,6 +667,29 @@ def quality_sums(rows, indptr, indices, ids, id_sizes) -> dict:
     out["precision"] = float(np.divide(same, sizes, out=np.zeros(len(rows)), where=sizes > 0).sum())
     out["recall"] = float((same / np.asarray(id_sizes)[ids[rows]]).sum())
     return out
+
+
+def oracle_positives(ids) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth positives (``mining.oracle``): row i's are the rows of its vehicle id, ascending, i among
+    them; CSR ``(indptr, indices)``. ConfigError if any id is unknown (negative)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if len(ids) and ids.min() < 0:
+        raise ConfigError(
+            f"mining.oracle=true needs the vehicle id of every training image, but {np.count_nonzero(ids < 0):,} "
+            f"of {len(ids):,} are unknown (-1); drop mining.oracle (it is a ceiling for labelled studies only)"
+        )
+    n = len(ids)
+    order = np.argsort(ids, kind="stable")  # rows grouped by id, ascending rows within a group
+    sorted_ids = ids[order]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if n else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, n])
+    group = np.empty(n, dtype=np.int64)
+    group[order] = np.repeat(np.arange(len(starts)), sizes)
+    counts = sizes[group]
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum(counts)
+    seg = np.repeat(np.arange(n), counts)
+    return indptr, order[starts[group[seg]] + np.arange(indptr[-1]) - indptr[seg]].astype(np.int64)
 
 
 def pseudo_label_quality(indptr, indices, ids) -> dict:

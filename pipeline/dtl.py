@@ -34,6 +34,15 @@ gives each span's best h_b candidates, ``select_hard`` merges them into exactly 
 ``dtl_partial`` gives each span's share of the loss (its terms over the global |P_b| and |H_b|),
 so the shares and their gradients add up to ``dtl_loss``.
 
+Camera-aware terms (``Cameras``: the camera of every dictionary row, ``camera:`` in the config):
+
+* own-camera negatives: with share o > 0, O_b = the h^o_b = min(floor(o * h_b), negatives in
+  the anchor's camera) rows of the anchor's camera outside P_b with the largest z (same order),
+  and H_b = O_b plus the first h_b - |O_b| rows of the usual order that are not in O_b, so
+  |H_b| stays h_b and a share of it is the same-camera confusers;
+* inter-camera term: with weight w > 0, loss_b gains w * mean_{j in P_b, cam_j != cam_b} (1 - z_bj)^2
+  (0 when every positive shares the anchor's camera): positives seen by other cameras are pulled in.
+
 Positives come as a CSR over the batch: ``pos_indices[pos_indptr[b]:pos_indptr[b + 1]]``
 are P_b (unique, any order). ``batch_positives`` cuts it from the store's CSR;
 ``self_positives`` gives the warm-up {y_b}.
@@ -43,6 +52,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,7 +62,10 @@ import torch.nn.functional as F
 from wildreid.errors import ConfigError
 
 __all__ = [
+    "Cameras",
+    "Candidates",
     "batch_positives",
+    "combine_own",
     "dtl_dense",
     "dtl_loss",
     "dtl_partial",
@@ -61,6 +75,7 @@ __all__ = [
     "hard_negative_counts",
     "hard_negatives",
     "momentum_update",
+    "own_negative_counts",
     "select_hard",
     "self_positives",
     "span_candidates",
@@ -71,6 +86,31 @@ __all__ = [
 RowsFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
 DEFAULT_CHUNK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class Cameras:
+    """The camera-aware pieces of DTL: ``row_cams`` (N,) the camera of every dictionary row (a tensor on the
+    loss's device), ``own_share`` o of the hard negatives from the anchor's camera, ``inter_weight`` w."""
+
+    row_cams: torch.Tensor
+    own_share: float = 0.0
+    inter_weight: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.own_share < 1.0:
+            raise ConfigError(f"expected an own-camera share in [0, 1), found {self.own_share}")
+        if self.inter_weight < 0:
+            raise ConfigError(f"expected an inter-camera weight >= 0, found {self.inter_weight}")
+        if self.row_cams.ndim != 1:
+            raise ConfigError(f"expected one camera per dictionary row, found shape {tuple(self.row_cams.shape)}")
+
+    def of(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.row_cams[rows.to(self.row_cams.device)].to(rows.device)
+
+    def sizes(self) -> torch.Tensor:
+        """Rows per camera, indexed by camera id."""
+        return torch.bincount(self.row_cams.long())
 
 
 # --------------------------------------------------------------------------- positives
@@ -231,17 +271,45 @@ def hard_negatives(
     *,
     count: int,
     device: str | torch.device | None = None,
+    cameras: Cameras | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard negatives H_b of every batch element: ``(indices (B, h_max) padded with -1, counts (B,))``.
 
     ``dictionary_blocks`` yields ``(start, block)`` covering rows 0..count-1 once, in any
     order; blocks may be numpy (e.g. float16 from the store) and go to ``device``
-    (default: x's) in x's dtype. Rows of H_b are sorted by (z descending, index ascending).
+    (default: x's) in x's dtype. Rows of H_b are sorted by (z descending, index ascending);
+    with ``cameras`` of a positive own share, the own-camera ones O_b come first (module docstring).
     """
-    values, idx, h = span_candidates(
-        x, dictionary_blocks, pos_indptr, pos_indices, rows, r, count=count, span=(0, count), device=device
+    found = span_candidates(
+        x,
+        dictionary_blocks,
+        pos_indptr,
+        pos_indices,
+        rows,
+        r,
+        count=count,
+        span=(0, count),
+        device=device,
+        cameras=cameras,
     )
-    return select_hard(values, idx, h), h
+    hard = select_hard(found.values, found.indices, found.h)
+    if found.own_h is not None:
+        hard = combine_own(
+            hard, select_hard(found.own_values, found.own_indices, found.own_h), found.h, found.own_h, count
+        )
+    return hard, found.h
+
+
+class Candidates(NamedTuple):
+    """``span_candidates``: the best candidates of every batch element by (z descending, row ascending),
+    (-inf, -1) padded, and their counts; the own-camera ones only with an own-camera share (else None)."""
+
+    values: torch.Tensor  # (B, max h)
+    indices: torch.Tensor
+    h: torch.Tensor  # (B,)
+    own_values: torch.Tensor | None = None  # (B, max h_own): rows of the anchor's camera outside P_b
+    own_indices: torch.Tensor | None = None
+    own_h: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -256,26 +324,52 @@ def span_candidates(
     count: int,
     span: tuple[int, int],
     device: str | torch.device | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The best hard-negative candidates among the rows of ``span`` = (lo, hi) of a ``count``-row dictionary:
-    ``(values (B, h_max), indices (B, h_max), h (B,))``, by (z descending, index ascending), (-inf, -1) padded.
+    cameras: Cameras | None = None,
+) -> Candidates:
+    """The best hard-negative candidates among the rows of ``span`` = (lo, hi) of a ``count``-row dictionary.
 
     ``dictionary_blocks`` covers the span once. h_b = floor(r * (count - |P_b|)) counts the
     whole dictionary, so the candidates of every span of a partition, merged by
     ``select_hard``, give exactly the H_b of the whole dictionary: the rows a
-    distributed run's ranks own are such spans (``wildreid.world``).
+    distributed run's ranks own are such spans (``wildreid.world``). With ``cameras`` of a positive
+    own share the same scan also keeps the best h^o_b rows of each anchor's camera
+    (``own_negative_counts``), merged over spans by ``select_hard`` with their own counts, then
+    joined to the others by ``combine_own``.
     """
     device = torch.device(device) if device is not None else x.device
     xq = x.detach().to(device)
     rows, indptr, indices = _long(rows, device), _long(pos_indptr, device), _long(pos_indices, device)
     seg = _check_positives(rows, indptr, indices, count)
     h = hard_negative_counts(count - (indptr[1:] - indptr[:-1]), r).to(device)
-    b, h_max = len(rows), int(h.max()) if len(rows) else 0
-    top_v = torch.full((b, h_max), -math.inf, dtype=xq.dtype, device=device)
-    top_i = torch.full((b, h_max), -1, dtype=torch.long, device=device)
+    h_max = int(h.max()) if len(rows) else 0
+    if cameras is None or cameras.own_share == 0:
+        (top_v, top_i), _ = _scan(xq, dictionary_blocks, seg, indices, span, h_max, count)
+        return Candidates(top_v, top_i, h)
+    h_own = own_negative_counts(h, cameras, rows, seg, indices)
+    own = (cameras.row_cams.to(device), cameras.of(rows), int(h_own.max()) if len(rows) else 0)
+    (top_v, top_i), (own_v, own_i) = _scan(xq, dictionary_blocks, seg, indices, span, h_max, count, own)
+    return Candidates(top_v, top_i, h, own_v, own_i, h_own)
+
+
+def own_negative_counts(h: torch.Tensor, cameras: Cameras, rows, seg, indices) -> torch.Tensor:
+    """h^o_b = min(floor(o * h_b), the negatives in the anchor's camera) per batch element."""
+    cams = cameras.of(rows)
+    sizes = cameras.sizes().to(h.device)
+    own_pos = torch.zeros(len(rows), dtype=torch.long, device=h.device).index_add_(
+        0, seg, (cameras.of(indices) == cams[seg]).long()
+    )
+    available = sizes[cams] - own_pos
+    return torch.minimum(hard_negative_counts(h, cameras.own_share).to(h.device), available)
+
+
+def _scan(xq, dictionary_blocks, seg, indices, span, h_max: int, count: int, own=None):
+    """One pass over the span's blocks: the top ``h_max`` negatives of every element and, with ``own`` =
+    (row cameras, batch cameras, width), the top ``width`` among the anchor's camera: two (values, idx) pairs."""
+    device, b = xq.device, len(xq)
+    own_max = own[2] if own is not None else 0
     # float32 (training) keeps packed keys and a top-k per block; other dtypes sort (the reference)
     keyed = xq.dtype == torch.float32 and count <= _LOW32
-    top_keys = torch.full((b, h_max), _NO_KEY, dtype=torch.long, device=device)
+    tops = [_empty_top(b, width, xq.dtype, device, keyed) for width in (h_max, own_max)]
     lo, hi = span
     spans = []
     for start, block in dictionary_blocks:
@@ -283,23 +377,55 @@ def span_candidates(
         if start < lo or stop > hi:
             raise ConfigError(f"expected dictionary blocks inside rows {lo}..{hi - 1}, found rows {start}..{stop - 1}")
         spans.append((start, stop))
-        if h_max == 0 or len(block) == 0:
+        if max(h_max, own_max) == 0 or len(block) == 0:
             continue
         block = _as_block(block, xq)
         z = xq @ block.T
         inside = (indices >= start) & (indices < stop)
         z[seg[inside], indices[inside] - start] = -math.inf  # positives are never negatives
-        if keyed:
-            if bool(torch.isnan(z).any()):  # a NaN of either sign; its key would not sort as NaN
-                raise ConfigError("expected finite similarities, found NaN: the features or dictionary hold bad rows")
-            top_keys = _merge_top_keys(top_keys, z, start, h_max)
-        else:
-            idx = torch.arange(start, stop, device=device).expand(b, -1)
-            top_v, top_i = _merge_top(top_v, top_i, z, idx, h_max)
+        if keyed and bool(torch.isnan(z).any()):  # a NaN of either sign; its key would not sort as NaN
+            raise ConfigError("expected finite similarities, found NaN: the features or dictionary hold bad rows")
+        tops[0] = _merge_block(tops[0], z, start, h_max, keyed)
+        if own_max:
+            other = own[0][start:stop][None, :] != own[1][:, None]
+            tops[1] = _merge_block(tops[1], z.masked_fill(other, -math.inf), start, own_max, keyed)
     _check_cover(spans, lo, hi)
+    return [keys_to_rows(t) if keyed else t for t in tops]
+
+
+def _empty_top(b: int, width: int, dtype, device, keyed: bool):
     if keyed:
-        top_v, top_i = keys_to_rows(top_keys)
-    return top_v, top_i, h
+        return torch.full((b, width), _NO_KEY, dtype=torch.long, device=device)
+    return (
+        torch.full((b, width), -math.inf, dtype=dtype, device=device),
+        torch.full((b, width), -1, dtype=torch.long, device=device),
+    )
+
+
+def _merge_block(top, z: torch.Tensor, start: int, width: int, keyed: bool):
+    if width == 0:
+        return top
+    if keyed:
+        return _merge_top_keys(top, z, start, width)
+    idx = torch.arange(start, start + z.shape[1], device=z.device).expand(len(z), -1)
+    return _merge_top(*top, z, idx, width)
+
+
+def combine_own(hard: torch.Tensor, own: torch.Tensor, h: torch.Tensor, h_own: torch.Tensor, count: int):
+    """H_b from the usual selection ``hard`` (B, >= max h, by rank) and the own-camera one ``own`` (B, >= max
+    h_own, by rank), both -1 padded: O_b = own[b, :h_own_b], then the first h_b - |O_b| of ``hard[b]``
+    not in O_b; (B, max h) indices, -1 padded."""
+    b = len(h)
+    width = int(h.max()) if b else 0
+    own = own[:, : int(h_own.max()) if b else 0]
+    own = torch.where(torch.arange(own.shape[1], device=own.device) < h_own[:, None], own, -1)
+    batch = torch.arange(b, device=hard.device)[:, None]
+    taken = torch.isin(batch * count + hard, (batch * count + own)[own >= 0]) | (hard < 0)
+    rank = torch.cumsum(~taken, 1)
+    rest = torch.where(~taken & (rank <= (h - h_own)[:, None]), hard, -1)
+    both = torch.cat([own, rest], 1)
+    order = torch.sort((both < 0).to(torch.int8), dim=1, stable=True).indices[:, :width]  # the valid ones first
+    return both.gather(1, order)
 
 
 def select_hard(values: torch.Tensor, idx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -413,6 +539,21 @@ def _dense_select(z: torch.Tensor, seg: torch.Tensor, indices: torch.Tensor, h: 
     return torch.where(keep, order, -1)
 
 
+def _dense_select_own(z, seg, indices, h, rows, cameras: Cameras) -> torch.Tensor:
+    """The own-camera rule of the module docstring, row by row over the full z (the reference)."""
+    cams, row_cams = cameras.of(rows), cameras.row_cams.to(z.device)
+    out = torch.full((len(z), int(h.max()) if len(h) else 0), -1, dtype=torch.long, device=z.device)
+    for b in range(len(z)):
+        positives = set(indices[seg == b].tolist())
+        order = torch.sort(z[b].detach(), descending=True, stable=True).indices.tolist()
+        negatives = [j for j in order if j not in positives]
+        own = [j for j in negatives if row_cams[j] == cams[b]]
+        o = min(int(math.floor(cameras.own_share * int(h[b]) + 1e-9)), len(own))
+        chosen = own[:o] + [j for j in negatives if j not in set(own[:o])][: int(h[b]) - o]
+        out[b, : len(chosen)] = torch.tensor(chosen, dtype=torch.long)
+    return out
+
+
 # --------------------------------------------------------------------------- loss
 
 
@@ -422,10 +563,26 @@ def _per_element_mean(values: torch.Tensor, seg: torch.Tensor, b: int) -> torch.
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
 
 
-def _combine(z_pos, pos_seg, z_neg, neg_seg, b: int, delta: float) -> dict[str, torch.Tensor]:
+def _combine(z_pos, pos_seg, z_neg, neg_seg, b: int, delta: float, inter=None) -> dict[str, torch.Tensor]:
+    """The loss from the positives' and negatives' z; ``inter`` = (which positives are seen by another
+    camera than their anchor's, weight w) adds the inter-camera term."""
     positive = _per_element_mean((1.0 - z_pos) ** 2, pos_seg, b)
     negative = _per_element_mean((1.0 + z_neg) ** 2, neg_seg, b)
-    return {"loss": (positive + delta * negative).mean(), "positive": positive.mean(), "negative": negative.mean()}
+    loss = positive + delta * negative
+    out = {"positive": positive.mean(), "negative": negative.mean()}
+    if inter is not None:
+        other, weight = inter
+        term = _per_element_mean((1.0 - z_pos[other]) ** 2, pos_seg[other], b)
+        loss = loss + weight * term
+        out["inter"] = term.mean()
+    return {"loss": loss.mean(), **out}
+
+
+def _inter(cameras: Cameras | None, rows, seg, indices):
+    """``_combine``'s ``inter`` argument: (positives from another camera than the anchor's, w), or None."""
+    if cameras is None or cameras.inter_weight == 0:
+        return None
+    return cameras.of(indices) != cameras.of(rows)[seg], cameras.inter_weight
 
 
 def _check_inputs(x: torch.Tensor, delta: float) -> None:
@@ -435,10 +592,21 @@ def _check_inputs(x: torch.Tensor, delta: float) -> None:
         raise ConfigError(f"expected delta >= 0, found {delta}")
 
 
-def dtl_dense(x: torch.Tensor, dictionary: torch.Tensor, rows, pos_indptr, pos_indices, r: float, delta: float):
-    """Reference DTL over the full (B, N) z with grad: ``{"loss", "positive", "negative", "hard"}``.
+def dtl_dense(
+    x: torch.Tensor,
+    dictionary: torch.Tensor,
+    rows,
+    pos_indptr,
+    pos_indices,
+    r: float,
+    delta: float,
+    cameras: Cameras | None = None,
+):
+    """Reference DTL over the full (B, N) z with grad: ``{"loss", "positive", "negative", "hard"}``
+    (and ``"inter"`` with an inter-camera weight).
 
-    ``hard`` is the (B, h_max) selection, -1 padded, as ``hard_negatives`` returns it.
+    ``hard`` is the (B, h_max) selection, -1 padded, as ``hard_negatives`` returns it (with own-camera
+    negatives: the same rows, in another order within a row).
     """
     _check_inputs(x, delta)
     device = x.device
@@ -447,9 +615,13 @@ def dtl_dense(x: torch.Tensor, dictionary: torch.Tensor, rows, pos_indptr, pos_i
     seg = _check_positives(rows, indptr, indices, len(m))
     h = hard_negative_counts(len(m) - (indptr[1:] - indptr[:-1]), r).to(device)
     z = x @ m.T
-    hard = _dense_select(z, seg, indices, h)
+    if cameras is not None and cameras.own_share > 0:
+        hard = _dense_select_own(z, seg, indices, h, rows, cameras)
+    else:
+        hard = _dense_select(z, seg, indices, h)
     neg_b, neg_k = torch.nonzero(hard >= 0, as_tuple=True)
-    out = _combine(z[seg, indices], seg, z[neg_b, hard[neg_b, neg_k]], neg_b, len(x), delta)
+    inter = _inter(cameras, rows, seg, indices)
+    out = _combine(z[seg, indices], seg, z[neg_b, hard[neg_b, neg_k]], neg_b, len(x), delta, inter)
     return {**out, "hard": hard}
 
 
@@ -506,11 +678,13 @@ def dtl_loss(
     delta: float,
     *,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    cameras: Cameras | None = None,
 ) -> dict[str, torch.Tensor]:
     """DTL of ``x`` given its positives and the hard negatives ``hard`` (B, h_max), -1 padded.
 
     z is recomputed with grad only on those rows (``gathered_dot``). Returns
-    ``{"loss", "positive", "negative"}``: the loss and the batch means of both terms.
+    ``{"loss", "positive", "negative"}``: the loss and the batch means of both terms (and ``"inter"``,
+    the inter-camera term, with a weight in ``cameras``).
     """
     _check_inputs(x, delta)
     device = x.device
@@ -522,7 +696,8 @@ def dtl_loss(
     neg_b, neg_k = torch.nonzero(hard >= 0, as_tuple=True)
     neg_j = hard[neg_b, neg_k]
     z = gathered_dot(x, torch.cat([seg, neg_b]), torch.cat([indices, neg_j]), rows_fn, chunk_rows)
-    return _combine(z[: len(indices)], seg, z[len(indices) :], neg_b, len(x), delta)
+    inter = _inter(cameras, rows, seg, indices)
+    return _combine(z[: len(indices)], seg, z[len(indices) :], neg_b, len(x), delta, inter)
 
 
 def dtl_partial(
@@ -536,6 +711,7 @@ def dtl_partial(
     *,
     span: tuple[int, int],
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    cameras: Cameras | None = None,
 ) -> dict[str, torch.Tensor]:
     """The share of ``dtl_loss`` that the dictionary rows of ``span`` = (lo, hi) contribute.
 
@@ -564,11 +740,17 @@ def dtl_partial(
     zero = torch.zeros(b, dtype=x.dtype, device=device)
     positive = zero.index_add(0, pos_seg, (1.0 - z[: len(pos_j)]) ** 2) / pos_counts.clamp(min=1)
     negative = zero.index_add(0, neg_b, (1.0 + z[len(pos_j) :]) ** 2) / neg_counts.clamp(min=1)
-    return {
-        "loss": (positive + delta * negative).sum() / b,
-        "positive": positive.sum() / b,
-        "negative": negative.sum() / b,
-    }
+    loss = positive + delta * negative
+    out = {"positive": positive.sum() / b, "negative": negative.sum() / b}
+    inter = _inter(cameras, rows, seg, indices)
+    if inter is not None:  # over each anchor's inter-camera positives of the whole dictionary
+        other, weight = inter
+        inter_counts = zero.index_add(0, seg, other.to(x.dtype))
+        mine = other[pos_in]
+        term = zero.index_add(0, pos_seg[mine], (1.0 - z[: len(pos_j)][mine]) ** 2) / inter_counts.clamp(min=1)
+        loss = loss + weight * term
+        out["inter"] = term.sum() / b
+    return {"loss": loss.sum() / b, **out}
 
 
 def dtl_streaming(
@@ -583,10 +765,12 @@ def dtl_streaming(
     *,
     count: int,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    cameras: Cameras | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``hard_negatives`` then ``dtl_loss``: ``{"loss", "positive", "negative", "hard"}``."""
-    hard, _ = hard_negatives(x, dictionary_blocks, pos_indptr, pos_indices, rows, r, count=count)
-    out = dtl_loss(x, rows_fn, rows, pos_indptr, pos_indices, hard, delta, chunk_rows=chunk_rows)
+    """``hard_negatives`` then ``dtl_loss``: ``{"loss", "positive", "negative", "hard"}`` (camera-aware
+    with ``cameras``)."""
+    hard, _ = hard_negatives(x, dictionary_blocks, pos_indptr, pos_indices, rows, r, count=count, cameras=cameras)
+    out = dtl_loss(x, rows_fn, rows, pos_indptr, pos_indices, hard, delta, chunk_rows=chunk_rows, cameras=cameras)
     return {**out, "hard": hard}
 
 

@@ -43,6 +43,7 @@ from typing import Protocol
 
 import numpy as np
 
+from wildreid.camera import camera_means, camera_normalise
 from wildreid.errors import BudgetError, ConfigError, StoreError
 
 __all__ = [
@@ -100,28 +101,6 @@ class ArrayFeatures:
 
 def _source(x) -> Features:
     return x if hasattr(x, "read_rows") else ArrayFeatures(x)
-
-
-def camera_means(sources: list[tuple[Features, np.ndarray]], *, block_rows: int = 16384) -> dict[int, np.ndarray]:
-    """Mean feature (float64) of every camera over the rows of all ``(features, camids)`` pairs, read blockwise."""
-    sums: dict[int, np.ndarray] = {}
-    counts: dict[int, int] = {}
-    for features, cams in sources:
-        for start in range(0, features.count(), block_rows):
-            block = features.read_rows(start, min(features.count(), start + block_rows)).astype(np.float64)
-            block_cams = cams[start : start + len(block)]
-            for cam in np.unique(block_cams):
-                rows = block_cams == cam
-                sums[int(cam)] = sums.get(int(cam), 0.0) + block[rows].sum(axis=0)
-                counts[int(cam)] = counts.get(int(cam), 0) + int(rows.sum())
-    return {cam: sums[cam] / counts[cam] for cam in sums}
-
-
-def camera_normalise(x: np.ndarray, cams: np.ndarray, means: dict[int, np.ndarray]) -> np.ndarray:
-    """Rows of ``x`` minus their camera's mean, L2-normalised (a row equal to its camera's mean stays zero)."""
-    centred = np.asarray(x, np.float64) - np.stack([means[int(c)] for c in cams]) if len(x) else np.asarray(x)
-    norms = np.linalg.norm(centred, axis=1, keepdims=True)
-    return (centred / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
 class CameraNormalised:

@@ -24,7 +24,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wildreid.dtl import batch_positives, dtl_partial, momentum_update, select_hard, span_candidates
+from wildreid.dtl import (
+    Cameras,
+    batch_positives,
+    combine_own,
+    dtl_partial,
+    momentum_update,
+    select_hard,
+    span_candidates,
+)
 from wildreid.stores import PageCache
 from wildreid.world import GlobalBatchNorm, World
 
@@ -68,21 +76,22 @@ def sharded_step(
     *,
     share: int,
     gather_rows: int,
+    cameras: Cameras | None = None,
 ) -> float:
     """One DTL step of this rank (module docstring); returns the global loss.
 
     ``x`` (this rank's features, with grad) and ``idx`` (their rows) are its share of the
-    global batch, at most ``share`` rows; ``positives`` is the CSR over all N rows.
+    global batch, at most ``share`` rows; ``positives`` is the CSR over all N rows. ``cameras``: the
+    camera-aware terms (``wildreid.dtl``); the own-camera candidates are gathered and merged as the others.
     """
     device = x.device
     features, rows = world.gather_batch(x, idx.to(device), share)
     pos_ptr, pos_idx = batch_positives(positives[0], positives[1], rows, device=device)
-    values, candidates, h = span_candidates(
-        features, cache.scan_tensors(device), pos_ptr, pos_idx, rows, r, count=cache.n, span=cache.span
-    )
-    hard = select_hard(world.cat(values, 1, "candidates"), world.cat(candidates, 1, "candidates"), h)
+    hard = _hard(world, features, cache, pos_ptr, pos_idx, rows, r, cameras)
     rows_fn = lambda ids: cache.get_rows_tensor(ids.cpu().numpy(), device).float()  # noqa: E731
-    out = dtl_partial(features, rows_fn, rows, pos_ptr, pos_idx, hard, delta, span=cache.span, chunk_rows=gather_rows)
+    out = dtl_partial(
+        features, rows_fn, rows, pos_ptr, pos_idx, hard, delta, span=cache.span, chunk_rows=gather_rows, cameras=cameras
+    )
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
@@ -90,6 +99,19 @@ def sharded_step(
         optimizer.step()
     update_owned(cache, features.detach().float(), rows)
     return float(world.sum(out["loss"].detach()))
+
+
+def _hard(world: World, features, cache: PageCache, pos_ptr, pos_idx, rows, r: float, cameras: Cameras | None):
+    """The global H_b: every rank's candidates over its own rows, gathered and merged."""
+    device = features.device
+    found = span_candidates(
+        features, cache.scan_tensors(device), pos_ptr, pos_idx, rows, r, count=cache.n, span=cache.span, cameras=cameras
+    )
+    hard = select_hard(world.cat(found.values, 1, "candidates"), world.cat(found.indices, 1, "candidates"), found.h)
+    if found.own_h is None:
+        return hard
+    own_v, own_i = (world.cat(t, 1, "candidates") for t in (found.own_values, found.own_indices))
+    return combine_own(hard, select_hard(own_v, own_i, found.own_h), found.h, found.own_h, cache.n)
 
 
 def owned(cache: PageCache, rows: torch.Tensor) -> np.ndarray:

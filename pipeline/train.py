@@ -70,6 +70,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from wildreid.budget import default_budget, peak_rss_bytes
+from wildreid.camera import normalised_dictionary, unknown_cameras
 from wildreid.checkpoint import (
     begin_checkpoint,
     checkpoint_paths,
@@ -83,8 +84,15 @@ from wildreid.checkpoint import (
     save_part,
 )
 from wildreid.config import Config, config_digest
-from wildreid.dplm import dplm_rows, dplm_rows_bytes, pseudo_label_quality, quality_means, quality_sums
-from wildreid.dtl import batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
+from wildreid.dplm import (
+    dplm_rows,
+    dplm_rows_bytes,
+    oracle_positives,
+    pseudo_label_quality,
+    quality_means,
+    quality_sums,
+)
+from wildreid.dtl import Cameras, batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
 from wildreid.errors import ConfigError, DistributedError, ResumeError, ShardNotFoundError, Stopped, StoreError
 from wildreid.extract import EXTRACT_BATCH, extract_split, refresh_key
 from wildreid.label_free import positives_stats
@@ -246,7 +254,7 @@ def _mine(
     """
     m = config.mining
     report = mine(
-        str(store.path),
+        str(store.path),  # the dictionary, or its camera-normalised copy (wildreid.camera)
         MineParams(k=m.k, threshold=m.threshold, min_candidates=m.min_candidates, adjacency=m.adjacency, order=m.order),
         memory_budget=budget,
         workers=max(1, workers),
@@ -334,6 +342,8 @@ class _Run:
     positives: tuple[np.ndarray, np.ndarray]
     partial: dict
     refreshed: int  # samples of this epoch's dictionary rebuild done (0: none, or it is over)
+    camera: dict[str, bool]  # the camera-aware pieces this run uses (CameraConfig.pieces; none without camera ids)
+    cameras: Cameras | None  # what the camera-aware DTL terms read (None: neither is on)
     steps_here: int = 0  # steps of this invocation: what --max-steps and the crash tests count
     cache_stats: dict[str, int] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)  # this invocation's steps, data loading excluded
@@ -417,6 +427,7 @@ def _set_up(
     tc = config.train
     splits, n = _training_data(shards, tc, log)
     _check_world(config, world)
+    camera = _camera_pieces(shards, splits, config, log if world.main else lambda message: None)
     budget = options.memory_budget or default_budget()
     _seed_everything(tc.seed)
     model, optimizer = _model_and_optimizer(config, device, world)
@@ -468,6 +479,38 @@ def _set_up(
         positives=positives,
         partial=state.get("partial", {}),
         refreshed=state.get("refreshed", 0),  # a rebuild interrupted at this many samples
+        camera=camera,
+        cameras=_dtl_cameras(store, config, camera, device),
+    )
+
+
+def _camera_pieces(shards, splits, config: Config, log) -> dict[str, bool]:
+    """The camera-aware pieces the run uses, and the oracle's check, before anything is written: ConfigError
+    for an oracle without every vehicle id; every piece off (said once) where a camera id is unknown."""
+    pieces = config.camera.pieces
+    if not (config.mining.oracle or any(pieces.values())):
+        return pieces
+    vids, camids = split_labels(shards, splits)
+    if config.mining.oracle:
+        oracle_positives(vids)  # refused here when an id is unknown
+    unknown = unknown_cameras(camids)
+    if any(pieces.values()) and unknown:
+        log(
+            f"camera.aware=true, but the camera ids of {unknown:,} of {len(camids):,} training images are "
+            "unknown (-1; pass --camera-from to 'wildreid shard' for own data): training camera-agnostic"
+        )
+        return dict.fromkeys(pieces, False)
+    return pieces
+
+
+def _dtl_cameras(store: FeatureStore, config: Config, camera: dict[str, bool], device) -> Cameras | None:
+    if not (camera["own_negatives"] or camera["inter"]):
+        return None
+    c = config.camera
+    return Cameras(
+        torch.from_numpy(store.camids()).to(device),
+        own_share=c.own_negatives if camera["own_negatives"] else 0.0,
+        inter_weight=c.inter_weight if camera["inter"] else 0.0,
     )
 
 
@@ -695,8 +738,11 @@ def _mine_now(run: _Run, graph_only: bool = False):
         # the other ranks' writes do not bump the dictionary's version (rank 0 alone writes its attributes):
         # a new version, so that no graph of older rows is taken for this one
         run.store.bump_features_version()
+    store = run.store
+    if run.camera["normalise"] and not graph_only:  # DPLM on the camera-normalised dictionary
+        store, _ = normalised_dictionary(run.store, run.world)
     return _mine(
-        run.store,
+        store,
         run.config,
         run.memory.mining,
         run.config.train.workers,
@@ -779,6 +825,8 @@ def _extract_and_mine(run: _Run) -> tuple[np.ndarray, np.ndarray]:
     if tc.is_warmup(run.epoch):
         positives = _self_positives(run.n)
     elif tc.mining == "epoch" and (run.epoch - tc.warmup_epochs) % tc.remine_every == 0:
+        if run.config.mining.oracle:  # the ceiling: ground-truth positives through the same DTL
+            return oracle_positives(run.store.ids())
         return _mine_now(run)[0]
     if run.use_graph:  # no DPLM this epoch, but graph negatives need a fresh graph
         _mine_now(run, graph_only=True)
@@ -900,6 +948,7 @@ def _train_step(run: _Run, ep: _Epoch, images, idx: torch.Tensor) -> float:
             run.optimizer,
             share=run.share,
             gather_rows=run.gather_rows,
+            cameras=run.cameras,
         )
     if ep.per_batch:
         used = _mine_batch(ep.cache, idx.numpy(), config, ep.labels, ep.mined)
@@ -916,6 +965,7 @@ def _train_step(run: _Run, ep: _Epoch, images, idx: torch.Tensor) -> float:
         gather_rows=run.gather_rows,
         graph=ep.graph,
         of_batch=ep.per_batch,
+        cameras=run.cameras,
     )
 
 
@@ -941,6 +991,8 @@ def _epoch_record(run: _Run, ep: _Epoch) -> dict:
         "transductive": tc.transductive,
         "negatives": run.config.loss.negatives,
         "refresh": tc.refresh,
+        "oracle": run.config.mining.oracle,  # positives from the vehicle ids: a ceiling, not a result
+        "camera": sorted(k for k, on in run.camera.items() if on),  # the camera-aware pieces used
     }
 
 
@@ -1011,6 +1063,7 @@ def dictionary_step(
     gather_rows: int = 4096,
     graph: Callable[[np.ndarray], np.ndarray] | None = None,
     of_batch: bool = False,
+    cameras: Cameras | None = None,
 ) -> float:
     """One DTL step against the dictionary behind ``cache``: loss, backward, optimizer step, momentum update.
 
@@ -1023,6 +1076,7 @@ def dictionary_step(
     the hard negatives alone are r * N rows per batch element. With ``graph``
     (``rows -> (B, K)`` k-NN graph rows, ``wildreid.mining.graph_reader``) they are
     picked among the graph neighbours instead, and only those rows are read.
+    ``cameras``: the camera-aware terms of ``wildreid.dtl`` (own-camera negatives, inter-camera term).
     """
     device = x.device
     rows = idx.to(device)
@@ -1031,7 +1085,17 @@ def dictionary_step(
     rows_fn = lambda ids: cache.get_rows_tensor(_np(ids), device).float()  # noqa: E731
     if graph is None:
         out = dtl_streaming(
-            x, _blocks(cache, device), rows_fn, rows, pos_ptr, pos_idx, r, delta, count=cache.n, chunk_rows=gather_rows
+            x,
+            _blocks(cache, device),
+            rows_fn,
+            rows,
+            pos_ptr,
+            pos_idx,
+            r,
+            delta,
+            count=cache.n,
+            chunk_rows=gather_rows,
+            cameras=cameras,
         )
     else:
         hard, _ = graph_negatives(

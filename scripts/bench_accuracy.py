@@ -70,6 +70,19 @@ SETTINGS: dict[str, list[str]] = {
     "feature-bnneck": ["model.eval_feature=bnneck"],
     "mining-batch": ["train.mining=batch"],
     "mining-epoch": ["train.mining=epoch"],
+    # the ceiling: ground-truth positives (the vehicle ids) through the same DTL
+    "oracle": ["mining.oracle=true"],
+    # camera-aware pieces (the camera: section), each alone, then all together
+    "camera-normalise": ["camera.aware=true", "camera.normalise=true"],
+    "camera-negatives": ["camera.aware=true", "camera.normalise=false", "camera.own_negatives=0.5"],
+    "camera-inter": ["camera.aware=true", "camera.normalise=false", "camera.inter_weight=0.5"],
+    "camera-all": [
+        "camera.aware=true",
+        "camera.normalise=true",
+        "camera.own_negatives=0.5",
+        "camera.inter_weight=0.5",
+    ],
+    "camera-off": ["camera.aware=false"],
 }
 DEFAULT_SETTINGS = "untrained,defaults,published,refresh-eval,order-published"
 DEFAULT_ADAPT_SETTINGS = "untrained,defaults,published"
@@ -446,7 +459,11 @@ def train_and_score(job: dict, threads: int, keep: bool) -> dict:
         "wildreid eval --camera-norm",
     )
     agg_cn = json.loads(out.strip().splitlines()[-1])[SPLIT]
-    scores = score_groups(ckpt.parent / "features")
+    # BLAS rounds a float32 product by its blocking, which follows the thread count: score with the eval's
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads):
+        scores = score_groups(ckpt.parent / "features")
     for key, metric, ref in (
         ("ap", "mAP", agg),
         ("hit1", "rank1", agg),

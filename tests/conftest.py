@@ -40,6 +40,23 @@ def uninterrupted(shard_root, tmp_path_factory) -> dict:
     return final_json(train_cli(shard_root, tmp_path_factory.mktemp("run") / "store"))
 
 
+@pytest.fixture(scope="session")
+def photos(veriwild_root, tmp_path_factory) -> Path:
+    """The synthetic train images under names that carry no id: part<n % 3>/img.<n>.jpg (a dot in the name)."""
+    root = tmp_path_factory.mktemp("unlabelled") / "photos"
+    for n, r in enumerate(read_veriwild(veriwild_root).records["train"]):
+        (root / f"part{n % 3}").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(veriwild_root / r.path, root / f"part{n % 3}" / f"img.{n:04d}.jpg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_shards(photos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("unlabelled-shards") / "shards"
+    pack_dataset(read_dataset(photos, "folder"), out, max_samples=32)
+    return out
+
+
 def _folder_layout(veriwild_root: Path, dest: Path, folders: dict[str, str], name) -> Path:
     """Re-file the synthetic VeRi-Wild images under a folder layout, renamed as that layout names them."""
     index = read_veriwild(veriwild_root)

@@ -16,28 +16,10 @@ from wildreid.cli import app
 from wildreid.config import load_config
 from wildreid.model import build_model
 from wildreid.shards import pack_dataset, read_dataset
-from wildreid.shards.layouts import read_veriwild
 from wildreid.shards.reader import read_split_samples
 from wildreid.stores import FeatureStore
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def photos(veriwild_root, tmp_path_factory) -> Path:
-    """The synthetic train images under names that carry no id: part<n % 3>/img.<n>.jpg (a dot in the name)."""
-    root = tmp_path_factory.mktemp("unlabelled") / "photos"
-    for n, r in enumerate(read_veriwild(veriwild_root).records["train"]):
-        (root / f"part{n % 3}").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(veriwild_root / r.path, root / f"part{n % 3}" / f"img.{n:04d}.jpg")
-    return root
-
-
-@pytest.fixture(scope="module")
-def photo_shards(photos, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("unlabelled-shards") / "shards"
-    pack_dataset(read_dataset(photos, "folder"), out, max_samples=32)
-    return out
 
 
 def _one_line_error(result, code: int, text: str) -> str:

@@ -1,0 +1,149 @@
+"""Camera-aware SSML-FD: each camera's mean feature, and the camera-normalised dictionary DPLM mines.
+
+Features learnt without labels carry much of each camera's look (background, light, viewpoint), so
+a row's nearest dictionary rows are mostly other vehicles seen by the same camera, and DPLM mines
+them as positives. With ``camera.normalise`` the k-NN graph and the rules run on the dictionary
+with every row's camera mean removed and the row L2-normalised again (``camera_normalise``): the
+means form a small cameras x D table (``camera_means``, float64 sums over blocks of rows, never
+N x N nor N x D at once).
+
+The normalised rows live in a store of their own inside the run's store (``STORE/camera``:
+``features``, ``ids``, ``camids`` as the dictionary, plus the table as ``means`` (C, D) and
+``mean_cams`` (C,)), written in the dictionary's dtype and chunks, so mining runs on it exactly
+as on any store: blockwise, resumable, under the same budget, on dask or inside the ranks of a
+distributed run. The copy records the fingerprint of the dictionary it was made from and is
+remade whenever the dictionary changed since (every write bumps its version): one blockwise pass
+per mining, a small part of the k-NN stage's passes, and exact, where a running sum updated by
+every step would drift with rounding and would need collectives over the ranks' rows.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from wildreid.errors import StoreError
+from wildreid.stores import FeatureStore, create_checked_array, remove_tree
+from wildreid.world import World
+
+__all__ = [
+    "CAMERA_STORE",
+    "camera_means",
+    "camera_normalise",
+    "means_table",
+    "normalised_dictionary",
+    "unknown_cameras",
+]
+
+CAMERA_STORE = "camera"  # the normalised copy's folder inside the run's store
+
+
+class Rows(Protocol):
+    def count(self) -> int: ...
+    def read_rows(self, start: int, stop: int) -> np.ndarray: ...
+
+
+def unknown_cameras(camids) -> int:
+    """How many rows have no camera id (-1): camera-aware training needs none."""
+    return int(np.count_nonzero(np.asarray(camids) < 0))
+
+
+def camera_means(sources: list[tuple[Rows, np.ndarray]], *, block_rows: int = 16384) -> dict[int, np.ndarray]:
+    """Mean feature (float64) of every camera over the rows of all ``(features, camids)`` pairs, read blockwise."""
+    sums: dict[int, np.ndarray] = {}
+    counts: dict[int, int] = {}
+    for features, cams in sources:
+        for start in range(0, features.count(), block_rows):
+            block = features.read_rows(start, min(features.count(), start + block_rows)).astype(np.float64)
+            block_cams = cams[start : start + len(block)]
+            for cam in np.unique(block_cams):
+                rows = block_cams == cam
+                sums[int(cam)] = sums.get(int(cam), 0.0) + block[rows].sum(axis=0)
+                counts[int(cam)] = counts.get(int(cam), 0) + int(rows.sum())
+    return {cam: sums[cam] / counts[cam] for cam in sums}
+
+
+def camera_normalise(x: np.ndarray, cams: np.ndarray, means: dict[int, np.ndarray]) -> np.ndarray:
+    """Rows of ``x`` minus their camera's mean, L2-normalised (a row equal to its camera's mean stays zero)."""
+    centred = np.asarray(x, np.float64) - np.stack([means[int(c)] for c in cams]) if len(x) else np.asarray(x)
+    norms = np.linalg.norm(centred, axis=1, keepdims=True)
+    return (centred / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def means_table(means: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(cameras (C,) ascending, table (C, D) float64)`` of a ``camera_means`` dict."""
+    cams = np.array(sorted(means), dtype=np.int64)
+    table = np.stack([means[int(c)] for c in cams]) if len(cams) else np.zeros((0, 0))
+    return cams, table
+
+
+def normalised_dictionary(store: FeatureStore, world: World = World()) -> tuple[FeatureStore, np.ndarray]:
+    """The camera-normalised copy of ``store``'s dictionary (``STORE/camera``), made or remade when the
+    dictionary changed since, and its means table ``(C, D)``. Rank 0 writes it; every rank then opens it.
+
+    The copy is written chunk by chunk: a block of the dictionary's chunk rows in float64 at a time.
+    """
+    path = store.path / CAMERA_STORE
+    if world.main:
+        _write_copy(store, path)
+    world.barrier()
+    copy = FeatureStore.open(path, mode="r+", meta_writer=world.main)
+    return copy, copy.array("means")[:]
+
+
+def _write_copy(store: FeatureStore, path) -> None:
+    source = store.fingerprint()
+    camids = store.camids()
+    if unknown_cameras(camids):
+        raise StoreError(
+            f"{store.path}: {unknown_cameras(camids):,} rows have no camera id (-1); the camera-normalised "
+            "dictionary needs every row's camera: set camera.aware=false"
+        )
+    copy = _open_copy(store, path)
+    if copy is not None and copy.meta("source") == source:
+        return
+    if copy is None:
+        remove_tree(path)
+        chunk_bytes = store.chunk_rows * store.dim() * store.features.dtype.itemsize
+        copy = FeatureStore.create(
+            path,
+            store.count(),
+            store.dim(),
+            dtype=str(store.features.dtype),
+            ids=store.ids(),
+            camids=camids,
+            chunk_bytes=chunk_bytes,
+        )
+    block = store.chunk_rows
+    means = camera_means([(store, camids)], block_rows=block)
+    cams, table = means_table(means)
+    copy.set_meta("source", None)  # a copy being rewritten is never taken for a finished one
+    for start in range(0, store.count(), block):
+        stop = min(start + block, store.count())
+        copy.write_rows(start, camera_normalise(store.read_rows(start, stop), camids[start:stop], means))
+    for name, values in (("means", table), ("mean_cams", cams)):
+        if copy.has(name):
+            copy.remove(name)
+        array = create_checked_array(copy.group, name, shape=values.shape, dtype=values.dtype, fill_value=0)
+        array[...] = values
+    copy.write_labels(0, store.ids(), camids)
+    copy.set_meta("source", source)
+
+
+def _open_copy(store: FeatureStore, path) -> FeatureStore | None:
+    """The existing copy when its shape, dtype and chunks fit the dictionary (its rows are then rewritten in
+    place); None when there is none or it does not fit (it is then made anew)."""
+    if not (path / "zarr.json").exists():
+        return None
+    try:
+        copy = FeatureStore.open(path, mode="r+")
+    except StoreError:
+        return None
+    same = (
+        copy.count() == store.count()
+        and copy.dim() == store.dim()
+        and copy.features.dtype == store.features.dtype
+        and copy.chunk_rows == store.chunk_rows
+    )
+    return copy if same else None
