@@ -160,19 +160,10 @@ def test_camera_aware_spans_of_a_partition_add_up_to_the_dense_loss(cuts):
     for dtype in (torch.float64, torch.float32):
         spans = list(zip(cuts[:-1], cuts[1:]))
         xs = x.to(dtype).clone().requires_grad_(True)
+        blocks = [span_blocks(m.to(dtype), lo, hi, 7) for lo, hi in spans]
         found = [
-            span_candidates(
-                xs,
-                span_blocks(m.to(dtype), lo, hi, 7),
-                indptr,
-                indices,
-                rows,
-                r,
-                count=n,
-                span=(lo, hi),
-                cameras=cameras,
-            )
-            for s in spans
+            span_candidates(xs, b, indptr, indices, rows, r, count=n, span=s, cameras=cameras)
+            for b, s in zip(blocks, spans)
         ]
         h, h_own = found[0].h, found[0].own_h
         hard = select_hard(torch.cat([f[0] for f in found], 1), torch.cat([f[1] for f in found], 1), h)
