@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wildreid.dtl import Cameras
 from wildreid.sharded import sharded_step
 from wildreid.shards.order import batch_share
 from wildreid.stores import FeatureStore, PageCache
@@ -36,7 +37,13 @@ def problem(seed: int = 9, n: int = 250, d: int = 16, b: int = 10, extra: int = 
     return m, x, torch.from_numpy(rows), (indptr, np.concatenate(lists).astype(np.int64))
 
 
-def main(out: Path, r: float, delta: float, split: str) -> None:
+def problem_cameras(seed: int = 9, n: int = 250) -> Cameras:
+    """The camera-aware terms for ``problem``'s dictionary: 4 cameras, one of them holding half the rows."""
+    cams = np.random.default_rng(seed + 1).choice(4, size=n, p=[0.5, 0.2, 0.2, 0.1])
+    return Cameras(torch.from_numpy(cams), own_share=0.5, inter_weight=0.7)
+
+
+def main(out: Path, r: float, delta: float, split: str, camera: bool = False) -> None:
     world = join_world("cpu", timeout_s=60)
     m, x, rows, positives = problem()
     store_path = out / "store"
@@ -54,7 +61,10 @@ def main(out: Path, r: float, delta: float, split: str) -> None:
         lo, hi = (0, len(x)) if world.rank == world.size - 1 else (0, 0)
         share = len(x)
     mine = x[lo:hi].clone().requires_grad_(True)
-    loss = sharded_step(world, mine, rows[lo:hi], cache, positives, r, delta, None, share=share, gather_rows=3)
+    cameras = problem_cameras() if camera else None
+    loss = sharded_step(
+        world, mine, rows[lo:hi], cache, positives, r, delta, None, share=share, gather_rows=3, cameras=cameras
+    )
     cache.flush()
     torch.save({"loss": loss, "grad": mine.grad, "span": span}, out / f"rank-{world.rank}.pt")
     world.barrier()
@@ -64,4 +74,4 @@ def main(out: Path, r: float, delta: float, split: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4])
+    main(Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5:] == ["camera"])

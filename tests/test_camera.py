@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_distributed import RUN, TWO, train_ranks
 from test_dtl import grad_of, mined_positives, span_blocks
 from test_train import SMALL, final_json, train_cli
 
@@ -26,7 +28,7 @@ from wildreid.dtl import (
     tensor_blocks,
     tensor_rows,
 )
-from wildreid.errors import ConfigError
+from wildreid.errors import ConfigError, Stopped
 from wildreid.mining import MineParams, mine
 from wildreid.stores import FeatureStore
 from wildreid.stores.derived import read_positives
@@ -44,6 +46,7 @@ PINNED_CPU = {
     "OPENBLAS_CORETYPE": "Haswell",
 }
 ALL_PIECES = ["camera.aware=true", "camera.own_negatives=0.5", "camera.inter_weight=0.5"]
+CAMERA_SMALL = [*SMALL, *ALL_PIECES]
 RECORDED = {
     "weights_sha256": "e5653f4178bca1b0f96cd30ce0ec50a67a9554435e7e5b29edf0e2acfcc8b36a",
     "dictionary_sha256": "5b7d709ba93f77d5db45b388abe9701439d5c82c85d4a0ae892c8beebfdcad14",
@@ -299,3 +302,46 @@ def test_camera_normalised_mining_equals_dense_dplm_on_the_normalised_rows(tmp_p
 
     (p_norm, cross_norm), (p_plain, cross_plain) = cross_camera_precision(*ref), cross_camera_precision(*plain)
     assert p_norm > p_plain and cross_norm > cross_plain
+
+
+# --------------------------------------------------------------------------- camera-aware runs: resume, ranks
+
+
+@pytest.fixture(scope="module")
+def camera_run(shard_root, tmp_path_factory) -> dict:
+    """One uninterrupted run with every camera-aware piece on (SMALL settings; read only)."""
+    return final_json(train_cli(shard_root, tmp_path_factory.mktemp("camera") / "store", overrides=CAMERA_SMALL))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("env", "code"),
+    [
+        ({"WILDREID_CRASH_AFTER_STEPS": "8"}, -signal.SIGKILL),  # a DPLM epoch, after camera-normalised mining
+        ({"WILDREID_CRASH_AT": "knn:0"}, -signal.SIGKILL),  # inside the first mining of the normalised copy
+        ({"WILDREID_SIGNAL_AT": "step:7"}, Stopped.exit_code),  # SIGTERM between checkpoints
+    ],
+)
+def test_camera_aware_runs_resume_to_the_uninterrupted_digests(camera_run, shard_root, tmp_path, env, code):
+    assert camera_run["history"][-1]["camera"] == ["inter", "normalise", "own_negatives"]
+    store = tmp_path / "store"
+    stopped = train_cli(shard_root, store, overrides=CAMERA_SMALL, env=env)
+    assert stopped.returncode == code, stopped.stderr[-2000:]
+    resumed = final_json(train_cli(shard_root, store, "--resume", overrides=CAMERA_SMALL))
+    assert {k: resumed[k] for k in RECORDED} == {k: camera_run[k] for k in RECORDED}
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in camera_run["history"]]
+    assert (store / CAMERA_STORE / "means").exists()
+
+
+@pytest.mark.slow
+def test_camera_aware_training_on_two_ranks(shard_root, tmp_path):
+    """Two processes with every piece on: normalised mining split over the ranks, the own-camera candidates
+    gathered; the step itself equals the dense reference (tests/test_world.py); here the run as a whole."""
+    run = train_ranks(shard_root, tmp_path / "store", *TWO, overrides=[*RUN, *ALL_PIECES])
+    report = final_json(run)
+    assert report["world"]["size"] == 2
+    history = report["history"]
+    assert [h["camera"] for h in history] == [["inter", "normalise", "own_negatives"]] * 2
+    assert history[-1]["mean_positives"] >= 1.0 and np.isfinite(history[-1]["loss"])
+    copy = FeatureStore.open(tmp_path / "store" / CAMERA_STORE)
+    assert copy.meta("source") is not None and copy.has("positives/indptr")

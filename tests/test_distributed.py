@@ -18,13 +18,13 @@ RUN = [*(o for o in SMALL if not o.startswith(("train.epochs", "train.reextract_
 RUN.append("train.reextract_every=1")
 
 
-def train_ranks(shards, store, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
+def train_ranks(shards, store, *args, env=None, timeout=600, overrides=RUN) -> subprocess.CompletedProcess:
     import os
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WILDREID_")}
     # one thread per rank: two ranks on two cores, and gloo's sums are then reproducible run to run
     return subprocess.run(
-        train_command(shards, store, *args, overrides=RUN),
+        train_command(shards, store, *args, overrides=overrides),
         capture_output=True,
         text=True,
         env={**clean, "OMP_NUM_THREADS": "1", **(env or {})},

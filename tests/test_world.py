@@ -19,7 +19,7 @@ from wildreid.shards.order import batch_share
 from wildreid.world import World, check_world_size, owned_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddp_dtl_worker import problem  # noqa: E402
+from ddp_dtl_worker import problem, problem_cameras  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -62,17 +62,23 @@ def test_one_process_collectives_return_their_input():
     assert torch.equal(world.sum(torch.tensor(2.0)), torch.tensor(2.0))
 
 
-@pytest.mark.parametrize(("nproc", "r", "delta", "split"), [(2, 0.05, 0.4, "even"), (3, 0.3, 1.0, "last")])
-def test_a_sharded_step_equals_the_dense_single_process_dtl(tmp_path, nproc, r, delta, split):
+@pytest.mark.parametrize(
+    ("nproc", "r", "delta", "split", "camera"),
+    [(2, 0.05, 0.4, "even", False), (3, 0.3, 1.0, "last", False), (2, 0.08, 0.4, "even", True)],
+)
+def test_a_sharded_step_equals_the_dense_single_process_dtl(tmp_path, nproc, r, delta, split, camera):
     """Each rank owns part of a real Zarr dictionary; loss, gradients and the momentum-updated dictionary
     equal the dense reference (float32 against float64: a few ulps). "last": only the last rank has batch
-    rows, the others an empty share, as in a short last batch."""
-    done = torchrun(nproc, str(HERE / "ddp_dtl_worker.py"), str(tmp_path), str(r), str(delta), split)
+    rows, the others an empty share, as in a short last batch. ``camera``: with own-camera negatives and
+    the inter-camera term (``problem_cameras``)."""
+    args = [str(tmp_path), str(r), str(delta), split, *(["camera"] if camera else [])]
+    done = torchrun(nproc, str(HERE / "ddp_dtl_worker.py"), *args)
     assert done.returncode == 0, done.stderr[-3000:]
     m, x, rows, positives = problem()
     reference = x.double().clone().requires_grad_(True)
     pos_ptr, pos_idx = batch_positives(positives[0], positives[1], rows)
-    dense = dtl_dense(reference, m.double(), rows, pos_ptr, pos_idx, r, delta)
+    cameras = problem_cameras() if camera else None
+    dense = dtl_dense(reference, m.double(), rows, pos_ptr, pos_idx, r, delta, cameras)
     dense["loss"].backward()
     ranks = [torch.load(tmp_path / f"rank-{k}.pt") for k in range(nproc)]
     spans = [tuple(k["span"]) for k in ranks]
