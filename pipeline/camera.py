@@ -78,9 +78,9 @@ def means_table(means: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return cams, table
 
 
-def normalised_dictionary(store: FeatureStore, world: World = World()) -> tuple[FeatureStore, np.ndarray]:
-    """The camera-normalised copy of ``store``'s dictionary (``STORE/camera``), made or remade when the
-    dictionary changed since, and its means table ``(C, D)``. Rank 0 writes it; every rank then opens it.
+def normalised_dictionary(store: FeatureStore, world: World = World()) -> FeatureStore:
+    """The camera-normalised copy of ``store``'s dictionary (``STORE/camera``, its means table in ``means``),
+    made or remade when the dictionary changed since. Rank 0 writes it; every rank then opens it.
 
     The copy is written chunk by chunk: a block of the dictionary's chunk rows in float64 at a time.
     """
@@ -88,22 +88,24 @@ def normalised_dictionary(store: FeatureStore, world: World = World()) -> tuple[
     if world.main:
         _write_copy(store, path)
     world.barrier()
-    copy = FeatureStore.open(path, mode="r+", meta_writer=world.main)
-    return copy, copy.array("means")[:]
+    return FeatureStore.open(path, mode="r+", meta_writer=world.main)
 
 
 def _write_copy(store: FeatureStore, path) -> None:
     source = store.fingerprint()
     camids = store.camids()
-    if unknown_cameras(camids):
+    unknown = unknown_cameras(camids)
+    if unknown:
         raise StoreError(
-            f"{store.path}: {unknown_cameras(camids):,} rows have no camera id (-1); the camera-normalised "
+            f"{store.path}: {unknown:,} rows have no camera id (-1); the camera-normalised "
             "dictionary needs every row's camera: set camera.aware=false"
         )
     copy = _open_copy(store, path)
     if copy is not None and copy.meta("source") == source:
         return
-    if copy is None:
+    if copy is not None:
+        copy.write_labels(0, store.ids(), camids)  # (a new copy is made with them)
+    else:
         remove_tree(path)
         chunk_bytes = store.chunk_rows * store.dim() * store.features.dtype.itemsize
         copy = FeatureStore.create(
@@ -127,7 +129,6 @@ def _write_copy(store: FeatureStore, path) -> None:
             copy.remove(name)
         array = create_checked_array(copy.group, name, shape=values.shape, dtype=values.dtype, fill_value=0)
         array[...] = values
-    copy.write_labels(0, store.ids(), camids)
     copy.set_meta("source", source)
 
 

@@ -50,6 +50,7 @@ are P_b (unique, any order). ``batch_positives`` cuts it from the store's CSR;
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -108,8 +109,9 @@ class Cameras:
     def of(self, rows: torch.Tensor) -> torch.Tensor:
         return self.row_cams[rows.to(self.row_cams.device)].to(rows.device)
 
+    @functools.cached_property
     def sizes(self) -> torch.Tensor:
-        """Rows per camera, indexed by camera id."""
+        """Rows per camera, indexed by camera id (counted once: the hard-negative scan asks every step)."""
         return torch.bincount(self.row_cams.long())
 
 
@@ -354,7 +356,7 @@ def span_candidates(
 def own_negative_counts(h: torch.Tensor, cameras: Cameras, rows, seg, indices) -> torch.Tensor:
     """h^o_b = min(floor(o * h_b), the negatives in the anchor's camera) per batch element."""
     cams = cameras.of(rows)
-    sizes = cameras.sizes().to(h.device)
+    sizes = cameras.sizes.to(h.device)
     own_pos = torch.zeros(len(rows), dtype=torch.long, device=h.device).index_add_(
         0, seg, (cameras.of(indices) == cams[seg]).long()
     )

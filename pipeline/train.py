@@ -55,6 +55,7 @@ ranks agree on, so the ranks always call the same collectives in the same order.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -427,7 +428,9 @@ def _set_up(
     tc = config.train
     splits, n = _training_data(shards, tc, log)
     _check_world(config, world)
-    camera = _camera_pieces(shards, splits, config, log if world.main else lambda message: None)
+    # the shards' labels, read at most once: the oracle and camera checks need them before the store is made
+    labels = functools.cache(lambda: split_labels(shards, splits))
+    camera = _camera_pieces(labels, config, log if world.main else lambda message: None)
     budget = options.memory_budget or default_budget()
     _seed_everything(tc.seed)
     model, optimizer = _model_and_optimizer(config, device, world)
@@ -436,7 +439,7 @@ def _set_up(
     memory = _plan_memory(budget, model, n, config, device, use_graph)
     dim = ARCHS[config.model.arch][1]
     run_dir = store_path / "train"
-    opened = _store_and_checkpoint(shards, splits, store_path, n, config, options, model, optimizer, world, log)
+    opened = _store_and_checkpoint(labels, store_path, n, config, options, model, optimizer, world, log)
     store, ckpt, state, (epoch, position, step, history, positives) = opened
     if world.main:
         _write_history(run_dir, history)
@@ -484,13 +487,13 @@ def _set_up(
     )
 
 
-def _camera_pieces(shards, splits, config: Config, log) -> dict[str, bool]:
+def _camera_pieces(labels, config: Config, log) -> dict[str, bool]:
     """The camera-aware pieces the run uses, and the oracle's check, before anything is written: ConfigError
     for an oracle without every vehicle id; every piece off (said once) where a camera id is unknown."""
     pieces = config.camera.pieces
     if not (config.mining.oracle or any(pieces.values())):
         return pieces
-    vids, camids = split_labels(shards, splits)
+    vids, camids = labels()
     if config.mining.oracle:
         oracle_positives(vids)  # refused here when an id is unknown
     unknown = unknown_cameras(camids)
@@ -515,7 +518,7 @@ def _dtl_cameras(store: FeatureStore, config: Config, camera: dict[str, bool], d
 
 
 def _store_and_checkpoint(
-    shards, splits, store_path: Path, n: int, config: Config, options: TrainOptions, model, optimizer, world, log
+    labels, store_path: Path, n: int, config: Config, options: TrainOptions, model, optimizer, world, log
 ) -> tuple:
     """The run's store, and model, optimizer and RNGs as the checkpoint resumed from left them: ``(store, checkpoint
     or None, its state or {}, (epoch, position, step, history, positives))``. Rank 0 first (it creates the store,
@@ -523,7 +526,6 @@ def _store_and_checkpoint(
     run_dir = store_path / "train"
     if world.main:
         dim, digest, dtype = ARCHS[config.model.arch][1], config_digest(config), config.dictionary.dtype
-        labels = lambda: split_labels(shards, splits)  # noqa: E731
         store = _open_store(store_path, n, dim, options.resume, digest, dtype, labels, world.size)
         _check_rows_per_rank(store, n, world)
         _log_start(model, store, n, log)
@@ -740,7 +742,7 @@ def _mine_now(run: _Run, graph_only: bool = False):
         run.store.bump_features_version()
     store = run.store
     if run.camera["normalise"] and not graph_only:  # DPLM on the camera-normalised dictionary
-        store, _ = normalised_dictionary(run.store, run.world)
+        store = normalised_dictionary(run.store, run.world)
     return _mine(
         store,
         run.config,

@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parent.parent
 # name -> overrides. "untrained" and "published" are the baselines of the Δ columns.
@@ -460,8 +461,6 @@ def train_and_score(job: dict, threads: int, keep: bool) -> dict:
     )
     agg_cn = json.loads(out.strip().splitlines()[-1])[SPLIT]
     # BLAS rounds a float32 product by its blocking, which follows the thread count: score with the eval's
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(limits=threads):
         scores = score_groups(ckpt.parent / "features")
     for key, metric, ref in (

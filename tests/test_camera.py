@@ -260,7 +260,8 @@ def _camera_store(path, seed=0, n=600, d=24, cameras=5):
 
 def test_the_normalised_copy_equals_the_dense_normalisation_and_follows_the_dictionary(tmp_path):
     store, x, _, cams = _camera_store(tmp_path / "s")
-    copy, table = normalised_dictionary(store)
+    copy = normalised_dictionary(store)
+    table = copy.array("means")[:]
     dense = {c: x[cams == c].astype(np.float64).mean(axis=0) for c in np.unique(cams)}
     np.testing.assert_allclose(table, np.stack([dense[c] for c in sorted(dense)]), rtol=0, atol=1e-12)
     np.testing.assert_array_equal(copy.array("mean_cams")[:], sorted(dense))
@@ -269,9 +270,9 @@ def test_the_normalised_copy_equals_the_dense_normalisation_and_follows_the_dict
     assert np.array_equal(copy.camids(), cams) and np.array_equal(copy.ids(), store.ids())
     # unchanged dictionary: the copy is reused; a write: it is made again from the new rows
     version = copy.features_version
-    assert normalised_dictionary(store)[0].features_version == version
+    assert normalised_dictionary(store).features_version == version
     store.write_rows(0, x[::-1].copy())
-    again, _ = normalised_dictionary(store)
+    again = normalised_dictionary(store)
     assert again.features_version > version
     flipped = {c: x[::-1][cams == c].astype(np.float64).mean(axis=0) for c in np.unique(cams)}
     np.testing.assert_array_equal(np.asarray(again.features[:]), camera_normalise(x[::-1], cams, flipped).astype("f2"))
@@ -280,7 +281,7 @@ def test_the_normalised_copy_equals_the_dense_normalisation_and_follows_the_dict
 def test_camera_normalised_mining_equals_dense_dplm_on_the_normalised_rows(tmp_path):
     store, x, vids, cams = _camera_store(tmp_path / "s", seed=4)
     params = MineParams(k=21, adjacency=20, min_candidates=5, threshold=0.5)
-    copy, _ = normalised_dictionary(store)
+    copy = normalised_dictionary(store)
     mine(str(copy.path), params, memory_budget=200 << 20)
     got = read_positives(copy)
     normalised = np.asarray(copy.features[:])
