@@ -15,6 +15,18 @@ distributed run. The copy records the fingerprint of the dictionary it was made 
 remade whenever the dictionary changed since (every write bumps its version): one blockwise pass
 per mining, a small part of the k-NN stage's passes, and exact, where a running sum updated by
 every step would drift with rounding and would need collectives over the ranks' rows.
+
+Camera-aware candidate lists (``camera.intra_penalty`` = delta > 0): DPLM ranks a row's
+own-camera neighbours and its other-camera neighbours separately, each by similarity, and merges
+the two lists by ``s_ij - delta`` for the own-camera ones against ``s_ij`` for the others; the
+threshold rule counts the merged values too. So an own-camera neighbour precedes another camera's
+only when it is more similar by delta, and the cross-camera candidates are no longer crowded out of
+sigma_i, k_i and the rank checks by the confusers that share the background (the idea of
+CA-Jaccard's separate intra- and inter-camera neighbour lists, in DPLM's one ranked list). Rule 4's
+adjacency Gram stays on the rows themselves. The merged value is one exact dot product of two
+widened rows (``camera_rows``): the query side gets +c at its camera's column, the other side -c,
+c = sqrt(delta) rounded to the rows' dtype, so delta is c * c exactly and the blockwise k-NN, its
+error bands and the rank counts work unchanged, C columns wider.
 """
 
 from __future__ import annotations
@@ -31,6 +43,9 @@ __all__ = [
     "CAMERA_STORE",
     "camera_means",
     "camera_normalise",
+    "camera_columns",
+    "camera_rows",
+    "camera_scale",
     "means_table",
     "normalised_dictionary",
     "unknown_cameras",
@@ -69,6 +84,37 @@ def camera_normalise(x: np.ndarray, cams: np.ndarray, means: dict[int, np.ndarra
     centred = np.asarray(x, np.float64) - np.stack([means[int(c)] for c in cams]) if len(x) else np.asarray(x)
     norms = np.linalg.norm(centred, axis=1, keepdims=True)
     return (centred / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def camera_columns(camids) -> np.ndarray:
+    """Each row's column among the cameras present (their ids ascending), for ``camera_rows``."""
+    camids = np.asarray(camids, dtype=np.int64)
+    if unknown_cameras(camids):
+        raise StoreError(
+            f"camera-aware candidate lists need the camera id of every row, but {unknown_cameras(camids)} of "
+            f"{len(camids)} are unknown (-1); shard with --camera-from, or leave camera.intra_penalty at 0"
+        )
+    return np.unique(camids, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def camera_scale(penalty: float, dtype) -> float:
+    """c = sqrt(delta) rounded to ``dtype`` (the stored rows'), so every pass widens its rows with the same c."""
+    return float(np.asarray(np.sqrt(penalty)).astype(dtype))
+
+
+def camera_rows(block: np.ndarray, columns: np.ndarray, cameras: int, scale: float, out=None) -> np.ndarray:
+    """``[block, scale * onehot(columns)]`` in the block's dtype: one side of the camera-aware similarity.
+
+    ``camera_rows(x_i, +c) . camera_rows(x_j, -c) = s_ij - c^2 [same camera]``; ``scale`` is rounded to the
+    block's dtype first (the same c for every block of a pass, whatever its dtype: callers round it once).
+    """
+    block = np.asarray(block)
+    shape = (len(block), block.shape[1] + cameras)
+    out = np.empty(shape, dtype=block.dtype) if out is None else out
+    out[:, : block.shape[1]] = block
+    out[:, block.shape[1] :] = 0
+    out[np.arange(len(block)), block.shape[1] + np.asarray(columns, dtype=np.int64)] = scale
+    return out
 
 
 def means_table(means: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

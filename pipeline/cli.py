@@ -428,6 +428,11 @@ def mine(
     min_candidates: int = typer.Option(10, help="DPLM minimum candidates l."),
     adjacency: int = typer.Option(100, help="DPLM adjacency size a."),
     order: str = typer.Option("similarity", help="DPLM candidate order: similarity or published (SSML-FD code)."),
+    camera_penalty: float = typer.Option(
+        0.0,
+        help="Camera-aware candidate lists: rank each row's own-camera neighbours by similarity minus this "
+        "(needs every camera id; 0: off; see docs/camera.md).",
+    ),
     memory_budget: Optional[str] = typer.Option(
         None,
         help="What mining may allocate above the idle process, e.g. 512MiB (default: 1/4 of free memory).",
@@ -440,7 +445,14 @@ def mine(
     from wildreid.mining import MineParams
     from wildreid.mining import mine as run_mine
 
-    params = MineParams(k=k, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order)
+    params = MineParams(
+        k=k,
+        threshold=threshold,
+        min_candidates=min_candidates,
+        adjacency=adjacency,
+        order=order,
+        camera_penalty=camera_penalty,
+    )
     budget = parse_bytes(memory_budget) if memory_budget else None
     with RichProgress() as progress, GracefulStop() as stop:
         report = run_mine(

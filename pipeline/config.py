@@ -202,10 +202,14 @@ class CameraConfig:
     own_negatives: float = 0.0
     # weight of the inter-camera term: mean (1 - z)^2 over the positives seen by other cameras than the anchor's
     inter_weight: float = 0.0
+    # camera-aware candidate lists: DPLM ranks a row's own-camera neighbours by s - intra_penalty against the
+    # other cameras' by s (the two lists merged by that rule); 0 ranks every row by s alone
+    intra_penalty: float = 0.0
 
     def __post_init__(self):
         _need(0 <= self.own_negatives < 1, "camera.own_negatives", "a float in [0, 1)", self.own_negatives)
         _need(self.inter_weight >= 0, "camera.inter_weight", "a float >= 0", self.inter_weight)
+        _need(0 <= self.intra_penalty < 2, "camera.intra_penalty", "a float in [0, 2)", self.intra_penalty)
 
     @property
     def pieces(self) -> dict[str, bool]:
@@ -213,6 +217,7 @@ class CameraConfig:
         on = self.aware
         return {
             "normalise": on and self.normalise,
+            "candidates": on and self.intra_penalty > 0,
             "own_negatives": on and self.own_negatives > 0,
             "inter": on and self.inter_weight > 0,
         }

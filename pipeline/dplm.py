@@ -57,6 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wildreid.camera import camera_columns, camera_rows, camera_scale
 from wildreid.errors import ConfigError, StoreError
 from wildreid.knn import (
     check_features,
@@ -72,6 +73,7 @@ __all__ = [
     "RowPlan",
     "check_dplm_args",
     "check_order",
+    "camera_similarity",
     "check_sizes",
     "concat_plans",
     "dplm_blockwise",
@@ -172,19 +174,53 @@ def _csr(lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dplm_dense(
-    features, *, threshold: float = 0.6, min_candidates: int = 10, adjacency: int = 100, order: str = "similarity"
+    features,
+    *,
+    threshold: float = 0.6,
+    min_candidates: int = 10,
+    adjacency: int = 100,
+    order: str = "similarity",
+    camids=None,
+    camera_penalty: float = 0.0,
 ):
     """Reference DPLM over the full N x N similarity (tests, small N): CSR ``(indptr, indices)``.
 
     ``order="published"`` applies sigma^pub and quirks (a) and (b) rule by rule; it equals
-    ``dplm_published_dense``, which transcribes the published code instead.
+    ``dplm_published_dense``, which transcribes the published code instead. ``camera_penalty``
+    delta > 0 ranks by the camera-aware value s_ij - delta [same camera] (``wildreid.camera``:
+    rules 1-3 and 6 on it, rule 4 on the rows), with ``camids`` the rows' cameras.
     """
     return _dense(
-        features, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order, alias=True
+        features,
+        threshold=threshold,
+        min_candidates=min_candidates,
+        adjacency=adjacency,
+        order=order,
+        alias=True,
+        camids=camids,
+        camera_penalty=camera_penalty,
     )
 
 
-def _dense(features, *, threshold: float, min_candidates: int, adjacency: int, order: str, alias: bool):
+def camera_similarity(features, camids, penalty: float) -> np.ndarray:
+    """The N x N camera-aware similarity s_ij - delta [same camera] as the blockwise k-NN computes it."""
+    m = np.asarray(features)
+    columns = camera_columns(camids)
+    cameras, c = int(columns.max(initial=-1)) + 1, camera_scale(penalty, m.dtype)
+    return similarity(camera_rows(m, columns, cameras, c), camera_rows(m, columns, cameras, -c))
+
+
+def _dense(
+    features,
+    *,
+    threshold: float,
+    min_candidates: int,
+    adjacency: int,
+    order: str,
+    alias: bool,
+    camids=None,
+    camera_penalty: float = 0.0,
+):
     """``dplm_dense``; ``alias=False`` leaves quirks (a) and (b) out (tests show that they matter)."""
     m = np.asarray(features)
     check_features(m)
@@ -192,7 +228,7 @@ def _dense(features, *, threshold: float, min_candidates: int, adjacency: int, o
     check_dplm_args(
         n=n, graph_width=None, threshold=threshold, min_candidates=min_candidates, adjacency=adjacency, order=order
     )
-    s = similarity(m, m)
+    s = camera_similarity(m, camids, camera_penalty) if camera_penalty > 0 else similarity(m, m)
     sigma = _sigma_rows(s, np.arange(n))
     rank = np.empty((n, n), dtype=np.int64)
     np.put_along_axis(rank, sigma, np.broadcast_to(np.arange(n), (n, n)), axis=1)  # rank[j, i]: i in sigma_j

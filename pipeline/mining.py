@@ -34,6 +34,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from wildreid.budget import default_budget, peak_rss_bytes, release_free_memory
+from wildreid.camera import camera_columns, camera_rows, camera_scale
 from wildreid.dplm import (
     check_dplm_args,
     check_order,
@@ -93,6 +94,8 @@ class MineParams:
     adjacency: int = 100
     margin: int = 16
     order: str = "similarity"  # DPLM candidate order: "similarity" or "published" (see wildreid.dplm)
+    # delta of the camera-aware candidate lists (wildreid.camera): own-camera neighbours rank by s - delta
+    camera_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,15 +113,27 @@ class BlockPlan:
     rule_workers: int  # concurrent rules tasks
 
 
-def _knn_task_bytes(q: int, b: int, dim: int, itemsize: int, width: int, temp: int) -> int:
+def _knn_task_bytes(q: int, b: int, dim: int, itemsize: int, width: int, temp: int, cameras: int = 0) -> int:
     rows = q * (_KNN_ROW + width * _KNN_SLOT + dim * (itemsize + (4 if itemsize != 4 else 0)))
     # a streamed base block, its float32 copy for FAISS, and for float16 rows a float64 one (exact pass)
     base = b * dim * (itemsize + (4 if itemsize != 4 else 0) + (8 if itemsize == 2 else 0))
-    return _TASK_BYTES + rows + base + 3 * 8 * temp
+    # camera-aware lists: the query block and each base block widened by a column per camera (float64 at most)
+    widened = (q + b) * (dim + cameras) * 8 if cameras else 0
+    return _TASK_BYTES + rows + base + widened + 3 * 8 * temp
 
 
 def _rules_task_bytes(
-    rows: int, sub: int, pairs: int, b: int, dim: int, itemsize: int, k: int, a: int, temp: int, graph_rows: int
+    rows: int,
+    sub: int,
+    pairs: int,
+    b: int,
+    dim: int,
+    itemsize: int,
+    k: int,
+    a: int,
+    temp: int,
+    graph_rows: int,
+    cameras: int = 0,
 ) -> int:
     # the task's graph rows and row plans, and its reverse index (each row sits in ~K graph rows)
     block = rows * (k * 16 + a * 18 + 64 + k * 32)
@@ -126,7 +141,8 @@ def _rules_task_bytes(
     sub_rows = sub * a * (dim * itemsize + 80)  # A_i features of the rows checked at once, and their checks
     pending = pairs * (dim * (itemsize + 4 + 8) + 64)  # j rows, as float32 and float64
     base = b * dim * (itemsize + (4 if itemsize != 4 else 0))
-    return _TASK_BYTES + GATHER_WINDOW_BYTES + block + scan + sub_rows + pending + base + 3 * 8 * temp
+    widened = (pairs + b) * (dim + cameras) * (itemsize + 4) if cameras else 0  # camera-aware j and base rows
+    return _TASK_BYTES + GATHER_WINDOW_BYTES + block + scan + sub_rows + pending + base + widened + 3 * 8 * temp
 
 
 def block_plan(
@@ -141,6 +157,7 @@ def block_plan(
     *,
     partial_reads: bool = True,
     margin: int = 16,
+    cameras: int = 0,
 ) -> BlockPlan:
     """Block sizes and concurrency that keep one mining process inside ``budget`` bytes.
 
@@ -149,7 +166,8 @@ def block_plan(
     Each stage runs ``workers`` tasks at once when their blocks reach the sizes
     FAISS and the exact kernel are efficient at, else fewer (each then gets more
     threads), and only below that smaller blocks. What the tasks leave of the
-    budget holds dictionary rows in memory for the whole run.
+    budget holds dictionary rows in memory for the whole run. ``cameras`` > 0: the
+    camera-aware lists widen the rows they compare by that many columns.
     """
     room = budget - _PROCESS_BYTES - (0 if partial_reads else 2 * min(chunk_rows, n) * dim * itemsize)
     width = min(k, n) - 1 + margin
@@ -160,14 +178,15 @@ def block_plan(
         return sorted({min(top, s) for s in good}, reverse=True)
 
     def knn_bytes(w: int, q: int, b: int) -> int:
-        return w * _knn_task_bytes(q, b, dim, itemsize, width, temp)
+        return w * _knn_task_bytes(q, b, dim, itemsize, width, temp, cameras) + (n * 8 if cameras else 0)
 
     graph_rows = int(max(1, min(n, (2 << 20) // (k * 8))))  # graph rows scanned at a time (2 MiB)
 
     def rules_bytes(w: int, rows: int, sub: int, b: int) -> int:
         pairs = pairs_per_row * rows
         # ... and C_j of every row, held once per process (settled_pending)
-        return w * _rules_task_bytes(rows, sub, pairs, b, dim, itemsize, k, adjacency, temp, graph_rows) + n * 8
+        held = n * 8 + (n * 8 if cameras else 0)  # ... and each row's camera column
+        return w * _rules_task_bytes(rows, sub, pairs, b, dim, itemsize, k, adjacency, temp, graph_rows, cameras) + held
 
     def budget_for(need: int) -> int:  # in MiB, for the error messages
         return -(-(budget - room + need) >> 20)
@@ -349,6 +368,44 @@ class DictionaryRows:
         return out
 
 
+@dataclass(frozen=True)
+class CameraSides:
+    """What widens rows for the camera-aware lists (``wildreid.camera``): each row's camera column, the
+    number of cameras and c = sqrt(delta) in the stored dtype; queries get +c, the rows they meet -c."""
+
+    columns: np.ndarray
+    cameras: int
+    scale: float
+
+    def query(self, ids: np.ndarray, block: np.ndarray) -> np.ndarray:
+        return camera_rows(block, self.columns[ids], self.cameras, self.scale)
+
+    def base(self, blocks, dtype=None):
+        """Widen ``(ids, rows)`` blocks (-c) into this thread's buffer, converting to ``dtype`` on the way."""
+        for ids, block in blocks:
+            target = block.dtype if dtype is None else np.dtype(dtype)
+            out = _buffer(f"camera-{target.name}", (len(block), block.shape[1] + self.cameras), target)
+            yield ids, camera_rows(block, self.columns[ids], self.cameras, -self.scale, out=out)
+
+
+def _camera_sides(store: FeatureStore, penalty: float) -> CameraSides | None:
+    if penalty <= 0:
+        return None
+
+    def make() -> CameraSides:
+        columns = camera_columns(store.camids())
+        return CameraSides(columns, int(columns.max(initial=-1)) + 1, camera_scale(penalty, store.features.dtype))
+
+    return _per_process(store, f"camera-{penalty!r}", 0, make)
+
+
+def _pass_blocks(rows: DictionaryRows, base_rows: int, sides: CameraSides | None):
+    """``knn_rows``'s ``(dtype) -> blocks``: the stored rows, or widened straight from them (one buffer less)."""
+    if sides is None:
+        return lambda dtype: _base_blocks(rows, base_rows, dtype)
+    return lambda dtype: sides.base(_base_blocks(rows, base_rows), dtype)
+
+
 def _base_blocks(rows: DictionaryRows, base_rows: int, dtype=None):
     """(ids, rows) of the whole dictionary in blocks, in ``dtype`` (None: as stored; conversions of stored
     values are exact). Blocks not held in memory land in this thread's scratch buffers (``_buffer``), so
@@ -422,10 +479,13 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int
     q0 = block * plan.query_rows
     q1 = min(q0 + plan.query_rows, store.count())
     query = rows.block(q0, q1, np.empty((q1 - q0, rows.dim), dtype=rows.dtype))
+    sides = _camera_sides(store, params.camera_penalty)
+    if sides is not None:
+        query = sides.query(np.arange(q0, q1), query)
     sim, idx, counts = knn_rows(
         query,
         np.arange(q0, q1),
-        lambda dtype: _base_blocks(rows, plan.base_rows, dtype),
+        _pass_blocks(rows, plan.base_rows, sides),
         params.k,
         threshold=params.threshold,
         margin=params.margin,
@@ -521,10 +581,14 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     row_plan = concat_plans(plans)
     counted = np.flatnonzero(~settled_pending(row_plan, all_counts[row_plan.pending_j], params.threshold))
     ranks = np.full(row_plan.n_pending, row_plan.width, dtype=np.int64)  # settled pairs: see settled_pending
+    sides = _camera_sides(store, params.camera_penalty)
     for p0 in range(0, len(counted), plan.pending_pairs):
         pairs = counted[p0 : p0 + plan.pending_pairs]
         j_rows = rows.gather(row_plan.pending_j[pairs])
-        ranks[pairs] = pending_ranks(row_plan, j_rows, _base_blocks(rows, plan.rule_base_rows), pairs=pairs)
+        base = _base_blocks(rows, plan.rule_base_rows)
+        if sides is not None:  # the ranks in the camera-aware lists sigma_j
+            j_rows, base = sides.query(row_plan.pending_j[pairs], j_rows), sides.base(base)
+        ranks[pairs] = pending_ranks(row_plan, j_rows, base, pairs=pairs)
     indptr, indices = finish_rows(row_plan, ranks)
     ids, id_sizes = _labels(str(store.path), repr(store.fingerprint()))
     quality = quality_sums(np.arange(r0, r1), indptr, indices, ids, id_sizes)
@@ -569,6 +633,8 @@ def mine(
     """
     started = time.perf_counter()
     check_order(params.order)
+    if not 0 <= params.camera_penalty < 2:
+        raise ConfigError(f"expected a camera penalty in [0, 2), found {params.camera_penalty}")
     lock = None if locked or not world.main else WriterLock(path, log=log)  # the ranks of a run are one writer
     try:
         world.barrier()  # every rank's writes to the dictionary are done before any rank reads its version
@@ -599,6 +665,7 @@ def mine(
             store.chunk_rows,
             partial_reads=store.row_reader().partial,
             margin=params.margin,
+            cameras=_cameras(store, params.camera_penalty),
         )
         with _one_blas_thread():
             _LIMITED.append(True)
@@ -615,6 +682,11 @@ def mine(
             lock.release()
     report.update(timings, total_s=time.perf_counter() - started, peak_rss_bytes=peak_rss_bytes())
     return report
+
+
+def _cameras(store: FeatureStore, penalty: float) -> int:
+    """Columns the camera-aware lists add (0 when off); refuses a store with unknown cameras up front."""
+    return 0 if penalty <= 0 else int(camera_columns(store.camids()).max(initial=-1)) + 1
 
 
 def _stop_if_asked(should_stop: Callable[[], bool], stage: str, world: World = World()) -> None:

@@ -248,15 +248,25 @@ def _mine(
     should_stop,
     graph_only=False,
     world: World = World(),
+    camera_penalty: float = 0.0,
 ):
     """DPLM on the current dictionary: ``(positives CSR, report)``; ``graph_only``: the k-NN graph, ``(None, report)``.
 
     Every write to the features bumped their version, so a graph of older features is not reused.
+    ``camera_penalty``: the camera-aware candidate lists' delta (0: off).
     """
     m = config.mining
+    params = MineParams(
+        k=m.k,
+        threshold=m.threshold,
+        min_candidates=m.min_candidates,
+        adjacency=m.adjacency,
+        order=m.order,
+        camera_penalty=camera_penalty,
+    )
     report = mine(
         str(store.path),  # the dictionary, or its camera-normalised copy (wildreid.camera)
-        MineParams(k=m.k, threshold=m.threshold, min_candidates=m.min_candidates, adjacency=m.adjacency, order=m.order),
+        params,
         memory_budget=budget,
         workers=max(1, workers),
         progress=progress,
@@ -753,6 +763,7 @@ def _mine_now(run: _Run, graph_only: bool = False):
         run.stop_asked_here if run.world.distributed else run.should_stop,
         graph_only=graph_only,
         world=run.world,
+        camera_penalty=run.config.camera.intra_penalty if run.camera["candidates"] and not graph_only else 0.0,
     )
 
 

@@ -77,11 +77,13 @@ SETTINGS: dict[str, list[str]] = {
     "camera-normalise": ["camera.aware=true", "camera.normalise=true"],
     "camera-negatives": ["camera.aware=true", "camera.normalise=false", "camera.own_negatives=0.5"],
     "camera-inter": ["camera.aware=true", "camera.normalise=false", "camera.inter_weight=0.5"],
+    "camera-candidates": ["camera.aware=true", "camera.normalise=false", "camera.intra_penalty=0.25"],
     "camera-all": [
         "camera.aware=true",
         "camera.normalise=true",
         "camera.own_negatives=0.5",
         "camera.inter_weight=0.5",
+        "camera.intra_penalty=0.25",
     ],
     "camera-off": ["camera.aware=false"],
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 
@@ -11,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from test_distributed import RUN, TWO, train_ranks
 from test_dtl import grad_of, mined_positives, span_blocks
+from test_mining import SMALL_BLOCKS, graph
 from test_train import SMALL, final_json, train_cli
 
+import wildreid.mining as mining
 from wildreid.camera import CAMERA_STORE, camera_normalise, normalised_dictionary
 from wildreid.checkpoint import latest_checkpoint, load_model, load_state
-from wildreid.dplm import dplm_dense, oracle_positives
+from wildreid.dplm import _sigma_rows, camera_similarity, dplm_dense, oracle_positives
 from wildreid.dtl import (
     Cameras,
     combine_own,
@@ -28,7 +31,7 @@ from wildreid.dtl import (
     tensor_blocks,
     tensor_rows,
 )
-from wildreid.errors import ConfigError, Stopped
+from wildreid.errors import ConfigError, Stopped, StoreError
 from wildreid.mining import MineParams, mine
 from wildreid.stores import FeatureStore
 from wildreid.stores.derived import read_positives
@@ -45,7 +48,8 @@ PINNED_CPU = {
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "OPENBLAS_CORETYPE": "Haswell",
 }
-ALL_PIECES = ["camera.aware=true", "camera.own_negatives=0.5", "camera.inter_weight=0.5"]
+ALL_PIECES = ["camera.aware=true", "camera.own_negatives=0.5", "camera.inter_weight=0.5", "camera.intra_penalty=0.25"]
+EVERY_PIECE = ["candidates", "inter", "normalise", "own_negatives"]
 CAMERA_SMALL = [*SMALL, *ALL_PIECES]
 RECORDED = {
     "weights_sha256": "e5653f4178bca1b0f96cd30ce0ec50a67a9554435e7e5b29edf0e2acfcc8b36a",
@@ -299,6 +303,97 @@ def test_camera_normalised_mining_equals_dense_dplm_on_the_normalised_rows(tmp_p
     assert p_norm > p_plain and cross_norm > cross_plain
 
 
+# --------------------------------------------------------------------------- camera-aware candidate lists
+
+
+def _lists_case(tmp_path, dtype: str, seed: int = 4):
+    store, x, vids, cams = _camera_store(tmp_path / "s", seed=seed)
+    if dtype == "float32":
+        x = x.astype(np.float32) + np.float32(1e-3) * np.random.default_rng(seed).standard_normal(x.shape, np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        store = FeatureStore.create(tmp_path / "s32", len(x), x.shape[1], dtype="float32", ids=vids, camids=cams)
+        store.write_rows(0, x)
+    return store, x, vids, cams
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("penalty", [0.25, 0.1])
+@pytest.mark.parametrize("small_blocks", [False, True])
+def test_camera_aware_lists_equal_the_dense_reference(tmp_path, monkeypatch, dtype, penalty, small_blocks):
+    """Blockwise camera-aware mining (own-camera neighbours ranked by s - delta) equals the dense DPLM on the
+    N x N camera-aware similarity: graph rows, C_i and positives; with small blocks on two threads the rank
+    checks run several counting passes through the widened buffers."""
+    if small_blocks:
+        plan = mining.block_plan
+        monkeypatch.setattr(mining, "block_plan", lambda *a, **k: dataclasses.replace(plan(*a, **k), **SMALL_BLOCKS))
+    store, x, vids, cams = _lists_case(tmp_path, dtype)
+    params = MineParams(k=21, adjacency=20, min_candidates=5, threshold=0.3, camera_penalty=penalty)
+    report = mine(str(store.path), params, memory_budget=200 << 20, workers=2)
+    assert report["counted_pairs"] > 0  # the exact counting pass ran on widened rows
+    s = camera_similarity(x, cams, penalty)
+    sigma = _sigma_rows(s, np.arange(len(x)))[:, : params.k]
+    idx, sim, counts = graph(store.path)
+    assert np.array_equal(idx, sigma)
+    assert np.array_equal(sim[:, 1:], np.take_along_axis(s, sigma[:, 1:], axis=1))
+    assert np.array_equal(counts, 1 + np.count_nonzero(s >= 0.3, axis=1) - (np.diagonal(s) >= 0.3))
+    ref = dplm_dense(x, threshold=0.3, min_candidates=5, adjacency=20, camids=cams, camera_penalty=penalty)
+    got = read_positives(store)
+    assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+    # the merged lists hold more rows of other cameras than the plain ones, and the rule is s - delta
+    plain = dplm_dense(x, threshold=0.3, min_candidates=5, adjacency=20)
+    assert _cross_camera(ref, cams) > _cross_camera(plain, cams)
+    c = float(np.asarray(np.sqrt(penalty)).astype(x.dtype))
+    same = cams[:, None] == cams[None, :]
+    np.testing.assert_allclose(s, x.astype(np.float64) @ x.astype(np.float64).T - c * c * same, atol=1e-12)
+
+
+def _cross_camera(csr, cams) -> float:
+    indptr, indices = csr
+    seg = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    return float(np.mean(cams[indices[indices != seg]] != cams[seg[indices != seg]]))
+
+
+def test_camera_aware_lists_on_a_dask_cluster_equal_local_threads(tmp_path):
+    from distributed import LocalCluster
+
+    local, x, _, cams = _lists_case(tmp_path / "a", "float16")
+    remote, _, _, _ = _lists_case(tmp_path / "b", "float16")
+    params = MineParams(k=21, adjacency=20, min_candidates=5, threshold=0.3, camera_penalty=0.25)
+    mine(str(local.path), params, memory_budget=200 << 20)
+    saved = dict(os.environ)
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+            mine(str(remote.path), params, memory_budget=200 << 20, scheduler=cluster.scheduler_address)
+    finally:
+        os.environ.clear()  # the nannies leave OMP_NUM_THREADS=1 behind (see tests/test_mining.py)
+        os.environ.update(saved)
+    for a, b in zip(read_positives(local), read_positives(remote)):
+        assert np.array_equal(a, b)
+
+
+def test_wildreid_mine_camera_penalty(tmp_path):
+    """``wildreid mine --camera-penalty`` mines the camera-aware lists; unknown cameras and a bad penalty are
+    refused in one line before anything is written."""
+    from typer.testing import CliRunner
+
+    from wildreid.cli import app
+
+    store, x, _, cams = _camera_store(tmp_path / "s")
+    options = ["--k", "21", "--adjacency", "20", "--min-candidates", "5", "--threshold", "0.3"]
+    result = CliRunner().invoke(app, ["mine", "--store", str(store.path), *options, "--camera-penalty", "0.25"])
+    assert result.exit_code == 0, result.output
+    ref = dplm_dense(x, threshold=0.3, min_candidates=5, adjacency=20, camids=cams, camera_penalty=0.25)
+    assert all(np.array_equal(a, b) for a, b in zip(read_positives(store), ref))
+    cams = cams.copy()
+    cams[:7] = -1
+    odd = FeatureStore.create(tmp_path / "odd", len(x), x.shape[1], camids=cams)
+    odd.write_rows(0, x)
+    for penalty, code, message in [("0.25", StoreError.exit_code, "7 of 600 are unknown"), ("2.5", 2, "[0, 2)")]:
+        result = CliRunner().invoke(app, ["mine", "--store", str(odd.path), *options, "--camera-penalty", penalty])
+        assert result.exit_code == code and message in result.output, result.output
+        assert "Traceback" not in result.output and not odd.has("knn/indices")
+
+
 # --------------------------------------------------------------------------- camera-aware runs: resume, ranks
 
 
@@ -317,7 +412,7 @@ def camera_run(shard_root, tmp_path_factory) -> dict:
     ],
 )
 def test_camera_aware_runs_resume_to_the_uninterrupted_digests(camera_run, shard_root, tmp_path, env, code):
-    assert camera_run["history"][-1]["camera"] == ["inter", "normalise", "own_negatives"]
+    assert camera_run["history"][-1]["camera"] == EVERY_PIECE
     store = tmp_path / "store"
     stopped = train_cli(shard_root, store, overrides=CAMERA_SMALL, env=env)
     assert stopped.returncode == code, stopped.stderr[-2000:]
@@ -335,7 +430,7 @@ def test_camera_aware_training_on_two_ranks(shard_root, tmp_path):
     report = final_json(run)
     assert report["world"]["size"] == 2
     history = report["history"]
-    assert [h["camera"] for h in history] == [["inter", "normalise", "own_negatives"]] * 2
+    assert [h["camera"] for h in history] == [EVERY_PIECE] * 2
     assert history[-1]["mean_positives"] >= 1.0 and np.isfinite(history[-1]["loss"])
     copy = FeatureStore.open(tmp_path / "store" / CAMERA_STORE)
     assert copy.meta("source") is not None and copy.has("positives/indptr")
