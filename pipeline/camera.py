@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from wildreid.errors import StoreError
 from wildreid.stores import FeatureStore, create_checked_array, remove_tree
@@ -47,6 +48,7 @@ __all__ = [
     "camera_rows",
     "camera_scale",
     "means_table",
+    "mined_means",
     "normalised_dictionary",
     "unknown_cameras",
 ]
@@ -135,6 +137,19 @@ def normalised_dictionary(store: FeatureStore, world: World = World()) -> Featur
         _write_copy(store, path)
     world.barrier()
     return FeatureStore.open(path, mode="r+", meta_writer=world.main)
+
+
+def mined_means(store: FeatureStore) -> dict | None:
+    """The means table DPLM last mined with (a checkpoint keeps it): ``{"cameras", "means", "source"}``, or
+    None when the run has no finished normalised copy."""
+    copy = _open_copy(store, store.path / CAMERA_STORE)
+    if copy is None or copy.meta("source") is None or not copy.has("means"):
+        return None
+    return {
+        "cameras": copy.array("mean_cams")[:].tolist(),
+        "means": torch.from_numpy(np.asarray(copy.array("means")[:], dtype=np.float64)),  # a weights-only load
+        "source": copy.meta("source"),
+    }
 
 
 def _write_copy(store: FeatureStore, path) -> None:

@@ -71,7 +71,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from wildreid.budget import default_budget, peak_rss_bytes
-from wildreid.camera import normalised_dictionary, unknown_cameras
+from wildreid.camera import mined_means, normalised_dictionary, unknown_cameras
 from wildreid.checkpoint import (
     begin_checkpoint,
     checkpoint_paths,
@@ -729,6 +729,8 @@ def _state(run: _Run, partial: dict, refreshed: int) -> dict:
         "graph": complete_fingerprint(run.store, "knn") if run.use_graph else None,
         "refreshed": refreshed,
         "config": run.config.to_dict(),
+        # the cameras x D means the last camera-normalised mining removed (None: not normalising)
+        "camera_means": mined_means(run.store) if run.camera["normalise"] else None,
     }
 
 

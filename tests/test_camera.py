@@ -420,6 +420,11 @@ def test_camera_aware_runs_resume_to_the_uninterrupted_digests(camera_run, shard
     assert {k: resumed[k] for k in RECORDED} == {k: camera_run[k] for k in RECORDED}
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in camera_run["history"]]
     assert (store / CAMERA_STORE / "means").exists()
+    # the checkpoint keeps the means table the last mining removed (the copy's, of the dictionary it came from)
+    kept = load_state(latest_checkpoint(store / "train"))["camera_means"]
+    copy = FeatureStore.open(store / CAMERA_STORE)
+    assert kept["source"] == copy.meta("source") and kept["cameras"] == copy.array("mean_cams")[:].tolist()
+    np.testing.assert_array_equal(kept["means"].numpy(), copy.array("means")[:])
 
 
 @pytest.mark.slow
