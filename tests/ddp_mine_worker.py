@@ -10,13 +10,14 @@ from wildreid.mining import MineParams, mine
 from wildreid.world import join_world, leave_world
 
 
-def main(path: str, budget: int, k: int, adjacency: int) -> None:
+def main(path: str, budget: int, k: int, adjacency: int, camera_penalty: float = 0.0) -> None:
     world = join_world("cpu", timeout_s=120)
-    report = mine(path, MineParams(k=k, adjacency=adjacency), memory_budget=budget, workers=1, world=world)
+    params = MineParams(k=k, adjacency=adjacency, camera_penalty=camera_penalty)
+    report = mine(path, params, memory_budget=budget, workers=1, world=world)
     if world.main:
         print(json.dumps({"query_rows": report["blocks"]["query_rows"], "rule_rows": report["blocks"]["rule_rows"]}))
     leave_world(world)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), *map(float, sys.argv[5:6]))

@@ -16,6 +16,7 @@ import torch
 from wildreid.dtl import batch_positives, dtl_dense, momentum_update
 from wildreid.errors import ConfigError
 from wildreid.shards.order import batch_share
+from wildreid.stores import FeatureStore
 from wildreid.world import World, check_world_size, owned_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -94,17 +95,24 @@ def test_a_sharded_step_equals_the_dense_single_process_dtl(tmp_path, nproc, r, 
     torch.testing.assert_close(torch.load(tmp_path / "dictionary.pt"), expected, rtol=0, atol=0)
 
 
-def test_two_ranks_mine_the_graph_and_positives_one_process_mines(tmp_path):
-    """Each rank runs its share of the k-NN and rules blocks of one store; rank 0 assembles the positives."""
+@pytest.mark.parametrize("camera_penalty", [0.0, 0.25])
+def test_two_ranks_mine_the_graph_and_positives_one_process_mines(tmp_path, camera_penalty):
+    """Each rank runs its share of the k-NN and rules blocks of one store; rank 0 assembles the positives
+    (with ``camera_penalty``: the camera-aware candidate lists, five cameras)."""
     from test_mining import clustered, graph, make_store, positives
 
     from wildreid.mining import MineParams, mine
 
     x, labels = clustered(2500, 16, clusters=40, noise=0.5)
     one, two = make_store(tmp_path / "one.zarr", x, labels), make_store(tmp_path / "two.zarr", x, labels)
+    if camera_penalty:
+        cams = np.random.default_rng(1).integers(0, 5, len(x))
+        for path in (one, two):
+            FeatureStore.open(path, mode="r+").write_labels(0, labels, cams)
     budget = 24 << 20
-    mine(str(one), MineParams(k=11, adjacency=10), memory_budget=budget, workers=1)
-    done = torchrun(2, str(HERE / "ddp_mine_worker.py"), str(two), str(budget), "11", "10")
+    mine(str(one), MineParams(k=11, adjacency=10, camera_penalty=camera_penalty), memory_budget=budget, workers=1)
+    args = [str(two), str(budget), "11", "10", str(camera_penalty)]
+    done = torchrun(2, str(HERE / "ddp_mine_worker.py"), *args)
     assert done.returncode == 0, done.stderr[-3000:]
     plan = json.loads(done.stdout.strip().splitlines()[-1])
     assert plan["query_rows"] < len(x) / 2  # several k-NN blocks: both ranks had some
