@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -22,9 +23,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from wildreid.errors import Stopped, StoreError, WildreidError
+from wildreid import api
+from wildreid.config import load_config
+from wildreid.errors import ConfigError, Stopped, StoreError, WildreidError
+from wildreid.launch import launch, without_option
 from wildreid.signals import GracefulStop
-from wildreid.units import format_bytes, parse_bytes, parse_size
+from wildreid.units import format_bytes
+from wildreid.world import check_world_size
 
 app = typer.Typer(
     add_completion=False,
@@ -69,22 +74,7 @@ def friendly(command):
 
 def _rank() -> str:
     """'rank R: ' in a rank of a distributed run (torchrun's environment), so every error names its rank."""
-    import os
-
     return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-
-
-def _check_device(device: str) -> None:
-    """One line, not a torch traceback, for a device this machine cannot use."""
-    from wildreid.errors import ConfigError
-
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise ConfigError(f"expected --device cpu or cuda, found {device!r}")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device} asked for but CUDA is not available here; use --device cpu")
 
 
 def _say(message: str) -> None:
@@ -120,8 +110,6 @@ class RichProgress:
 
 
 def _force_progress() -> bool:
-    import os
-
     return os.environ.get("WILDREID_PROGRESS") == "1"
 
 
@@ -139,26 +127,22 @@ def synth(
     preview: Optional[Path] = typer.Option(None, help="Also write a PNG grid: one row per vehicle."),
 ):
     """Write a synthetic vehicle Re-ID dataset in the VeRi-Wild layout."""
-    from wildreid.shards.synth import write_synthetic
-
-    total = (train_vehicles + test_vehicles) * images_per_vehicle
     with RichProgress() as progress:
-        summary = write_synthetic(
+        summary = api.synth(
             out_dir,
             train_vehicles=train_vehicles,
             test_vehicles=test_vehicles,
             images_per_vehicle=images_per_vehicle,
             cameras=cameras,
-            image_size=parse_size(image_size),
+            image_size=image_size,
             seed=seed,
             workers=workers,
-            progress=lambda n: progress("drawing images", n, total),
+            preview=preview,
+            progress=progress,
         )
-    out.print(f"wrote {total} images to {out_dir}")
+    out.print(f"wrote {(train_vehicles + test_vehicles) * images_per_vehicle} images to {out_dir}")
     if preview is not None:
-        from wildreid.shards.preview import identity_grid
-
-        out.print(f"preview: {identity_grid(out_dir, preview)}")
+        out.print(f"preview: {summary.pop('preview')}")
     out.print(json.dumps(summary, sort_keys=True), highlight=False, soft_wrap=True)
 
 
@@ -186,38 +170,27 @@ def shard(
     verify: bool = typer.Option(False, help="Re-check every shard of SRC against its manifest and exit."),
 ):
     """Pack a dataset into WebDataset tar shards (deterministic, resumable)."""
-    from wildreid.errors import ShardError
-    from wildreid.shards import pack_dataset, read_dataset, verify_shards
-    from wildreid.shards.layouts import layout_description
-
-    if verify:
-        with RichProgress() as progress:
-            problems = verify_shards(src, progress=progress)
-        for problem in problems:
-            console.print(f"[red]bad shard:[/] {problem}", highlight=False)
-        if problems:
-            raise ShardError(f"{len(problems)} shard(s) in {src} do not match the manifest; re-run 'wildreid shard'")
-        out.print(f"all shards in {src} match the manifest")
-        return
-    if out_dir is None:
+    if out_dir is None and not verify:
         raise typer.BadParameter("OUT is required unless --verify is given")
-    shard_bytes = parse_bytes(max_bytes)
-    index = read_dataset(src, layout, camera_from)
-    how = "auto-detected" if layout == "auto" else "as asked"
-    console.print(f"layout: {layout_description(index.layout)} ({how}), {index.count()} images listed")
     with RichProgress() as progress, GracefulStop() as stop:
-        manifest = pack_dataset(
-            index,
+        manifest = api.shard(
+            src,
             out_dir,
+            layout=layout,
+            camera_from=camera_from,
             max_samples=max_samples,
-            max_bytes=shard_bytes,
+            max_bytes=max_bytes,
             workers=workers,
             strict=strict,
+            verify=verify,
             progress=progress,
             should_stop=stop,
             log=_say,
         )
-    _print_manifest(manifest)
+    if verify:
+        out.print(f"all shards in {src} match the manifest")
+    else:
+        _print_manifest(manifest)
 
 
 def _print_manifest(manifest: dict) -> None:
@@ -253,143 +226,147 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
 ):
     """Read every split back from its shards, check it, and print a summary table."""
-    from wildreid.shards import load_manifest
-    from wildreid.shards.reader import read_back
-
-    manifest = load_manifest(shards)
-    rows = [
-        read_back(shards, split, image_size=parse_size(image_size), workers=workers) for split in manifest["splits"]
-    ]
+    rows = api.inspect(shards, image_size=image_size, workers=workers)
     table = Table(title=f"read back from {shards}")
     for col in ("split", "samples", "vehicles", "cameras", "images/s"):
         table.add_column(col, justify="left" if col == "split" else "right")
-    for r in rows:
+    for r in rows.values():
         table.add_row(r["split"], str(r["samples"]), str(r["vehicles"]), str(r["cameras"]), f"{r['images_per_s']:.0f}")
     out.print(table)
     if as_json:
-        print(json.dumps({r["split"]: r for r in rows}, sort_keys=True))
+        print(json.dumps(rows, sort_keys=True))
+
+
+class TrainOption:
+    """``wildreid train``'s options, declared apart so that the command reads as parse, call, print."""
+
+    shards = Annotated[Path, typer.Option(help="Shard folder written by 'wildreid shard' (its train split is used).")]
+    store = Annotated[Path, typer.Option(help="Run folder: the dictionary store, checkpoints, history and model.pt.")]
+    config = Annotated[
+        Optional[Path], typer.Option(help="YAML config (configs/veriwild.yaml, veri776.yaml, demo.yaml).")
+    ]
+    epochs = Annotated[Optional[int], typer.Option(help="Override train.epochs (0 writes the untrained baseline).")]
+    resume = Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint in STORE.")]
+    memory_budget = Annotated[
+        Optional[str],
+        typer.Option(
+            help="Host memory of the whole run: this process and its DataLoader workers (summed USS), e.g. 4GiB; "
+            "a budget too small is refused with the smallest that works (default: 1/4 of free memory)."
+        ),
+    ]
+    device = Annotated[str, typer.Option(help="cpu or cuda.")]
+    device_budget = Annotated[
+        Optional[str],
+        typer.Option(
+            help="Dictionary pages kept on --device, e.g. 8GiB (default: half the free CUDA memory; 0 on the CPU)."
+        ),
+    ]
+    pretrained = Annotated[
+        Optional[str],
+        typer.Option(
+            help="Backbone weights: 'imagenet' (torchvision's, from the torch hub cache under TORCH_HOME, "
+            "downloaded there when online) or a local torchvision state dict file."
+        ),
+    ]
+    checkpoint_every = Annotated[Optional[int], typer.Option(help="Override train.checkpoint_every_steps.")]
+    max_steps = Annotated[
+        Optional[int],
+        typer.Option(
+            help="Stop after this many steps, checkpointed, as on SIGTERM "
+            "(exit 75; --resume goes on): e.g. a job's share of a time limit."
+        ),
+    ]
+    deterministic = Annotated[bool, typer.Option("--deterministic", help="Deterministic torch kernels (CPU: bitwise).")]
+    transductive = Annotated[
+        bool,
+        typer.Option(
+            "--transductive",
+            help="Also train on the test gallery split (as the published VeRi-776 run did); every result then says so.",
+        ),
+    ]
+    decode_on_device = Annotated[
+        bool,
+        typer.Option(
+            "--decode-on-device",
+            help="Decode the JPEGs in batches on --device (nvJPEG on CUDA) instead of in the DataLoader workers.",
+        ),
+    ]
+    tensorboard = Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Write per-step loss and lr and each epoch's history as TensorBoard scalars into this folder "
+            "(needs pip install 'wildreid\\[tensorboard]')."
+        ),
+    ]
+    overrides = Annotated[
+        list[str], typer.Option("--set", help="Any config value, e.g. --set loss.delta=0.5 (repeatable).")
+    ]
+    as_json = Annotated[bool, typer.Option("--json", help="Print one final JSON line.")]
+    nproc_per_node = Annotated[
+        int,
+        typer.Option(
+            help="Train with this many processes on this machine (torch.distributed, as torchrun --standalone "
+            "--nproc-per-node N -m wildreid train ...): one per GPU with --device cuda. train.batch_size is the "
+            "global batch; --memory-budget and --device-budget are per process."
+        ),
+    ]
+    collective_timeout = Annotated[
+        float,
+        typer.Option(
+            help="Seconds a rank waits for the others in a collective before the run stops with an error "
+            "naming the rank (a rank that died or hangs)."
+        ),
+    ]
 
 
 @app.command()
 @friendly
 def train(
-    shards: Path = typer.Option(..., help="Shard folder written by 'wildreid shard' (its train split is used)."),
-    store: Path = typer.Option(..., help="Run folder: the dictionary store, checkpoints, history and model.pt."),
-    config: Optional[Path] = typer.Option(None, help="YAML config (configs/veriwild.yaml, veri776.yaml, demo.yaml)."),
-    epochs: Optional[int] = typer.Option(None, help="Override train.epochs (0 writes the untrained baseline)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in STORE."),
-    memory_budget: Optional[str] = typer.Option(
-        None,
-        help="Host memory of the whole run: this process and its DataLoader workers (summed USS), e.g. 4GiB; "
-        "a budget too small is refused with the smallest that works (default: 1/4 of free memory).",
-    ),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    device_budget: Optional[str] = typer.Option(
-        None, help="Dictionary pages kept on --device, e.g. 8GiB (default: half the free CUDA memory; 0 on the CPU)."
-    ),
-    pretrained: Optional[str] = typer.Option(
-        None,
-        help="Backbone weights: 'imagenet' (torchvision's, from the torch hub cache under TORCH_HOME, downloaded "
-        "there when online) or a local torchvision state dict file.",
-    ),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Override train.checkpoint_every_steps."),
-    max_steps: Optional[int] = typer.Option(
-        None,
-        help="Stop after this many steps, checkpointed, as on SIGTERM "
-        "(exit 75; --resume goes on): e.g. a job's share of a time limit.",
-    ),
-    deterministic: bool = typer.Option(False, "--deterministic", help="Deterministic torch kernels (CPU: bitwise)."),
-    transductive: bool = typer.Option(
-        False,
-        "--transductive",
-        help="Also train on the test gallery split (as the published VeRi-776 run did); every result then says so.",
-    ),
-    decode_on_device: bool = typer.Option(
-        False,
-        "--decode-on-device",
-        help="Decode the JPEGs in batches on --device (nvJPEG on CUDA) instead of in the DataLoader workers.",
-    ),
-    tensorboard: Optional[Path] = typer.Option(
-        None,
-        help="Write per-step loss and lr and each epoch's history as TensorBoard scalars into this folder "
-        "(needs pip install 'wildreid[tensorboard]').",
-    ),
-    overrides: list[str] = typer.Option([], "--set", help="Any config value, e.g. --set loss.delta=0.5 (repeatable)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
-    nproc_per_node: int = typer.Option(
-        1,
-        help="Train with this many processes on this machine (torch.distributed, as torchrun --standalone "
-        "--nproc-per-node N -m wildreid train ...): one per GPU with --device cuda. train.batch_size is the global "
-        "batch; --memory-budget and --device-budget are per process.",
-    ),
-    collective_timeout: float = typer.Option(
-        600.0,
-        help="Seconds a rank waits for the others in a collective before the run stops with an error "
-        "naming the rank (a rank that died or hangs).",
-    ),
+    shards: TrainOption.shards,
+    store: TrainOption.store,
+    config: TrainOption.config = None,
+    epochs: TrainOption.epochs = None,
+    resume: TrainOption.resume = False,
+    memory_budget: TrainOption.memory_budget = None,
+    device: TrainOption.device = "cpu",
+    device_budget: TrainOption.device_budget = None,
+    pretrained: TrainOption.pretrained = None,
+    checkpoint_every: TrainOption.checkpoint_every = None,
+    max_steps: TrainOption.max_steps = None,
+    deterministic: TrainOption.deterministic = False,
+    transductive: TrainOption.transductive = False,
+    decode_on_device: TrainOption.decode_on_device = False,
+    tensorboard: TrainOption.tensorboard = None,
+    overrides: TrainOption.overrides = [],  # noqa: B006 - typer copies it; the signature is its declaration
+    as_json: TrainOption.as_json = False,
+    nproc_per_node: TrainOption.nproc_per_node = 1,
+    collective_timeout: TrainOption.collective_timeout = 600.0,
 ):
     """Train SSML-FD on the unlabelled train split: dictionary, DPLM positives and DTL, crash-safe."""
-    import os
-
-    from wildreid.config import load_config
-    from wildreid.train import TrainOptions
-    from wildreid.train import train as run_train
-    from wildreid.world import join_world, leave_world
-
-    extra = list(overrides)
-    if epochs is not None:
-        extra.append(f"train.epochs={epochs}")
-    if checkpoint_every is not None:
-        extra.append(f"train.checkpoint_every_steps={checkpoint_every}")
-    if pretrained is not None:
-        extra.append(f"model.pretrained={json.dumps(pretrained)}")
-    if transductive:
-        extra.append("train.transductive=true")
-    if decode_on_device:
-        extra.append("train.decode_on_device=true")
-    cfg = load_config(config, extra)
-    from wildreid.errors import ConfigError
-
-    if max_steps is not None and max_steps < 1:
-        raise ConfigError(f"expected --max-steps >= 1, found {max_steps}")
+    # the API's keyword arguments are these options, named alike
+    options = {name: value for name, value in locals().items() if name not in ("as_json", "nproc_per_node")}
     if nproc_per_node < 1:
         raise ConfigError(f"expected --nproc-per-node >= 1, found {nproc_per_node}")
     if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
-        from wildreid.launch import launch, without_option
-        from wildreid.world import check_world_size
+        raise typer.Exit(_launch_ranks(nproc_per_node, options))
+    with RichProgress() as bar, GracefulStop() as stop:
+        report = api.train(**options, progress=bar, should_stop=stop, log=_say)
+    if report is not None:  # rank 0 (or the only process) reports
+        _print_training(report, store)
+        if as_json:
+            print(json.dumps(report, sort_keys=True))
 
-        check_world_size(cfg.train.batch_size, nproc_per_node)  # before any rank starts: one line, not N
-        argv = without_option(sys.argv[1:], "--nproc-per-node")
-        code = launch(nproc_per_node, argv, lambda line: console.print(escape(line), highlight=False))
-        raise typer.Exit(code)
-    options = TrainOptions(
-        resume=resume,
-        memory_budget=parse_bytes(memory_budget) if memory_budget else None,
-        device=device,
-        deterministic=deterministic,
-        device_budget=parse_bytes(device_budget) if device_budget is not None else None,
-        max_steps=max_steps,
-        tensorboard=str(tensorboard) if tensorboard is not None else None,
-    )
-    world = join_world(device, collective_timeout)
-    try:
-        with RichProgress() as bar, GracefulStop() as stop:
-            report = run_train(
-                shards,
-                store,
-                cfg,
-                options,
-                progress=bar if world.main else lambda phase, advance, total: None,
-                should_stop=stop,
-                log=(lambda message: console.print(message, highlight=False, soft_wrap=True))
-                if world.main
-                else lambda message: None,
-                world=world,
-            )
-    finally:
-        leave_world(world)
-    if not world.main:
-        return
+
+def _launch_ranks(nproc_per_node: int, options: dict) -> int:
+    """Start ``nproc_per_node`` ranks, each running this very command line without --nproc-per-node."""
+    shortcuts = ("epochs", "checkpoint_every", "pretrained", "transductive", "decode_on_device")
+    overrides = api.train_overrides(options["overrides"], **{name: options[name] for name in shortcuts})
+    check_world_size(load_config(options["config"], overrides).train.batch_size, nproc_per_node)  # one line, not N
+    argv = without_option(sys.argv[1:], "--nproc-per-node")
+    return launch(nproc_per_node, argv, lambda line: console.print(escape(line), highlight=False))
+
+
+def _print_training(report: dict, store: Path) -> None:
     table = Table(
         title=f"training run in {store}"
         + (" (TRANSDUCTIVE: trained on the test gallery too)" if report["transductive"] else "")
@@ -411,8 +388,6 @@ def train(
         )
     out.print(table)
     out.print(f"model: {report['checkpoint']}", highlight=False)
-    if as_json:
-        print(json.dumps(report, sort_keys=True))
 
 
 def _fmt(value) -> str:
@@ -442,23 +417,16 @@ def mine(
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
 ):
     """Mine DPLM positives out of core: blockwise exact k-NN graph, then the rules (resumable)."""
-    from wildreid.mining import MineParams
-    from wildreid.mining import mine as run_mine
-
-    params = MineParams(
-        k=k,
-        threshold=threshold,
-        min_candidates=min_candidates,
-        adjacency=adjacency,
-        order=order,
-        camera_penalty=camera_penalty,
-    )
-    budget = parse_bytes(memory_budget) if memory_budget else None
     with RichProgress() as progress, GracefulStop() as stop:
-        report = run_mine(
-            str(store),
-            params,
-            memory_budget=budget,
+        report = api.mine(
+            store,
+            k=k,
+            threshold=threshold,
+            min_candidates=min_candidates,
+            adjacency=adjacency,
+            order=order,
+            camera_penalty=camera_penalty,
+            memory_budget=memory_budget,
             workers=workers,
             scheduler=scheduler,
             progress=progress,
@@ -506,112 +474,31 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
 ):
     """mAP, mINP and CMC of query against gallery features, exact and blockwise (no Q x G matrix)."""
-    import hashlib
-
-    from wildreid.budget import default_budget
-    from wildreid.errors import ConfigError
-    from wildreid.evaluate import evaluate_groups, require_vehicle_ids, write_results
-    from wildreid.plots import cmc_curve
-    from wildreid.run_budget import run_within
-
-    splits = {
-        "small": ["small"],
-        "medium": ["medium"],
-        "large": ["large"],
-        "all": ["small", "medium", "large"],
-        "veri776": ["veri776"],
-    }
-    pairs = {name: (f"query-{name}", f"gallery-{name}") for name in ("small", "medium", "large")}
-    pairs["veri776"] = ("query", "gallery")
-    if (query is None) != (gallery is None) or (shards is None) != (checkpoint is None):
-        raise ConfigError("expected --query with --gallery, or --shards with --checkpoint; one of a pair is missing")
-    if (query is None) == (shards is None):
-        raise ConfigError(
-            "expected either --query/--gallery (existing feature groups) or --shards/--checkpoint "
-            "(extract, then evaluate), not both and not neither"
+    with RichProgress() as progress, GracefulStop() as stop:
+        results = api.evaluate(
+            query=query,
+            gallery=gallery,
+            shards=shards,
+            checkpoint=checkpoint,
+            split=split,
+            features_dir=features_dir,
+            rerank=rerank,
+            camera_norm=camera_norm,
+            memory_budget=memory_budget,
+            device=device,
+            output=output,
+            feature=feature,
+            progress=progress,
+            should_stop=stop,
+            log=_say,
         )
-    if split not in splits:
-        raise ConfigError(f"expected --split to be one of {', '.join(splits)}, found {split!r}")
-    _check_device(device)
-    budget = parse_bytes(memory_budget) if memory_budget else default_budget()
-    tag = ("-rerank" if rerank else "") + ("-camnorm" if camera_norm else "")
+    by_split = {query.name: results} if query is not None else results
+    _print_evaluation(by_split, rerank=rerank, camera_norm=camera_norm)
+    if as_json:
+        print(json.dumps(results, sort_keys=True))
 
-    if query is not None:
-        results = {
-            query.name: run_within(
-                budget,
-                lambda left: evaluate_groups(
-                    query, gallery, memory_budget=left, device=device, rerank=rerank, camera_norm=camera_norm
-                ),
-                what="evaluation",
-            )
-        }
-    else:
-        from wildreid.checkpoint import load_model
-        from wildreid.extract import extract_split
-        from wildreid.shards.reader import split_entry
-        from wildreid.stores import WriterLock
 
-        wanted = [(name, *pairs[name]) for name in splits[split]]
-        sizes = {s: split_entry(shards, s)["num_samples"] for _, q, g in wanted for s in (q, g)}  # before the model
-        for _, q_split, g_split in wanted:
-            require_vehicle_ids(shards, q_split, g_split)
-        model, config = load_model(checkpoint, device)
-        feature = feature or config["model"].get("eval_feature", "bnneck")
-        if feature not in ("bnneck", "pool5"):
-            raise ConfigError(f"expected --feature bnneck or pool5, found {feature!r}")
-        digest = hashlib.sha256()
-        with open(checkpoint / "state.pt" if checkpoint.is_dir() else checkpoint, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        label = digest.hexdigest()[:16]  # extract_split re-extracts rows of another checkpoint
-        folder = features_dir if features_dir is not None else checkpoint.parent / "features"
-        results = {}
-        with RichProgress() as progress, GracefulStop() as stop:
-            for name, q_split, g_split in wanted:
-                # both groups stay locked until they are evaluated: another eval writing into the same
-                # --features-dir (another checkpoint) would otherwise swap rows under this one
-                with contextlib.ExitStack() as held:
-                    for s in (q_split, g_split):
-                        held.enter_context(WriterLock(folder / s, log=_say))
-                        store = _feature_group(folder / s, sizes[s], model.feature_dim)
-                        extract_split(
-                            shards,
-                            s,
-                            model,
-                            store,
-                            image_size=tuple(config["model"]["image_size"]),
-                            device=device,
-                            progress=progress,
-                            label=label,
-                            should_stop=stop,
-                            feature=feature,
-                        )
-                    results[name] = run_within(
-                        budget,
-                        lambda left, q=folder / q_split, g=folder / g_split: evaluate_groups(
-                            q,
-                            g,
-                            memory_budget=left,
-                            device=device,
-                            rerank=rerank,
-                            camera_norm=camera_norm,
-                        ),
-                        what="evaluation",
-                    )
-                transductive = bool(config.get("train", {}).get("transductive", False))
-                results[name].update(
-                    query_split=q_split,
-                    gallery_split=g_split,
-                    checkpoint_sha256=label,
-                    feature=feature,
-                    transductive=transductive,
-                )
-        if output is None:
-            output = checkpoint.parent / f"eval-{split}{tag}.json"
-
-    from rich import box
-
+def _print_evaluation(results: dict[str, dict], *, rerank: bool, camera_norm: bool) -> None:
     transductive = any(r.get("transductive") for r in results.values())
     table = Table(
         title=f"evaluation in %{', re-ranked' if rerank else ''}"
@@ -632,30 +519,6 @@ def evaluate(
             str(r["gallery"]),
         )
     out.print(table)
-    if output is not None:
-        saved = results[query.name] if query is not None else results
-        out.print(f"results: {write_results(output, saved)}", highlight=False, soft_wrap=True)
-        for name, r in results.items():
-            stem = output.stem if query is not None else f"eval-{name}{tag}"
-            cmc_curve(r["cmc"], output.with_name(f"{stem}-cmc.png"), label=name)
-    if as_json:
-        lines = {name: {k: v for k, v in r.items() if k != "cmc"} for name, r in results.items()}
-        print(json.dumps(lines[query.name] if query is not None else lines, sort_keys=True))
-
-
-def _feature_group(path: Path, rows: int, dim: int):
-    """The feature group at ``path`` (created when new), checked to hold ``rows`` x ``dim`` features."""
-    from wildreid.stores import LOCK_NAME, FeatureStore
-
-    if not any(p.name != LOCK_NAME for p in path.iterdir()):
-        return FeatureStore.create(path, rows, dim)
-    store = FeatureStore.open(path, mode="r+")
-    if (store.count(), store.dim()) != (rows, dim):
-        raise StoreError(
-            f"{path} holds {store.count()} x {store.dim()} features but needs {rows} x {dim}; "
-            "delete it or pass another --features-dir"
-        )
-    return store
 
 
 @app.command("export")
@@ -678,10 +541,15 @@ def export_command(
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
 ):
     """Export the embedding network (uint8 images in, L2-normalised features out), checked against PyTorch."""
-    from wildreid.export import export_checkpoint
-
-    r = export_checkpoint(
-        checkpoint, fmt, output, shards, split=split, feature=feature, atol=tolerance, dry_run=dry_run
+    r = api.export(
+        checkpoint,
+        format=fmt,
+        output=output,
+        shards=shards,
+        split=split,
+        feature=feature,
+        tolerance=tolerance,
+        dry_run=dry_run,
     )
     out.print(
         f"checked on {r['check_images']} images of split {r['check_split']} (batches of "
@@ -716,60 +584,34 @@ def visualize(
     curves: Optional[Path] = typer.Option(None, help="PNG of the training curves (default: OUT-curves.png)."),
 ):
     """Draw ranked lists of chosen queries (green: same vehicle, red: another), and training curves."""
-    from wildreid.errors import ConfigError
-    from wildreid.plots import render_ranked_lists, training_curves
-    from wildreid.stores import FeatureStore
-
-    if k < 1 or num < 1:
-        raise ConfigError(f"expected --k and --num >= 1, found {k} and {num}")
-    _check_device(device)
-    records = []
-    if history is not None:  # read first: a bad history fails before the slow part
-        if not history.is_file():
-            raise ConfigError(f"history {history} does not exist; expected the history.jsonl of a training run")
-        for n, line in enumerate(history.read_text().splitlines(), 1):
-            try:
-                records += [json.loads(line)] if line.strip() else []
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{history} line {n} is not JSON ({exc.msg}); expected one object per line") from None
-    qs, gs = FeatureStore.open(query), FeatureStore.open(gallery)
-    q_ids, q_cams, g_ids, g_cams = qs.ids(), qs.camids(), gs.ids(), gs.camids()
-    if queries is not None:
-        try:
-            chosen = [int(q) for q in queries.split(",") if q.strip()]
-        except ValueError:
-            raise ConfigError(f"expected --queries as row numbers such as 0,5,9, found {queries!r}") from None
-        if not chosen:
-            raise ConfigError("--queries is empty; give row numbers such as 0,5,9 or leave it out")
-    else:
-        cams_of: dict[int, set] = {}
-        for vid, cam in zip(g_ids.tolist(), g_cams.tolist()):
-            cams_of.setdefault(vid, set()).add(cam)
-        chosen = [
-            q
-            for q, (vid, cam) in enumerate(zip(q_ids.tolist(), q_cams.tolist()))
-            if vid >= 0 and cams_of.get(vid, set()) - {cam}
-        ][:num]
-        if not chosen:
-            raise ConfigError(f"no query of {query} has a true match in {gallery} (same id, another camera)")
-    budget = parse_bytes(memory_budget) if memory_budget else None
-    path = render_ranked_lists(
-        shards,
-        query_split,
-        gallery_split,
-        qs,
-        gs,
-        chosen,
-        out_png,
+    drawn = api.visualize(
+        shards=shards,
+        query=query,
+        gallery=gallery,
+        query_split=query_split,
+        gallery_split=gallery_split,
+        out=out_png,
+        queries=None if queries is None else _rows(queries),
+        num=num,
         k=k,
-        memory_budget=budget,
-        device=device,
         rerank=rerank,
+        memory_budget=memory_budget,
+        device=device,
+        history=history,
+        curves=curves,
     )
-    out.print(f"ranked lists of queries {', '.join(map(str, chosen))}: {path}", highlight=False, soft_wrap=True)
-    if history is not None:
-        curves = curves if curves is not None else out_png.with_name(f"{out_png.stem}-curves.png")
-        out.print(f"training curves ({len(records)} epochs): {training_curves(records, curves)}", highlight=False)
+    chosen = ", ".join(map(str, drawn["queries"]))
+    out.print(f"ranked lists of queries {chosen}: {drawn['ranked_lists']}", highlight=False, soft_wrap=True)
+    if drawn["curves"] is not None:
+        out.print(f"training curves ({drawn['epochs']} epochs): {drawn['curves']}", highlight=False)
+
+
+def _rows(text: str) -> list[int]:
+    """Row numbers such as 0,5,9."""
+    try:
+        return [int(q) for q in text.split(",") if q.strip()]
+    except ValueError:
+        raise ConfigError(f"expected --queries as row numbers such as 0,5,9, found {text!r}") from None
 
 
 @app.command()
@@ -791,17 +633,14 @@ def embed(
     as_json: bool = typer.Option(False, "--json", help="Print one final JSON line."),
 ):
     """Embed every image of SRC into a feature group that 'wildreid search' can query (resumable)."""
-    from wildreid.embed import embed as run_embed
-
-    _check_device(device)
     with RichProgress() as progress, GracefulStop() as stop:
-        report = run_embed(
+        report = api.embed(
             src,
-            checkpoint,
-            output,
+            checkpoint=checkpoint,
+            output=output,
             split=split,
             camera_from=camera_from,
-            memory_budget=parse_bytes(memory_budget) if memory_budget else None,
+            memory_budget=memory_budget,
             device=device,
             chunk_rows=chunk_rows,
             feature=feature,
@@ -835,40 +674,34 @@ def search_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON line per query (no table)."),
 ):
     """Ranked gallery images of a query image or of every row of a query group, by cosine similarity."""
-    from wildreid.search import check_pictures, render_search, search
-
-    _check_device(device)
-    if picture is not None:  # before the search, not after it
-        check_pictures(gallery, query)
     with RichProgress() as progress:
-        result = search(
-            gallery,
-            query,
+        results = api.search(
+            gallery=gallery,
+            query=query,
             checkpoint=checkpoint,
-            k=top_k,
+            top_k=top_k,
             index=index,
             nlist=nlist,
             nprobe=nprobe,
-            memory_budget=parse_bytes(memory_budget) if memory_budget else None,
+            memory_budget=memory_budget,
             device=device,
+            picture=picture,
             progress=progress,
+            log=_say,
         )
     if as_json:
-        for entry in result.results:
+        for entry in results:
             print(json.dumps(entry))
-    else:
-        shown = result.results[:10]
-        for entry in shown:
-            table = Table(title=f"query {entry['query']}", title_justify="left")
-            for col in ("rank", "similarity", "gallery key"):
-                table.add_column(col, justify="left" if col == "gallery key" else "right")
-            for r in entry["results"]:
-                table.add_row(str(r["rank"]), f"{r['similarity']:.4f}", r["key"])
-            out.print(table)
-        if len(result.results) > len(shown):
-            out.print(f"... and {len(result.results) - len(shown):,} more queries (use --json for all)")
-    if picture is not None:
-        console.print(f"picture: {render_search(result, picture)}", highlight=False, soft_wrap=True)
+        return
+    for entry in results[:10]:
+        table = Table(title=f"query {entry['query']}", title_justify="left")
+        for col in ("rank", "similarity", "gallery key"):
+            table.add_column(col, justify="left" if col == "gallery key" else "right")
+        for r in entry["results"]:
+            table.add_row(str(r["rank"]), f"{r['similarity']:.4f}", r["key"])
+        out.print(table)
+    if len(results) > 10:
+        out.print(f"... and {len(results) - 10:,} more queries (use --json for all)")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from wildreid.errors import ConfigError, StoreError
-from wildreid.evaluate import (
+from wildreid.evaluation import (
     TILE,
     Features,
     _check_tile,

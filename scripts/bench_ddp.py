@@ -5,7 +5,7 @@ same synthetic shards, ``--epochs`` epochs (the first is warm-up, the others min
 ``OMP_NUM_THREADS=1`` per process. From each run's ``--json`` report (``world``):
 
 * seconds per step: the median step of the run (forward, DTL over the rows it owns, backward,
-  optimizer, momentum update; data loading excluded), as ``wildreid.train`` times it;
+  optimizer, momentum update; data loading excluded), as ``wildreid.training`` times it;
 * dictionary bytes held: the most dictionary bytes each rank's page cache held at once;
 * bytes per step: what each rank put into collectives per step, by kind (payload; the ring
   algorithms of gloo and NCCL move about (W - 1) / W of a gathered tensor and twice that of a

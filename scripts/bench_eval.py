@@ -44,7 +44,7 @@ def rss():
 BLOCKWISE_CHILD = (
     CHILD_PRELUDE
     + """
-from wildreid.evaluate import evaluate_blockwise
+from wildreid.evaluation import evaluate_blockwise
 q, g, budget, nq = FeatureStore.open(sys.argv[1]), FeatureStore.open(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 q_ids, q_cams, g_ids, g_cams = q.ids()[:nq], q.camids()[:nq], g.ids(), g.camids()
 class Head:  # the first nq query rows of the store

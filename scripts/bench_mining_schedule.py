@@ -37,7 +37,7 @@ from wildreid.config import load_config
 from wildreid.errors import ShardNotFoundError
 from wildreid.shards import load_manifest, pack_dataset, read_dataset
 from wildreid.shards.synth import write_synthetic
-from wildreid.train import TrainOptions, train
+from wildreid.training import TrainOptions, train
 from wildreid.units import parse_bytes
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,7 @@
 
 Measures what ``loss.negatives: exact | graph`` trades:
 
-(a) time: ``wildreid.train.dictionary_step`` (hard negatives, gather with grad, backward to the
+(a) time: ``wildreid.training.dictionary_step`` (hard negatives, gather with grad, backward to the
     batch features, momentum update; no model, no optimizer) per step, exact streaming against
     graph candidates, at each N of ``--sizes``, on random float16 rows in a Zarr FeatureStore
     wholly resident in the page cache (``bench_train.resident_cache``), self positives, r and
@@ -45,7 +45,7 @@ from wildreid.config import load_config
 from wildreid.dtl import batch_positives, graph_negatives, hard_negatives, tensor_blocks, tensor_rows
 from wildreid.mining import MineParams, mine
 from wildreid.stores import FeatureStore
-from wildreid.train import dictionary_step
+from wildreid.training import dictionary_step
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -7,7 +7,7 @@
 Features: clustered like re-identification features (``--clusters`` centres, default one per 50
 rows, each row its centre plus Gaussian noise, L2-normalised), written as float16 through
 ``FeatureStore`` into a gallery group and a query group (queries: fresh rows around centres that
-the gallery holds). Each search is ``wildreid.search.search`` on the two groups, in a child
+the gallery holds). Each search is ``wildreid.retrieval.search`` on the two groups, in a child
 process; the parent samples the child's unique set size (USS, psutil, every 10 ms: what the process
 alone holds) and reports its peak, and the child reports its own VmHWM and its USS after imports
 ("idle"). Recall@k of IVF is the share of the exact top-k rows it returns. IVF time is split into building (k-means on a
@@ -49,7 +49,7 @@ def write_groups(work: Path, rows: int, dim: int, queries: int, clusters: int, n
 def child(args) -> None:
     from wildreid.budget import peak_rss_bytes
     from wildreid.run_budget import process_uss
-    from wildreid.search import search
+    from wildreid.retrieval import search
 
     idle = process_uss()
     began = time.perf_counter()

@@ -1,7 +1,7 @@
 """Benchmark: images/s of the full training step against forward+backward alone, and the cost of streaming.
 
 Part 1, one config (default ``configs/demo.yaml``: resnet18, 64x32 images, batch 32, SGD as
-``wildreid.train`` builds it), three kinds of step, each on its own model:
+``wildreid.training`` builds it), three kinds of step, each on its own model:
 
 * baseline: the model in train mode, forward + a trivial loss ``(x ** 2).sum()`` + backward +
   SGD step, on one pre-loaded random float batch (no data loading, no augmentation, no dictionary);
@@ -56,7 +56,7 @@ from wildreid.shards import load_manifest, pack_dataset, read_dataset
 from wildreid.shards.reader import ShardDataset, split_entry
 from wildreid.shards.synth import write_synthetic
 from wildreid.stores import FeatureStore, PageCache
-from wildreid.train import dictionary_step
+from wildreid.training import dictionary_step
 from wildreid.transforms import train_transform
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,7 +107,7 @@ def resident_cache(store: FeatureStore) -> PageCache:
 
 
 def model_and_optimizer(config: Config, arch: str | None = None):
-    """The model and SGD as wildreid.train builds them (epoch-0 learning rates), in train mode."""
+    """The model and SGD as wildreid.training builds them (epoch-0 learning rates), in train mode."""
     tc = config.train
     model = build_model(arch or config.model.arch, last_stride=config.model.last_stride)
     groups = param_groups(model, 1.0, tc.backbone_lr_factor)
@@ -138,7 +138,7 @@ def step_times(model, optimizer, x: torch.Tensor, steps: int, warmup: int) -> li
 
 
 def epochs_of(dataset: ShardDataset, workers: int):
-    """(images, indices, epoch) for ever, a new DataLoader per epoch as in wildreid.train."""
+    """(images, indices, epoch) for ever, a new DataLoader per epoch as in wildreid.training."""
     epoch = 0
     while True:
         dataset.set_epoch(epoch)

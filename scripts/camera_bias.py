@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wildreid.evaluate import camera_means, camera_normalise, grid_distances, per_query_metrics
+from wildreid.evaluation import camera_means, camera_normalise, grid_distances, per_query_metrics
 from wildreid.stores import FeatureStore
 
 

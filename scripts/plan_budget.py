@@ -4,7 +4,7 @@
     python scripts/plan_budget.py --config configs/demo.yaml --images 1600 --set train.workers=2
 
 Builds the configuration's model and optimizer in this process (what the run's
-plan measures), then asks the run's own planner (``wildreid.train._plan_memory``)
+plan measures), then asks the run's own planner (``wildreid.training._plan_memory``)
 under a budget far too small, and prints its refusal: the parts and the
 smallest budget that works. The process measured is this one, so it is close to, not
 exactly, what a `wildreid train` process measures.
@@ -19,7 +19,7 @@ import torch
 from wildreid.config import load_config
 from wildreid.errors import ConfigError
 from wildreid.model import build_model
-from wildreid.train import _plan_memory
+from wildreid.training import _plan_memory
 
 
 def main() -> None:

@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # phase -> (file suffix, function name) whose cumulative time it is
 PHASES = {
-    "dictionary steps (loss, backward, SGD, momentum update)": ("pipeline/train.py", "dictionary_step"),
-    "forward passes (training steps and rebuilds)": ("pipeline/train.py", "_forward"),
+    "dictionary steps (loss, backward, SGD, momentum update)": ("pipeline/training.py", "dictionary_step"),
+    "forward passes (training steps and rebuilds)": ("pipeline/training.py", "_forward"),
     "  of which backward passes": ("torch/_tensor.py", "backward"),
     "  of which SGD updates": ("torch/optim/sgd.py", "step"),
-    "dictionary rebuilds (train.refresh=published)": ("pipeline/train.py", "rebuild"),
+    "dictionary rebuilds (train.refresh=published)": ("pipeline/training.py", "rebuild"),
     "eval-mode extraction (train.refresh=eval, --epochs 0)": ("pipeline/extract.py", "extract_split"),
     "DPLM mining": ("pipeline/mining.py", "mine"),
     "checkpoints (copy, sha256, fsync)": ("pipeline/checkpoint.py", "save_checkpoint"),
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from wildreid.config import load_config
     from wildreid.shards import pack_dataset, read_dataset
     from wildreid.shards.synth import write_synthetic
-    from wildreid.train import TrainOptions, train
+    from wildreid.training import TrainOptions, train
 
     data, shards, store = a.out / "data", a.out / "shards", a.out / "store"
     if not (shards / "manifest.json").is_file():

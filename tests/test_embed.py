@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from wildreid.checkpoint import load_model, save_model
 from wildreid.cli import app
 from wildreid.config import load_config
-from wildreid.embed import plan_embed
+from wildreid.embedding import plan_embed
 from wildreid.errors import ConfigError
 from wildreid.extract import extract_split
 from wildreid.model import build_model
@@ -237,7 +237,7 @@ def test_junk_files_are_skipped_and_labels_follow_the_source_on_a_rerun(images, 
 
 
 def test_a_group_stopped_before_its_first_chunk_is_not_searched(images, model_file, tmp_path):
-    from wildreid.embed import Source, _write_keys
+    from wildreid.embedding import Source, _write_keys
 
     out = tmp_path / "group"
     store = FeatureStore.create(out, 3, 512)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from wildreid.checkpoint import save_model
 from wildreid.cli import app
 from wildreid.config import load_config
-from wildreid.evaluate import evaluate_dense
+from wildreid.evaluation import evaluate_dense
 from wildreid.model import build_model
 from wildreid.stores import LOCK_NAME, FeatureStore
 

@@ -13,7 +13,7 @@ import zarr
 from PIL import Image
 
 from wildreid.errors import ConfigError, StoreError
-from wildreid.evaluate import (
+from wildreid.evaluation import (
     camera_means,
     camera_normalise,
     count_preceding,
@@ -308,7 +308,7 @@ MEMORY_CHILD = """
 import json, sys
 import numpy as np
 from wildreid.budget import peak_rss_bytes
-from wildreid.evaluate import evaluate_blockwise
+from wildreid.evaluation import evaluate_blockwise
 nq, ng, dim, budget = (int(a) for a in sys.argv[1:5])
 rng = np.random.default_rng(0)
 def feats(n):

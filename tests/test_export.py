@@ -21,7 +21,7 @@ from wildreid.checkpoint import save_model
 from wildreid.cli import app
 from wildreid.config import load_config
 from wildreid.errors import ExportError
-from wildreid.export import (
+from wildreid.exporting import (
     ATOL,
     CHECK_BATCHES,
     EXPORT_BATCH,

@@ -23,7 +23,7 @@ from wildreid.extract import extract_split, refresh_key
 from wildreid.model import build_model
 from wildreid.shards.reader import ShardDataset, split_labels
 from wildreid.stores import FeatureStore
-from wildreid.train import refresh_features
+from wildreid.training import refresh_features
 from wildreid.transforms import train_transform
 
 STOPPED = 75

@@ -7,7 +7,7 @@ import pytest
 from test_evaluate import SCALARS, assert_same_metrics, make_set
 
 from wildreid.errors import ConfigError
-from wildreid.evaluate import evaluate_blockwise, evaluate_dense, grid_distances
+from wildreid.evaluation import evaluate_blockwise, evaluate_dense, grid_distances
 from wildreid.rerank import (
     ReRanker,
     knn_lists,
@@ -70,7 +70,7 @@ def test_lambda_one_keeps_the_plain_ranking():
 def test_knn_lists_against_stable_argsort():
     qf, _, _, gf, _, _ = make_set(1, 15, 60, ints=True)
     x = np.concatenate([qf, gf])
-    from wildreid.evaluate import ArrayFeatures
+    from wildreid.evaluation import ArrayFeatures
 
     idx, dist, row_max = knn_lists(ArrayFeatures(x), 9, budget=1 << 20, tile=(2, 8))
     d = grid_distances(x, 0, x, 0, tile=(2, 8))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from wildreid.cli import app
 from wildreid.errors import ConfigError
-from wildreid.search import (
+from wildreid.retrieval import (
     ArrayRows,
     SearchPlan,
     block_topk,
@@ -152,7 +152,7 @@ def test_search_cli_json_and_table_on_two_groups(tmp_path):
 
 
 def test_search_of_stored_groups_under_a_tight_budget_streams_blocks_and_equals_the_reference(tmp_path):
-    from wildreid.search import FIXED_BYTES, search
+    from wildreid.retrieval import FIXED_BYTES, search
 
     g, q = clustered(9, dim=16, dups=20), clustered(10, dim=16)[:30]
     gallery = _group(tmp_path / "g", g, [f"g{i}" for i in range(len(g))])

@@ -227,7 +227,7 @@ import json, sys
 import numpy as np, torch
 from wildreid.budget import peak_rss_bytes
 from wildreid.stores import FeatureStore, PageCache
-from wildreid.train import dictionary_step
+from wildreid.training import dictionary_step
 n, budget = int(sys.argv[2]), int(sys.argv[3])
 store = FeatureStore.create(sys.argv[1], n, 512, chunk_bytes=1 << 20)
 rng = np.random.default_rng(0)
@@ -325,7 +325,7 @@ def test_training_beats_the_untrained_baseline(tmp_path):
 def test_batch_mining_uses_dplm_rows_of_the_live_dictionary(shard_root, tmp_path, monkeypatch):
     """train.mining=batch: each step's positives are the dense DPLM rows of the dictionary as it is at that
     step (momentum updates of the steps before included), and the history reports their quality."""
-    import wildreid.train as train_module
+    import wildreid.training as train_module
     from wildreid.config import load_config
     from wildreid.dplm import dplm_dense
     from wildreid.errors import ConfigError

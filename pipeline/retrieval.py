@@ -44,7 +44,7 @@ import faiss
 import numpy as np
 
 from wildreid.errors import ConfigError, StoreError
-from wildreid.evaluate import ArrayFeatures
+from wildreid.evaluation import ArrayFeatures
 from wildreid.knn import _slack, check_features, pair_similarity, similarity, topk_pairs, validate_rows
 
 __all__ = [
@@ -406,7 +406,7 @@ def load_queries(query, gallery_store, *, checkpoint=None, device: str = "cpu") 
     import torch
 
     from wildreid.checkpoint import load_model
-    from wildreid.embed import checkpoint_digest, load_image
+    from wildreid.embedding import checkpoint_digest, load_image
     from wildreid.extract import extract_features
 
     label = checkpoint_digest(checkpoint)
