@@ -48,8 +48,8 @@ def write_groups(work: Path, rows: int, dim: int, queries: int, clusters: int, n
 
 def child(args) -> None:
     from wildreid.budget import peak_rss_bytes
-    from wildreid.run_budget import process_uss
     from wildreid.retrieval import search
+    from wildreid.run_budget import process_uss
 
     idle = process_uss()
     began = time.perf_counter()
