@@ -34,7 +34,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from wildreid.errors import StoreError
 from wildreid.stores import FeatureStore, create_checked_array, remove_tree
@@ -147,7 +146,7 @@ def mined_means(store: FeatureStore) -> dict | None:
         return None
     return {
         "cameras": copy.array("mean_cams")[:].tolist(),
-        "means": torch.from_numpy(np.asarray(copy.array("means")[:], dtype=np.float64)),  # a weights-only load
+        "means": np.asarray(copy.array("means")[:], dtype=np.float64),
         "source": copy.meta("source"),
     }
 

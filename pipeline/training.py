@@ -730,8 +730,15 @@ def _state(run: _Run, partial: dict, refreshed: int) -> dict:
         "refreshed": refreshed,
         "config": run.config.to_dict(),
         # the cameras x D means the last camera-normalised mining removed (None: not normalising)
-        "camera_means": mined_means(run.store) if run.camera["normalise"] else None,
+        "camera_means": _tensors(mined_means(run.store)) if run.camera["normalise"] else None,
     }
+
+
+def _tensors(values: dict | None) -> dict | None:
+    """numpy arrays as tensors, which a weights-only load of state.pt accepts."""
+    if values is None:
+        return None
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in values.items()}
 
 
 def _loader(run: _Run, key: int, start: int) -> DataLoader:
