@@ -140,9 +140,13 @@ class TrainConfig:
         """Whether ``epoch`` (0-based) trains with P_b = {y_b} only."""
         return epoch < self.warmup_epochs
 
+    def decay_at(self, epoch: int) -> float:
+        """The learning rates' factor in ``epoch`` (0-based): ``lr_gamma`` for each of ``lr_steps`` passed."""
+        return self.lr_gamma ** sum(epoch >= s for s in self.lr_steps)
+
     def lr_at(self, epoch: int) -> float:
         """The neck's learning rate in ``epoch`` (0-based): step decay at each of ``lr_steps``."""
-        return self.lr * self.lr_gamma ** sum(epoch >= s for s in self.lr_steps)
+        return self.lr * self.decay_at(epoch)
 
 
 @dataclass(frozen=True)

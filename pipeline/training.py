@@ -68,6 +68,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from wildreid.budget import default_budget, peak_rss_bytes
@@ -180,9 +181,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, config: Config, epoch: int) -> None:
+def _set_lr(optimizer: torch.optim.Optimizer, config: Config, epoch: int) -> LambdaLR:
+    """Every group's learning rate in ``epoch`` by torch's LambdaLR: lr * lr_factor * decay_at(epoch).
+
+    Made at the epoch's start from the epoch alone (LambdaLR's closed form), so a resumed run needs no
+    scheduler state of its own."""
     for group in optimizer.param_groups:
-        group["lr"] = config.train.lr_at(epoch) * group["lr_factor"]
+        group["initial_lr"] = config.train.lr * group["lr_factor"]
+    return LambdaLR(optimizer, config.train.decay_at, last_epoch=epoch - 1)
 
 
 def _check_device(device: str) -> torch.device:

@@ -4,38 +4,29 @@ from __future__ import annotations
 
 import re
 
+from dask.utils import parse_bytes as dask_parse_bytes
+
 from wildreid.errors import ConfigError
 
 __all__ = ["format_bytes", "parse_bytes", "parse_size"]
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
 
 def parse_bytes(text: str | int) -> int:
-    """'512MiB', '2GB', '1.5GiB' or a plain integer number of bytes."""
+    """'512MiB', '2GB', '1.5GiB' or a plain integer number of bytes (dask's parser, our error)."""
     if isinstance(text, int):
         return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if match is None or match.group(2).lower() not in _UNITS:
+    try:
+        # dask reads a bare unit ("MiB", or "") as one of it: a size needs its number
+        size = dask_parse_bytes(text) if re.search(r"[0-9]", text) else -1
+    except (ValueError, TypeError):
+        size = -1
+    if size < 0:
         raise ConfigError(f"expected a size such as 512MiB, 2GB or 1000000, found {text!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    return size
 
 
+# Not dask.utils.format_bytes: it writes "kiB" and two decimals, where every table and message here (and the
+# docs quoting them) uses IEC "KiB" with one.
 def format_bytes(n: float) -> str:
     unit = "B"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -4,6 +4,12 @@ Python's ``tarfile`` spends tens of microseconds per member; shards hold
 millions of small members, so headers are built from a template and parsed by
 offset. Output is standard ustar (PAX for long or non-ASCII names), readable by
 GNU tar, ``tarfile`` and WebDataset.
+
+Not webdataset's ``TarWriter``: it writes through ``tarfile`` (the same per-member cost), stamps
+each member with the current time unless given a fixed ``mtime``, and does not tell where a member's
+bytes start. Shards need the opposite of all three: millions of members, bytes that are identical run
+after run (a resumed shard is checked by its sha256), and the byte offset of every sample for the
+``.tar.idx`` index that random access and ranged reads use.
 """
 
 from __future__ import annotations

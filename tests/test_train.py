@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from wildreid.checkpoint import latest_checkpoint, load_model
 from wildreid.scalars import read_scalars
@@ -439,3 +440,24 @@ def test_the_budget_covers_the_whole_process_tree(shard_root, tmp_path):
     peak = run.peak_uss
     print(f"peak tree USS {peak / 2**20:.0f} MiB under a {smallest} MiB budget")
     assert 0 < peak <= smallest << 20, f"peak tree USS {peak / 2**20:.0f} MiB > {smallest} MiB"
+
+
+@pytest.mark.parametrize("config_file", ["veriwild.yaml", "veri776.yaml", "demo.yaml"])
+def test_torch_lambda_lr_gives_the_step_schedule_at_every_epoch(config_file):
+    """The schedule runs through torch's LambdaLR and gives, in every epoch of every shipped config, exactly
+    the learning rate of the step schedule: lr * gamma^(steps passed) * the group's factor."""
+    from wildreid.config import load_config
+    from wildreid.training import _set_lr
+
+    config = load_config(ROOT / "configs" / config_file, [])
+    tc = config.train
+    factors = [1.0, tc.backbone_lr_factor]
+    weights = [torch.nn.Parameter(torch.zeros(1)) for _ in factors]
+    optimizer = torch.optim.SGD([{"params": [w], "lr": f, "lr_factor": f} for w, f in zip(weights, factors)], lr=tc.lr)
+    seen = set()
+    for epoch in [*range(tc.epochs + 3), 0, tc.epochs - 1]:  # any order: a resumed run starts anywhere
+        _set_lr(optimizer, config, epoch)
+        steps = sum(epoch >= s for s in tc.lr_steps)
+        assert [g["lr"] for g in optimizer.param_groups] == [tc.lr * tc.lr_gamma**steps * f for f in factors]
+        seen.add(optimizer.param_groups[0]["lr"])
+    assert len(seen) == len(tc.lr_steps) + 1  # every step of the schedule was met
