@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import final_json, train_cli
 
 from wildreid.shards import pack_dataset, read_dataset
 from wildreid.shards.layouts import read_veriwild
@@ -35,8 +36,6 @@ def shard_root(veriwild_root, tmp_path_factory) -> Path:
 def uninterrupted(shard_root, tmp_path_factory) -> dict:
     """The --json report of one uninterrupted training run (test_train's SMALL settings; read only):
     what every crash, stop and resume test must end with."""
-    from test_train import final_json, train_cli
-
     return final_json(train_cli(shard_root, tmp_path_factory.mktemp("run") / "store"))
 
 

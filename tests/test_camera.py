@@ -10,10 +10,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_distributed import RUN, TWO, train_ranks
-from test_dtl import grad_of, mined_positives, span_blocks
-from test_mining import SMALL_BLOCKS, graph
-from test_train import SMALL, final_json, train_cli
+from helpers import (
+    RUN,
+    SMALL,
+    SMALL_BLOCKS,
+    TWO,
+    final_json,
+    grad_of,
+    graph,
+    mined_positives,
+    span_blocks,
+    train_cli,
+    train_ranks,
+)
 
 import wildreid.mining as mining
 from wildreid.camera import CAMERA_STORE, camera_normalise, normalised_dictionary

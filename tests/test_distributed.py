@@ -7,40 +7,11 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from test_train import SMALL, final_json, train_command
+from helpers import RUN, TWO, final_json, traced, train_ranks
 
-TWO = ["--nproc-per-node", "2"]
-# SMALL in 2 epochs of 5 steps: warm-up, then a rebuild, mining and DPLM steps (time: the suite runs on 2 cores)
-RUN = [*(o for o in SMALL if not o.startswith(("train.epochs", "train.reextract_every"))), "train.epochs=2"]
 RUN.append("train.reextract_every=1")
-
-
-def train_ranks(shards, store, *args, env=None, timeout=600, overrides=RUN) -> subprocess.CompletedProcess:
-    import os
-
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("WILDREID_")}
-    # one thread per rank: two ranks on two cores, and gloo's sums are then reproducible run to run
-    return subprocess.run(
-        train_command(shards, store, *args, overrides=overrides),
-        capture_output=True,
-        text=True,
-        env={**clean, "OMP_NUM_THREADS": "1", **(env or {})},
-        timeout=timeout,
-        check=False,
-    )
-
-
-def traced(prefix: Path, ranks: int) -> dict[tuple[int, int], list[int]]:
-    """(epoch, step) -> the global batch's rows, the ranks' shares joined in rank order."""
-    steps: dict[tuple[int, int], list[int]] = {}
-    for rank in range(ranks):
-        for line in Path(f"{prefix}.rank{rank}").read_text().splitlines():
-            epoch, step, *rows = line.split()
-            steps.setdefault((int(epoch), int(step)), []).extend(int(r) for r in rows)
-    return steps
 
 
 @pytest.fixture(scope="module")

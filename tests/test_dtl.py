@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import csr, grad_of, mined_positives, span_blocks
 
 from wildreid.dtl import (
     batch_positives,
@@ -35,18 +36,6 @@ def normalised(rng: np.random.Generator, n: int, d: int) -> torch.Tensor:
     return F.normalize(torch.from_numpy(rng.standard_normal((n, d))), dim=1)
 
 
-def csr(lists):
-    indptr = np.cumsum([0] + [len(x) for x in lists])
-    return torch.tensor(indptr), torch.tensor(np.concatenate(lists), dtype=torch.long)
-
-
-def grad_of(fn, x: torch.Tensor):
-    x = x.clone().requires_grad_(True)
-    out = fn(x)
-    out["loss"].backward()
-    return out, x.grad
-
-
 def both(x, m, rows, indptr, indices, r, delta, block_rows, chunk_rows=3):
     dense, g_dense = grad_of(lambda v: dtl_dense(v, m, rows, indptr, indices, r, delta), x)
     stream, g_stream = grad_of(
@@ -74,14 +63,6 @@ def assert_same(dense, g_dense, stream, g_stream):
     torch.testing.assert_close(g_stream, g_dense, rtol=1e-12, atol=1e-14)
 
 
-def mined_positives(rng, rows, n, max_extra):
-    lists = []
-    for y in rows.tolist():
-        others = rng.choice(np.setdiff1d(np.arange(n), [y]), size=rng.integers(0, max_extra + 1), replace=False)
-        lists.append(rng.permutation(np.concatenate([[y], others])))
-    return csr(lists)
-
-
 @pytest.mark.parametrize("block_rows", [1, 7, 250])
 @pytest.mark.parametrize(("r", "max_extra"), [(0.01, 0), (0.05, 6), (0.3, 3)])
 def test_streaming_equals_dense(block_rows, r, max_extra):
@@ -96,10 +77,6 @@ def test_streaming_equals_dense(block_rows, r, max_extra):
     assert g_dense.abs().sum() > 0
     counts = torch.count_nonzero(dense["hard"] >= 0, dim=1)
     np.testing.assert_array_equal(counts.numpy(), np.floor(r * (n - np.diff(indptr.numpy())) + 1e-9))
-
-
-def span_blocks(m, lo, hi, block_rows):
-    return ((lo + start, block) for start, block in tensor_blocks(m[lo:hi], block_rows))
 
 
 @pytest.mark.parametrize("cuts", [(0, 250), (0, 100, 250), (0, 8, 120, 121, 250), (0, 0, 250)])

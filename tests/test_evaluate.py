@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from helpers import SCALARS, assert_same_metrics, make_set
 from PIL import Image
 
 from wildreid.errors import ConfigError, StoreError
@@ -34,33 +35,6 @@ from wildreid.plots import (
     training_curves,
 )
 from wildreid.stores import FeatureStore
-
-SCALARS = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20")
-
-
-def make_set(seed: int, nq: int, ng: int, dim: int = 8, *, ints: bool, vehicles: int = 25, cameras: int = 4):
-    """Features (small integers: exact in any summation order, many ties; or L2-normalised floats) and labels.
-
-    Some query ids are absent from the gallery, some are -1: those queries have no true match.
-    """
-    rng = np.random.default_rng(seed)
-    if ints:
-        qf = rng.integers(-2, 3, (nq, dim)).astype(np.float32)
-        gf = rng.integers(-2, 3, (ng, dim)).astype(np.float32)
-    else:
-        qf, gf = rng.standard_normal((nq, dim), dtype=np.float32), rng.standard_normal((ng, dim), dtype=np.float32)
-        qf /= np.linalg.norm(qf, axis=1, keepdims=True)
-        gf /= np.linalg.norm(gf, axis=1, keepdims=True)
-    q_ids = rng.integers(-1, vehicles + 3, nq)
-    return qf, q_ids, rng.integers(0, cameras, nq), gf, rng.integers(0, vehicles, ng), rng.integers(0, cameras, ng)
-
-
-def assert_same_metrics(a: dict, b: dict) -> None:
-    assert (a["valid_queries"], a["skipped_queries"]) == (b["valid_queries"], b["skipped_queries"])
-    for key in SCALARS:
-        assert a[key] == pytest.approx(b[key], abs=1e-12), key
-    np.testing.assert_allclose(a["cmc"], b["cmc"], rtol=0, atol=1e-12)
-
 
 # --------------------------------------------------------------------------- against the dense reference
 

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from test_mining import clustered, make_store
-from test_train import final_json, train_cli, train_command
+from helpers import SMALL, clustered, final_json, make_store, stop_train_command, train_cli, train_command
 from typer.testing import CliRunner
 
 from wildreid.checkpoint import latest_checkpoint, load_model
@@ -145,10 +144,10 @@ def _wait_for_lock(folder: Path, proc: subprocess.Popen) -> None:
 
 def test_two_trainings_and_a_mining_on_one_store(uninterrupted, shard_root, tmp_path):
     """train/train and train/mine: the second writer exits 8 at once, the first ends as if alone."""
-    from test_stop import _train_cmd
-
     store = tmp_path / "store"
-    first = subprocess.Popen(_train_cmd(shard_root, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        stop_train_command(shard_root, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _wait_for_lock(store, first)
     # both at once, while the first surely runs (one after the other, the second could start after it ended)
     writers = [
@@ -382,8 +381,6 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(uninterrupte
 
 def test_graph_negatives_after_a_fallback_mine_the_graph_again(shard_root, tmp_path):
     """Falling back past a later mining: the stored k-NN graph is not the one the checkpoint trained with."""
-    from test_train import SMALL
-
     graph = [*SMALL, "train.refresh=eval", "loss.negatives=graph", "loss.r=0.2"]
     store = tmp_path / "store"
     # 5 steps an epoch, a checkpoint every 3 steps and at epoch ends: killed after step 11 (epoch 2, its graph

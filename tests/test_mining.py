@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import zarr
+from helpers import SMALL_BLOCKS, clustered, graph, make_store, positives
 from typer.testing import CliRunner
 
 from wildreid.cli import app
@@ -20,33 +21,6 @@ from wildreid.stores import FeatureStore
 
 runner = CliRunner()
 BUDGET = 200 << 20
-
-
-def clustered(n: int, dim: int, *, clusters: int, noise: float, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((clusters, dim))
-    labels = rng.integers(0, clusters, n)
-    x = centers[labels] + noise * rng.standard_normal((n, dim))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x.astype(np.float16), labels
-
-
-def make_store(path, x, labels=None, chunk_rows=128):
-    store = FeatureStore.create(
-        path, len(x), x.shape[1], dtype=str(x.dtype), ids=labels, chunk_bytes=chunk_rows * x.shape[1] * x.itemsize
-    )
-    store.write_rows(0, x)
-    return path
-
-
-def positives(path):
-    group = zarr.open_group(str(path), mode="r")
-    return group["positives/indptr"][:], group["positives/indices"][:]
-
-
-def graph(path):
-    group = zarr.open_group(str(path), mode="r")
-    return group["knn/indices"][:], group["knn/similarities"][:], group["knn/counts"][:]
 
 
 @pytest.mark.parametrize(
@@ -70,20 +44,6 @@ def test_mine_equals_the_dense_reference(tmp_path, regime, params, clusters, noi
         assert report["pending_pairs"] == 0 and (graph(path)[2] < params.k).all()
     assert 0 < report["precision"] <= 1 and 0 < report["recall"] <= 1
     assert report["mean_positives"] == pytest.approx(len(ref[1]) / 700)
-
-
-SMALL_BLOCKS = dict(
-    base_rows=200,
-    query_rows=256,
-    rule_rows=300,
-    rule_base_rows=150,
-    plan_rows=7,
-    pending_pairs=50,
-    resident_rows=333,
-    graph_rows=97,
-    workers=2,
-    rule_workers=2,
-)
 
 
 @pytest.mark.parametrize(

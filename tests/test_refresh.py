@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from test_train import ROOT, SMALL, final_json, train_cli
+from helpers import ROOT, SMALL, final_json, train_cli
 
 from wildreid.checkpoint import load_state
 from wildreid.config import load_config

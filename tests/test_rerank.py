@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_evaluate import SCALARS, assert_same_metrics, make_set
+from helpers import SCALARS, assert_same_metrics, make_set
 
 from wildreid.errors import ConfigError
 from wildreid.evaluation import evaluate_blockwise, evaluate_dense, grid_distances

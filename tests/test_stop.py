@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tree_digest
-from test_mining import clustered, graph, make_store, positives
-from test_train import final_json, train_cli
+from helpers import clustered, final_json, graph, make_store, positives, stop_train_command, train_cli
 
 from wildreid.errors import Stopped
 from wildreid.stores import LOCK_NAME
@@ -65,7 +64,7 @@ def test_sigterm_at_random_moments(uninterrupted, shard_root, tmp_path):
     for attempt in range(2):
         args = ["--resume"] if attempt else []
         with subprocess.Popen(
-            _train_cmd(shard_root, store, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            stop_train_command(shard_root, store, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         ) as proc:
             latest = store / "train" / "LATEST"
             first = latest.read_text() if latest.exists() else ""
@@ -90,31 +89,6 @@ def test_sigterm_at_random_moments(uninterrupted, shard_root, tmp_path):
     resumed = final_json(train_cli(shard_root, store, "--resume"))
     assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
     assert resumed["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
-
-
-def _train_cmd(shards, store, *args) -> list[str]:
-    from test_train import ROOT, SMALL
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "wildreid.cli",
-        "train",
-        "--shards",
-        str(shards),
-        "--store",
-        str(store),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--memory-budget",
-        "2GiB",
-        "--deterministic",
-        "--json",
-        *args,
-    ]
-    for item in SMALL:
-        cmd += ["--set", item]
-    return cmd
 
 
 def test_a_second_signal_stops_at_once(tmp_path):

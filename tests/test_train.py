@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import resource
 import signal
 import subprocess
 import sys
@@ -13,68 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, SMALL, final_json, train_cli, train_command
 
 from wildreid.checkpoint import latest_checkpoint, load_model
 from wildreid.scalars import read_scalars
 from wildreid.stores import FeatureStore
-
-ROOT = Path(__file__).resolve().parents[1]
-# --memory-budget covers the whole process tree: the interpreter and torch alone are ~700 MiB of it
-TRAIN_BUDGET = "2GiB"
-SMALL = [
-    "train.epochs=3",
-    "train.warmup_epochs=1",
-    "train.batch_size=16",
-    "train.checkpoint_every_steps=3",
-    "train.workers=0",
-    "train.reextract_every=2",
-    "mining.k=11",
-    "mining.adjacency=10",
-    "mining.min_candidates=5",
-]
-
-
-def train_command(shards, store, *args, overrides=SMALL, budget=TRAIN_BUDGET) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "wildreid.cli",
-        "train",
-        "--shards",
-        str(shards),
-        "--store",
-        str(store),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--memory-budget",
-        budget,
-        "--deterministic",
-        "--json",
-        *args,
-    ]
-    for item in overrides:
-        cmd += ["--set", item]
-    return cmd
-
-
-def train_cli(shards, store, *args, overrides=SMALL, env=None, file_limit=None) -> subprocess.CompletedProcess:
-    cmd = train_command(shards, store, *args, overrides=overrides)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("WILDREID_CRASH")}
-    limit = None if file_limit is None else lambda: _limit_file_size(file_limit)
-    return subprocess.run(
-        cmd, capture_output=True, text=True, env={**clean, **(env or {})}, check=False, preexec_fn=limit
-    )
-
-
-def _limit_file_size(size: int) -> None:
-    """A disk that fills up, as the training process sees it: writes past ``size`` bytes fail (EFBIG)."""
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer; ignored, write() fails
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-
-
-def final_json(run: subprocess.CompletedProcess) -> dict:
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def test_uninterrupted_run(uninterrupted, shard_root):

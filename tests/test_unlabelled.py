@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import ROOT, SMALL, final_json, train_cli
+from helpers import ROOT, SMALL, final_json, train_cli
 from typer.testing import CliRunner
 
 from wildreid.checkpoint import save_model

@@ -21,6 +21,7 @@ from wildreid.world import World, check_world_size, owned_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_dtl_worker import problem, problem_cameras  # noqa: E402
+from helpers import clustered, graph, make_store, positives
 
 HERE = Path(__file__).parent
 
@@ -99,8 +100,6 @@ def test_a_sharded_step_equals_the_dense_single_process_dtl(tmp_path, nproc, r, 
 def test_two_ranks_mine_the_graph_and_positives_one_process_mines(tmp_path, camera_penalty):
     """Each rank runs its share of the k-NN and rules blocks of one store; rank 0 assembles the positives
     (with ``camera_penalty``: the camera-aware candidate lists, five cameras)."""
-    from test_mining import clustered, graph, make_store, positives
-
     from wildreid.mining import MineParams, mine
 
     x, labels = clustered(2500, 16, clusters=40, noise=0.5)

@@ -1,0 +1,230 @@
+"""What several test modules share: the training runs' command lines and settings, synthetic stores and
+evaluation sets, and small references; test modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from wildreid.dtl import tensor_blocks
+from wildreid.stores import FeatureStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --memory-budget covers the whole process tree: the interpreter and torch alone are ~700 MiB of it
+TRAIN_BUDGET = "2GiB"
+
+
+SMALL = [
+    "train.epochs=3",
+    "train.warmup_epochs=1",
+    "train.batch_size=16",
+    "train.checkpoint_every_steps=3",
+    "train.workers=0",
+    "train.reextract_every=2",
+    "mining.k=11",
+    "mining.adjacency=10",
+    "mining.min_candidates=5",
+]
+
+
+def train_command(shards, store, *args, overrides=SMALL, budget=TRAIN_BUDGET) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "wildreid.cli",
+        "train",
+        "--shards",
+        str(shards),
+        "--store",
+        str(store),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--memory-budget",
+        budget,
+        "--deterministic",
+        "--json",
+        *args,
+    ]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def train_cli(shards, store, *args, overrides=SMALL, env=None, file_limit=None) -> subprocess.CompletedProcess:
+    cmd = train_command(shards, store, *args, overrides=overrides)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WILDREID_CRASH")}
+    limit = None if file_limit is None else lambda: limit_file_size(file_limit)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, env={**clean, **(env or {})}, check=False, preexec_fn=limit
+    )
+
+
+def limit_file_size(size: int) -> None:
+    """A disk that fills up, as the training process sees it: writes past ``size`` bytes fail (EFBIG)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer; ignored, write() fails
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def final_json(run: subprocess.CompletedProcess) -> dict:
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def stop_train_command(shards, store, *args) -> list[str]:
+    """The SMALL run with deterministic kernels, as the stop and second-writer tests start it."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "wildreid.cli",
+        "train",
+        "--shards",
+        str(shards),
+        "--store",
+        str(store),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--memory-budget",
+        "2GiB",
+        "--deterministic",
+        "--json",
+        *args,
+    ]
+    for item in SMALL:
+        cmd += ["--set", item]
+    return cmd
+
+
+TWO = ["--nproc-per-node", "2"]
+
+
+# SMALL in 2 epochs of 5 steps: warm-up, then a rebuild, mining and DPLM steps (time: the suite runs on 2 cores)
+RUN = [*(o for o in SMALL if not o.startswith(("train.epochs", "train.reextract_every"))), "train.epochs=2"]
+
+
+def train_ranks(shards, store, *args, env=None, timeout=600, overrides=RUN) -> subprocess.CompletedProcess:
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WILDREID_")}
+    # one thread per rank: two ranks on two cores, and gloo's sums are then reproducible run to run
+    return subprocess.run(
+        train_command(shards, store, *args, overrides=overrides),
+        capture_output=True,
+        text=True,
+        env={**clean, "OMP_NUM_THREADS": "1", **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
+
+
+def traced(prefix: Path, ranks: int) -> dict[tuple[int, int], list[int]]:
+    """(epoch, step) -> the global batch's rows, the ranks' shares joined in rank order."""
+    steps: dict[tuple[int, int], list[int]] = {}
+    for rank in range(ranks):
+        for line in Path(f"{prefix}.rank{rank}").read_text().splitlines():
+            epoch, step, *rows = line.split()
+            steps.setdefault((int(epoch), int(step)), []).extend(int(r) for r in rows)
+    return steps
+
+
+def clustered(n: int, dim: int, *, clusters: int, noise: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim))
+    labels = rng.integers(0, clusters, n)
+    x = centers[labels] + noise * rng.standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float16), labels
+
+
+def make_store(path, x, labels=None, chunk_rows=128):
+    store = FeatureStore.create(
+        path, len(x), x.shape[1], dtype=str(x.dtype), ids=labels, chunk_bytes=chunk_rows * x.shape[1] * x.itemsize
+    )
+    store.write_rows(0, x)
+    return path
+
+
+def positives(path):
+    group = zarr.open_group(str(path), mode="r")
+    return group["positives/indptr"][:], group["positives/indices"][:]
+
+
+def graph(path):
+    group = zarr.open_group(str(path), mode="r")
+    return group["knn/indices"][:], group["knn/similarities"][:], group["knn/counts"][:]
+
+
+SMALL_BLOCKS = dict(
+    base_rows=200,
+    query_rows=256,
+    rule_rows=300,
+    rule_base_rows=150,
+    plan_rows=7,
+    pending_pairs=50,
+    resident_rows=333,
+    graph_rows=97,
+    workers=2,
+    rule_workers=2,
+)
+
+
+def grad_of(fn, x: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    out["loss"].backward()
+    return out, x.grad
+
+
+def csr(lists):
+    indptr = np.cumsum([0] + [len(x) for x in lists])
+    return torch.tensor(indptr), torch.tensor(np.concatenate(lists), dtype=torch.long)
+
+
+def mined_positives(rng, rows, n, max_extra):
+    lists = []
+    for y in rows.tolist():
+        others = rng.choice(np.setdiff1d(np.arange(n), [y]), size=rng.integers(0, max_extra + 1), replace=False)
+        lists.append(rng.permutation(np.concatenate([[y], others])))
+    return csr(lists)
+
+
+def span_blocks(m, lo, hi, block_rows):
+    return ((lo + start, block) for start, block in tensor_blocks(m[lo:hi], block_rows))
+
+
+SCALARS = ("mAP", "mINP", "rank1", "rank5", "rank10", "rank20")
+
+
+def make_set(seed: int, nq: int, ng: int, dim: int = 8, *, ints: bool, vehicles: int = 25, cameras: int = 4):
+    """Features (small integers: exact in any summation order, many ties; or L2-normalised floats) and labels.
+
+    Some query ids are absent from the gallery, some are -1: those queries have no true match.
+    """
+    rng = np.random.default_rng(seed)
+    if ints:
+        qf = rng.integers(-2, 3, (nq, dim)).astype(np.float32)
+        gf = rng.integers(-2, 3, (ng, dim)).astype(np.float32)
+    else:
+        qf, gf = rng.standard_normal((nq, dim), dtype=np.float32), rng.standard_normal((ng, dim), dtype=np.float32)
+        qf /= np.linalg.norm(qf, axis=1, keepdims=True)
+        gf /= np.linalg.norm(gf, axis=1, keepdims=True)
+    q_ids = rng.integers(-1, vehicles + 3, nq)
+    return qf, q_ids, rng.integers(0, cameras, nq), gf, rng.integers(0, vehicles, ng), rng.integers(0, cameras, ng)
+
+
+def assert_same_metrics(a: dict, b: dict) -> None:
+    assert (a["valid_queries"], a["skipped_queries"]) == (b["valid_queries"], b["skipped_queries"])
+    for key in SCALARS:
+        assert a[key] == pytest.approx(b[key], abs=1e-12), key
+    np.testing.assert_allclose(a["cmc"], b["cmc"], rtol=0, atol=1e-12)
