@@ -49,7 +49,7 @@ from wildreid.extract import (
     split_fingerprint,
     write_features,
 )
-from wildreid.signals import signal_point
+from wildreid.signals import fault_point
 from wildreid.stores import CHUNK_BYTES, LOCK_NAME, FeatureStore, WriterLock, rows_per_chunk
 
 __all__ = [
@@ -329,7 +329,7 @@ def embed(
             labels = None
             if source.kind != "shards":  # a shard split's labels are checked by extract_split
                 _update_labels(store, source)
-        on_chunk = lambda rows: signal_point(f"embed:{rows}")  # noqa: E731 - test hook (kill -9 mid-run)
+        on_chunk = lambda rows: fault_point(f"embed:{rows}")  # noqa: E731 - test hook (kill -9 mid-run)
         if source.kind == "shards":
             extract_split(
                 source.root,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from wildreid.dplm import (
 )
 from wildreid.errors import ConfigError, Stopped, StoreError
 from wildreid.knn import knn_rows, set_temp_elements
-from wildreid.signals import signal_point
+from wildreid.signals import fault_point
 from wildreid.stores import FeatureStore, WriterLock
 from wildreid.stores.derived import (
     assemble_positives,
@@ -285,12 +284,6 @@ def _fingerprint(store: FeatureStore, params: MineParams, plan: BlockPlan, stage
     return out
 
 
-def _crash_point(name: str) -> None:
-    """Test hook: WILDREID_CRASH_AT=<name> kills the process (SIGKILL) right here."""
-    if os.environ.get("WILDREID_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 _BUFFERS: dict[tuple[int, str], np.ndarray] = {}
 _BUFFERS_LOCK = threading.Lock()
 
@@ -494,8 +487,7 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int
     write_knn_rows(store, block, q0, idx, sim, counts)
     del query, sim, idx, counts
     release_free_memory()
-    _crash_point(f"knn:{block}")
-    signal_point(f"knn:{block}")
+    fault_point(f"knn:{block}")
     return block
 
 
@@ -596,8 +588,7 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     write_positives_part(store, block, np.diff(indptr), indices, sums)
     del plans, row_plan, ranks, indptr, indices, graph_idx, graph_sim, counts
     release_free_memory()
-    _crash_point(f"rules:{block}")
-    signal_point(f"rules:{block}")
+    fault_point(f"rules:{block}")
     return block
 
 
@@ -734,7 +725,7 @@ def _run_stages(
         if world.main:
             mark_complete(store, "knn")
         world.barrier()
-    _crash_point("knn-complete")
+    fault_point("knn-complete")
     if graph_only:
         return timings
 

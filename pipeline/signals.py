@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 
-__all__ = ["GracefulStop", "ignore_stop_signals", "signal_point"]
+__all__ = ["GracefulStop", "ignore_stop_signals", "fault_point"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -55,14 +55,16 @@ class GracefulStop:
         self._previous.clear()
 
 
-def signal_point(name: str) -> None:
-    """Test hook: WILDREID_SIGNAL_AT=<name> sends this process a SIGTERM here, as a scheduler would;
-    WILDREID_KILL_AT=<name> a SIGKILL (the OOM killer).
+def fault_point(name: str) -> None:
+    """The one fault-injection hook of the tests: WILDREID_SIGNAL_AT=<name> sends this process a SIGTERM
+    here, as a scheduler would; WILDREID_KILL_AT=<name> a SIGKILL (the OOM killer).
 
-    Points: ``step:N`` (after the N-th training step of the process), ``extract:E`` and
-    ``mine:E`` (training, epoch E), ``refresh:E:B`` (after batch B of epoch E's dictionary
-    rebuild), ``knn:B`` and ``rules:B`` (a mining block), ``shard:FILE``,
-    ``embed:R`` (``wildreid embed``, after the chunk that ends at row R).
+    Points: ``step:N`` (after the N-th training step of the process), ``after-step:N`` (the same, once its
+    checkpoint, if any, is written), ``extract:E`` and ``mine:E`` (training, epoch E), ``refresh:E:B``
+    (after batch B of epoch E's dictionary rebuild), ``knn:B`` and ``rules:B`` (a mining block),
+    ``knn-complete`` (the graph done, the rules not started), ``scanned``, ``mid-shard:FILE``,
+    ``shard:FILE`` and ``manifest`` (``wildreid shard``), ``embed:R`` (``wildreid embed``, after the
+    chunk that ends at row R).
     WILDREID_HANG_AT=<name> makes the process hang there (a stuck rank, for collective timeouts).
     WILDREID_SIGNAL_RANK=<r> limits these to rank r of a distributed run (torchrun's RANK).
     """

@@ -60,7 +60,6 @@ import hashlib
 import json
 import os
 import random
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -104,7 +103,7 @@ from wildreid.run_budget import RunMemory, activation_bytes, plan_run_memory, pr
 from wildreid.scalars import NoScalars, open_scalars, require_tensorboard
 from wildreid.sharded import ddp_model, owned, sharded_step, update_owned
 from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry, split_labels
-from wildreid.signals import ignore_stop_signals, signal_point
+from wildreid.signals import fault_point, ignore_stop_signals
 from wildreid.stores import CHUNK_BYTES, LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write, rows_per_chunk
 from wildreid.stores.derived import complete_fingerprint, graph_reader, read_positives
 from wildreid.transforms import train_transform
@@ -114,7 +113,6 @@ __all__ = ["TrainOptions", "dictionary_sha256", "dictionary_step", "refresh_feat
 
 SPLIT = "train"
 TRANSDUCTIVE_SPLIT = "gallery"  # VeRi-776's image_test: what the published VeRi-776 run also trained on
-_CRASH_AFTER_STEPS = int(os.environ.get("WILDREID_CRASH_AFTER_STEPS", "-1"))
 Progress = Callable[[str, int, int], None]
 
 
@@ -846,9 +844,9 @@ def _extract_and_mine(run: _Run) -> tuple[np.ndarray, np.ndarray]:
     """Eval-mode re-extraction and mining before the epoch's first step; returns the epoch's positives."""
     tc = run.config.train
     if tc.refresh == "eval" and run.epoch % tc.reextract_every == 0:
-        signal_point(f"extract:{run.epoch}")
+        fault_point(f"extract:{run.epoch}")
         _extract(run)
-    signal_point(f"mine:{run.epoch}")
+    fault_point(f"mine:{run.epoch}")
     positives = run.positives
     if tc.is_warmup(run.epoch):
         positives = _self_positives(run.n)
@@ -897,7 +895,7 @@ def _rebuild(run: _Run, start: int) -> None:
         done += count
         batches += 1
         run.progress(f"refresh {epoch}", count, n)
-        signal_point(f"refresh:{epoch}:{batches}")
+        fault_point(f"refresh:{epoch}:{batches}")
         stopping = run.should_stop() and done < n
         if done < n and (stopping or tc.checkpoint_every_steps and batches % tc.checkpoint_every_steps == 0):
             _checkpoint(run, cache, {}, refreshed=done)
@@ -933,15 +931,14 @@ def _epoch_steps(run: _Run, ep: _Epoch, loader: DataLoader) -> None:
         run.steps_here += 1
         run.progress(f"epoch {run.epoch}", count, run.n)
         run.partial = {"losses": ep.losses, "seen": ep.seen, "mined": ep.mined}
-        signal_point(f"step:{run.steps_here}")
+        fault_point(f"step:{run.steps_here}")
         within = run.position < run.n
         stopping = run.should_stop() and within
         if within and (stopping or tc.checkpoint_every_steps and run.step % tc.checkpoint_every_steps == 0):
             _checkpoint(run, ep.cache, run.partial)
         if stopping:
             run.stop_here()
-        if run.steps_here == _CRASH_AFTER_STEPS:
-            os.kill(os.getpid(), signal.SIGKILL)  # tests: a kill -9 at a chosen step
+        fault_point(f"after-step:{run.steps_here}")
 
 
 def _inputs(run: _Run, images, idx: torch.Tensor, key: int) -> torch.Tensor:

@@ -22,7 +22,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -37,7 +36,7 @@ from wildreid.errors import BadImageError, ShardError, ShardNotFoundError, Stopp
 from wildreid.shards.images import image_extension
 from wildreid.shards.layouts import DatasetIndex, Record, Reject
 from wildreid.shards.tario import BLOCK, ShardSink, file_sha256, padded, read_file, scan_sample_offsets
-from wildreid.signals import ignore_stop_signals, signal_point
+from wildreid.signals import fault_point, ignore_stop_signals
 from wildreid.stores.durable import atomic_write, publish
 from wildreid.stores.lock import LOCK_NAME, WriterLock
 
@@ -68,12 +67,6 @@ ProgressFn = Callable[[str, int, int], None]
 
 def _no_progress(phase: str, advance: int, total: int) -> None:
     return None
-
-
-def _crash_point(name: str) -> None:
-    """Test hook: WILDREID_CRASH_AT=<name> kills the process (SIGKILL, as the OOM killer does) right here."""
-    if os.environ.get("WILDREID_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -344,7 +337,7 @@ def write_shard(root: str, out: str, plan: ShardPlan) -> ShardResult:
             sink = ShardSink(f)
             for i, (path, key, meta, size) in enumerate(zip(plan.paths, plan.keys, plan.metas, plan.sizes)):
                 if i == len(plan) // 2:
-                    _crash_point(f"mid-shard:{plan.file}")
+                    fault_point(f"mid-shard:{plan.file}")
                 try:
                     data = read_file(f"{root}/{path}", size)
                     ext = image_extension(data)
@@ -441,8 +434,7 @@ def _write_all(out, root, plans, known, pool, progress, should_stop) -> dict[str
     for plan, result in done:
         results[plan.file] = result
         progress("writing shards", len(plan), total)
-        _crash_point(f"shard:{plan.file}")
-        signal_point(f"shard:{plan.file}")
+        fault_point(f"shard:{plan.file}")
         if should_stop():
             raise Stopped(
                 f"sharding stopped after {plan.file} ({len(results)} of {len(plans)} shards written); "
@@ -586,7 +578,7 @@ def _pack(index: DatasetIndex, out: Path, max_samples, max_bytes, workers, stric
         else:
             samples, rejects = stat_records(index, pool=pool, progress=progress, should_stop=should_stop)
         atomic_write(out / PROGRESS_DIR / "job.json", json.dumps({"source": source, "layout": index.layout}))
-        _crash_point("scanned")
+        fault_point("scanned")
         while True:
             plans = [
                 plan
@@ -611,7 +603,7 @@ def _pack(index: DatasetIndex, out: Path, max_samples, max_bytes, workers, stric
     rejects.sort(key=lambda r: (r.split, r.path))
     manifest = _manifest(index, samples, plans, results, rejects, max_samples, max_bytes)
     atomic_write(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
-    _crash_point("manifest")
+    fault_point("manifest")
     shutil.rmtree(out / PROGRESS_DIR, ignore_errors=True)
     return manifest
 

@@ -64,7 +64,7 @@ def train_command(shards, store, *args, overrides=SMALL, budget=TRAIN_BUDGET) ->
 
 def train_cli(shards, store, *args, overrides=SMALL, env=None, file_limit=None) -> subprocess.CompletedProcess:
     cmd = train_command(shards, store, *args, overrides=overrides)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("WILDREID_CRASH")}
+    clean = {k: v for k, v in os.environ.items() if k not in ("WILDREID_KILL_AT", "WILDREID_SIGNAL_AT")}
     limit = None if file_limit is None else lambda: limit_file_size(file_limit)
     return subprocess.run(
         cmd, capture_output=True, text=True, env={**clean, **(env or {})}, check=False, preexec_fn=limit

@@ -416,7 +416,7 @@ def camera_run(shard_root, tmp_path_factory) -> dict:
 @pytest.mark.parametrize(
     ("env", "code"),
     [
-        ({"WILDREID_CRASH_AT": "knn:0"}, -signal.SIGKILL),  # inside the first mining of the normalised copy
+        ({"WILDREID_KILL_AT": "knn:0"}, -signal.SIGKILL),  # inside the first mining of the normalised copy
         ({"WILDREID_SIGNAL_AT": "step:7"}, Stopped.exit_code),  # SIGTERM between checkpoints
     ],
 )

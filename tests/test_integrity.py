@@ -240,7 +240,7 @@ def test_mine_reports_damaged_features_and_graph_in_one_line(tmp_path):
 
     store = make_store(tmp_path / "t.zarr", x, labels)
     cmd = [sys.executable, "-m", "wildreid.cli", "mine", "--store", str(store), *MINE]
-    crashed = subprocess.run(cmd, env={**os.environ, "WILDREID_CRASH_AT": "knn-complete"}, capture_output=True)
+    crashed = subprocess.run(cmd, env={**os.environ, "WILDREID_KILL_AT": "knn-complete"}, capture_output=True)
     assert crashed.returncode == -signal.SIGKILL
     _damage(_chunk_file(store, "knn/indices", 0), "truncate")
     run = subprocess.run(cmd, capture_output=True, text=True)
@@ -364,7 +364,7 @@ def test_extraction_does_not_resume_over_rows_written_since(shard_root, tmp_path
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted, shard_root, tmp_path):
     store = tmp_path / "store"
-    killed = train_cli(shard_root, store, env={"WILDREID_CRASH_AFTER_STEPS": "8"})  # checkpoints at 3, 5, 6
+    killed = train_cli(shard_root, store, env={"WILDREID_KILL_AT": "after-step:8"})  # checkpoints at 3, 5, 6
     assert killed.returncode == -signal.SIGKILL
     latest = latest_checkpoint(store / "train")
     chunk = next(p for p in sorted((latest / "dictionary").rglob("*")) if p.is_file() and p.name != "zarr.json")
@@ -385,7 +385,7 @@ def test_graph_negatives_after_a_fallback_mine_the_graph_again(shard_root, tmp_p
     store = tmp_path / "store"
     # 5 steps an epoch, a checkpoint every 3 steps and at epoch ends: killed after step 11 (epoch 2, its graph
     # mined at step 10) with checkpoints 9 (mid epoch 1) and 10 (end of epoch 1) on disk
-    killed = train_cli(shard_root, store, overrides=graph, env={"WILDREID_CRASH_AFTER_STEPS": "11"})
+    killed = train_cli(shard_root, store, overrides=graph, env={"WILDREID_KILL_AT": "after-step:11"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     _damage(latest_checkpoint(store / "train") / "state.pt", "flip")
     resumed = train_cli(shard_root, store, "--resume", overrides=graph)
@@ -397,7 +397,7 @@ def test_graph_negatives_after_a_fallback_mine_the_graph_again(shard_root, tmp_p
 
 def test_no_intact_checkpoint_is_one_error(shard_root, tmp_path):
     store = tmp_path / "store"
-    assert train_cli(shard_root, store, env={"WILDREID_CRASH_AFTER_STEPS": "4"}).returncode == -signal.SIGKILL
+    assert train_cli(shard_root, store, env={"WILDREID_KILL_AT": "after-step:4"}).returncode == -signal.SIGKILL
     for ckpt in (store / "train" / "checkpoints").glob("ckpt-*"):
         _damage(ckpt / "state.pt", "truncate")
     run = train_cli(shard_root, store, "--resume")
@@ -407,7 +407,7 @@ def test_no_intact_checkpoint_is_one_error(shard_root, tmp_path):
 
 def test_a_checkpoint_of_an_older_wildreid_is_refused_and_kept(shard_root, tmp_path):
     store = tmp_path / "store"
-    assert train_cli(shard_root, store, env={"WILDREID_CRASH_AFTER_STEPS": "4"}).returncode == -signal.SIGKILL
+    assert train_cli(shard_root, store, env={"WILDREID_KILL_AT": "after-step:4"}).returncode == -signal.SIGKILL
     latest = latest_checkpoint(store / "train")
     (latest / "COMPLETE").write_text("ok\n")  # what checkpoints held before checksums
     run = train_cli(shard_root, store, "--resume")

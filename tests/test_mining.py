@@ -181,7 +181,7 @@ def test_kill_9_then_rerun_is_identical(tmp_path, crash_at):
     args = ["--k", "11", "--adjacency", "10", "--memory-budget", "200MiB", "--workers", "1"]
     assert runner.invoke(app, ["mine", "--store", str(clean), *args]).exit_code == 0
     cmd = [sys.executable, "-m", "wildreid.cli", "mine", "--store", str(crashed), *args]
-    run = subprocess.run(cmd, env={**os.environ, "WILDREID_CRASH_AT": crash_at}, capture_output=True, text=True)
+    run = subprocess.run(cmd, env={**os.environ, "WILDREID_KILL_AT": crash_at}, capture_output=True, text=True)
     assert run.returncode == -9, run.stderr
     run = subprocess.run(cmd + ["--json"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -141,7 +141,7 @@ def test_other_options_resume_exactly(shard_root, tmp_path):
     overrides = [*SMALL, "mining.order=published", "dictionary.dtype=float32", "train.mining=batch"]
     reference = final_json(train_cli(shard_root, tmp_path / "reference", overrides=overrides))
     store = tmp_path / "store"
-    killed = train_cli(shard_root, store, overrides=overrides, env={"WILDREID_CRASH_AFTER_STEPS": "8"})
+    killed = train_cli(shard_root, store, overrides=overrides, env={"WILDREID_KILL_AT": "after-step:8"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     resumed = final_json(train_cli(shard_root, store, "--resume", overrides=overrides))
     assert resumed["weights_sha256"] == reference["weights_sha256"]

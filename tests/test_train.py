@@ -41,10 +41,10 @@ def test_uninterrupted_run(uninterrupted, shard_root):
 @pytest.mark.parametrize(
     "crash",
     [
-        {"WILDREID_CRASH_AFTER_STEPS": "4"},  # warm-up epoch, after a mid-epoch checkpoint
-        {"WILDREID_CRASH_AFTER_STEPS": "8"},  # DPLM epoch, after mining and a mid-epoch checkpoint
-        {"WILDREID_CRASH_AT": "knn:0"},  # inside the first mining
-        {"WILDREID_CRASH_AFTER_STEPS": "2"},
+        {"WILDREID_KILL_AT": "after-step:4"},  # warm-up epoch, after a mid-epoch checkpoint
+        {"WILDREID_KILL_AT": "after-step:8"},  # DPLM epoch, after mining and a mid-epoch checkpoint
+        {"WILDREID_KILL_AT": "knn:0"},  # inside the first mining
+        {"WILDREID_KILL_AT": "after-step:2"},
     ],  # before any checkpoint
 )
 def test_kill_9_then_resume_gives_the_same_digests(crash, uninterrupted, shard_root, tmp_path):
@@ -62,7 +62,7 @@ def test_kill_9_then_resume_gives_the_same_digests(crash, uninterrupted, shard_r
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_resume_finishes_the_run(uninterrupted, shard_root, tmp_path):
     store = tmp_path / "store"
-    killed = train_cli(shard_root, store, env={"WILDREID_CRASH_AFTER_STEPS": "4"})  # checkpoint at step 3
+    killed = train_cli(shard_root, store, env={"WILDREID_KILL_AT": "after-step:4"})  # checkpoint at step 3
     assert killed.returncode == -signal.SIGKILL
     good = latest_checkpoint(store / "train")
     before = {p.name: p.stat().st_size for p in good.rglob("*") if p.is_file()}

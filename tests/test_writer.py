@@ -85,11 +85,11 @@ def test_max_bytes_cuts_shards(veriwild_root, tmp_path):
 )
 def test_kill_9_then_rerun_is_byte_identical(veriwild_root, shard_root, tmp_path, crash_at, workers):
     out = tmp_path / "out"
-    _env["WILDREID_CRASH_AT"] = crash_at
+    _env["WILDREID_KILL_AT"] = crash_at
     try:
         crashed = _shard(veriwild_root, out, "--workers", workers)
     finally:
-        del _env["WILDREID_CRASH_AT"]
+        del _env["WILDREID_KILL_AT"]
     assert crashed.returncode != 0, crashed.stdout + crashed.stderr
     if workers == "1":
         assert crashed.returncode == -9
@@ -244,11 +244,11 @@ def test_kill_9_with_bad_inputs_then_rerun(messy_root, tmp_path):
     root, _ = messy_root
     clean = runner.invoke(app, ["shard", str(root), str(tmp_path / "clean"), "--max-samples", "12"])
     assert clean.exit_code == 0
-    _env["WILDREID_CRASH_AT"] = "shard:train/train-000003.tar"
+    _env["WILDREID_KILL_AT"] = "shard:train/train-000003.tar"
     try:
         crashed = _shard(root, tmp_path / "out")
     finally:
-        del _env["WILDREID_CRASH_AT"]
+        del _env["WILDREID_KILL_AT"]
     assert crashed.returncode == -9
     assert _shard(root, tmp_path / "out").returncode == 0
     assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "clean")
