@@ -213,6 +213,7 @@ def _one_error_line(run, code: int, text: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], run.stderr
 
 
+@pytest.mark.slow
 def test_the_oracle_is_refused_without_vehicle_ids_before_anything_is_written(photo_shards, tmp_path):
     run = train_cli(photo_shards, tmp_path / "store", overrides=[*SMALL, "mining.oracle=true"])
     _one_error_line(run, 2, "mining.oracle=true needs the vehicle id of every training image, but 80 of 80")
@@ -362,6 +363,7 @@ def _cross_camera(csr, cams) -> float:
     return float(np.mean(cams[indices[indices != seg]] != cams[seg[indices != seg]]))
 
 
+@pytest.mark.slow
 def test_camera_aware_lists_on_a_dask_cluster_equal_local_threads(tmp_path):
     from distributed import LocalCluster
 

@@ -22,6 +22,7 @@ def two_ranks(shard_root, tmp_path_factory) -> dict:
     return {"report": final_json(run), "trace": traced(root / "trace", 2), "stderr": run.stderr, "root": root}
 
 
+@pytest.mark.slow
 def test_two_ranks_train_evaluate_and_each_holds_half_the_dictionary(two_ranks, shard_root, tmp_path):
     report = two_ranks["report"]
     assert [h["epoch"] for h in report["history"]] == [0, 1] and report["history"][-1]["loss"] < 1.0
@@ -44,6 +45,7 @@ def test_two_ranks_train_evaluate_and_each_holds_half_the_dictionary(two_ranks, 
     assert 0.0 <= json.loads(evaluated.stdout.strip().splitlines()[-1])["small"]["mAP"] <= 1.0
 
 
+@pytest.mark.slow
 def test_a_killed_rank_then_a_sigterm_to_one_rank_then_resume_end_as_the_uninterrupted_run(
     two_ranks, shard_root, tmp_path
 ):
@@ -67,6 +69,7 @@ def test_a_killed_rank_then_a_sigterm_to_one_rank_then_resume_end_as_the_uninter
         assert resumed[key] == two_ranks["report"][key]
 
 
+@pytest.mark.slow
 def test_a_two_process_checkpoint_resumed_by_one_process_trains_on_the_same_samples(two_ranks, shard_root, tmp_path):
     store, trace = tmp_path / "run", tmp_path / "trace"
     stopped = train_ranks(shard_root, store, *TWO, "--max-steps", "7")
@@ -80,6 +83,7 @@ def test_a_two_process_checkpoint_resumed_by_one_process_trains_on_the_same_samp
         assert rows == two_ranks["trace"][key]  # the same global batch, in the same order
 
 
+@pytest.mark.slow
 def test_a_stuck_rank_ends_the_group_within_the_collective_timeout(shard_root, tmp_path):
     began = time.monotonic()
     stuck = train_ranks(
@@ -99,6 +103,7 @@ def test_a_stuck_rank_ends_the_group_within_the_collective_timeout(shard_root, t
     assert took < 120  # start-up and two steps, then 5 s of waiting: not the default 600 s
 
 
+@pytest.mark.slow
 def test_a_world_size_that_does_not_divide_the_batch_is_refused(shard_root, tmp_path):
     refused = train_ranks(shard_root, tmp_path / "run", "--nproc-per-node", "3")
     assert refused.returncode == 2

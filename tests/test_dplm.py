@@ -37,6 +37,7 @@ REGIMES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("regime", REGIMES)
 @pytest.mark.parametrize("dups", [0, 40])
@@ -218,6 +219,7 @@ PUBLISHED_REGIMES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 @pytest.mark.parametrize("regime", PUBLISHED_REGIMES)
 @pytest.mark.parametrize("dups", [0, 40])

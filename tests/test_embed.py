@@ -67,6 +67,7 @@ def _features(path: Path) -> np.ndarray:
     return np.asarray(store.features[:])
 
 
+@pytest.mark.slow
 def test_embed_of_a_shard_split_equals_its_extraction(shard_root, model_file, tmp_path):
     out = tmp_path / "g"
     report = _embed([shard_root, "--split", "query-small", "--checkpoint", model_file, "--output", out])
@@ -101,6 +102,7 @@ def test_embed_of_a_shard_split_equals_its_extraction(shard_root, model_file, tm
     assert no_split.exit_code == 2 and "pass --split" in no_split.output
 
 
+@pytest.mark.slow
 def test_embed_resumes_after_kill_9_with_the_features_of_an_uninterrupted_run(
     images, model_file, folder_group, tmp_path
 ):
@@ -125,6 +127,7 @@ def test_embed_resumes_after_kill_9_with_the_features_of_an_uninterrupted_run(
     assert store.meta("source")["kind"] == "folder" and (store.ids() == -1).all()
 
 
+@pytest.mark.slow
 def test_embed_of_a_csv_list_keeps_its_ids_and_equals_the_folder_rows(images, model_file, folder_group, tmp_path):
     whole, _ = folder_group
     keys = FeatureStore.open(whole).keys().tolist()
@@ -184,6 +187,7 @@ def test_search_an_image_finds_itself_first_and_draws_a_picture(images, model_fi
     assert len(wrong.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_search_a_query_group_of_shards_draws_its_ranked_lists(shard_root, model_file, tmp_path):
     for split in ("query-small", "gallery-small"):
         _embed([shard_root, "--split", split, "--checkpoint", model_file, "--output", tmp_path / split])
@@ -208,6 +212,7 @@ def test_search_a_query_group_of_shards_draws_its_ranked_lists(shard_root, model
     assert broken.exit_code == 6 and len(broken.output.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_junk_files_are_skipped_and_labels_follow_the_source_on_a_rerun(images, model_file, tmp_path):
     """A file that is no image is skipped and listed before any row (so removing it later changes nothing);
     a re-run with another --camera-from keeps the finished rows and updates the cameras."""

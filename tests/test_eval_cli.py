@@ -76,6 +76,7 @@ def _mtimes(folder: Path) -> dict[str, int]:
     }
 
 
+@pytest.mark.slow
 def test_eval_checkpoint_extracts_once_and_matches_the_dense_reference(shard_root, model_file, tmp_path):
     ckpt = Path(shutil.copy(model_file, tmp_path / "model.pt"))
     args = [*EVAL, "--shards", shard_root, "--checkpoint", ckpt, "--split", "small"]
@@ -101,6 +102,7 @@ def test_eval_checkpoint_extracts_once_and_matches_the_dense_reference(shard_roo
     _same(second["small"], _dense(features / "query-small", features / "gallery-small"))
 
 
+@pytest.mark.slow
 def test_eval_feature_pool5_extracts_the_pooled_feature_again(shard_root, tmp_path):
     """--feature pool5 (the published evaluation feature) re-extracts the groups and evaluates those; the model's
     model.eval_feature is the default."""
@@ -128,6 +130,7 @@ def test_eval_feature_pool5_extracts_the_pooled_feature_again(shard_root, tmp_pa
     assert bad.exit_code == 2 and "expected --feature bnneck or pool5" in bad.output
 
 
+@pytest.mark.slow
 def test_eval_all_splits_into_a_features_dir(shard_root, model_file, tmp_path):
     ckpt = Path(shutil.copy(model_file, tmp_path / "model.pt"))
     result = runner.invoke(
@@ -152,6 +155,7 @@ def test_eval_all_splits_into_a_features_dir(shard_root, model_file, tmp_path):
     assert sorted(json.loads((tmp_path / "eval-all.json").read_text())) == ["large", "medium", "small"]
 
 
+@pytest.mark.slow
 def test_eval_veri776_layout(veri776_shards, model_file, tmp_path):
     ckpt = Path(shutil.copy(model_file, tmp_path / "model.pt"))
     out = _run([*EVAL, "--shards", veri776_shards, "--checkpoint", ckpt, "--split", "veri776", "--json"])
@@ -189,6 +193,7 @@ def test_eval_feature_groups(tmp_path, rerank):
     assert not list(output.parent.glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_visualize_ranked_lists_and_training_curves(shard_root, model_file, tmp_path):
     ckpt = Path(shutil.copy(model_file, tmp_path / "model.pt"))
     _run([*EVAL, "--shards", shard_root, "--checkpoint", ckpt, "--split", "small", "--json"])
@@ -285,6 +290,7 @@ def test_errors_are_one_line_with_an_exit_code(tmp_path, case, code, text):
     _one_line_error(runner.invoke(app, [str(a) for a in args]), code, text)
 
 
+@pytest.mark.slow
 def test_eval_budget_covers_the_whole_process(tmp_path):
     """A budget below what the process holds before evaluating is refused with the smallest that works,
     and that budget works (a separate process: the test process's own size is not the command's)."""

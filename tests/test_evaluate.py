@@ -299,6 +299,7 @@ print(json.dumps({"above_idle": peak_rss_bytes() - idle, "valid": out["valid_que
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_stays_within_budget():
     """The dense (Q, G) float32 matrix would be 490 MB; the budget is 96 MB.
 
@@ -396,6 +397,7 @@ def test_topk_lists_follow_the_dense_order():
         assert sum(f is not None for f in entry["flags"]) == 10 and entry["flags"][-1] is not None
 
 
+@pytest.mark.slow
 def test_plots_are_small_valid_pngs(tmp_path):
     cmc = evaluate_distances(
         np.random.default_rng(0).random((30, 80)),

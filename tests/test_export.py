@@ -94,6 +94,7 @@ def _torchscript_runner(path: Path):
     return module, lambda images: module(images).detach().numpy()
 
 
+@pytest.mark.slow
 @jit_load_warns
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_export_equals_pytorch_on_shard_images_at_any_batch_size(exported, shard_root, fmt):
@@ -135,6 +136,7 @@ def test_torchscript_refuses_normalised_floats_and_other_sizes(exported):
         module(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
 
 
+@pytest.mark.slow
 def test_check_refuses_an_export_of_the_wrong_feature(exported, shard_root):
     """The ONNX file holds the bnneck feature: checked as pool5 it is a real mismatch."""
     data = exported["onnx"][0].read_bytes()
@@ -166,6 +168,7 @@ def _onnx_fixed_batch(wrapper, example):
         return path.read_bytes()
 
 
+@pytest.mark.slow
 @jit_load_warns
 @pytest.mark.parametrize(
     "fmt, broken, message",
@@ -211,6 +214,7 @@ def test_cli_errors_are_one_line(model_file, shard_root, tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @jit_load_warns
 def test_dry_run_checks_and_writes_nothing(model_file, shard_root, tmp_path):
     output = tmp_path / "model.ts"
@@ -222,6 +226,7 @@ def test_dry_run_checks_and_writes_nothing(model_file, shard_root, tmp_path):
     assert "would write" in result.stdout and not output.exists()
 
 
+@pytest.mark.slow
 @jit_load_warns
 def test_the_shards_default_to_those_the_model_was_trained_on(uninterrupted, shard_root, model_file, tmp_path):
     output = tmp_path / "model.ts"

@@ -91,6 +91,7 @@ def _held_by_another_process(folder: Path, command: str):
             proc.kill()
 
 
+@pytest.mark.slow
 def test_shard_and_mine_refuse_a_folder_being_written(veriwild_root, tmp_path):
     out = tmp_path / "shards"
     with _held_by_another_process(out, "wildreid shard (the other one)"):
@@ -108,6 +109,7 @@ def test_shard_and_mine_refuse_a_folder_being_written(veriwild_root, tmp_path):
     assert "knn" not in zarr.open_group(str(store), mode="r")
 
 
+@pytest.mark.slow
 def test_two_shard_commands_on_one_folder(veriwild_root, shard_root, tmp_path):
     """The first is frozen (SIGSTOP) while it holds the lock; the second exits 8; the first then ends as if alone."""
     from conftest import tree_digest
@@ -142,6 +144,7 @@ def _wait_for_lock(folder: Path, proc: subprocess.Popen) -> None:
     raise AssertionError("the first writer never took the lock")
 
 
+@pytest.mark.slow
 def test_two_trainings_and_a_mining_on_one_store(uninterrupted, shard_root, tmp_path):
     """train/train and train/mine: the second writer exits 8 at once, the first ends as if alone."""
     store = tmp_path / "store"
@@ -230,6 +233,7 @@ def test_a_damaged_chunk_is_found_and_named(mined_store, tmp_path, name, how):
         assert opened.read_rows(0, 128).shape == (128, 16) and opened.read_rows(256, 700).shape == (444, 16)
 
 
+@pytest.mark.slow
 def test_mine_reports_damaged_features_and_graph_in_one_line(tmp_path):
     x, labels = clustered(700, 16, clusters=25, noise=0.5)
     store = make_store(tmp_path / "s.zarr", x, labels)
@@ -265,6 +269,7 @@ def test_stores_without_checksums_still_open_and_damage_is_still_caught(tmp_path
         FeatureStore.open(tmp_path / "old.zarr").read_rows(0, 8)
 
 
+@pytest.mark.slow
 def test_every_write_path_changes_the_fingerprint(tmp_path):
     """A k-NN graph is reused only for the very features it was computed from."""
     x, labels = clustered(600, 16, clusters=20, noise=0.5)
@@ -362,6 +367,7 @@ def test_extraction_does_not_resume_over_rows_written_since(shard_root, tmp_path
 # --------------------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.slow
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted, shard_root, tmp_path):
     store = tmp_path / "store"
     killed = train_cli(shard_root, store, env={"WILDREID_KILL_AT": "after-step:8"})  # checkpoints at 3, 5, 6
@@ -379,6 +385,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(uninterrupte
     assert "took over the writer lock" in resumed.stderr  # the killed run's lock record
 
 
+@pytest.mark.slow
 def test_graph_negatives_after_a_fallback_mine_the_graph_again(shard_root, tmp_path):
     """Falling back past a later mining: the stored k-NN graph is not the one the checkpoint trained with."""
     graph = [*SMALL, "train.refresh=eval", "loss.negatives=graph", "loss.r=0.2"]
@@ -395,6 +402,7 @@ def test_graph_negatives_after_a_fallback_mine_the_graph_again(shard_root, tmp_p
     assert [h["epoch"] for h in report["history"]] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_is_one_error(shard_root, tmp_path):
     store = tmp_path / "store"
     assert train_cli(shard_root, store, env={"WILDREID_KILL_AT": "after-step:4"}).returncode == -signal.SIGKILL
@@ -405,6 +413,7 @@ def test_no_intact_checkpoint_is_one_error(shard_root, tmp_path):
     assert "no intact checkpoint to resume from" in _one_error_line(run.stderr)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_an_older_wildreid_is_refused_and_kept(shard_root, tmp_path):
     store = tmp_path / "store"
     assert train_cli(shard_root, store, env={"WILDREID_KILL_AT": "after-step:4"}).returncode == -signal.SIGKILL

@@ -152,6 +152,7 @@ def test_mine_twice_reuses_the_results(tmp_path):
     assert graph(path)[0].shape == (300, 16)
 
 
+@pytest.mark.slow
 def test_distributed_cluster_equals_local_threads(tmp_path):
     from distributed import LocalCluster
 
@@ -173,6 +174,7 @@ def test_distributed_cluster_equals_local_threads(tmp_path):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crash_at", ["knn:1", "knn-complete", "rules:0"])
 def test_kill_9_then_rerun_is_identical(tmp_path, crash_at):
     x, labels = clustered(2500, 16, clusters=40, noise=0.5)
@@ -193,6 +195,7 @@ def test_kill_9_then_rerun_is_identical(tmp_path, crash_at):
     assert not (crashed / "positives" / "parts").exists()
 
 
+@pytest.mark.slow
 def test_store_larger_than_the_budget(tmp_path):
     """A 64 MiB dictionary mined under a 48 MiB budget in a subprocess: peak RSS above idle (an interpreter
     with wildreid.mining loaded) stays within the budget, and the positives equal those of a run whose

@@ -124,6 +124,7 @@ def test_imagenet_weights_missing_offline_name_the_file_and_folder(tmp_path, mon
     assert "WILDREID_OFFLINE" in message and not folder.exists()  # offline: nothing created, nothing fetched
 
 
+@pytest.mark.slow
 def test_imagenet_weights_cli_error_is_one_line(shard_root, tmp_path):
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "WILDREID_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "wildreid.cli", "train", "--shards", str(shard_root), "--store", str(tmp_path / "run")]

@@ -151,6 +151,7 @@ def test_unknown_split_and_missing_shard(shard_root, tmp_path):
         _batches(ds, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
 def test_webdataset_reads_the_shards(shard_root):
     """The shards are plain WebDataset: its own reader sees every sample with image and metadata."""

@@ -33,6 +33,7 @@ def _bn_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
 
 
+@pytest.mark.slow
 def test_published_rebuild_moves_batchnorm_as_train_mode_passes_and_writes_their_features(
     uninterrupted, shard_root, tmp_path
 ):
@@ -78,6 +79,7 @@ def test_published_rebuild_moves_batchnorm_as_train_mode_passes_and_writes_their
     assert resumed["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
 
 
+@pytest.mark.slow
 def test_kill_9_inside_the_rebuild_resumes_exactly(uninterrupted, shard_root, tmp_path):
     store = tmp_path / "store"
     killed = train_cli(shard_root, store, env={"WILDREID_KILL_AT": "refresh:2:4"})  # after its checkpoint at 3
@@ -100,6 +102,7 @@ def test_eval_mode_extraction_leaves_batchnorm_alone(shard_root, tmp_path):
     assert np.all(np.abs(np.linalg.norm(store.read_rows(0, 80).astype(np.float32), axis=1) - 1) < 1e-2)
 
 
+@pytest.mark.slow
 def test_refresh_eval_trains_another_model_and_resumes_exactly(uninterrupted, shard_root, tmp_path):
     """train.refresh=eval: extraction at epochs 0 and 2 (a stop there resumes exactly); another model."""
     overrides = [*SMALL, "train.refresh=eval"]
@@ -121,6 +124,7 @@ def test_published_dictionary_starts_at_zeros_and_steps_fill_it():
     assert torch.allclose(momentum_update(torch.zeros(4, 8), x, torch.arange(4)), x)
 
 
+@pytest.mark.slow
 def test_float32_dictionary_changes_only_the_dictionary_dtype(shard_root, tmp_path):
     """One warm-up epoch with each dtype: same rows up to float16 rounding, same labels, another digest."""
     one = [*SMALL, "train.epochs=1", "train.checkpoint_every_steps=0"]
@@ -136,6 +140,7 @@ def test_float32_dictionary_changes_only_the_dictionary_dtype(shard_root, tmp_pa
     assert [h["loss"] for h in half["history"]] == pytest.approx([h["loss"] for h in full["history"]], rel=1e-2)
 
 
+@pytest.mark.slow
 def test_other_options_resume_exactly(shard_root, tmp_path):
     """The published mining order and a float32 dictionary with per-batch mining: kill -9 mid-epoch, resume."""
     overrides = [*SMALL, "mining.order=published", "dictionary.dtype=float32", "train.mining=batch"]

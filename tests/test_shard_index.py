@@ -123,6 +123,7 @@ def _peak_rss_of_one_epoch(root: Path) -> tuple[int, int]:
     return int(out[0]), int(out[1])
 
 
+@pytest.mark.slow
 def test_reading_a_shard_far_larger_than_the_reader_keeps_memory_flat(tmp_path):
     data = tmp_path / "data"
     write_synthetic(data, train_vehicles=40, test_vehicles=2, images_per_vehicle=6, cameras=4, image_size=(32, 32))

@@ -29,6 +29,7 @@ def _stop_line(run: subprocess.CompletedProcess) -> str:
 
 
 # 5 steps an epoch (80 images, batch 16), epochs 0 (warm-up), 1, 2; the dictionary rebuilt at epoch 2
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "point, expected",
     [
@@ -56,6 +57,7 @@ def test_sigterm_stops_after_the_step_and_resume_is_exact(point, expected, unint
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in uninterrupted["history"]]
 
 
+@pytest.mark.slow
 def test_sigterm_at_random_moments(uninterrupted, shard_root, tmp_path):
     """A scheduler's SIGTERM from outside at random moments of two attempts, then --resume: the uninterrupted
     digests, and every stop kept the step it stopped at (its checkpoint is the one LATEST names)."""
@@ -127,6 +129,7 @@ def _mine_cmd(store) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["knn:1", "rules:0"])
 def test_mining_stops_after_the_block_and_resumes_identically(tmp_path, point):
     x, labels = clustered(2500, 16, clusters=40, noise=0.5)
@@ -146,6 +149,7 @@ def test_mining_stops_after_the_block_and_resumes_identically(tmp_path, point):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sharding_stops_after_the_shard_and_resumes_byte_identically(veriwild_root, shard_root, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "wildreid.cli", "shard", str(veriwild_root), str(out), "--max-samples", "12"]

@@ -65,6 +65,7 @@ def test_bad_stores(tmp_path, make, message):
         FeatureStore.open(tmp_path / "missing.zarr")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device_pages", [0, 2])
 def test_page_cache_matches_a_dense_mirror(tmp_path, device_pages):
     store, values = _store(tmp_path)

@@ -109,6 +109,7 @@ def test_progress_reports_every_image(tmp_path):
     assert sum(seen) == summary["images"] == 10
 
 
+@pytest.mark.slow
 def test_bytes_do_not_depend_on_workers(tmp_path):
     kwargs = dict(SMALL, train_vehicles=30)
     write_synthetic(tmp_path / "a", **kwargs, workers=1)
@@ -125,6 +126,7 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(small, np.float64).ravel() / 255.0
 
 
+@pytest.mark.slow
 def test_raw_pixels_do_not_solve_it(tmp_path):
     # Look-alikes seen by one camera must often be closer in raw pixels than one
     # vehicle seen by two cameras; otherwise nearest-neighbour on pixels would solve it.

@@ -38,6 +38,7 @@ def test_uninterrupted_run(uninterrupted, shard_root):
     assert FeatureStore.open(store).ids().min() >= 0  # extraction filled the vehicle ids for diagnostics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "crash",
     [
@@ -60,6 +61,7 @@ def test_kill_9_then_resume_gives_the_same_digests(crash, uninterrupted, shard_r
     assert latest_checkpoint(store / "train") is not None
 
 
+@pytest.mark.slow
 def test_a_full_disk_keeps_the_last_checkpoint_and_resume_finishes_the_run(uninterrupted, shard_root, tmp_path):
     store = tmp_path / "store"
     killed = train_cli(shard_root, store, env={"WILDREID_KILL_AT": "after-step:4"})  # checkpoint at step 3
@@ -80,6 +82,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_resume_finishes_the_run(unint
     assert resumed["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
 
 
+@pytest.mark.slow
 def test_decode_on_device_trains_the_same_model(uninterrupted, shard_root, tmp_path):
     """--decode-on-device (batched decode_jpeg on the training device; here the CPU) changes where, not what."""
     report = final_json(train_cli(shard_root, tmp_path / "store", "--decode-on-device"))
@@ -87,6 +90,7 @@ def test_decode_on_device_trains_the_same_model(uninterrupted, shard_root, tmp_p
     assert report["dictionary_sha256"] == uninterrupted["dictionary_sha256"]
 
 
+@pytest.mark.slow
 def test_graph_negatives_train_from_the_first_epoch(shard_root, tmp_path):
     """loss.negatives=graph: the k-NN graph is mined in the warm-up epoch too; the history says which were used."""
     graph = [
@@ -109,6 +113,7 @@ def test_graph_negatives_train_from_the_first_epoch(shard_root, tmp_path):
     assert [h["loss"] for h in exact["history"]] != [h["loss"] for h in history]
 
 
+@pytest.mark.slow
 def test_epochs_0_writes_the_untrained_model(shard_root, tmp_path):
     report = final_json(train_cli(shard_root, tmp_path / "store", "--epochs", "0"))
     assert report["history"] == [] and report["epochs"] == 0
@@ -118,6 +123,7 @@ def test_epochs_0_writes_the_untrained_model(shard_root, tmp_path):
     assert np.all(np.abs(np.linalg.norm(store.read_rows(0, store.count()), axis=1) - 1) < 1e-2)
 
 
+@pytest.mark.slow
 def test_store_of_another_run_is_refused(shard_root, tmp_path):
     final_json(train_cli(shard_root, tmp_path / "store", "--epochs", "0"))
     other = train_cli(shard_root, tmp_path / "store", "--resume", overrides=[*SMALL, "loss.delta=0.5"])
@@ -125,6 +131,7 @@ def test_store_of_another_run_is_refused(shard_root, tmp_path):
     assert len(other.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_transductive_trains_on_the_gallery_too_and_says_so(veri776_shards, shard_root, tmp_path):
     from wildreid.shards.reader import split_entry
 
@@ -198,6 +205,7 @@ print(json.dumps({"above": peak_rss_bytes() - idle, "resident": cache.resident_b
 """
 
 
+@pytest.mark.slow
 def test_dictionary_steps_stay_within_the_cache_budget(tmp_path):
     """DTL steps over dictionaries of 16 and 64 MiB behind an 8 MiB page cache: the peak does not grow with N."""
     budget = 8 << 20
@@ -218,6 +226,7 @@ def test_dictionary_steps_stay_within_the_cache_budget(tmp_path):
     assert peaks[1] - peaks[0] <= budget // 2, [p / 2**20 for p in peaks]  # 4x the rows, not 4x the memory
 
 
+@pytest.mark.slow
 def test_training_beats_the_untrained_baseline(tmp_path):
     """configs/demo.yaml on a synthetic set: the trained model beats --epochs 0 on VeRi-Wild-style evaluation,
     and DPLM's pseudo-labels get more precise as the model learns (about a minute and a half on 2 cores)."""
@@ -264,6 +273,7 @@ def test_training_beats_the_untrained_baseline(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_batch_mining_uses_dplm_rows_of_the_live_dictionary(shard_root, tmp_path, monkeypatch):
     """train.mining=batch: each step's positives are the dense DPLM rows of the dictionary as it is at that
     step (momentum updates of the steps before included), and the history reports their quality."""
@@ -320,6 +330,7 @@ def test_batch_mining_uses_dplm_rows_of_the_live_dictionary(shard_root, tmp_path
     assert not (tmp_path / "store" / "knn").exists()  # no k-NN graph was built
 
 
+@pytest.mark.slow
 def test_device_page_tier_is_used_and_changes_nothing(uninterrupted, shard_root, tmp_path):
     """--device-budget on the CPU: the same code path as CUDA's device pages, with CPU tensors. The whole
     dictionary fits, so it lives in the device tier for every phase; the run is bit-identical."""
@@ -333,6 +344,7 @@ def test_device_page_tier_is_used_and_changes_nothing(uninterrupted, shard_root,
     assert [h["loss"] for h in report["history"]] == [h["loss"] for h in uninterrupted["history"]]
 
 
+@pytest.mark.slow
 def test_max_steps_stops_like_a_signal_and_resumes_exactly(uninterrupted, shard_root, tmp_path):
     store, board = tmp_path / "store", tmp_path / "tensorboard"
     stopped = train_cli(shard_root, store, "--max-steps", "4", "--tensorboard", str(board))
@@ -352,6 +364,7 @@ def test_max_steps_stops_like_a_signal_and_resumes_exactly(uninterrupted, shard_
     assert train_cli(shard_root, tmp_path / "other", "--max-steps", "0").returncode == 2
 
 
+@pytest.mark.slow
 def test_the_budget_covers_the_whole_process_tree(shard_root, tmp_path):
     """A budget the run cannot honour is refused with the smallest that works, before anything is written; under
     that smallest budget the training process and its two DataLoader workers together (USS summed over the

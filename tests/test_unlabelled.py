@@ -95,6 +95,7 @@ def test_shard_a_list_with_bad_rows_and_strict(photos, tmp_path):
     assert sample["vid"] == 5 and sample["path"].endswith("photos/part0/img.0000.jpg")
 
 
+@pytest.mark.slow
 def test_train_on_images_without_ids(photo_shards, tmp_path):
     """A DPLM epoch (no warm-up; the dictionary extracted first) on shards whose every vehicle id is -1: the
     history reports what needs no ids, and the run says once why precision and recall are missing."""

@@ -64,6 +64,7 @@ def test_one_process_collectives_return_their_input():
     assert torch.equal(world.sum(torch.tensor(2.0)), torch.tensor(2.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("nproc", "r", "delta", "split", "camera"),
     [(2, 0.05, 0.4, "even", False), (3, 0.3, 1.0, "last", False), (2, 0.08, 0.4, "even", True)],
@@ -96,6 +97,7 @@ def test_a_sharded_step_equals_the_dense_single_process_dtl(tmp_path, nproc, r, 
     torch.testing.assert_close(torch.load(tmp_path / "dictionary.pt"), expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("camera_penalty", [0.0, 0.25])
 def test_two_ranks_mine_the_graph_and_positives_one_process_mines(tmp_path, camera_penalty):
     """Each rank runs its share of the k-NN and rules blocks of one store; rank 0 assembles the positives
@@ -119,6 +121,7 @@ def test_two_ranks_mine_the_graph_and_positives_one_process_mines(tmp_path, came
         assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["even", "last"])
 def test_global_batchnorm_under_ddp_equals_one_process_on_the_whole_batch(tmp_path, split):
     """ResNet-18 with sync_batchnorm (GlobalBatchNorm on the CPU) and DDP summing gradients, the batch split over

@@ -34,6 +34,7 @@ def _shard(src, out, *extra):
 _env: dict[str, str] = {}
 
 
+@pytest.mark.slow
 def test_deterministic_and_independent_of_workers(veriwild_root, tmp_path):
     index = read_dataset(veriwild_root)
     pack_dataset(index, tmp_path / "a", max_samples=12)
@@ -72,6 +73,7 @@ def test_max_bytes_cuts_shards(veriwild_root, tmp_path):
     assert all(s["bytes"] <= 20_000 + 10_240 for s in shards)  # tar pads to whole 10 KiB records
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "crash_at, workers",
     [
@@ -102,6 +104,7 @@ def test_kill_9_then_rerun_is_byte_identical(veriwild_root, shard_root, tmp_path
         assert (out / "train" / name).stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_rerun_rewrites_a_corrupted_shard(veriwild_root, shard_root, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(shard_root, out)
@@ -239,6 +242,7 @@ def test_image_extension_accepts_trailing_bytes_after_eoi():
     assert image_extension(data) == "jpg"
 
 
+@pytest.mark.slow
 def test_kill_9_with_bad_inputs_then_rerun(messy_root, tmp_path):
     """Bad images force a second plan; a crash between the two still ends identical to a clean run."""
     root, _ = messy_root
