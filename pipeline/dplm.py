@@ -595,14 +595,16 @@ def settled_pending(plan: RowPlan, j_counts: np.ndarray, threshold: float) -> np
     return (plan.pending_sim >= threshold) & (np.asarray(j_counts, dtype=np.int64) - 1 <= k_i)
 
 
-def pending_ranks(plan: RowPlan, j_vectors: np.ndarray, base_blocks, *, pairs=slice(None)) -> np.ndarray:
+def pending_ranks(
+    plan: RowPlan, j_vectors: np.ndarray, base_blocks, *, pairs=slice(None), chunk: int | None = None
+) -> np.ndarray:
     """Exact ranks of the plan's pending pairs (or of ``pairs`` of them, a slice or indices, ``j_vectors``
-    aligned with it): 1 + counts over every ``(base_ids, base)`` block."""
+    aligned with it): 1 + counts over every ``(base_ids, base)`` block; ``chunk``: ``exact_ranks``'s."""
     i_ids, s_ji, j_ids = plan.pending_i[pairs], plan.pending_sim[pairs], plan.pending_j[pairs]
     rank = np.ones(len(j_ids), dtype=np.int64)
     if len(j_ids):
         for base_ids, base in base_blocks:
-            rank += exact_ranks(j_vectors, i_ids, s_ji, base, base_ids, j_ids)
+            rank += exact_ranks(j_vectors, i_ids, s_ji, base, base_ids, j_ids, chunk=chunk)
     return rank
 
 

@@ -35,26 +35,24 @@ __all__ = [
     "knn_graph",
     "knn_rows",
     "pair_similarity",
-    "set_temp_elements",
+    "TEMP_ELEMENTS",
     "similarity",
     "topk_pairs",
     "validate_rows",
     "with_self_first",
 ]
 
-_BUDGET = 1 << 22  # elements in one temporary array (32 MiB of float64); see set_temp_elements
-
-
-def set_temp_elements(elements: int) -> None:
-    """Cap the size of the exact kernel's temporary arrays (a memory budget sets it per process)."""
-    global _BUDGET
-    _BUDGET = max(1 << 12, int(elements))
+# Elements in one temporary array (32 MiB of float64) unless the caller passes ``temp``: a memory
+# budget (wildreid.mining's plan) passes its own to every call it makes.
+TEMP_ELEMENTS = 1 << 22
 
 
 # ---------------------------------------------------------------- validation
 
 
-def check_features(block: np.ndarray, ids: np.ndarray | None = None, *, what: str = "feature") -> np.ndarray:
+def check_features(
+    block: np.ndarray, ids: np.ndarray | None = None, *, what: str = "feature", temp: int = TEMP_ELEMENTS
+) -> np.ndarray:
     """Float64 row norms of a (n, D) float block; StoreError naming the first NaN/inf or zero row.
 
     ``ids`` (global row ids of the block) only make the message point at the right row.
@@ -64,7 +62,7 @@ def check_features(block: np.ndarray, ids: np.ndarray | None = None, *, what: st
         raise StoreError(f"expected a 2-D float {what} block, found shape {block.shape} and dtype {block.dtype}")
     finite = np.empty(len(block), dtype=bool)
     norms = np.zeros(len(block))
-    step = max(1, _BUDGET // max(1, block.shape[1]))  # float64 copies of a few rows at a time
+    step = max(1, temp // max(1, block.shape[1]))  # float64 copies of a few rows at a time
     for r0 in range(0, len(block), step):
         x = block[r0 : r0 + step].astype(np.float64)
         finite[r0 : r0 + step] = np.isfinite(x).all(axis=1)
@@ -129,7 +127,7 @@ def _tree_dot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return p[..., 0].copy()
 
 
-def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def similarity(a: np.ndarray, b: np.ndarray, *, temp: int = TEMP_ELEMENTS) -> np.ndarray:
     """s = a . b^T as float64 (len(a), len(b)), the same bits for a pair whatever the blocks."""
     a, b = np.asarray(a), np.asarray(b)
     _same_dim(a, b)
@@ -137,16 +135,18 @@ def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if _order_free(a, b):
         return a64 @ b64.T
     out = np.empty((len(a), len(b)))
-    step_b = max(1, _BUDGET // max(1, 2 * a.shape[1]))
+    step_b = max(1, temp // max(1, 2 * a.shape[1]))
     for c0 in range(0, len(b), step_b):
         bc = b64[c0 : c0 + step_b]
-        step_a = max(1, _BUDGET // max(1, 2 * a.shape[1] * len(bc)))
+        step_a = max(1, temp // max(1, 2 * a.shape[1] * len(bc)))
         for r0 in range(0, len(a), step_a):
             out[r0 : r0 + step_a, c0 : c0 + step_b] = _tree_dot(a64[r0 : r0 + step_a, None, :], bc[None, :, :])
     return out
 
 
-def _pairs(a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray, *, free: bool | None = None) -> np.ndarray:
+def _pairs(
+    a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray, *, free: bool | None = None, temp: int = TEMP_ELEMENTS
+) -> np.ndarray:
     """Exact s(a[ra[p]], b[rb[p]]) for every p, gathered chunk by chunk.
 
     ``free`` says whether every summation order is exact for these rows (see the
@@ -164,7 +164,7 @@ def _pairs(a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray, *, free
             p = order[lo:hi]
             out[p] = b64[rb[p]] @ a64[ra[p[0]]]
         return out
-    step = max(1, _BUDGET // max(1, 2 * a.shape[1]))
+    step = max(1, temp // max(1, 2 * a.shape[1]))
     for p0 in range(0, len(ra), step):
         x, y = a[ra[p0 : p0 + step]], b[rb[p0 : p0 + step]]
         exact_any_order = _order_free(x, y) if free is None else free
@@ -173,14 +173,14 @@ def _pairs(a: np.ndarray, ra: np.ndarray, b: np.ndarray, rb: np.ndarray, *, free
     return out
 
 
-def pair_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def pair_similarity(a: np.ndarray, b: np.ndarray, *, temp: int = TEMP_ELEMENTS) -> np.ndarray:
     """s(a[p], b[p]) for aligned rows, bit-identical to ``similarity``; use it for s_ii."""
     a, b = np.asarray(a), np.asarray(b)
     _same_dim(a, b)
     if len(a) != len(b):
         raise ConfigError(f"expected as many rows in a as in b, found {len(a)} and {len(b)}")
     rows = np.arange(len(a))
-    return _pairs(a, rows, b, rows)
+    return _pairs(a, rows, b, rows, temp=temp)
 
 
 def _slack(d: int, na: np.ndarray, nb_max: float) -> np.ndarray:
@@ -289,14 +289,15 @@ def exact_ranks(j_vectors, i_ids, s_ji, base, base_ids, j_ids, *, chunk: int | N
     out = np.zeros(n_p, dtype=np.int64)
     if n_p == 0 or len(base) == 0:
         return out
-    bn = check_features(base, bids, what="base")
+    temp = chunk or TEMP_ELEMENTS
+    bn = check_features(base, bids, what="base", temp=temp)
     base32 = np.asarray(base, dtype=np.float32)
     uniq, first, group = np.unique(j_ids, return_index=True, return_inverse=True)
     vecs = j_vectors[first]
-    eps = _slack(base.shape[1], check_features(vecs, uniq, what="query"), float(bn.max()))
+    eps = _slack(base.shape[1], check_features(vecs, uniq, what="query", temp=temp), float(bn.max()))
     by_group = np.argsort(group, kind="stable")
     starts = np.searchsorted(group[by_group], np.arange(len(uniq) + 1))
-    rows_per = max(1, (chunk or _BUDGET) // len(base))
+    rows_per = max(1, temp // len(base))
     for g0 in range(0, len(uniq), rows_per):
         g1 = min(g0 + rows_per, len(uniq))
         scores = vecs[g0:g1].astype(np.float32) @ base32.T
@@ -311,7 +312,7 @@ def exact_ranks(j_vectors, i_ids, s_ji, base, base_ids, j_ids, *, chunk: int | N
             lo = _ceil32(s_ji[p] - eps[group[p]])
             out[p] = np.count_nonzero(rows > hi[:, None], axis=1)
             br, bc = np.nonzero((rows >= lo[:, None]) & (rows <= hi[:, None]))
-            exact = _pairs(vecs, group[p][br], base, bc)
+            exact = _pairs(vecs, group[p][br], base, bc, temp=temp)
             s, i = s_ji[p][br], i_ids[p][br]
             ahead = (exact > s) | ((exact == s) & (bids[bc] < i))
             out[p] += np.bincount(br, weights=ahead, minlength=len(p)).astype(np.int64)
@@ -324,16 +325,26 @@ def _passes(base_blocks, dtype=None):
     return base_blocks(dtype) if callable(base_blocks) else iter(base_blocks)
 
 
-def _threshold_count(query, base, scores, eps, threshold, free=None) -> np.ndarray:
+def _threshold_count(query, base, scores, eps, threshold, free=None, temp: int = TEMP_ELEMENTS) -> np.ndarray:
     """#{base rows with exact s >= t} per query row: float32 settles all but the error band."""
     hi, lo = _floor32(threshold + eps), _ceil32(threshold - eps)
     count = np.count_nonzero(scores > hi[:, None], axis=1).astype(np.int64)
     r, c = np.nonzero((scores >= lo[:, None]) & (scores <= hi[:, None]))
-    exact = _pairs(query, r, base, c, free=free)
+    exact = _pairs(query, r, base, c, free=free, temp=temp)
     return count + np.bincount(r, weights=exact >= threshold, minlength=len(query)).astype(np.int64)
 
 
-def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin: int = 16, stored_dtype=None):
+def knn_rows(
+    query,
+    query_ids,
+    base_blocks,
+    k: int,
+    *,
+    threshold: float,
+    margin: int = 16,
+    stored_dtype=None,
+    temp: int = TEMP_ELEMENTS,
+):
     """Graph rows sigma_i[0:k] and C_i of one query block against the whole dictionary.
 
     ``base_blocks`` gives ``(base_ids, base)`` blocks covering the dictionary once:
@@ -357,7 +368,7 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
     if int(k) != k or k < 1 or margin < 0:
         raise ConfigError(f"expected k >= 1 and margin >= 0, found k={k} and margin={margin}")
     qids = _ids(query_ids, len(query), "query_ids")
-    qn = check_features(query, qids, what="query")
+    qn = check_features(query, qids, what="query", temp=temp)
     n_q, others_k, dim = len(query), int(k) - 1, query.shape[1]
     q32 = np.ascontiguousarray(query, dtype=np.float32)
     width = others_k + margin
@@ -374,7 +385,7 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
         # error band), from float32 with a relative margin far above its rounding error.
         norm = float(np.sqrt(np.einsum("ij,ij->i", b32, b32).max()) * (1 + dim * 2.0**-22)) if len(b32) else 0.0
         if not np.isfinite(norm):
-            check_features(base, bids, what="base")  # names the bad row
+            check_features(base, bids, what="base", temp=temp)  # names the bad row
         base_max, total = max(base_max, norm), total + len(base)
         self_r, _ = _self_mask(qids, bids)
         self_seen[self_r] += 1
@@ -395,14 +406,14 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
         exact = np.full(cand.shape, -np.inf)
         for base_ids, base in _passes(base_blocks, np.float64 if free else None):
             (r, slot), pos = _locate(np.asarray(base_ids, dtype=np.int64), cand)
-            exact[r, slot] = _pairs(query, r, np.asarray(base), pos, free=free)
+            exact[r, slot] = _pairs(query, r, np.asarray(base), pos, free=free, temp=temp)
         sim, idx = _topk_matrix(exact, cand, others_k)
         # a row is unsafe when a non-candidate (float32 <= the last candidate's) may reach the k-th exact value
         last = np.where(cand[:, -1] >= 0, f32[:, -1], -np.inf)
         unsafe = np.flatnonzero((total - self_seen > width) & (last + eps >= sim[:, -1]))
         if len(unsafe):
             sim[unsafe], idx[unsafe] = _exact_rows(
-                query, qids, unsafe, base_blocks, sim[unsafe, -1] - eps[unsafe], others_k, free
+                query, qids, unsafe, base_blocks, sim[unsafe, -1] - eps[unsafe], others_k, free, temp
             )
     count = 1 + np.count_nonzero(sim >= threshold, axis=1)
     dense = np.flatnonzero(sim[:, -1] >= threshold) if others_k else np.arange(n_q)
@@ -411,18 +422,18 @@ def knn_rows(query, query_ids, base_blocks, k: int, *, threshold: float, margin:
         for base_ids, base in _passes(base_blocks, np.float32):
             base, bids = np.asarray(base), np.asarray(base_ids, dtype=np.int64)
             b32 = np.asarray(base, dtype=np.float32)
-            step = max(1, _BUDGET // max(1, len(base)))  # bounded score matrices
+            step = max(1, temp // max(1, len(base)))  # bounded score matrices
             for r0 in range(0, len(dense), step):
                 rows = dense[r0 : r0 + step]
                 scores = q32[rows] @ b32.T
                 self_r, self_c = _self_mask(qids[rows], bids)
                 scores[self_r, self_c] = -np.inf
-                count[rows] += _threshold_count(query[rows], base, scores, eps[rows], threshold, free)
-    sim, idx = with_self_first(qids, sim, idx, pair_similarity(query, query))
+                count[rows] += _threshold_count(query[rows], base, scores, eps[rows], threshold, free, temp)
+    sim, idx = with_self_first(qids, sim, idx, pair_similarity(query, query, temp=temp))
     return sim, idx, count
 
 
-def _exact_rows(query, qids, rows, base_blocks, cut, k, free=None):
+def _exact_rows(query, qids, rows, base_blocks, cut, k, free=None, temp: int = TEMP_ELEMENTS):
     """Exact top-k others of ``rows`` among every base row whose float32 score reaches ``cut``."""
     q32 = query[rows].astype(np.float32)
     cut = _ceil32(cut)
@@ -430,14 +441,14 @@ def _exact_rows(query, qids, rows, base_blocks, cut, k, free=None):
     for base_ids, base in _passes(base_blocks, np.float32):
         base, bids = np.asarray(base), np.asarray(base_ids, dtype=np.int64)
         b32 = np.asarray(base, dtype=np.float32)
-        step = max(1, _BUDGET // max(1, len(base)))  # bounded score matrices
+        step = max(1, temp // max(1, len(base)))  # bounded score matrices
         for r0 in range(0, len(rows), step):
             scores = q32[r0 : r0 + step] @ b32.T
             self_r, self_c = _self_mask(qids[rows[r0 : r0 + step]], bids)
             scores[self_r, self_c] = -np.inf
             rr, cc = np.nonzero(scores >= cut[r0 : r0 + step, None])
             found_r.append(rr + r0)
-            sims.append(_pairs(query, rows[rr + r0], base, cc, free=free))
+            sims.append(_pairs(query, rows[rr + r0], base, cc, free=free, temp=temp))
             ids.append(bids[cc])
     return topk_pairs(len(rows), np.concatenate(found_r), np.concatenate(sims), np.concatenate(ids), k)
 

@@ -48,7 +48,7 @@ from wildreid.dplm import (
     settled_pending,
 )
 from wildreid.errors import ConfigError, Stopped, StoreError
-from wildreid.knn import knn_rows, set_temp_elements
+from wildreid.knn import knn_rows
 from wildreid.signals import fault_point
 from wildreid.stores import FeatureStore, WriterLock
 from wildreid.stores.derived import (
@@ -466,7 +466,6 @@ def _share_cores(workers: int) -> None:
 
 def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:
     _share_cores(plan.workers)
-    set_temp_elements(plan.temp_elements)
     store = FeatureStore.open(path, mode="r+")
     rows = _dictionary_rows(store, plan.resident_rows)
     q0 = block * plan.query_rows
@@ -483,6 +482,7 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int
         threshold=params.threshold,
         margin=params.margin,
         stored_dtype=rows.dtype,
+        temp=plan.temp_elements,
     )
     write_knn_rows(store, block, q0, idx, sim, counts)
     del query, sim, idx, counts
@@ -537,7 +537,6 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     ``pending_pairs`` per pass over the dictionary.
     """
     _share_cores(plan.rule_workers)
-    set_temp_elements(plan.temp_elements)
     store = FeatureStore.open(path, mode="r+")
     n = store.count()
     r0, r1 = block * plan.rule_rows, min((block + 1) * plan.rule_rows, n)
@@ -580,7 +579,7 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
         base = _base_blocks(rows, plan.rule_base_rows)
         if sides is not None:  # the ranks in the camera-aware lists sigma_j
             j_rows, base = sides.query(row_plan.pending_j[pairs], j_rows), sides.base(base)
-        ranks[pairs] = pending_ranks(row_plan, j_rows, base, pairs=pairs)
+        ranks[pairs] = pending_ranks(row_plan, j_rows, base, pairs=pairs, chunk=plan.temp_elements)
     indptr, indices = finish_rows(row_plan, ranks)
     ids, id_sizes = _labels(str(store.path), repr(store.fingerprint()))
     quality = quality_sums(np.arange(r0, r1), indptr, indices, ids, id_sizes)
