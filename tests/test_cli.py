@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import typer
 from conftest import tree_digest
 from typer.testing import CliRunner
 
@@ -15,11 +16,26 @@ runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
 
+COMMANDS = ("synth", "shard", "inspect", "train", "mine", "eval", "export", "visualize", "embed", "search")
+
+
 def test_help_lists_every_command_with_one_line():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("synth", "shard", "inspect"):
-        assert command in result.output
+    registered = set(typer.main.get_command(app).commands)
+    assert registered == set(COMMANDS)  # a new command joins this list (and its help is checked below)
+    for command in COMMANDS:
+        line = next(line for line in result.output.splitlines() if f" {command} " in line)
+        assert len(line.split(command, 1)[1].strip(" │")) > 10, line  # its one-line summary
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_its_options(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    params = typer.main.get_command(app).commands[command].params
+    for option in (o for p in params for o in p.opts if o.startswith("--")):
+        assert option in result.output, option
 
 
 def test_synth_shard_inspect_end_to_end(tmp_path):
