@@ -68,8 +68,22 @@ def test_a_lock_left_by_kill_9_is_taken_over(tmp_path):
         assert "victim" in lock.took_over_message and "without releasing it" in lock.took_over_message
 
 
-def test_a_failed_command_leaves_no_folder_behind(tmp_path):
-    with WriterLock(tmp_path / "new"):
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["shard", "{tmp}/nowhere", "{tmp}/new"],  # no data set
+        ["embed", "{tmp}/nowhere", "--checkpoint", "{tmp}/none.pt", "--output", "{tmp}/new"],  # no source
+        ["train", "--shards", "{tmp}/nowhere", "--store", "{tmp}/new"],  # no shards
+    ],
+)
+def test_a_failed_command_leaves_no_folder_behind(tmp_path, args):
+    """A command refused before its work (one line, non-zero exit) leaves its new output folder absent, lock
+    included: the lock of a folder it created goes with the folder."""
+    result = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args])
+    assert result.exit_code not in (0, 1), result.output  # one of wildreid's codes, not a traceback
+    assert result.output.startswith("error:") and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "new").exists()
+    with WriterLock(tmp_path / "new"):  # the lock alone, taken and released
         pass
     assert not (tmp_path / "new").exists()
 
