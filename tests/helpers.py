@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from PIL import Image
 
 from wildreid.dtl import tensor_blocks
 from wildreid.stores import FeatureStore
@@ -228,3 +229,15 @@ def assert_same_metrics(a: dict, b: dict) -> None:
     for key in SCALARS:
         assert a[key] == pytest.approx(b[key], abs=1e-12), key
     np.testing.assert_allclose(a["cmc"], b["cmc"], rtol=0, atol=1e-12)
+
+
+def assert_picture(path, *, size: tuple[int, int] | None = None, min_colours: int = 3) -> None:
+    """``path`` decodes as a PNG (of ``size``, width x height, when given) with something drawn on it: at
+    least ``min_colours`` colours and more than 1 % of its pixels not white."""
+    with Image.open(path) as picture:
+        assert picture.format == "PNG", picture.format
+        if size is not None:
+            assert picture.size == size, picture.size
+        pixels = np.asarray(picture.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) >= min_colours
+    assert (pixels != 255).any(axis=1).mean() > 0.01
