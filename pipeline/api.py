@@ -13,7 +13,6 @@ docs/api.md shows a sweep over seeds.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from wildreid.budget import default_budget
 from wildreid.checkpoint import load_model
 from wildreid.config import load_config
+from wildreid.embedding import checkpoint_digest
 from wildreid.embedding import embed as embed_source
 from wildreid.errors import ConfigError, ShardError, StoreError
 from wildreid.evaluation import evaluate_groups, require_vehicle_ids, write_results
@@ -372,14 +372,14 @@ def evaluate(
     if query is not None:
         result = score(Path(query), Path(gallery))
         if output is not None:
-            _save(Path(output), result, {Path(output).stem: result}, log)
+            _save(Path(output), result, {Path(output).stem: (Path(query).name, result)}, log)
         return _without_cmc(result)
     checkpoint = Path(checkpoint)
     results = _evaluate_checkpoint(
         Path(shards), checkpoint, split, features_dir, feature, device, score, progress, should_stop, log
     )
     output = checkpoint.parent / f"eval-{split}{tag}.json" if output is None else Path(output)
-    _save(output, results, {f"eval-{name}{tag}": r for name, r in results.items()}, log)
+    _save(output, results, {f"eval-{name}{tag}": (name, r) for name, r in results.items()}, log)
     return {name: _without_cmc(r) for name, r in results.items()}
 
 
@@ -387,18 +387,11 @@ def _without_cmc(result: dict) -> dict:
     return {key: value for key, value in result.items() if key != "cmc"}
 
 
-def _save(output: Path, saved: dict, curves: dict[str, dict], log: Log) -> None:
+def _save(output: Path, saved: dict, curves: dict[str, tuple[str, dict]], log: Log) -> None:
+    """The results JSON, and a CMC picture per ``stem: (label, result)``."""
     log(f"results: {write_results(output, saved)}")
-    for stem, result in curves.items():
-        cmc_curve(result["cmc"], output.with_name(f"{stem}-cmc.png"), label=stem.removeprefix("eval-"))
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    for stem, (label, result) in curves.items():
+        cmc_curve(result["cmc"], output.with_name(f"{stem}-cmc.png"), label=label)
 
 
 def _evaluate_checkpoint(shards, checkpoint, split, features_dir, feature, device, score, progress, should_stop, log):
@@ -410,8 +403,7 @@ def _evaluate_checkpoint(shards, checkpoint, split, features_dir, feature, devic
     feature = feature or config["model"].get("eval_feature", "bnneck")
     if feature not in ("bnneck", "pool5"):
         raise ConfigError(f"expected --feature bnneck or pool5, found {feature!r}")
-    # extract_split re-extracts rows of another checkpoint
-    label = _file_digest(checkpoint / "state.pt" if checkpoint.is_dir() else checkpoint)[:16]
+    label = checkpoint_digest(checkpoint)  # extract_split re-extracts rows of another checkpoint
     folder = Path(features_dir) if features_dir is not None else checkpoint.parent / "features"
     transductive = bool(config.get("train", {}).get("transductive", False))
     results = {}

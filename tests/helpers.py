@@ -83,30 +83,6 @@ def final_json(run: subprocess.CompletedProcess) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def stop_train_command(shards, store, *args) -> list[str]:
-    """The SMALL run with deterministic kernels, as the stop and second-writer tests start it."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "wildreid.cli",
-        "train",
-        "--shards",
-        str(shards),
-        "--store",
-        str(store),
-        "--config",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--memory-budget",
-        "2GiB",
-        "--deterministic",
-        "--json",
-        *args,
-    ]
-    for item in SMALL:
-        cmd += ["--set", item]
-    return cmd
-
-
 TWO = ["--nproc-per-node", "2"]
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import SMALL, clustered, final_json, make_store, stop_train_command, train_cli, train_command
+from helpers import SMALL, clustered, final_json, make_store, train_cli, train_command
 from typer.testing import CliRunner
 
 from wildreid.checkpoint import latest_checkpoint, load_model
@@ -163,7 +163,7 @@ def test_two_trainings_and_a_mining_on_one_store(uninterrupted, shard_root, tmp_
     """train/train and train/mine: the second writer exits 8 at once, the first ends as if alone."""
     store = tmp_path / "store"
     first = subprocess.Popen(
-        stop_train_command(shard_root, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        train_command(shard_root, store), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     _wait_for_lock(store, first)
     # both at once, while the first surely runs (one after the other, the second could start after it ended)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import tree_digest
-from helpers import clustered, final_json, graph, make_store, positives, stop_train_command, train_cli
+from helpers import clustered, final_json, graph, make_store, positives, train_cli, train_command
 
 from wildreid.errors import Stopped
 from wildreid.stores import LOCK_NAME
@@ -66,7 +66,7 @@ def test_sigterm_at_random_moments(uninterrupted, shard_root, tmp_path):
     for attempt in range(2):
         args = ["--resume"] if attempt else []
         with subprocess.Popen(
-            stop_train_command(shard_root, store, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            train_command(shard_root, store, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         ) as proc:
             latest = store / "train" / "LATEST"
             first = latest.read_text() if latest.exists() else ""
