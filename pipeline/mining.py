@@ -20,8 +20,6 @@ leaves the order out, so a graph is reused across orders but positives are not.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import threading
 import time
@@ -30,7 +28,6 @@ from dataclasses import asdict, dataclass
 
 import faiss
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from wildreid.budget import default_budget, peak_rss_bytes, release_free_memory
 from wildreid.camera import camera_columns, camera_rows, camera_scale
@@ -64,7 +61,7 @@ from wildreid.stores.derived import (
     write_positives_part,
 )
 from wildreid.stores.rows import GATHER_WINDOW_BYTES
-from wildreid.tasks import run_tasks
+from wildreid.tasks import Workspace, one_blas_thread, run_tasks
 from wildreid.world import World
 
 __all__ = ["MineParams", "block_plan", "graph_reader", "mine", "smallest_budget"]
@@ -284,36 +281,6 @@ def _fingerprint(store: FeatureStore, params: MineParams, plan: BlockPlan, stage
     return out
 
 
-_BUFFERS: dict[tuple[int, str], np.ndarray] = {}
-_BUFFERS_LOCK = threading.Lock()
-
-
-def _buffer(name: str, shape: tuple[int, int], dtype) -> np.ndarray:
-    """A per-thread scratch array, kept between the tasks of a stage.
-
-    Every query block streams the whole dictionary twice; fresh arrays for its
-    blocks cost ~270 MB of newly zeroed pages per block at N = 100k, D = 256
-    (measured: 3.3 million page faults in one k-NN stage). The task plan already
-    counts these buffers (``_knn_task_bytes``, ``_rules_task_bytes``); ``_release_buffers`` drops them.
-    """
-    key = (threading.get_ident(), name)
-    size = shape[0] * shape[1]
-    with _BUFFERS_LOCK:
-        held = _BUFFERS.get(key)
-        if held is None or held.size < size or held.dtype != np.dtype(dtype):
-            held = _BUFFERS[key] = np.empty(size, dtype=dtype)
-    return held[:size].reshape(shape)
-
-
-def _release_buffers() -> None:
-    """After a stage: scratch buffers, held dictionary rows, graph readers and counts go."""
-    with _BUFFERS_LOCK:
-        _BUFFERS.clear()
-    with _CACHES_LOCK:
-        _CACHES.clear()
-    release_free_memory()
-
-
 class DictionaryRows:
     """The dictionary as a mining process reads it, shared by its tasks (threads).
 
@@ -373,15 +340,15 @@ class CameraSides:
     def query(self, ids: np.ndarray, block: np.ndarray) -> np.ndarray:
         return camera_rows(block, self.columns[ids], self.cameras, self.scale)
 
-    def base(self, blocks, dtype=None):
+    def base(self, blocks, workspace: Workspace, dtype=None):
         """Widen ``(ids, rows)`` blocks (-c) into this thread's buffer, converting to ``dtype`` on the way."""
         for ids, block in blocks:
             target = block.dtype if dtype is None else np.dtype(dtype)
-            out = _buffer(f"camera-{target.name}", (len(block), block.shape[1] + self.cameras), target)
+            out = workspace.buffer(f"camera-{target.name}", (len(block), block.shape[1] + self.cameras), target)
             yield ids, camera_rows(block, self.columns[ids], self.cameras, -self.scale, out=out)
 
 
-def _camera_sides(store: FeatureStore, penalty: float) -> CameraSides | None:
+def _camera_sides(store: FeatureStore, penalty: float, workspace: Workspace) -> CameraSides | None:
     if penalty <= 0:
         return None
 
@@ -389,26 +356,26 @@ def _camera_sides(store: FeatureStore, penalty: float) -> CameraSides | None:
         columns = camera_columns(store.camids())
         return CameraSides(columns, int(columns.max(initial=-1)) + 1, camera_scale(penalty, store.features.dtype))
 
-    return _per_process(store, f"camera-{penalty!r}", 0, make)
+    return workspace.shared("camera-sides", make)
 
 
-def _pass_blocks(rows: DictionaryRows, base_rows: int, sides: CameraSides | None):
+def _pass_blocks(rows: DictionaryRows, base_rows: int, sides: CameraSides | None, workspace: Workspace):
     """``knn_rows``'s ``(dtype) -> blocks``: the stored rows, or widened straight from them (one buffer less)."""
     if sides is None:
-        return lambda dtype: _base_blocks(rows, base_rows, dtype)
-    return lambda dtype: sides.base(_base_blocks(rows, base_rows), dtype)
+        return lambda dtype: _base_blocks(rows, base_rows, workspace, dtype)
+    return lambda dtype: sides.base(_base_blocks(rows, base_rows, workspace), workspace, dtype)
 
 
-def _base_blocks(rows: DictionaryRows, base_rows: int, dtype=None):
+def _base_blocks(rows: DictionaryRows, base_rows: int, workspace: Workspace, dtype=None):
     """(ids, rows) of the whole dictionary in blocks, in ``dtype`` (None: as stored; conversions of stored
-    values are exact). Blocks not held in memory land in this thread's scratch buffers (``_buffer``), so
+    values are exact). Blocks not held in memory land in this thread's scratch buffers (``Workspace.buffer``), so
     each block must be used before the next is asked for."""
     for start in range(0, rows.n, base_rows):
         stop = min(start + base_rows, rows.n)
-        out = None if stop <= rows.resident_rows else _buffer("stored", (stop - start, rows.dim), rows.dtype)
+        out = None if stop <= rows.resident_rows else workspace.buffer("stored", (stop - start, rows.dim), rows.dtype)
         block = rows.block(start, stop, out)
         if dtype is not None and np.dtype(dtype) != block.dtype:
-            converted = _buffer(np.dtype(dtype).name, block.shape, dtype)
+            converted = workspace.buffer(np.dtype(dtype).name, block.shape, dtype)
             np.copyto(converted, block)
             block = converted
         yield np.arange(start, stop), block
@@ -417,67 +384,30 @@ def _base_blocks(rows: DictionaryRows, base_rows: int, dtype=None):
 # --------------------------------------------------------------------------- tasks
 
 
-def _numpy_blas() -> list:
-    """NumPy's own BLAS pools (FAISS brings another one, driven by its per-thread OpenMP setting)."""
-    numpy_dir = os.path.dirname(np.__file__)
-    return [
-        lib
-        for lib in ThreadpoolController().lib_controllers
-        if lib.user_api == "blas" and os.path.dirname(lib.filepath).startswith(numpy_dir)
-    ]
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-    """Hold NumPy's BLAS at one thread, then restore it.
-
-    Its calls here are small (rule 4's 100 x 100 Gram matrices) and run inside
-    concurrent tasks; with its pool's threads competing against the other tasks
-    (or another process) they ran up to ten times slower in a measurement.
-    Parallelism comes from the tasks instead (``workers``, one per core by default).
-    """
-    pools = _numpy_blas()
-    before = [lib.num_threads for lib in pools]
-    for lib in pools:
-        lib.set_num_threads(1)
-    try:
-        yield
-    finally:
-        for lib, threads in zip(pools, before):
-            lib.set_num_threads(threads)
-
-
-_LIMITED: list[bool] = []  # this process holds NumPy's BLAS at one thread
-
-
 def _share_cores(workers: int) -> None:
-    """Each of the concurrent tasks runs its own FAISS/BLAS calls: share the cores, do not oversubscribe.
+    """Each of the concurrent tasks runs its own FAISS calls: share the cores, do not oversubscribe.
 
     OpenMP's thread count (FAISS) is a per-thread setting, so every task sets it for
-    its own thread. NumPy's BLAS pool is process-wide: ``mine`` holds it at one
-    thread in its own process; a dask.distributed worker process does it here, once.
+    its own thread; NumPy's process-wide BLAS pool is held at one thread around the
+    tasks (``wildreid.tasks.one_blas_thread``).
     """
     faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
-    if not _LIMITED:
-        for lib in _numpy_blas():
-            lib.set_num_threads(1)
-        _LIMITED.append(True)
 
 
-def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:
+def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan, *, workspace: Workspace) -> int:
     _share_cores(plan.workers)
     store = FeatureStore.open(path, mode="r+")
-    rows = _dictionary_rows(store, plan.resident_rows)
+    rows = _dictionary_rows(store, plan.resident_rows, workspace)
     q0 = block * plan.query_rows
     q1 = min(q0 + plan.query_rows, store.count())
     query = rows.block(q0, q1, np.empty((q1 - q0, rows.dim), dtype=rows.dtype))
-    sides = _camera_sides(store, params.camera_penalty)
+    sides = _camera_sides(store, params.camera_penalty, workspace)
     if sides is not None:
         query = sides.query(np.arange(q0, q1), query)
     sim, idx, counts = knn_rows(
         query,
         np.arange(q0, q1),
-        _pass_blocks(rows, plan.base_rows, sides),
+        _pass_blocks(rows, plan.base_rows, sides, workspace),
         params.k,
         threshold=params.threshold,
         margin=params.margin,
@@ -491,42 +421,29 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int
     return block
 
 
-_CACHES: dict[tuple, object] = {}
-_CACHES_LOCK = threading.Lock()
+def _dictionary_rows(store: FeatureStore, resident: int, workspace: Workspace) -> DictionaryRows:
+    return workspace.shared("features", lambda: DictionaryRows(store, resident))
 
 
-def _per_process(store: FeatureStore, name: str, size: int, make: Callable[[], object]):
-    """One reader (or array) per store, array and size per worker process, shared by its threads."""
-    key = (str(store.path), name, repr(store.fingerprint()), size)
-    with _CACHES_LOCK:
-        if key not in _CACHES:
-            # what belongs to another store, dictionary, array version or size is of no use any more
-            for old in [k for k in _CACHES if k[:2] == key[:2] or k[0] != key[0] or k[2] != key[2]]:
-                del _CACHES[old]
-            _CACHES[key] = make()
-        return _CACHES[key]
+def _labels(store: FeatureStore, workspace: Workspace) -> tuple[np.ndarray, np.ndarray]:
+    """Vehicle ids and images per id, read once per process and stage rather than once per block."""
+
+    def read() -> tuple[np.ndarray, np.ndarray]:
+        ids = store.ids()
+        return ids, np.bincount(np.maximum(ids, 0))
+
+    return workspace.shared("labels", read)
 
 
-def _dictionary_rows(store: FeatureStore, resident: int) -> DictionaryRows:
-    return _per_process(store, "features", resident, lambda: DictionaryRows(store, resident))
-
-
-@functools.lru_cache(maxsize=2)
-def _labels(path: str, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
-    """Vehicle ids and images per id, read once per worker process rather than once per block."""
-    ids = FeatureStore.open(path).ids()
-    return ids, np.bincount(np.maximum(ids, 0))
-
-
-def _graph_blocks(reader, rows: int):
+def _graph_blocks(reader, rows: int, workspace: Workspace):
     """(start, graph rows) over the whole k-NN graph in order, read by byte range into one reused buffer."""
-    buffer = _buffer("graph", (min(rows, reader.n), reader.width), reader.dtype)
+    buffer = workspace.buffer("graph", (min(rows, reader.n), reader.width), reader.dtype)
     for start in range(0, reader.n, rows):
         stop = min(start + rows, reader.n)
         yield start, reader.read(start, stop, buffer[: stop - start])
 
 
-def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> int:
+def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan, *, workspace: Workspace) -> int:
     """DPLM rules for ``rule_rows`` rows.
 
     Rule 6 asks where row i sits in the graph rows of its candidates j: one pass over
@@ -541,12 +458,12 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     n = store.count()
     r0, r1 = block * plan.rule_rows, min((block + 1) * plan.rule_rows, n)
     graph_idx, graph_sim = (store.array(f"knn/{name}")[r0:r1] for name in ("indices", "similarities"))
-    all_counts = _per_process(store, "knn/counts", 0, lambda: store.array("knn/counts")[:])  # C_j of any j
+    all_counts = workspace.shared("knn/counts", lambda: store.array("knn/counts")[:])  # C_j of any j
     counts = all_counts[r0:r1]
-    rows = _dictionary_rows(store, plan.resident_rows)
+    rows = _dictionary_rows(store, plan.resident_rows, workspace)
     _, window = check_sizes(counts, width=graph_idx.shape[1], min_candidates=params.min_candidates, n=n)
-    graph = _per_process(store, "knn/indices", 0, lambda: store.row_reader("knn/indices"))
-    keys, positions = reverse_index(_graph_blocks(graph, plan.graph_rows), r0, r1, window, n)
+    graph = workspace.shared("knn/indices", lambda: store.row_reader("knn/indices"))
+    keys, positions = reverse_index(_graph_blocks(graph, plan.graph_rows, workspace), r0, r1, window, n)
     neighbour_positions = graph_positions(keys, positions, n)
     plans = []
     for s0 in range(r0, r1, plan.plan_rows):
@@ -572,16 +489,16 @@ def _rules_task(path: str, block: int, params: MineParams, plan: BlockPlan) -> i
     row_plan = concat_plans(plans)
     counted = np.flatnonzero(~settled_pending(row_plan, all_counts[row_plan.pending_j], params.threshold))
     ranks = np.full(row_plan.n_pending, row_plan.width, dtype=np.int64)  # settled pairs: see settled_pending
-    sides = _camera_sides(store, params.camera_penalty)
+    sides = _camera_sides(store, params.camera_penalty, workspace)
     for p0 in range(0, len(counted), plan.pending_pairs):
         pairs = counted[p0 : p0 + plan.pending_pairs]
         j_rows = rows.gather(row_plan.pending_j[pairs])
-        base = _base_blocks(rows, plan.rule_base_rows)
+        base = _base_blocks(rows, plan.rule_base_rows, workspace)
         if sides is not None:  # the ranks in the camera-aware lists sigma_j
-            j_rows, base = sides.query(row_plan.pending_j[pairs], j_rows), sides.base(base)
+            j_rows, base = sides.query(row_plan.pending_j[pairs], j_rows), sides.base(base, workspace)
         ranks[pairs] = pending_ranks(row_plan, j_rows, base, pairs=pairs, chunk=plan.temp_elements)
     indptr, indices = finish_rows(row_plan, ranks)
-    ids, id_sizes = _labels(str(store.path), repr(store.fingerprint()))
+    ids, id_sizes = _labels(store, workspace)
     quality = quality_sums(np.arange(r0, r1), indptr, indices, ids, id_sizes)
     sums = {**quality, "pending": row_plan.n_pending, "counted": len(counted)}
     write_positives_part(store, block, np.diff(indptr), indices, sums)
@@ -657,12 +574,8 @@ def mine(
             margin=params.margin,
             cameras=_cameras(store, params.camera_penalty),
         )
-        with _one_blas_thread():
-            _LIMITED.append(True)
-            try:
-                timings = _run_stages(store, params, plan, workers, scheduler, progress, graph_only, should_stop, world)
-            finally:
-                _LIMITED.clear()
+        with one_blas_thread():
+            timings = _run_stages(store, params, plan, workers, scheduler, progress, graph_only, should_stop, world)
         if graph_only:
             report = {"n": n, "dim": dim, **asdict(params), "memory_budget_bytes": budget, "blocks": asdict(plan)}
         else:
@@ -716,7 +629,6 @@ def _run_stages(
             scheduler=scheduler,
             workers=plan.workers,
             on_done=lambda: progress("k-NN graph", world.size, blocks),
-            cleanup=_release_buffers,
             should_stop=should_stop,
         )
         _stop_if_asked(should_stop, "k-NN", world)
@@ -743,7 +655,6 @@ def _run_stages(
             scheduler=scheduler,
             workers=plan.rule_workers,
             on_done=lambda: progress("DPLM rules", world.size, rule_blocks),
-            cleanup=_release_buffers,
             should_stop=should_stop,
         )
         _stop_if_asked(should_stop, "rules", world)
