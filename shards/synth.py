@@ -280,14 +280,11 @@ def _rect(d: ImageDraw.ImageDraw, a: tuple[float, float], b: tuple[float, float]
     d.rectangle((min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1])), fill=fill)
 
 
-_BACKGROUNDS: dict[tuple[int, int, int, int], Image.Image] = {}
-
-
-def _background(seed: int, cam: _Camera, w: int, h: int) -> Image.Image:
-    # One road tile per camera and process; images crop it at a random offset.
+def _background(seed: int, cam: _Camera, w: int, h: int, tiles: dict) -> Image.Image:
+    # One road tile per camera, kept in the caller's ``tiles`` for its job; images crop it at a random offset.
     key = (seed, cam.index, w, h)
-    if key in _BACKGROUNDS:
-        return _BACKGROUNDS[key]
+    if key in tiles:
+        return tiles[key]
     rng = _rng(seed, _BACKGROUND, cam.index)
     road = rng.uniform(60, 140) + rng.uniform(-8, 8, 3)
     blotch = Image.fromarray(rng.normal(0, 1, (h // 6 + 1, w // 6 + 1)).astype(np.float32)).resize((w, h))
@@ -307,7 +304,7 @@ def _background(seed: int, cam: _Camera, w: int, h: int) -> Image.Image:
                 d.line((t * w, (pos + tilt * t) * h, (t + dash) * w, (pos + tilt * (t + dash)) * h), paint, lw)
             else:
                 d.line(((pos + tilt * t) * w, t * h, (pos + tilt * (t + dash)) * w, (t + dash) * h), paint, lw)
-    _BACKGROUNDS[key] = img
+    tiles[key] = img
     return img
 
 
@@ -460,8 +457,8 @@ def _occlude(d, rng: np.random.Generator, w: int, h: int) -> None:
         d.rectangle((x - pw, h * 0.05, x + 2 * pw, h * (0.2 + 0.15 * r[3])), fill=sign)
 
 
-def _render(plan: _Plan, v: _Vehicle, k: int) -> tuple[Image.Image, int]:
-    """Image ``k`` of vehicle ``v`` and its JPEG quality."""
+def _render(plan: _Plan, v: _Vehicle, k: int, tiles: dict | None = None) -> tuple[Image.Image, int]:
+    """Image ``k`` of vehicle ``v`` and its JPEG quality; ``tiles`` keeps the road tiles drawn so far."""
     rng = _rng(plan.seed, _IMAGE, v.vid, k)
     cam, model = plan.cameras[v.cams[k]], plan.models[v.model]
     h, w = plan.size
@@ -481,7 +478,7 @@ def _render(plan: _Plan, v: _Vehicle, k: int) -> tuple[Image.Image, int]:
     margin = round(0.18 * max(h, w))
     cw, ch = w + 2 * margin, h + 2 * margin
     bx, by = int(bg_off[0]), int(bg_off[1])
-    img = _background(plan.seed, cam, cw + 16, ch + 16).crop((bx, by, bx + cw, by + ch))
+    img = _background(plan.seed, cam, cw + 16, ch + 16, {} if tiles is None else tiles).crop((bx, by, bx + cw, by + ch))
     d = ImageDraw.Draw(img)
     cx, cy = cw / 2, ch / 2
     if view in ("left", "right"):
@@ -519,11 +516,12 @@ def _image_id(plan: _Plan, vid: int, k: int) -> int:
 
 def _write_vehicles(job: tuple[_Plan, list[_Vehicle]]) -> int:
     plan, vehicles = job
+    tiles: dict = {}
     for v in vehicles:
         folder = os.path.join(plan.root, "images", f"{v.vid:05d}")
         os.makedirs(folder, exist_ok=True)
         for k in range(len(v.cams)):
-            img, quality = _render(plan, v, k)
+            img, quality = _render(plan, v, k, tiles)
             img.save(
                 os.path.join(folder, f"{_image_id(plan, v.vid, k):06d}.jpg"),
                 format="JPEG",
