@@ -2,10 +2,10 @@
 
 Keyword arguments are named like the command's options (``--memory-budget`` is ``memory_budget``, which takes
 bytes or a size such as ``"2GiB"``); each function returns what the command's ``--json`` line carries and
-raises the :class:`~wildreid.errors.WildreidError` subclasses that the command turns into its exit codes
-(``wildreid.errors``). Long stages take three optional callbacks: ``progress(phase, advance, total)``,
+raises the :class:`~wildreid.core.errors.WildreidError` subclasses that the command turns into its exit codes
+(``wildreid.core.errors``). Long stages take three optional callbacks: ``progress(phase, advance, total)``,
 ``log(message)`` and ``should_stop()`` (polled between blocks; a stage asked to stop raises
-:class:`~wildreid.errors.Stopped` after its finished work, and the same call resumes it).
+:class:`~wildreid.core.errors.Stopped` after its finished work, and the same call resumes it).
 
 docs/api.md shows a sweep over seeds.
 """
@@ -22,9 +22,10 @@ import torch
 from wildreid.budget import default_budget
 from wildreid.checkpoint import load_model
 from wildreid.config import load_config
+from wildreid.core.errors import ConfigError, ShardError, StoreError
+from wildreid.core.units import parse_bytes, parse_size
 from wildreid.embedding import checkpoint_digest
 from wildreid.embedding import embed as embed_source
-from wildreid.errors import ConfigError, ShardError, StoreError
 from wildreid.evaluation import evaluate_groups, require_vehicle_ids, write_results
 from wildreid.exporting import export_checkpoint
 from wildreid.extract import extract_split
@@ -41,7 +42,6 @@ from wildreid.shards.synth import write_synthetic
 from wildreid.stores import LOCK_NAME, FeatureStore, WriterLock
 from wildreid.training import TrainOptions
 from wildreid.training import train as train_store
-from wildreid.units import parse_bytes, parse_size
 from wildreid.world import join_world, leave_world
 
 __all__ = [

@@ -35,7 +35,7 @@ from typing import Protocol
 
 import numpy as np
 
-from wildreid.errors import StoreError
+from wildreid.core.errors import StoreError
 from wildreid.stores import FeatureStore, create_checked_array, remove_tree
 from wildreid.world import World
 

@@ -25,10 +25,10 @@ from rich.table import Table
 
 from wildreid import api
 from wildreid.config import load_config
-from wildreid.errors import ConfigError, Stopped, StoreError, WildreidError
+from wildreid.core.errors import ConfigError, Stopped, StoreError, WildreidError
+from wildreid.core.signals import GracefulStop
+from wildreid.core.units import format_bytes
 from wildreid.launch import launch, without_option
-from wildreid.signals import GracefulStop
-from wildreid.units import format_bytes
 from wildreid.world import check_world_size
 
 app = typer.Typer(

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from wildreid.camera import camera_columns, camera_rows, camera_scale
-from wildreid.errors import ConfigError, StoreError
+from wildreid.core.errors import ConfigError, StoreError
 from wildreid.knn import (
     check_features,
     exact_ranks,

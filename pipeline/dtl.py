@@ -60,7 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 
 __all__ = [
     "Cameras",

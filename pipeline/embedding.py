@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wildreid.errors import BadImageError, ConfigError, StoreError
+from wildreid.core.errors import BadImageError, ConfigError, StoreError
+from wildreid.core.signals import fault_point
 from wildreid.extract import (
     EXTRACT_BATCH,
     extract_split,
@@ -49,7 +50,6 @@ from wildreid.extract import (
     split_fingerprint,
     write_features,
 )
-from wildreid.signals import fault_point
 from wildreid.stores import CHUNK_BYTES, LOCK_NAME, FeatureStore, WriterLock, rows_per_chunk
 
 __all__ = [

@@ -44,7 +44,7 @@ from typing import Protocol
 import numpy as np
 
 from wildreid.camera import camera_means, camera_normalise
-from wildreid.errors import BudgetError, ConfigError, StoreError
+from wildreid.core.errors import BudgetError, ConfigError, StoreError
 
 __all__ = [
     "TILE",
@@ -669,7 +669,7 @@ def evaluate_groups(
 
 def write_results(path, results: dict) -> Path:
     """The results as indented JSON, written atomically."""
-    from wildreid.stores.durable import atomic_write
+    from wildreid.core.durable import atomic_write
 
     return atomic_write(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
 

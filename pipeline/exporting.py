@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wildreid.errors import ConfigError, ExportError
+from wildreid.core.errors import ConfigError, ExportError
 from wildreid.extract import extract_features
 from wildreid.model import FEATURES
 from wildreid.shards.reader import ShardDataset

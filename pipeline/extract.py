@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wildreid.errors import Stopped, StoreError
+from wildreid.core.errors import Stopped, StoreError
 from wildreid.shards.reader import ShardDataset, split_entries, split_labels
 from wildreid.stores import FeatureStore
 from wildreid.transforms import normalise

@@ -27,7 +27,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from wildreid.errors import ConfigError, StoreError
+from wildreid.core.errors import ConfigError, StoreError
 
 __all__ = [
     "check_features",

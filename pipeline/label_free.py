@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 
 __all__ = ["connected_groups", "positives_stats"]
 

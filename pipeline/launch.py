@@ -17,7 +17,7 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 
-from wildreid.errors import DistributedError, Stopped
+from wildreid.core.errors import DistributedError, Stopped
 
 __all__ = ["launch", "without_option"]
 

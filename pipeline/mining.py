@@ -31,6 +31,8 @@ import numpy as np
 
 from wildreid.budget import default_budget, peak_rss_bytes, release_free_memory
 from wildreid.camera import camera_columns, camera_rows, camera_scale
+from wildreid.core.errors import ConfigError, Stopped, StoreError
+from wildreid.core.signals import fault_point
 from wildreid.dplm import (
     check_dplm_args,
     check_order,
@@ -44,9 +46,7 @@ from wildreid.dplm import (
     reverse_index,
     settled_pending,
 )
-from wildreid.errors import ConfigError, Stopped, StoreError
 from wildreid.knn import knn_rows
-from wildreid.signals import fault_point
 from wildreid.stores import FeatureStore, WriterLock
 from wildreid.stores.derived import (
     assemble_positives,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 
 __all__ = [
     "ARCHS",

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from wildreid.errors import ConfigError, StoreError
+from wildreid.core.durable import atomic_write
+from wildreid.core.errors import ConfigError, StoreError
 from wildreid.evaluation import topk_lists
-from wildreid.stores.durable import atomic_write
 
 __all__ = ["cmc_curve", "nice_ticks", "ranked_grid", "render_ranked_lists", "search_grid", "training_curves"]
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wildreid.errors import ConfigError, StoreError
+from wildreid.core.errors import ConfigError, StoreError
 from wildreid.evaluation import (
     TILE,
     Features,

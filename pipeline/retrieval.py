@@ -43,7 +43,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from wildreid.errors import ConfigError, StoreError
+from wildreid.core.errors import ConfigError, StoreError
 from wildreid.evaluation import ArrayFeatures
 from wildreid.knn import _slack, check_features, pair_similarity, similarity, topk_pairs, validate_rows
 

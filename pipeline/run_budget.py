@@ -33,7 +33,7 @@ import psutil
 import torch
 
 from wildreid.budget import release_free_memory
-from wildreid.errors import BudgetError, ConfigError
+from wildreid.core.errors import BudgetError, ConfigError
 
 __all__ = [
     "STEP_SLACK",

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 
 __all__ = ["NoScalars", "TensorBoardScalars", "open_scalars", "read_scalars", "require_tensorboard"]
 

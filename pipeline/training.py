@@ -85,6 +85,8 @@ from wildreid.checkpoint import (
     save_part,
 )
 from wildreid.config import Config, config_digest
+from wildreid.core.errors import ConfigError, DistributedError, ResumeError, ShardNotFoundError, Stopped, StoreError
+from wildreid.core.signals import fault_point, ignore_stop_signals
 from wildreid.dplm import (
     dplm_rows,
     dplm_rows_bytes,
@@ -94,7 +96,6 @@ from wildreid.dplm import (
     quality_sums,
 )
 from wildreid.dtl import Cameras, batch_positives, dtl_loss, dtl_streaming, graph_negatives, momentum_update
-from wildreid.errors import ConfigError, DistributedError, ResumeError, ShardNotFoundError, Stopped, StoreError
 from wildreid.extract import EXTRACT_BATCH, extract_split, refresh_key
 from wildreid.label_free import positives_stats
 from wildreid.mining import GRAPH_CHUNK_ROWS, MineParams, mine, smallest_budget
@@ -103,7 +104,6 @@ from wildreid.run_budget import RunMemory, activation_bytes, plan_run_memory, pr
 from wildreid.scalars import NoScalars, open_scalars, require_tensorboard
 from wildreid.sharded import ddp_model, owned, sharded_step, update_owned
 from wildreid.shards.reader import ShardDataset, decode_batch, split_entries, split_entry, split_labels
-from wildreid.signals import fault_point, ignore_stop_signals
 from wildreid.stores import CHUNK_BYTES, LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write, rows_per_chunk
 from wildreid.stores.derived import complete_fingerprint, graph_reader, read_positives
 from wildreid.transforms import train_transform
@@ -296,7 +296,7 @@ def train(
     """Train (or resume) SSML-FD on the ``train`` split of ``shards``; returns the run's report.
 
     The store's writer lock is held for the whole run. When ``should_stop()`` turns
-    true (``wildreid.signals.GracefulStop``), the current step finishes, a checkpoint
+    true (``wildreid.core.signals.GracefulStop``), the current step finishes, a checkpoint
     is written and :class:`Stopped` says where; ``--resume`` continues from there.
 
     ``world``: this process's rank in a run of several (``wildreid.world``; every rank

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as tvf
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 
 __all__ = [
     "IMAGENET_MEAN",

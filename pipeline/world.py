@@ -28,7 +28,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 from wildreid.shards.order import batch_share
 
 __all__ = [

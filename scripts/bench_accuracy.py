@@ -653,7 +653,7 @@ def parse_args(argv: list[str] | None):
 def plan(a, shards: Path, backbone_of) -> list[dict]:
     """Every (scenario, setting, seed) job; its config is checked now (an unknown option fails here)."""
     from wildreid.config import config_digest, load_config
-    from wildreid.errors import ConfigError
+    from wildreid.core.errors import ConfigError
 
     config_sha = _sha256(Path(a.config))
     jobs = []

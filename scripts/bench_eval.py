@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from wildreid.core.units import format_bytes, parse_bytes
 from wildreid.stores import FeatureStore
-from wildreid.units import format_bytes, parse_bytes
 
 CHILD_PRELUDE = """
 import json, sys, time

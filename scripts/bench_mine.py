@@ -28,9 +28,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from wildreid.core.units import parse_bytes
 from wildreid.stores import FeatureStore
 from wildreid.stores.derived import read_positives
-from wildreid.units import parse_bytes
 
 MINE_CHILD = """
 import json, sys

@@ -34,11 +34,11 @@ import time
 from pathlib import Path
 
 from wildreid.config import load_config
-from wildreid.errors import ShardNotFoundError
+from wildreid.core.errors import ShardNotFoundError
+from wildreid.core.units import parse_bytes
 from wildreid.shards import load_manifest, pack_dataset, read_dataset
 from wildreid.shards.synth import write_synthetic
 from wildreid.training import TrainOptions, train
-from wildreid.units import parse_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEDULES = ("epoch", "batch")

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from wildreid.core.units import format_bytes, parse_bytes
 from wildreid.run_budget import run_measured
 from wildreid.stores import FeatureStore
-from wildreid.units import format_bytes, parse_bytes
 
 BLOCK = 1 << 16  # rows generated and written at a time
 

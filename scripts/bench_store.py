@@ -152,8 +152,8 @@ def create_feature_array(path: str, shape: tuple[int, int], chunk_rows: int, che
     import zarr
     from zarr.storage import LocalStore
 
+    from wildreid.core.durable import DurableLocalStore
     from wildreid.stores.dictionary import create_checked_array
-    from wildreid.stores.durable import DurableLocalStore
 
     group = zarr.open_group(store=(DurableLocalStore if durable else LocalStore)(path), mode="w")
     make = create_checked_array if checksum else lambda g, name, **kw: g.create_array(name, compressors=None, **kw)

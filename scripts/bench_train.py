@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from wildreid.config import Config, load_config
-from wildreid.errors import ShardNotFoundError
+from wildreid.core.errors import ShardNotFoundError
 from wildreid.model import build_model, param_groups
 from wildreid.shards import load_manifest, pack_dataset, read_dataset
 from wildreid.shards.reader import ShardDataset, split_entry

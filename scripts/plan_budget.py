@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from wildreid.config import load_config
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 from wildreid.model import build_model
 from wildreid.training import _plan_memory
 

@@ -12,7 +12,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from wildreid.errors import BadImageError
+from wildreid.core.errors import BadImageError
 
 __all__ = ["decode_rgb", "image_extension"]
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wildreid.errors import ConfigError, LayoutError
+from wildreid.core.errors import ConfigError, LayoutError
 
 __all__ = [
     "LAYOUTS",

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from wildreid.core.durable import atomic_write
 from wildreid.shards.layouts import read_dataset
-from wildreid.stores.durable import atomic_write
 
 __all__ = ["identity_grid"]
 

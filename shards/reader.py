@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as tvf
 
-from wildreid.errors import ConfigError, ShardError, ShardNotFoundError
+from wildreid.core.errors import ConfigError, ShardError, ShardNotFoundError
 from wildreid.shards.images import decode_rgb
 from wildreid.shards.order import Group, batch_share, epoch_order, lane_groups, schedule_from
 from wildreid.shards.tario import sample_key, tar_members

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from wildreid.errors import ConfigError
-from wildreid.stores.durable import publish
+from wildreid.core.durable import publish
+from wildreid.core.errors import ConfigError
 
 __all__ = ["write_synthetic"]
 

@@ -20,7 +20,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from wildreid.errors import ShardError
+from wildreid.core.errors import ShardError
 
 __all__ = [
     "BLOCK",

@@ -1,7 +1,7 @@
 """Zarr feature dictionary, page cache, k-NN graph and positives, writer locks and durable writes."""
 
+from wildreid.core.durable import atomic_write, fsync_dir, fsync_tree, publish, remove_tree
 from wildreid.stores.dictionary import CHUNK_BYTES, CheckedArray, FeatureStore, create_checked_array, rows_per_chunk
-from wildreid.stores.durable import atomic_write, fsync_dir, fsync_tree, publish, remove_tree
 from wildreid.stores.lock import LOCK_NAME, WriterLock
 from wildreid.stores.page_cache import PageCache
 

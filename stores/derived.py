@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 from wildreid.stores.dictionary import FeatureStore, create_checked_array
 from wildreid.stores.page_cache import PageCache
 

@@ -29,8 +29,8 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from wildreid.errors import DamagedDataError, StoreError, WildreidError
-from wildreid.stores.durable import DurableLocalStore, fsync_dir, fsync_tree, remove_tree
+from wildreid.core.durable import DurableLocalStore, fsync_dir, fsync_tree, remove_tree
+from wildreid.core.errors import DamagedDataError, StoreError, WildreidError
 from wildreid.stores.lock import LOCK_NAME
 from wildreid.stores.rows import RowReader
 

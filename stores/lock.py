@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from wildreid.errors import LockedError, StoreError
+from wildreid.core.errors import LockedError, StoreError
 
 __all__ = ["LOCK_NAME", "WriterLock"]
 

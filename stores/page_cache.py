@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 
 __all__ = ["PageCache"]
 

@@ -28,7 +28,7 @@ import google_crc32c
 import numpy as np
 from zarr.codecs import BytesCodec, Crc32cCodec
 
-from wildreid.errors import DamagedDataError
+from wildreid.core.errors import DamagedDataError
 
 __all__ = ["RowReader"]
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import wildreid
 from wildreid.cli import app
-from wildreid.errors import ConfigError, ShardError, StoreError
+from wildreid.core.errors import ConfigError, ShardError, StoreError
 from wildreid.stores import FeatureStore
 
 COMMANDS = {  # CLI command -> API function

@@ -27,6 +27,7 @@ from helpers import (
 import wildreid.mining as mining
 from wildreid.camera import CAMERA_STORE, camera_normalise, normalised_dictionary
 from wildreid.checkpoint import latest_checkpoint, load_model, load_state
+from wildreid.core.errors import ConfigError, Stopped, StoreError
 from wildreid.dplm import _sigma_rows, camera_similarity, dplm_dense, oracle_positives
 from wildreid.dtl import (
     Cameras,
@@ -40,7 +41,6 @@ from wildreid.dtl import (
     tensor_blocks,
     tensor_rows,
 )
-from wildreid.errors import ConfigError, Stopped, StoreError
 from wildreid.mining import MineParams, mine
 from wildreid.stores import FeatureStore
 from wildreid.stores.derived import read_positives

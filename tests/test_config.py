@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from wildreid.config import Config, config_digest, load_config, save_config
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

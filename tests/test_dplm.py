@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import clustered
 
+from wildreid.core.errors import ConfigError, StoreError
 from wildreid.dplm import (
     _dense,
     concat_plans,
@@ -20,7 +21,6 @@ from wildreid.dplm import (
     pseudo_label_quality,
     reverse_index,
 )
-from wildreid.errors import ConfigError, StoreError
 from wildreid.knn import knn_graph, pair_similarity
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import csr, grad_of, mined_positives, span_blocks
 
+from wildreid.core.errors import ConfigError
 from wildreid.dtl import (
     batch_positives,
     dtl_dense,
@@ -27,7 +28,6 @@ from wildreid.dtl import (
     tensor_blocks,
     tensor_rows,
 )
-from wildreid.errors import ConfigError
 
 DEVICE = torch.device("cpu")
 

@@ -20,8 +20,8 @@ from typer.testing import CliRunner
 from wildreid.checkpoint import load_model, save_model
 from wildreid.cli import app
 from wildreid.config import load_config
+from wildreid.core.errors import ConfigError
 from wildreid.embedding import plan_embed
-from wildreid.errors import ConfigError
 from wildreid.extract import extract_split
 from wildreid.model import build_model
 from wildreid.shards.reader import read_split_samples

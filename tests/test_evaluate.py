@@ -13,7 +13,7 @@ import zarr
 from helpers import SCALARS, assert_same_metrics, make_set
 from PIL import Image
 
-from wildreid.errors import ConfigError, StoreError
+from wildreid.core.errors import ConfigError, StoreError
 from wildreid.evaluation import (
     camera_means,
     camera_normalise,

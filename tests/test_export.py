@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from wildreid.checkpoint import save_model
 from wildreid.cli import app
 from wildreid.config import load_config
-from wildreid.errors import ExportError
+from wildreid.core.errors import ExportError
 from wildreid.exporting import (
     ATOL,
     CHECK_BATCHES,

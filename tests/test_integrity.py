@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from wildreid.checkpoint import latest_checkpoint, load_model
 from wildreid.cli import app
-from wildreid.errors import DamagedDataError, LockedError, ResumeError, StoreError
+from wildreid.core.errors import DamagedDataError, LockedError, ResumeError, StoreError
 from wildreid.mining import mine
 from wildreid.stores import LOCK_NAME, FeatureStore, PageCache, WriterLock, atomic_write
 from wildreid.stores.derived import read_positives
@@ -504,9 +504,9 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
 
 def test_extraction_writes_each_chunk_once(shard_root, tmp_path, monkeypatch):
     """O(N) bytes of writes: every features chunk once, the labels once (whole), whatever the batch size."""
+    from wildreid.core import durable
     from wildreid.extract import extract_split
     from wildreid.model import build_model
-    from wildreid.stores import durable
 
     written: list[tuple[str, int]] = []
     real_put = durable._put_durably

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import clustered
 
-from wildreid.errors import ConfigError, StoreError
+from wildreid.core.errors import ConfigError, StoreError
 from wildreid.knn import (
     check_features,
     exact_ranks,

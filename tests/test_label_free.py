@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 from wildreid.label_free import connected_groups, positives_stats
 
 

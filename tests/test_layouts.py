@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import SYNTH
 
-from wildreid.errors import ConfigError, LayoutError
+from wildreid.core.errors import ConfigError, LayoutError
 from wildreid.shards import detect_layout, read_dataset
 from wildreid.shards.layouts import camera_rule, read_folder, read_list, read_veriwild
 

@@ -14,8 +14,8 @@ from helpers import SMALL_BLOCKS, clustered, graph, make_store, positives
 from typer.testing import CliRunner
 
 from wildreid.cli import app
+from wildreid.core.errors import ConfigError, StoreError
 from wildreid.dplm import dplm_dense, dplm_published_dense
-from wildreid.errors import ConfigError, StoreError
 from wildreid.mining import MineParams, graph_reader, mine
 from wildreid.stores import FeatureStore
 

@@ -12,7 +12,7 @@ import torch
 from torchvision import models
 from torchvision.transforms.v2 import functional as tvf
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 from wildreid.model import build_model, imagenet_weights_file, param_groups, weights_sha256
 from wildreid.transforms import (
     IMAGENET_MEAN,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from wildreid.errors import ConfigError, ShardError, ShardNotFoundError
+from wildreid.core.errors import ConfigError, ShardError, ShardNotFoundError
 from wildreid.shards.order import epoch_order, merge_lanes, schedule_from
 from wildreid.shards.reader import (
     ShardDataset,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import SCALARS, assert_same_metrics, make_set
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 from wildreid.evaluation import evaluate_blockwise, evaluate_dense, grid_distances
 from wildreid.rerank import (
     ReRanker,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 from wildreid.model import build_model
 from wildreid.run_budget import STEP_SLACK, WORKER_BYTES, activation_bytes, plan_run_memory
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 from wildreid.scalars import NoScalars, open_scalars, read_scalars
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from wildreid.cli import app
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 from wildreid.retrieval import (
     ArrayRows,
     SearchPlan,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wildreid.errors import ShardError
+from wildreid.core.errors import ShardError
 from wildreid.shards import pack_dataset, read_dataset
 from wildreid.shards.reader import ShardDataset, read_split_samples
 from wildreid.shards.synth import write_synthetic

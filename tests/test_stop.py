@@ -16,7 +16,7 @@ import pytest
 from conftest import tree_digest
 from helpers import clustered, final_json, graph, make_store, positives, train_cli, train_command
 
-from wildreid.errors import Stopped
+from wildreid.core.errors import Stopped
 from wildreid.stores import LOCK_NAME
 
 STOPPED = Stopped.exit_code
@@ -96,7 +96,7 @@ def test_sigterm_at_random_moments(uninterrupted, shard_root, tmp_path):
 def test_a_second_signal_stops_at_once(tmp_path):
     script = (
         "import os, signal, time\n"
-        "from wildreid.signals import GracefulStop\n"
+        "from wildreid.core.signals import GracefulStop\n"
         "with GracefulStop() as stop:\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(0.2)\n"

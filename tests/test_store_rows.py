@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from wildreid.errors import DamagedDataError
+from wildreid.core.errors import DamagedDataError
 from wildreid.stores import FeatureStore, create_checked_array
 from wildreid.stores.rows import RowReader
 

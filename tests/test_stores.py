@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import zarr
 
-from wildreid.errors import ConfigError, StoreError
+from wildreid.core.errors import ConfigError, StoreError
 from wildreid.stores import FeatureStore, PageCache
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 from wildreid.shards import synth
 from wildreid.shards.synth import write_synthetic
 

@@ -279,8 +279,8 @@ def test_batch_mining_uses_dplm_rows_of_the_live_dictionary(shard_root, tmp_path
     step (momentum updates of the steps before included), and the history reports their quality."""
     import wildreid.training as train_module
     from wildreid.config import load_config
+    from wildreid.core.errors import ConfigError
     from wildreid.dplm import dplm_dense
-    from wildreid.errors import ConfigError
 
     calls = []
 
@@ -371,7 +371,7 @@ def test_the_budget_covers_the_whole_process_tree(shard_root, tmp_path):
     tree, sampled from outside every 20 ms) stay within it for the whole run."""
     import re
 
-    from wildreid.errors import ConfigError
+    from wildreid.core.errors import ConfigError
     from wildreid.run_budget import run_measured
 
     overrides = [*SMALL, "train.workers=2"]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from wildreid.core.errors import ConfigError
 from wildreid.dtl import batch_positives, dtl_dense, momentum_update
-from wildreid.errors import ConfigError
 from wildreid.shards.order import batch_share
 from wildreid.stores import FeatureStore
 from wildreid.world import World, check_world_size, owned_rows
@@ -137,7 +137,7 @@ def test_global_batchnorm_under_ddp_equals_one_process_on_the_whole_batch(tmp_pa
 def test_a_checkpoint_of_several_ranks_is_published_only_with_every_part(tmp_path):
     """The phases each rank of a run writes: without rank 1's part the checkpoint is refused and LATEST stays."""
     from wildreid.checkpoint import begin_checkpoint, finish_checkpoint, latest_checkpoint, resume_checkpoint, save_part
-    from wildreid.errors import StoreError
+    from wildreid.core.errors import StoreError
     from wildreid.stores import FeatureStore
 
     store = FeatureStore.create(tmp_path / "store", 40, 8, dtype="float32", chunk_bytes=10 * 8 * 4)  # 4 chunks

@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from wildreid.cli import app
-from wildreid.errors import BadImageError
+from wildreid.core.errors import BadImageError
 from wildreid.shards import pack_dataset, read_dataset, verify_shards
 from wildreid.shards.images import image_extension
 from wildreid.shards.reader import read_split_samples

@@ -4,7 +4,7 @@ Schedulers (SLURM, Kubernetes, spot instances) send SIGTERM and allow a grace
 period. Saving from inside a signal handler could interrupt a half-written
 file; instead the handler sets a flag, and each long loop asks ``stop()`` at the
 points where stopping loses nothing (after a training step, an extraction
-chunk, a mining block, a shard) and raises :class:`wildreid.errors.Stopped`.
+chunk, a mining block, a shard) and raises :class:`wildreid.core.errors.Stopped`.
 A second signal means "now": the default action is restored and the signal
 re-raised, so the process ends at once with 128 + the signal's number (what
 resumes then is whatever the last checkpoint or finished block holds).

@@ -6,7 +6,7 @@ import re
 
 from dask.utils import parse_bytes as dask_parse_bytes
 
-from wildreid.errors import ConfigError
+from wildreid.core.errors import ConfigError
 
 __all__ = ["format_bytes", "parse_bytes", "parse_size"]
 
