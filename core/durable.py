@@ -17,6 +17,7 @@ also reached disk").
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import uuid
@@ -139,8 +140,6 @@ class DurableLocalStore(LocalStore):
     """
 
     async def _set(self, key: str, value, exclusive: bool = False) -> None:
-        import asyncio
-
         if not self._is_open:
             await self._open()
         self._check_writable()

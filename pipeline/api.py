@@ -37,6 +37,7 @@ from wildreid.retrieval import search as search_gallery
 from wildreid.run_budget import run_within
 from wildreid.shards import load_manifest, pack_dataset, read_dataset, verify_shards
 from wildreid.shards.layouts import layout_description
+from wildreid.shards.preview import identity_grid
 from wildreid.shards.reader import read_back, split_entry
 from wildreid.shards.synth import write_synthetic
 from wildreid.stores import LOCK_NAME, FeatureStore, WriterLock
@@ -122,8 +123,6 @@ def synth(
         progress=lambda n: progress("drawing images", n, total),
     )
     if preview is not None:
-        from wildreid.shards.preview import identity_grid  # draws with PIL only when asked
-
         summary = {**summary, "preview": str(identity_grid(out, preview))}
     return summary
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from wildreid.core.durable import atomic_write
 from wildreid.core.errors import ConfigError
 
 __all__ = [
@@ -414,6 +415,4 @@ def config_digest(config: Config) -> str:
 
 def save_config(config: Config, path: str | Path) -> Path:
     """Write ``config`` as YAML to ``path`` atomically and durably."""
-    from wildreid.core.durable import atomic_write
-
     return atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wildreid.budget import default_budget
+from wildreid.checkpoint import load_model
 from wildreid.core.errors import BadImageError, ConfigError, StoreError
 from wildreid.core.signals import fault_point
 from wildreid.extract import (
@@ -50,6 +52,10 @@ from wildreid.extract import (
     split_fingerprint,
     write_features,
 )
+from wildreid.run_budget import activation_bytes
+from wildreid.shards.layouts import read_dataset
+from wildreid.shards.reader import decode_tensor, resize_uint8, split_entry, split_labels
+from wildreid.shards.writer import MANIFEST_NAME, load_manifest
 from wildreid.stores import CHUNK_BYTES, LOCK_NAME, FeatureStore, WriterLock, rows_per_chunk
 
 __all__ = [
@@ -109,8 +115,6 @@ def _files_fingerprint(root: Path, paths: Sequence[str]) -> str:
 def open_source(src: str | Path, split: str | None = None, camera_from: str | None = None) -> Source:
     """The source at ``src``: a shard folder (``split`` required), an image folder (every image below it,
     cameras by ``camera_from``, see :func:`wildreid.shards.layouts.camera_rule`) or a CSV list file."""
-    from wildreid.shards.writer import MANIFEST_NAME
-
     src = Path(src)
     if not src.exists():
         raise ConfigError(f"{src} does not exist; expected a shard folder (with --split), an image folder or a list")
@@ -119,16 +123,11 @@ def open_source(src: str | Path, split: str | None = None, camera_from: str | No
         what = "a shard folder (its cameras are in the shards)" if is_shards else "a list (its camid column)"
         raise ConfigError(f"--camera-from applies to an image folder, and {src} is {what}; leave it out")
     if is_shards:
-        from wildreid.shards.reader import split_entry
-        from wildreid.shards.writer import load_manifest
-
         if split is None:
             names = ", ".join(load_manifest(src)["splits"])
             raise ConfigError(f"{src} is a shard folder; pass --split to choose one of its splits ({names})")
         count = split_entry(src, split)["num_samples"]
         return Source("shards", src.resolve(), split, split, count, split_fingerprint(src, split))
-    from wildreid.shards.layouts import read_dataset
-
     kind = "folder" if src.is_dir() else "list"
     index = read_dataset(src, kind, camera_from=camera_from)
     if split is not None and split not in index.records:
@@ -180,8 +179,6 @@ def _not_an_image(path: Path) -> str | None:
 
 def load_image(path: str | Path, image_size: tuple[int, int]) -> torch.Tensor:
     """(3, H, W) uint8 of the image file at ``path``, decoded and resized as the shard reader does."""
-    from wildreid.shards.reader import decode_tensor, resize_uint8
-
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -294,10 +291,6 @@ def embed(
     Returns a report: the group, rows, dim, the source, batch and chunk sizes, rows found
     done, the checkpoint's label, seconds and images per second (of this call).
     """
-    from wildreid.budget import default_budget
-    from wildreid.checkpoint import load_model
-    from wildreid.run_budget import activation_bytes
-
     source = open_source(src, split, camera_from)  # before the model: a wrong source fails fast
     if source.rejects:
         log(f"skipped {len(source.rejects)} entries of {src} that are not usable images, first {source.rejects[0]}")
@@ -384,8 +377,6 @@ def embed(
 def _write_keys(store: FeatureStore, source: Source) -> tuple[np.ndarray, np.ndarray] | None:
     """Keys, the ``source`` attribute and (files) labels, written before any row; returns a shard split's labels."""
     if source.kind == "shards":
-        from wildreid.shards.reader import split_labels
-
         vids, camids, paths = split_labels(source.root, source.split, paths=True)
         store.write_keys(paths)
         labels = (vids, camids)

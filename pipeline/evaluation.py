@@ -7,17 +7,7 @@ distance, ascending, ties by ascending gallery index. A query without a true
 match is skipped and counted. Id -1 means "unknown": it never matches, so such
 queries are skipped and such gallery rows are distractors.
 
-Distance, defined once (``grid_distances``): squared Euclidean
-``d = max(0, (|q|^2 + |g|^2) - 2 q.g)`` in float32 (for L2-normalised features
-the same order as Euclidean distance and as descending cosine similarity),
-with ``q.g`` from a float32 matrix product over *tiles of a fixed grid*:
-query rows in tiles of ``tile[0]`` from row 0, gallery rows in tiles of
-``tile[1]`` from row 0. BLAS may round one pair differently depending on the
-shape of the product, so every path computes every tile whole with the same
-shape, and a pair's distance is the same bits in the dense reference and in
-any blocking of the blockwise path (blocks are multiples of the tiles). A
-``device`` other than "cpu" computes the tiles with torch on that device; its
-rounding may differ from the CPU's, so compare results within one device.
+Distances are ``wildreid.distances.grid_distances`` (its docstring defines them).
 
 Blockwise evaluation holds one strip of ``bq`` queries x the gallery (``bq``
 follows the memory budget). Per strip, the distances of each query to its
@@ -39,16 +29,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from wildreid.camera import camera_means, camera_normalise
-from wildreid.core.errors import BudgetError, ConfigError, StoreError
+from wildreid.core.durable import atomic_write
+from wildreid.core.errors import ConfigError, StoreError
+from wildreid.distances import (
+    COUNT_CHUNK,
+    TILE,
+    ArrayFeatures,
+    Features,
+    as_features,
+    check_tile,
+    grid_distances,
+    plan_query_rows,
+    squared_norms,
+)
+from wildreid.rerank import ReRanker, rerank_dense
+from wildreid.shards.reader import split_entry
+from wildreid.stores.dictionary import FeatureStore
 
 __all__ = [
-    "TILE",
-    "ArrayFeatures",
     "CameraNormalised",
     "camera_means",
     "camera_normalise",
@@ -57,50 +59,15 @@ __all__ = [
     "evaluate_dense",
     "evaluate_distances",
     "evaluate_groups",
-    "grid_distances",
     "metrics_from_ranks",
     "per_query_metrics",
-    "plan_query_rows",
-    "squared_norms",
     "topk_lists",
     "write_results",
 ]
 
-TILE = (256, 16384)  # (query rows, gallery rows) of one matrix product: few BLAS calls, each near full speed
 MAX_RANK = 50  # length of the CMC curve kept in the results
 _LUT_WIDTH = 1 << 11  # buckets per query row in count_preceding's lookup table
 _COUNT_ROWS = 16  # query rows per counting step: their tables stay in cache
-_COUNT_CHUNK = 1 << 17  # strip elements per counting step: 12 bytes of temporaries each, cache-sized
-
-
-class Features(Protocol):
-    """What the evaluation reads: a FeatureStore, or ArrayFeatures over an array."""
-
-    def count(self) -> int: ...
-    def dim(self) -> int: ...
-    def read_rows(self, start: int, stop: int) -> np.ndarray: ...
-
-
-class ArrayFeatures:
-    """The three-method feature interface over an in-memory (N, D) array, rows served as float32."""
-
-    def __init__(self, x: np.ndarray):
-        self.x = np.asarray(x)
-        if self.x.ndim != 2:
-            raise ConfigError(f"expected features of shape (N, D), found shape {self.x.shape}")
-
-    def count(self) -> int:
-        return len(self.x)
-
-    def dim(self) -> int:
-        return self.x.shape[1]
-
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        return np.ascontiguousarray(self.x[start:stop], dtype=np.float32)
-
-
-def _source(x) -> Features:
-    return x if hasattr(x, "read_rows") else ArrayFeatures(x)
 
 
 class CameraNormalised:
@@ -120,76 +87,10 @@ class CameraNormalised:
 
 
 def _camera_normalised(query, gallery, q_cams, g_cams) -> tuple[Features, Features]:
-    query, gallery = _source(query), _source(gallery)
+    query, gallery = as_features(query), as_features(gallery)
     q_cams, g_cams = np.asarray(q_cams), np.asarray(g_cams)
     means = camera_means([(query, q_cams), (gallery, g_cams)])
     return CameraNormalised(query, q_cams, means), CameraNormalised(gallery, g_cams, means)
-
-
-# --------------------------------------------------------------------------- distances
-
-
-def squared_norms(x: np.ndarray) -> np.ndarray:
-    """|x|^2 per row: float64 sums (a fixed order per row) rounded to float32; float64 copies of 2M values at most."""
-    x = np.asarray(x)
-    out = np.empty(len(x), dtype=np.float32)
-    step = max(1, (1 << 21) // max(1, x.shape[1] if x.ndim == 2 else 1))
-    for a in range(0, len(x), step):
-        x64 = x[a : a + step].astype(np.float64)
-        out[a : a + step] = np.einsum("ij,ij->i", x64, x64)
-    return out
-
-
-def _check_tile(tile) -> tuple[int, int]:
-    tq, tg = (int(t) for t in tile)
-    if tq < 1 or tg < 1:
-        raise ConfigError(f"expected tile sizes >= 1, found {tile}")
-    return tq, tg
-
-
-def grid_distances(x, x0: int, y, y0: int, *, tile=TILE, device: str = "cpu", y_norms=None, out=None) -> np.ndarray:
-    """Float32 squared distances of rows x[x0:...] to rows y[y0:...] of two row spaces, tile by tile.
-
-    ``x0`` must be a multiple of ``tile[0]`` and ``y0`` of ``tile[1]``; a block that does not end at the
-    end of its row space must end on a tile boundary too (the caller guarantees it), so each pair is
-    computed inside the very tile the dense reference uses. ``y_norms``: ``squared_norms(y)`` when the
-    caller keeps them (a cached gallery); ``out``: a float32 (len(x), len(y)) array (or view) to fill.
-    """
-    tq, tg = _check_tile(tile)
-    if x0 % tq or y0 % tg:
-        raise ConfigError(f"blocks must start on the tile grid {tile}, found starts {x0} and {y0}")
-    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise StoreError(f"expected two (n, D) blocks with the same D, found shapes {x.shape} and {y.shape}")
-    xn, yn = squared_norms(x), squared_norms(y) if y_norms is None else y_norms
-    if out is None:
-        out = np.empty((len(x), len(y)), dtype=np.float32)
-    elif out.shape != (len(x), len(y)) or out.dtype != np.float32:
-        raise ConfigError(f"expected out of shape {(len(x), len(y))} float32, found {out.shape} {out.dtype}")
-    if device == "cpu":
-        xm2 = x * np.float32(-2.0)  # exact: -2 (q.g) is the product of -2q and g
-        buf = np.empty(min(tq, len(x)) * min(tg, len(y)), dtype=np.float32)
-        for a in range(0, len(x), tq):
-            for b in range(0, len(y), tg):
-                xa, yb = xm2[a : a + tq], y[b : b + tg]
-                t = buf[: len(xa) * len(yb)].reshape(len(xa), len(yb))  # contiguous: a strided out= skips BLAS
-                np.matmul(xa, yb.T, out=t)
-                t += xn[a : a + tq, None]
-                o = out[a : a + tq, b : b + tg]
-                np.add(t, yn[None, b : b + tg], out=o)
-                np.maximum(o, 0.0, out=o)
-        return out
-    import torch
-
-    xt, yt = torch.from_numpy(x).to(device) * -2.0, torch.from_numpy(y).to(device)
-    xnt, ynt = torch.from_numpy(xn).to(device), torch.from_numpy(yn).to(device)
-    res = torch.empty((len(x), len(y)), dtype=torch.float32, device=device)
-    for a in range(0, len(x), tq):
-        for b in range(0, len(y), tg):
-            t = xt[a : a + tq] @ yt[b : b + tg].T
-            res[a : a + tq, b : b + tg] = ((t + xnt[a : a + tq, None]) + ynt[None, b : b + tg]).clamp_min_(0.0)
-    out[...] = res.cpu().numpy()
-    return out
 
 
 # --------------------------------------------------------------------------- who matches whom
@@ -299,7 +200,7 @@ def count_preceding(
     pad_val = np.where(np.arange(m)[None, :] < n_thr[:, None], thr_val, np.inf)
     hist = np.zeros((bq, m + 1), dtype=np.int64)
     rows = min(bq, _COUNT_ROWS)
-    cw = max(1, (chunk or _COUNT_CHUNK) // rows)
+    cw = max(1, (chunk or COUNT_CHUNK) // rows)
     for r0 in range(0, bq, rows):
         r1 = min(bq, r0 + rows)
         shift, origin, last, offset, table = _lookup_table(
@@ -446,8 +347,6 @@ def evaluate_dense(
         means = camera_means([(ArrayFeatures(qf), np.asarray(q_cams)), (ArrayFeatures(gf), np.asarray(g_cams))])
         qf, gf = camera_normalise(qf, np.asarray(q_cams), means), camera_normalise(gf, np.asarray(g_cams), means)
     if rerank:
-        from wildreid.rerank import rerank_dense
-
         dist = rerank_dense(qf, gf, k1, k2, lambda_, tile=tile, device=device)
     else:
         dist = grid_distances(qf, 0, gf, 0, tile=tile, device=device)
@@ -457,28 +356,10 @@ def evaluate_dense(
 # --------------------------------------------------------------------------- blockwise
 
 
-def plan_query_rows(row_bytes: int, budget: int, *, tile_q: int, n_query: int, fixed: int = 0) -> int:
-    """Queries per strip: the most multiples of ``tile_q`` whose strips (``row_bytes`` per query) fit the budget left.
-
-    Never more than the queries need; a query set shorter than a tile needs room for its own rows only.
-    """
-    room = budget - fixed - _COUNT_CHUNK * 24
-    rows = room // max(1, row_bytes) // tile_q * tile_q
-    least = max(1, min(tile_q, n_query))
-    if rows < tile_q and room < least * row_bytes:
-        need = fixed + _COUNT_CHUNK * 24 + least * row_bytes
-        raise BudgetError(
-            f"memory budget of {budget} bytes is too small: a strip of {least} queries against the "
-            f"gallery needs {need} bytes; raise --memory-budget to at least that",
-            need,
-        )
-    return int(max(tile_q, min(rows, -(-n_query // tile_q) * tile_q)))
-
-
 def _plain_strips(query: Features, gallery: Features, *, budget: int, tile, device: str, entry_bytes: int = 4):
     """(rows per strip, strip(q0, q1) -> float32 (q1-q0, G)); the gallery is kept in memory when it fits half
     the budget."""
-    tq, tg = _check_tile(tile)
+    tq, tg = check_tile(tile)
     nq, ng, dim = query.count(), gallery.count(), gallery.dim()
     gallery_bytes = ng * dim * 4
     cached = gallery.read_rows(0, ng) if gallery_bytes <= budget // 2 else None
@@ -544,7 +425,7 @@ def evaluate_blockwise(
     ``query_rows`` overrides the strip height from the budget (a multiple of ``tile[0]``, for tests).
     ``camera_norm`` reads the rows camera-normalised (one extra pass over both to get the camera means).
     """
-    query, gallery = _source(query), _source(gallery)
+    query, gallery = as_features(query), as_features(gallery)
     if camera_norm:
         query, gallery = _camera_normalised(query, gallery, q_cams, g_cams)
     nq, ng = query.count(), gallery.count()
@@ -556,8 +437,6 @@ def evaluate_blockwise(
     q_ids, q_cams = _labels(q_ids, nq, "query ids"), _labels(q_cams, nq, "query camids")
     g = _Gallery(_labels(g_ids, ng, "gallery ids"), _labels(g_cams, ng, "gallery camids"))
     if rerank:
-        from wildreid.rerank import ReRanker
-
         ranker = ReRanker(
             query, gallery, k1=k1, k2=k2, lambda_=lambda_, memory_budget=memory_budget, tile=tile, device=device
         )
@@ -565,7 +444,7 @@ def evaluate_blockwise(
     else:
         bq, strip = _plain_strips(query, gallery, budget=memory_budget, tile=tile, device=device)
     if query_rows is not None:
-        if query_rows < 1 or query_rows % _check_tile(tile)[0]:
+        if query_rows < 1 or query_rows % check_tile(tile)[0]:
             raise ConfigError(
                 f"query_rows must be a positive multiple of the tile height {tile[0]}, found {query_rows}"
             )
@@ -586,8 +465,6 @@ def evaluate_blockwise(
 
 
 def _open_checked(path, what: str):
-    from wildreid.stores.dictionary import FeatureStore
-
     store = FeatureStore.open(path)
     if store.count() == 0:
         raise StoreError(f"{what} store {path} has 0 rows; expected the features of the {what} split")
@@ -613,8 +490,6 @@ def require_vehicle_ids(shards, query_split: str, gallery_split: str) -> None:
 
     (Manifests of older wildreid lack the count; ``evaluate_groups`` refuses such groups after extraction.)
     """
-    from wildreid.shards.reader import split_entry
-
     for split, what in ((query_split, "query"), (gallery_split, "gallery")):
         entry = split_entry(shards, split)
         unknown, total = entry.get("num_unlabelled", 0), entry["num_samples"]
@@ -669,8 +544,6 @@ def evaluate_groups(
 
 def write_results(path, results: dict) -> Path:
     """The results as indented JSON, written atomically."""
-    from wildreid.core.durable import atomic_write
-
     return atomic_write(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
@@ -698,15 +571,13 @@ def topk_lists(
     same vehicle, False = another vehicle, None = same-camera junk, skipped by the metrics),
     ``distances``. Only the strips of the tiles holding the chosen queries are computed.
     """
-    query, gallery = _source(query), _source(gallery)
+    query, gallery = as_features(query), as_features(gallery)
     nq, ng = query.count(), gallery.count()
     q_ids, q_cams = _labels(q_ids, nq, "query ids"), _labels(q_cams, nq, "query camids")
     g_ids, g_cams = _labels(g_ids, ng, "gallery ids"), _labels(g_cams, ng, "gallery camids")
-    tq = _check_tile(tile)[0]
+    tq = check_tile(tile)[0]
     budget = memory_budget if memory_budget is not None else max(256 << 20, 4 * ng * (tq + query.dim()) + (64 << 20))
     if rerank:
-        from wildreid.rerank import ReRanker
-
         strip = ReRanker(query, gallery, memory_budget=budget, tile=tile, device=device).strip
     else:
         strip = _plain_strips(query, gallery, budget=budget, tile=tile, device=device)[1]

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wildreid.checkpoint import load_model, recorded_shards
 from wildreid.core.errors import ConfigError, ExportError
 from wildreid.extract import extract_features
 from wildreid.model import FEATURES
@@ -349,8 +350,6 @@ def export_checkpoint(
     The input size is the checkpoint config's ``model.image_size``, the feature its
     ``model.eval_feature`` unless ``feature`` is given, as in ``wildreid eval``; ``atol`` defaults to ``ATOL``.
     """
-    from wildreid.checkpoint import load_model
-
     if fmt not in FORMATS:
         raise ConfigError(f"expected --format {' or '.join(FORMATS)}, found {fmt!r}")
     if fmt == "onnx":
@@ -364,8 +363,6 @@ def export_checkpoint(
         raise ConfigError(f"expected --feature {' or '.join(FEATURES)}, found {feature!r}")
     image_size = tuple(int(s) for s in config["model"]["image_size"])
     if shards is None:
-        from wildreid.checkpoint import recorded_shards
-
         shards = recorded_shards(checkpoint)
         if shards is None or not (shards / "manifest.json").is_file():
             found = "records none" if shards is None else f"records {shards}, which holds no shards now"

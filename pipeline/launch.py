@@ -17,6 +17,10 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
 from wildreid.core.errors import DistributedError, Stopped
 
 __all__ = ["launch", "without_option"]
@@ -37,10 +41,6 @@ def without_option(argv: Sequence[str], name: str) -> list[str]:
 
 def launch(nproc: int, argv: Sequence[str], say: Callable[[str], None]) -> int:
     """Run ``python -m wildreid ARGV`` as ``nproc`` ranks on this machine; returns the exit code for the user."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     # torch's agent logs each worker's start and a multi-line report of a failure; the ranks say it in one line
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     # as torchrun: the ranks share the cores instead of each taking all of them

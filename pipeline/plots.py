@@ -16,6 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 from wildreid.core.durable import atomic_write
 from wildreid.core.errors import ConfigError, StoreError
 from wildreid.evaluation import topk_lists
+from wildreid.shards.reader import read_split_samples
+from wildreid.stores.dictionary import FeatureStore
 
 __all__ = ["cmc_curve", "nice_ticks", "ranked_grid", "render_ranked_lists", "search_grid", "training_curves"]
 
@@ -144,8 +146,6 @@ def _framed(canvas: Image.Image, thumb: Image.Image, x: int, y: int, colour, bor
 
 def _split_images(root, split: str, wanted: set[int], ids: np.ndarray, cams: np.ndarray) -> dict[int, Image.Image]:
     """Decoded images of the ``wanted`` indices of a shard split, checked against the store's ids."""
-    from wildreid.shards.reader import read_split_samples
-
     found: dict[int, Image.Image] = {}
     for sample in read_split_samples(root, split):
         index = int(sample["index"])
@@ -182,8 +182,6 @@ def render_ranked_lists(
     rerank: bool = False,
 ) -> Path:
     """``topk_lists`` of the chosen queries, drawn by ``ranked_grid`` with images from the shards."""
-    from wildreid.stores.dictionary import FeatureStore
-
     qs = query_store if isinstance(query_store, FeatureStore) else FeatureStore.open(query_store)
     gs = gallery_store if isinstance(gallery_store, FeatureStore) else FeatureStore.open(gallery_store)
     q_ids, q_cams, g_ids, g_cams = qs.ids(), qs.camids(), gs.ids(), gs.camids()

@@ -26,11 +26,11 @@ from __future__ import annotations
 import numpy as np
 
 from wildreid.core.errors import ConfigError, StoreError
-from wildreid.evaluation import (
+from wildreid.distances import (
     TILE,
     Features,
-    _check_tile,
-    _source,
+    as_features,
+    check_tile,
     grid_distances,
     plan_query_rows,
     squared_norms,
@@ -182,7 +182,7 @@ class _Stacked:
 
 def knn_lists(x: Features, k: int, *, budget: int, tile=TILE, device: str = "cpu", cached: np.ndarray | None = None):
     """(indices, distances, row maxima) of the first k of every row by (D, index), blockwise over the grid."""
-    tq, tg = _check_tile(tile)
+    tq, tg = check_tile(tile)
     n = x.count()
     k = min(k, n)
     rows = tq
@@ -230,7 +230,7 @@ class ReRanker:
                 f"expected k1 >= 1, 1 <= k2 <= k1 + 1 and 0 <= lambda <= 1, found k1={k1}, k2={k2}, "
                 f"lambda={lambda_}; the paper's values are 20, 6, 0.3"
             )
-        query, gallery = _source(query), _source(gallery)
+        query, gallery = as_features(query), as_features(gallery)
         if query.dim() != gallery.dim():
             raise StoreError(
                 f"query features have dimension {query.dim()} but gallery features {gallery.dim()}; "
@@ -240,7 +240,7 @@ class ReRanker:
         self.nq, self.n = query.count(), self.x.count()
         self.ng = self.n - self.nq
         self.tile, self.device, self.lambda_ = tile, device, lambda_
-        tq, tg = _check_tile(tile)
+        tq, tg = check_tile(tile)
         feat_bytes = self.n * self.x.dim() * 4
         self.cached = self.x.read_rows(0, self.n) if feat_bytes <= memory_budget // 2 else None
         idx, dist, row_max = knn_lists(
@@ -314,9 +314,9 @@ class ReRanker:
 
     def strip(self, q0: int, q1: int) -> np.ndarray:
         """Final distances (q1 - q0, G), float64; ``q0`` on the query tile grid."""
-        tg = _check_tile(self.tile)[1]
+        tg = check_tile(self.tile)[1]
         c_start = self.nq // tg * tg  # the gallery's first tile starts on the N x N grid
-        tq = _check_tile(self.tile)[0]
+        tq = check_tile(self.tile)[0]
         r1 = min(self.n, q0 + -(-(q1 - q0) // tq) * tq)  # whole tiles: the last query tile may hold gallery rows
         xq = self.cached[q0:r1] if self.cached is not None else self.x.read_rows(q0, r1)
         out = np.empty((q1 - q0, self.ng), dtype=np.float64)

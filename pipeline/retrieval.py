@@ -35,6 +35,7 @@ refused with what they need.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,10 +43,20 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
+from PIL import Image
 
+from wildreid.budget import default_budget
+from wildreid.checkpoint import load_model
 from wildreid.core.errors import ConfigError, StoreError
-from wildreid.evaluation import ArrayFeatures
+from wildreid.distances import ArrayFeatures
+from wildreid.embedding import checkpoint_digest, load_image
+from wildreid.extract import extract_features
 from wildreid.knn import _slack, check_features, pair_similarity, similarity, topk_pairs, validate_rows
+from wildreid.plots import search_grid
+from wildreid.shards.reader import IndexedShard, parse_meta, split_entry
+from wildreid.shards.writer import load_sample_offsets
+from wildreid.stores import FeatureStore
 
 __all__ = [
     "ArrayRows",
@@ -344,8 +355,6 @@ def ivf_search(index, query: ArrayRows, k: int, *, nprobe: int, query_rows: int)
 
 def open_group(path, what: str):
     """A feature group to search, checked whole: it exists, has rows, and its embedding finished."""
-    from wildreid.stores import FeatureStore
-
     path = Path(path)
     if not path.exists():
         raise StoreError(
@@ -403,12 +412,6 @@ def load_queries(query, gallery_store, *, checkpoint=None, device: str = "cpu") 
         raise ConfigError(
             f"query {query} is an image: pass --checkpoint, the model.pt that embedded the gallery, to embed it"
         )
-    import torch
-
-    from wildreid.checkpoint import load_model
-    from wildreid.embedding import checkpoint_digest, load_image
-    from wildreid.extract import extract_features
-
     label = checkpoint_digest(checkpoint)
     if g_label and g_label != label:
         raise StoreError(
@@ -454,8 +457,6 @@ def search(
 
     ``gallery``: a feature group; ``query``: an image file (with ``checkpoint``) or a feature group.
     """
-    from wildreid.budget import default_budget
-
     if k < 1:
         raise ConfigError(f"expected --top-k >= 1, found {k}")
     if index not in ("exact", "ivf"):
@@ -521,13 +522,6 @@ def search(
 
 def _shard_images(root: Path, split: str, rows: list[int]) -> dict:
     """Decoded images of samples ``rows`` of a shard split, each read alone by its offset."""
-    import io
-
-    from PIL import Image
-
-    from wildreid.shards.reader import IndexedShard, parse_meta, split_entry
-    from wildreid.shards.writer import load_sample_offsets
-
     shards = split_entry(root, split)["shards"]
     firsts = np.cumsum([0] + [s["samples"] for s in shards])
     found = {}
@@ -560,8 +554,6 @@ def _image_source(store) -> dict:
 
 def check_pictures(gallery, query) -> None:
     """Refuse ``--picture`` before searching when the gallery, or a query group, does not record its images."""
-    from wildreid.stores import FeatureStore
-
     for path in (Path(gallery), Path(query)):
         if path.is_dir() and (path / "features").exists():
             _image_source(FeatureStore.open(path))
@@ -588,8 +580,6 @@ def row_images(store, rows: list[int]) -> dict:
 def render_search(result: SearchResult, path, *, max_queries: int = 8) -> Path:
     """The first ``max_queries`` queries and their ranked gallery images, drawn by ``plots.search_grid``."""
     from PIL import Image
-
-    from wildreid.plots import search_grid
 
     queries, gstore = result.queries, result.gallery
     shown = result.results[:max_queries]

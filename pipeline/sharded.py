@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from wildreid.dtl import (
     Cameras,
@@ -55,8 +56,6 @@ def ddp_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
     SyncBatchNorm (``train.sync_bn``) is converted by the caller before the optimizer is made."""
     if not world.distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     synced = any(isinstance(m, (torch.nn.SyncBatchNorm, GlobalBatchNorm)) for m in model.modules())
     ids = [world.device.index] if world.device.type == "cuda" else None
     wrapped = DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=not synced)

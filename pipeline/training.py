@@ -100,6 +100,7 @@ from wildreid.extract import EXTRACT_BATCH, extract_split, refresh_key
 from wildreid.label_free import positives_stats
 from wildreid.mining import GRAPH_CHUNK_ROWS, MineParams, mine, smallest_budget
 from wildreid.model import ARCHS, build_model, param_groups, weights_sha256
+from wildreid.plots import training_curves
 from wildreid.run_budget import RunMemory, activation_bytes, plan_run_memory, process_uss
 from wildreid.scalars import NoScalars, open_scalars, require_tensorboard
 from wildreid.sharded import ddp_model, owned, sharded_step, update_owned
@@ -1332,7 +1333,5 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
 
 
 def _plot(run_dir: Path, history: list[dict]) -> None:
-    from wildreid.plots import training_curves
-
     if history:
         training_curves(history, run_dir / "curves.png")

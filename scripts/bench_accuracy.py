@@ -371,7 +371,9 @@ def _write_json(path: Path, value) -> None:
 def score_groups(features: Path, split: str = SPLIT) -> dict:
     """Per-query AP and rank-1 hit of the extracted query/gallery groups (queries without a match dropped),
     under the standard protocol and camera-normalised (keys with ``_camnorm``)."""
-    from wildreid.evaluation import camera_means, camera_normalise, grid_distances, per_query_metrics
+    from wildreid.camera import camera_means, camera_normalise
+    from wildreid.distances import grid_distances
+    from wildreid.evaluation import per_query_metrics
     from wildreid.stores import FeatureStore
 
     q, g = FeatureStore.open(features / f"query-{split}"), FeatureStore.open(features / f"gallery-{split}")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from wildreid.evaluation import camera_means, camera_normalise, grid_distances, per_query_metrics
+from wildreid.camera import camera_means, camera_normalise
+from wildreid.distances import grid_distances
+from wildreid.evaluation import per_query_metrics
 from wildreid.stores import FeatureStore
 
 

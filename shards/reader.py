@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as tvf
 
@@ -431,10 +432,6 @@ def split_labels(root: str | Path, splits: str | Sequence[str], *, paths: bool =
 
 def read_back(root: str | Path, split: str, *, image_size=(256, 128), workers: int = 0, batch: int = 64) -> dict:
     """Decode a whole split through ShardDataset and check it: counts, ids, and that indices are dense."""
-    import time
-
-    from torch.utils.data import DataLoader
-
     dataset = ShardDataset(root, split, image_size=image_size, shuffle=False, lanes=max(1, workers), chunk=batch)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers)
     seen = np.zeros(len(dataset), dtype=np.int64)

@@ -32,7 +32,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from wildreid.core.durable import DurableLocalStore, fsync_dir, fsync_tree, remove_tree
 from wildreid.core.errors import DamagedDataError, StoreError, WildreidError
 from wildreid.stores.lock import LOCK_NAME
-from wildreid.stores.rows import RowReader
+from wildreid.stores.rows import RowReader, damage_remedy, damaged_chunk_error
 
 __all__ = ["CHUNK_BYTES", "CheckedArray", "FeatureStore", "create_checked_array", "rows_per_chunk"]
 
@@ -47,18 +47,6 @@ def create_checked_array(group: zarr.Group, name: str, *, compress: bool = False
     """``group.create_array`` with a crc32c checksum after the (optional) zstd compression."""
     codecs = [ZstdCodec(), Crc32cCodec()] if compress else [Crc32cCodec()]
     return group.create_array(name, compressors=codecs, **kwargs)
-
-
-def _remedy(store_path: Path, name: str) -> str:
-    top = name.split("/")[0]
-    if top == "features":
-        return (
-            "resume training from its last checkpoint (wildreid train --resume restores the dictionary), "
-            "or extract the features again into a new store"
-        )
-    if top in ("knn", "positives"):
-        return f"remove {store_path / top} and run 'wildreid mine' (or training with --resume) to compute it again"
-    return "extract the features again into a new store"
 
 
 class CheckedArray:
@@ -115,14 +103,6 @@ class CheckedArray:
                 name = self.array.path
                 return damaged_chunk_error(self.store_path, name, chunk, lo, hi, self.store_path / name / key, why)
         return None
-
-
-def damaged_chunk_error(store_path: Path, name: str, chunk: int, lo: int, hi: int, file: Path, why: str):
-    """The one line for a damaged chunk: the array, its rows and file, what is wrong and what to do."""
-    return DamagedDataError(
-        f"chunk {chunk} of {name} (rows {lo}-{hi - 1}, file {file}) {why}: the store is damaged; "
-        f"{_remedy(store_path, name)}"
-    )
 
 
 class FeatureStore:
@@ -218,7 +198,7 @@ class FeatureStore:
             raise DamagedDataError(
                 f"{self.path / name / 'zarr.json'} cannot be read ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0][:120] if str(exc) else ''}): the store's metadata "
-                f"is damaged; {_remedy(self.path, name)}"
+                f"is damaged; {damage_remedy(self.path, name)}"
             ) from None
 
     def has(self, name: str) -> bool:

@@ -30,7 +30,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec
 
 from wildreid.core.errors import DamagedDataError
 
-__all__ = ["RowReader"]
+__all__ = ["RowReader", "damage_remedy", "damaged_chunk_error"]
 
 _VERIFY_PIECE = 1 << 20  # bytes read at a time while checking a chunk's crc32c
 GATHER_WINDOW_BYTES = 256 << 10  # ids within this span of rows are fetched with one read
@@ -50,6 +50,27 @@ def _layout(array) -> bool | None:
     if not np.dtype(array.dtype).isnative or len(array.shape) != 2 or array.chunks[1] != array.shape[1]:
         return None
     return bool(rest)
+
+
+def damage_remedy(store_path: Path, name: str) -> str:
+    """What to do about a damaged array of a store, by the array's top-level name."""
+    top = name.split("/")[0]
+    if top == "features":
+        return (
+            "resume training from its last checkpoint (wildreid train --resume restores the dictionary), "
+            "or extract the features again into a new store"
+        )
+    if top in ("knn", "positives"):
+        return f"remove {store_path / top} and run 'wildreid mine' (or training with --resume) to compute it again"
+    return "extract the features again into a new store"
+
+
+def damaged_chunk_error(store_path: Path, name: str, chunk: int, lo: int, hi: int, file: Path, why: str):
+    """The one line for a damaged chunk: the array, its rows and file, what is wrong and what to do."""
+    return DamagedDataError(
+        f"chunk {chunk} of {name} (rows {lo}-{hi - 1}, file {file}) {why}: the store is damaged; "
+        f"{damage_remedy(store_path, name)}"
+    )
 
 
 class RowReader:
@@ -83,8 +104,6 @@ class RowReader:
         return self.store_path / self._name / self._meta.encode_chunk_key((chunk, 0))
 
     def _damaged(self, chunk: int, why: str) -> DamagedDataError:
-        from wildreid.stores.dictionary import damaged_chunk_error  # dictionary imports this module
-
         lo, hi = chunk * self.rows_per_chunk, min((chunk + 1) * self.rows_per_chunk, self.n)
         return damaged_chunk_error(self.store_path, self._name, chunk, lo, hi, self._file(chunk), why)
 

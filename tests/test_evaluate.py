@@ -13,16 +13,15 @@ import zarr
 from helpers import SCALARS, assert_same_metrics, make_set
 from PIL import Image
 
+from wildreid.camera import camera_means, camera_normalise
 from wildreid.core.errors import ConfigError, StoreError
+from wildreid.distances import grid_distances
 from wildreid.evaluation import (
-    camera_means,
-    camera_normalise,
     count_preceding,
     evaluate_blockwise,
     evaluate_dense,
     evaluate_distances,
     evaluate_groups,
-    grid_distances,
     per_query_metrics,
     topk_lists,
     write_results,

@@ -7,7 +7,8 @@ import pytest
 from helpers import SCALARS, assert_same_metrics, make_set
 
 from wildreid.core.errors import ConfigError
-from wildreid.evaluation import evaluate_blockwise, evaluate_dense, grid_distances
+from wildreid.distances import grid_distances
+from wildreid.evaluation import evaluate_blockwise, evaluate_dense
 from wildreid.rerank import (
     ReRanker,
     knn_lists,
@@ -70,7 +71,7 @@ def test_lambda_one_keeps_the_plain_ranking():
 def test_knn_lists_against_stable_argsort():
     qf, _, _, gf, _, _ = make_set(1, 15, 60, ints=True)
     x = np.concatenate([qf, gf])
-    from wildreid.evaluation import ArrayFeatures
+    from wildreid.distances import ArrayFeatures
 
     idx, dist, row_max = knn_lists(ArrayFeatures(x), 9, budget=1 << 20, tile=(2, 8))
     d = grid_distances(x, 0, x, 0, tile=(2, 8))
