@@ -18,6 +18,7 @@ also reached disk").
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import uuid
@@ -27,7 +28,16 @@ from typing import BinaryIO
 
 from zarr.storage import LocalStore
 
-__all__ = ["DurableLocalStore", "atomic_write", "fsync_dir", "fsync_tree", "partial_name", "publish", "remove_tree"]
+__all__ = [
+    "DurableLocalStore",
+    "atomic_write",
+    "file_sha256",
+    "fsync_dir",
+    "fsync_tree",
+    "partial_name",
+    "publish",
+    "remove_tree",
+]
 
 
 def partial_name(path: Path) -> Path:
@@ -151,3 +161,12 @@ class DurableLocalStore(LocalStore):
             opener()
         self._check_writable()
         _put_durably(self.root / key, value, False)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read 1 MiB at a time: the one file digest of shards and checkpoints."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

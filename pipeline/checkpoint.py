@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wildreid.core.durable import fsync_tree
+from wildreid.core.durable import file_sha256, fsync_tree
 from wildreid.core.errors import DamagedDataError, ResumeError, StoreError
 from wildreid.model import build_model
-from wildreid.shards.tario import file_sha256
 from wildreid.stores import atomic_write, publish, remove_tree
 
 __all__ = [

@@ -42,6 +42,7 @@ import torch
 
 from wildreid.budget import default_budget
 from wildreid.checkpoint import load_model
+from wildreid.core.durable import file_sha256
 from wildreid.core.errors import BadImageError, ConfigError, StoreError
 from wildreid.core.signals import fault_point
 from wildreid.extract import (
@@ -97,11 +98,7 @@ def checkpoint_digest(checkpoint: str | Path) -> str:
     """The first 16 hex digits of the sha256 of ``model.pt`` (or a checkpoint folder's ``state.pt``),
     the label ``wildreid eval`` records too."""
     checkpoint = Path(checkpoint)
-    digest = hashlib.sha256()
-    with open(checkpoint / "state.pt" if checkpoint.is_dir() else checkpoint, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_sha256(checkpoint / "state.pt" if checkpoint.is_dir() else checkpoint)[:16]
 
 
 def _files_fingerprint(root: Path, paths: Sequence[str]) -> str:

@@ -25,7 +25,6 @@ from wildreid.core.errors import ShardError
 __all__ = [
     "BLOCK",
     "ShardSink",
-    "file_sha256",
     "padded",
     "read_file",
     "sample_key",
@@ -127,14 +126,6 @@ def read_file(path: str, size: int | None = None) -> bytes:
         return data
     finally:
         os.close(fd)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _member_name(header: bytes) -> str:

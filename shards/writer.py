@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from wildreid.core.durable import atomic_write, publish
+from wildreid.core.durable import atomic_write, file_sha256, publish
 from wildreid.core.errors import BadImageError, ShardError, ShardNotFoundError, Stopped
 from wildreid.core.signals import fault_point, ignore_stop_signals
 from wildreid.shards.images import image_extension
 from wildreid.shards.layouts import DatasetIndex, Record, Reject
-from wildreid.shards.tario import BLOCK, ShardSink, file_sha256, padded, read_file, scan_sample_offsets
+from wildreid.shards.tario import BLOCK, ShardSink, padded, read_file, scan_sample_offsets
 from wildreid.stores.lock import LOCK_NAME, WriterLock
 
 __all__ = [
