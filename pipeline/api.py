@@ -22,7 +22,7 @@ import torch
 from wildreid.budget import default_budget
 from wildreid.checkpoint import load_model
 from wildreid.config import load_config
-from wildreid.core.errors import ConfigError, ShardError, StoreError
+from wildreid.core.errors import ConfigError, ShardError
 from wildreid.core.units import parse_bytes, parse_size
 from wildreid.embedding import checkpoint_digest
 from wildreid.embedding import embed as embed_source
@@ -40,7 +40,7 @@ from wildreid.shards.layouts import layout_description
 from wildreid.shards.preview import identity_grid
 from wildreid.shards.reader import read_back, split_entry
 from wildreid.shards.synth import write_synthetic
-from wildreid.stores import LOCK_NAME, FeatureStore, WriterLock
+from wildreid.stores import FeatureStore, WriterLock, writable_group
 from wildreid.training import TrainOptions
 from wildreid.training import train as train_store
 from wildreid.world import join_world, leave_world
@@ -416,7 +416,7 @@ def _evaluate_checkpoint(shards, checkpoint, split, features_dir, feature, devic
                     shards,
                     s,
                     model,
-                    feature_group(folder / s, sizes[s], model.feature_dim),
+                    writable_group(folder / s, sizes[s], model.feature_dim, other="--features-dir"),
                     image_size=tuple(config["model"]["image_size"]),
                     device=device,
                     progress=progress,
@@ -433,19 +433,6 @@ def _evaluate_checkpoint(shards, checkpoint, split, features_dir, feature, devic
             transductive=transductive,
         )
     return results
-
-
-def feature_group(path: Path, rows: int, dim: int) -> FeatureStore:
-    """The feature group at ``path`` (created when new), checked to hold ``rows`` x ``dim`` features."""
-    if not any(p.name != LOCK_NAME for p in path.iterdir()):
-        return FeatureStore.create(path, rows, dim)
-    store = FeatureStore.open(path, mode="r+")
-    if (store.count(), store.dim()) != (rows, dim):
-        raise StoreError(
-            f"{path} holds {store.count()} x {store.dim()} features but needs {rows} x {dim}; "
-            "delete it or pass another --features-dir"
-        )
-    return store
 
 
 def visualize(

@@ -31,12 +31,11 @@ error bands and the rank counts work unchanged, C columns wider.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
 
 from wildreid.core.errors import StoreError
 from wildreid.stores import FeatureStore, create_checked_array, remove_tree
+from wildreid.stores.rows import Rows
 from wildreid.world import World
 
 __all__ = [
@@ -55,11 +54,6 @@ __all__ = [
 CAMERA_STORE = "camera"  # the normalised copy's folder inside the run's store
 
 
-class Rows(Protocol):
-    def count(self) -> int: ...
-    def read_rows(self, start: int, stop: int) -> np.ndarray: ...
-
-
 def unknown_cameras(camids) -> int:
     """How many rows have no camera id (-1): camera-aware training needs none."""
     return int(np.count_nonzero(np.asarray(camids) < 0))
@@ -70,8 +64,8 @@ def camera_means(sources: list[tuple[Rows, np.ndarray]], *, block_rows: int = 16
     sums: dict[int, np.ndarray] = {}
     counts: dict[int, int] = {}
     for features, cams in sources:
-        for start in range(0, features.count(), block_rows):
-            block = features.read_rows(start, min(features.count(), start + block_rows)).astype(np.float64)
+        for start, block in features.blocks(block_rows):
+            block = block.astype(np.float64)
             block_cams = cams[start : start + len(block)]
             for cam in np.unique(block_cams):
                 rows = block_cams == cam

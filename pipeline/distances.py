@@ -1,4 +1,4 @@
-"""Row sources of features and the one distance every evaluation, re-ranking and search path computes.
+"""The one distance every evaluation, re-ranking and search path computes.
 
 Distance, defined once (``grid_distances``): squared Euclidean
 ``d = max(0, (|q|^2 + |g|^2) - 2 q.g)`` in float32 (for L2-normalised features
@@ -15,8 +15,6 @@ rounding may differ from the CPU's, so compare results within one device.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import numpy as np
 import torch
 
@@ -25,9 +23,6 @@ from wildreid.core.errors import BudgetError, ConfigError, StoreError
 __all__ = [
     "COUNT_CHUNK",
     "TILE",
-    "ArrayFeatures",
-    "Features",
-    "as_features",
     "check_tile",
     "grid_distances",
     "plan_query_rows",
@@ -36,37 +31,6 @@ __all__ = [
 
 TILE = (256, 16384)  # (query rows, gallery rows) of one matrix product: few BLAS calls, each near full speed
 COUNT_CHUNK = 1 << 17  # strip elements per counting step of the evaluation: 12 bytes of temporaries each
-
-
-class Features(Protocol):
-    """What the evaluation reads: a FeatureStore, or ArrayFeatures over an array."""
-
-    def count(self) -> int: ...
-    def dim(self) -> int: ...
-    def read_rows(self, start: int, stop: int) -> np.ndarray: ...
-
-
-class ArrayFeatures:
-    """The three-method feature interface over an in-memory (N, D) array, rows served as float32."""
-
-    def __init__(self, x: np.ndarray):
-        self.x = np.asarray(x)
-        if self.x.ndim != 2:
-            raise ConfigError(f"expected features of shape (N, D), found shape {self.x.shape}")
-
-    def count(self) -> int:
-        return len(self.x)
-
-    def dim(self) -> int:
-        return self.x.shape[1]
-
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        return np.ascontiguousarray(self.x[start:stop], dtype=np.float32)
-
-
-def as_features(x) -> Features:
-    """``x`` itself when it reads rows (a store, a feature group), else ArrayFeatures over it."""
-    return x if hasattr(x, "read_rows") else ArrayFeatures(x)
 
 
 def squared_norms(x: np.ndarray) -> np.ndarray:

@@ -780,7 +780,7 @@ def dtl_streaming(
 
 
 def tensor_blocks(dictionary: torch.Tensor | np.ndarray, block_rows: int):
-    """``(start, block)`` of an in-memory dictionary, as a store's ``iter_blocks`` yields them."""
+    """``(start, block)`` of an in-memory dictionary, as the ``blocks`` of a ``Rows`` source yield them."""
     if block_rows < 1:
         raise ConfigError(f"expected block_rows >= 1, found {block_rows}")
     for start in range(0, len(dictionary), block_rows):

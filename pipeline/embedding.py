@@ -43,7 +43,7 @@ import torch
 from wildreid.budget import default_budget
 from wildreid.checkpoint import load_model
 from wildreid.core.durable import file_sha256
-from wildreid.core.errors import BadImageError, ConfigError, StoreError
+from wildreid.core.errors import BadImageError, ConfigError
 from wildreid.core.signals import fault_point
 from wildreid.extract import (
     EXTRACT_BATCH,
@@ -57,7 +57,7 @@ from wildreid.run_budget import activation_bytes
 from wildreid.shards.layouts import read_dataset
 from wildreid.shards.reader import decode_tensor, resize_uint8, split_entry, split_labels
 from wildreid.shards.writer import MANIFEST_NAME, load_manifest
-from wildreid.stores import CHUNK_BYTES, LOCK_NAME, FeatureStore, WriterLock, rows_per_chunk
+from wildreid.stores import CHUNK_BYTES, FeatureStore, WriterLock, rows_per_chunk, writable_group
 
 __all__ = [
     "EmbedPlan",
@@ -255,19 +255,6 @@ def plan_embed(
 # --------------------------------------------------------------------------- the command
 
 
-def _group(path: Path, rows: int, dim: int, chunk_rows: int) -> FeatureStore:
-    """The group at ``path`` (made when new, the lock file aside), checked to hold ``rows`` x ``dim`` features."""
-    if not any(p.name != LOCK_NAME for p in path.iterdir()):
-        return FeatureStore.create(path, rows, dim, chunk_bytes=chunk_rows * dim * 2)
-    store = FeatureStore.open(path, mode="r+")
-    if (store.count(), store.dim()) != (rows, dim):
-        raise StoreError(
-            f"{path} holds {store.count():,} x {store.dim()} features but this source and model need "
-            f"{rows:,} x {dim}; delete it or choose another --output"
-        )
-    return store
-
-
 def embed(
     src: str | Path,
     checkpoint: str | Path,
@@ -308,7 +295,7 @@ def embed(
         existing = FeatureStore.open(output).chunk_rows if (output / "features").exists() else chunk_rows
         shape = {"dim": dim, "image_size": image_size, "largest": largest, "rows": source.count}
         plan = plan_embed(budget, chunk_rows=existing, **shape)
-        store = _group(output, source.count, dim, plan.chunk_rows)
+        store = writable_group(output, source.count, dim, chunk_bytes=plan.chunk_rows * dim * 2, other="--output")
         if store.chunk_rows != plan.chunk_rows:  # a group shorter than a chunk has one chunk of its own height
             plan = plan_embed(budget, chunk_rows=store.chunk_rows, **shape)
         meta = extraction_meta(source.name, source.fingerprint, label, feature)

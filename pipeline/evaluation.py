@@ -38,9 +38,6 @@ from wildreid.core.errors import ConfigError, StoreError
 from wildreid.distances import (
     COUNT_CHUNK,
     TILE,
-    ArrayFeatures,
-    Features,
-    as_features,
     check_tile,
     grid_distances,
     plan_query_rows,
@@ -48,7 +45,8 @@ from wildreid.distances import (
 )
 from wildreid.rerank import ReRanker, rerank_dense
 from wildreid.shards.reader import split_entry
-from wildreid.stores.dictionary import FeatureStore
+from wildreid.stores.groups import open_group
+from wildreid.stores.rows import ArrayRows, Rows, as_rows
 
 __all__ = [
     "CameraNormalised",
@@ -70,10 +68,12 @@ _LUT_WIDTH = 1 << 11  # buckets per query row in count_preceding's lookup table
 _COUNT_ROWS = 16  # query rows per counting step: their tables stay in cache
 
 
-class CameraNormalised:
-    """The feature interface over another source, its rows camera-normalised (``camera_normalise``) as read."""
+class CameraNormalised(Rows):
+    """The rows of another source camera-normalised (``camera_normalise``) as read, float32."""
 
-    def __init__(self, source: Features, cams: np.ndarray, means: dict[int, np.ndarray]):
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, source: Rows, cams: np.ndarray, means: dict[int, np.ndarray]):
         self.source, self.cams, self.means = source, np.asarray(cams), means
 
     def count(self) -> int:
@@ -82,12 +82,16 @@ class CameraNormalised:
     def dim(self) -> int:
         return self.source.dim()
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        return camera_normalise(self.source.read_rows(start, stop), self.cams[start:stop], self.means)
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        rows = camera_normalise(self.source.read_rows(start, stop), self.cams[start:stop], self.means)
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
 
 
-def _camera_normalised(query, gallery, q_cams, g_cams) -> tuple[Features, Features]:
-    query, gallery = as_features(query), as_features(gallery)
+def _camera_normalised(query, gallery, q_cams, g_cams) -> tuple[Rows, Rows]:
+    query, gallery = as_rows(query), as_rows(gallery)
     q_cams, g_cams = np.asarray(q_cams), np.asarray(g_cams)
     means = camera_means([(query, q_cams), (gallery, g_cams)])
     return CameraNormalised(query, q_cams, means), CameraNormalised(gallery, g_cams, means)
@@ -344,7 +348,7 @@ def evaluate_dense(
     ``evaluate_distances``."""
     qf, gf = np.asarray(qf, np.float32), np.asarray(gf, np.float32)
     if camera_norm:
-        means = camera_means([(ArrayFeatures(qf), np.asarray(q_cams)), (ArrayFeatures(gf), np.asarray(g_cams))])
+        means = camera_means([(ArrayRows(qf), np.asarray(q_cams)), (ArrayRows(gf), np.asarray(g_cams))])
         qf, gf = camera_normalise(qf, np.asarray(q_cams), means), camera_normalise(gf, np.asarray(g_cams), means)
     if rerank:
         dist = rerank_dense(qf, gf, k1, k2, lambda_, tile=tile, device=device)
@@ -356,7 +360,7 @@ def evaluate_dense(
 # --------------------------------------------------------------------------- blockwise
 
 
-def _plain_strips(query: Features, gallery: Features, *, budget: int, tile, device: str, entry_bytes: int = 4):
+def _plain_strips(query: Rows, gallery: Rows, *, budget: int, tile, device: str, entry_bytes: int = 4):
     """(rows per strip, strip(q0, q1) -> float32 (q1-q0, G)); the gallery is kept in memory when it fits half
     the budget."""
     tq, tg = check_tile(tile)
@@ -425,7 +429,7 @@ def evaluate_blockwise(
     ``query_rows`` overrides the strip height from the budget (a multiple of ``tile[0]``, for tests).
     ``camera_norm`` reads the rows camera-normalised (one extra pass over both to get the camera means).
     """
-    query, gallery = as_features(query), as_features(gallery)
+    query, gallery = as_rows(query), as_rows(gallery)
     if camera_norm:
         query, gallery = _camera_normalised(query, gallery, q_cams, g_cams)
     nq, ng = query.count(), gallery.count()
@@ -464,25 +468,6 @@ def evaluate_blockwise(
 # --------------------------------------------------------------------------- stores
 
 
-def _open_checked(path, what: str):
-    store = FeatureStore.open(path)
-    if store.count() == 0:
-        raise StoreError(f"{what} store {path} has 0 rows; expected the features of the {what} split")
-    for name in ("ids", "camids"):
-        if not store.has(name):
-            raise StoreError(
-                f"{what} store {path} has no '{name}' array; expected vehicle ids and camera ids "
-                "per row: extract features from shards that carry them"
-            )
-    ids = store.ids()
-    if (ids < 0).all():
-        raise StoreError(
-            f"{what} store {path} has only unknown ids (-1); expected the vehicle id of each row "
-            "to evaluate: extract features from labelled shards"
-        )
-    return store, ids, store.camids()
-
-
 def require_vehicle_ids(shards, query_split: str, gallery_split: str) -> None:
     """Refuse, before any extraction, shard splits that cannot be evaluated: a query or gallery split without
     any vehicle id (all -1), as counted in the shard manifest (queries of unknown id among labelled ones
@@ -514,8 +499,8 @@ def evaluate_groups(
     camera_norm: bool = False,
 ) -> dict:
     """``evaluate_blockwise`` on two Zarr feature groups (``features``, ``ids``, ``camids``)."""
-    qs, q_ids, q_cams = _open_checked(query_path, "query")
-    gs, g_ids, g_cams = _open_checked(gallery_path, "gallery")
+    qs, gs = open_group(query_path, "query", labels=True), open_group(gallery_path, "gallery", labels=True)
+    q_ids, q_cams, g_ids, g_cams = qs.ids(), qs.camids(), gs.ids(), gs.camids()
     if qs.dim() != gs.dim():
         raise StoreError(
             f"query features {query_path} have dimension {qs.dim()} but gallery features "
@@ -571,7 +556,7 @@ def topk_lists(
     same vehicle, False = another vehicle, None = same-camera junk, skipped by the metrics),
     ``distances``. Only the strips of the tiles holding the chosen queries are computed.
     """
-    query, gallery = as_features(query), as_features(gallery)
+    query, gallery = as_rows(query), as_rows(gallery)
     nq, ng = query.count(), gallery.count()
     q_ids, q_cams = _labels(q_ids, nq, "query ids"), _labels(q_cams, nq, "query camids")
     g_ids, g_cams = _labels(g_ids, ng, "gallery ids"), _labels(g_cams, ng, "gallery camids")

@@ -344,8 +344,14 @@ def knn_rows(
     margin: int = 16,
     stored_dtype=None,
     temp: int = TEMP_ELEMENTS,
+    self_in_base: bool = True,
 ):
     """Graph rows sigma_i[0:k] and C_i of one query block against the whole dictionary.
+
+    The one blockwise exact top-k of wildreid: mining calls it for graph rows (the query
+    rows are rows of the base: self first, then the k - 1 others); search calls it with
+    ``self_in_base=False`` (queries apart from the gallery: the top k of the base, ids
+    naming the query rows in errors only) and ``threshold=inf`` (no counts needed).
 
     ``base_blocks`` gives ``(base_ids, base)`` blocks covering the dictionary once:
     a sequence, or a callable ``(dtype) -> iterator`` (streamed from storage) that may
@@ -367,9 +373,10 @@ def knn_rows(
     query = np.asarray(query)
     if int(k) != k or k < 1 or margin < 0:
         raise ConfigError(f"expected k >= 1 and margin >= 0, found k={k} and margin={margin}")
-    qids = _ids(query_ids, len(query), "query_ids")
-    qn = check_features(query, qids, what="query", temp=temp)
-    n_q, others_k, dim = len(query), int(k) - 1, query.shape[1]
+    named = _ids(query_ids, len(query), "query_ids")
+    qn = check_features(query, named, what="query", temp=temp)
+    qids = named if self_in_base else np.full(len(query), -1, dtype=np.int64)  # -1: no base row is the query
+    n_q, others_k, dim = len(query), int(k) - (1 if self_in_base else 0), query.shape[1]
     q32 = np.ascontiguousarray(query, dtype=np.float32)
     width = others_k + margin
     heap = faiss.ResultHeap(n_q, max(width, 1), keep_max=True)
@@ -429,7 +436,8 @@ def knn_rows(
                 self_r, self_c = _self_mask(qids[rows], bids)
                 scores[self_r, self_c] = -np.inf
                 count[rows] += _threshold_count(query[rows], base, scores, eps[rows], threshold, free, temp)
-    sim, idx = with_self_first(qids, sim, idx, pair_similarity(query, query, temp=temp))
+    if self_in_base:
+        sim, idx = with_self_first(qids, sim, idx, pair_similarity(query, query, temp=temp))
     return sim, idx, count
 
 

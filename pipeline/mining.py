@@ -60,7 +60,7 @@ from wildreid.stores.derived import (
     write_knn_rows,
     write_positives_part,
 )
-from wildreid.stores.rows import GATHER_WINDOW_BYTES
+from wildreid.stores.rows import GATHER_WINDOW_BYTES, Rows
 from wildreid.tasks import Workspace, one_blas_thread, run_tasks
 from wildreid.world import World
 
@@ -281,7 +281,7 @@ def _fingerprint(store: FeatureStore, params: MineParams, plan: BlockPlan, stage
     return out
 
 
-class DictionaryRows:
+class DictionaryRows(Rows):
     """The dictionary as a mining process reads it, shared by its tasks (threads).
 
     Rows [0, ``resident``) are read once and held; the rest are read by byte range
@@ -290,41 +290,45 @@ class DictionaryRows:
     """
 
     def __init__(self, store: FeatureStore, resident: int):
-        self.reader = store.row_reader()
-        self.n, self.dim = store.count(), store.dim()
-        self.dtype = self.reader.dtype
-        self.resident_rows = min(int(resident), self.n)
+        self.store = store
+        self.dtype = store.dtype
+        self.resident_rows = min(int(resident), store.count())
         self._held: np.ndarray | None = None
         self._lock = threading.Lock()
+
+    def count(self) -> int:
+        return self.store.count()
+
+    def dim(self) -> int:
+        return self.store.dim()
 
     def held(self) -> np.ndarray:
         with self._lock:
             if self._held is None:
-                self._held = self.reader.read(0, self.resident_rows)
+                self._held = self.store.read(0, self.resident_rows)
             return self._held
 
-    def block(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop): a read-only view of held rows, else read into ``out`` (or a new array)."""
         held = self.held()
         if stop <= len(held) and out is None:
             view = held[start:stop]
             view.flags.writeable = False
             return view
-        out = np.empty((stop - start, self.dim), dtype=self.dtype) if out is None else out
+        out = np.empty((stop - start, self.dim()), dtype=self.dtype) if out is None else out
         split = min(max(start, len(held)), stop)
         out[: split - start] = held[start:split]
-        self.reader.read(split, stop, out[split - start :])
+        self.store.read(split, stop, out[split - start :])
         return out
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
-        """Rows ``ids`` (any order, repeats allowed) as a new array."""
         ids = np.asarray(ids, dtype=np.int64)
         held = self.held()
-        out = np.empty((len(ids), self.dim), dtype=self.dtype)
+        out = np.empty((len(ids), self.dim()), dtype=self.dtype)
         near = ids < len(held)
         out[near] = held[ids[near]]
         if not near.all():
-            out[~near] = self.reader.gather(ids[~near])
+            out[~near] = self.store.gather(ids[~near])
         return out
 
 
@@ -370,10 +374,10 @@ def _base_blocks(rows: DictionaryRows, base_rows: int, workspace: Workspace, dty
     """(ids, rows) of the whole dictionary in blocks, in ``dtype`` (None: as stored; conversions of stored
     values are exact). Blocks not held in memory land in this thread's scratch buffers (``Workspace.buffer``), so
     each block must be used before the next is asked for."""
-    for start in range(0, rows.n, base_rows):
-        stop = min(start + base_rows, rows.n)
-        out = None if stop <= rows.resident_rows else workspace.buffer("stored", (stop - start, rows.dim), rows.dtype)
-        block = rows.block(start, stop, out)
+    for start in range(0, rows.count(), base_rows):
+        stop = min(start + base_rows, rows.count())
+        out = None if stop <= rows.resident_rows else workspace.buffer("stored", (stop - start, rows.dim()), rows.dtype)
+        block = rows.read(start, stop, out)
         if dtype is not None and np.dtype(dtype) != block.dtype:
             converted = workspace.buffer(np.dtype(dtype).name, block.shape, dtype)
             np.copyto(converted, block)
@@ -400,7 +404,7 @@ def _knn_task(path: str, block: int, params: MineParams, plan: BlockPlan, *, wor
     rows = _dictionary_rows(store, plan.resident_rows, workspace)
     q0 = block * plan.query_rows
     q1 = min(q0 + plan.query_rows, store.count())
-    query = rows.block(q0, q1, np.empty((q1 - q0, rows.dim), dtype=rows.dtype))
+    query = rows.read(q0, q1, np.empty((q1 - q0, rows.dim()), dtype=rows.dtype))
     sides = _camera_sides(store, params.camera_penalty, workspace)
     if sides is not None:
         query = sides.query(np.arange(q0, q1), query)

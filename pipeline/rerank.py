@@ -28,13 +28,12 @@ import numpy as np
 from wildreid.core.errors import ConfigError, StoreError
 from wildreid.distances import (
     TILE,
-    Features,
-    as_features,
     check_tile,
     grid_distances,
     plan_query_rows,
     squared_norms,
 )
+from wildreid.stores.rows import Rows, as_rows
 
 __all__ = ["ReRanker", "combine", "knn_lists", "pair_distances", "reciprocal_lists", "rerank_dense", "segment_sums"]
 
@@ -159,10 +158,12 @@ def rerank_dense(qf, gf, k1: int = 20, k2: int = 6, lambda_: float = 0.3, *, til
 # --------------------------------------------------------------------------- sparse, blockwise
 
 
-class _Stacked:
-    """Query rows then gallery rows, as one feature source."""
+class _Stacked(Rows):
+    """Query rows then gallery rows, as one row source (float32)."""
 
-    def __init__(self, query: Features, gallery: Features):
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, query: Rows, gallery: Rows):
         self.query, self.gallery, self.nq = query, gallery, query.count()
 
     def count(self) -> int:
@@ -171,16 +172,17 @@ class _Stacked:
     def dim(self) -> int:
         return self.query.dim()
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        parts = []
-        if start < self.nq:
-            parts.append(self.query.read_rows(start, min(stop, self.nq)))
-        if stop > self.nq:
-            parts.append(self.gallery.read_rows(max(start, self.nq) - self.nq, stop - self.nq))
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty((stop - start, self.dim()), dtype=np.float32) if out is None else out
+        split = min(max(start, self.nq), stop)
+        if split > start:
+            out[: split - start] = self.query.read_rows(start, split)
+        if stop > split:
+            out[split - start :] = self.gallery.read_rows(split - self.nq, stop - self.nq)
+        return out
 
 
-def knn_lists(x: Features, k: int, *, budget: int, tile=TILE, device: str = "cpu", cached: np.ndarray | None = None):
+def knn_lists(x: Rows, k: int, *, budget: int, tile=TILE, device: str = "cpu", cached: np.ndarray | None = None):
     """(indices, distances, row maxima) of the first k of every row by (D, index), blockwise over the grid."""
     tq, tg = check_tile(tile)
     n = x.count()
@@ -230,7 +232,7 @@ class ReRanker:
                 f"expected k1 >= 1, 1 <= k2 <= k1 + 1 and 0 <= lambda <= 1, found k1={k1}, k2={k2}, "
                 f"lambda={lambda_}; the paper's values are 20, 6, 0.3"
             )
-        query, gallery = as_features(query), as_features(gallery)
+        query, gallery = as_rows(query), as_rows(gallery)
         if query.dim() != gallery.dim():
             raise StoreError(
                 f"query features have dimension {query.dim()} but gallery features {gallery.dim()}; "
@@ -287,8 +289,7 @@ class ReRanker:
     def _rows(self, which: np.ndarray) -> np.ndarray:
         if self.cached is not None:
             return self.cached[which]
-        uniq, inv = np.unique(which, return_inverse=True)
-        return np.concatenate([self.x.read_rows(int(u), int(u) + 1) for u in uniq])[inv]
+        return self.x.gather(which)
 
     def _query_expansion(self, ptr, cols, vals, first, k2: int):
         """V'[i] = sum of V over N(i, k2) / k2, summed in rank order; CSR with ascending columns."""

@@ -6,15 +6,13 @@ summation order gives it, so BLAS is used). Results are ordered by similarity,
 descending, then gallery row, ascending: the exact search returns what a dense
 reference (the whole query x gallery matrix in float64, sorted) returns, bit for bit.
 
-Exact search streams the gallery in blocks of rows (``RowReader`` byte ranges of
-the Zarr chunks) and keeps a running top-k per query; per block (``block_topk``):
-
-1. FAISS (float32 BLAS, ``faiss.knn``) proposes the block's top k + ``margin`` rows of every query;
-2. their exact similarities give the block's top k (``topk_rows``);
-3. a query whose last proposal is within float32's proven error band of its k-th exact
-   value (``knn._slack``) might miss a row, ties included: it gets its exact
-   similarities to the whole block instead;
-4. ``merge_topk`` merges the block's lists into the running ones.
+Exact search is the blockwise exact top-k that mining's k-NN graph uses
+(``wildreid.knn.knn_rows``, with the queries apart from the gallery): for a block of
+queries, FAISS (float32 BLAS) proposes the top k + ``margin`` rows over the gallery
+streamed in blocks (``RowReader`` byte ranges of the Zarr chunks); a second stream
+gives the proposals' exact similarities; a query whose last proposal is within
+float32's proven error band of its k-th exact value might miss a row, ties included,
+and gets an exact pass of its own.
 
 The IVF index (``--index ivf``) is FAISS's ``IndexIVFScalarQuantizer`` with float16
 codes (lossless for float16 features): coarse centroids trained by k-means on a
@@ -27,7 +25,7 @@ float32 values and its lists are approximate (recall is measured in
 FAISS's tiles and the exact kernel's temporaries (``FIXED_BYTES``) off the top; of the
 rest, a block of query rows (stored, float32 and float64 copies, proposals, running
 lists) a quarter, a block of gallery rows (as stored, as float32, checks) a half, and
-the exact whole-block rescoring of unsafe queries a quarter (a few rows at a time).
+the exact rescoring of unsafe queries a quarter (a few rows at a time).
 Queries beyond one block each stream the gallery again. With ``--index ivf`` the index
 and its k-means sample are taken off first, and a budget that cannot hold them is
 refused with what they need.
@@ -37,7 +35,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,26 +47,23 @@ from PIL import Image
 from wildreid.budget import default_budget
 from wildreid.checkpoint import load_model
 from wildreid.core.errors import ConfigError, StoreError
-from wildreid.distances import ArrayFeatures
 from wildreid.embedding import checkpoint_digest, load_image
 from wildreid.extract import extract_features
-from wildreid.knn import _slack, check_features, pair_similarity, similarity, topk_pairs, validate_rows
+from wildreid.knn import knn_rows, topk_pairs, validate_rows
 from wildreid.plots import search_grid
 from wildreid.shards.reader import IndexedShard, parse_meta, split_entry
 from wildreid.shards.writer import load_sample_offsets
 from wildreid.stores import FeatureStore
+from wildreid.stores.groups import open_group
+from wildreid.stores.rows import ArrayRows, Rows
 
 __all__ = [
-    "ArrayRows",
     "check_pictures",
     "SearchPlan",
     "SearchResult",
-    "StoreRows",
-    "block_topk",
     "build_ivf",
     "exact_search",
     "ivf_search",
-    "merge_topk",
     "plan_search",
     "search",
     "topk_rows",
@@ -95,154 +90,6 @@ def topk_rows(sims: np.ndarray, ids: np.ndarray, k: int):
     real = ids >= 0
     rows, cols = np.nonzero(real)
     return topk_pairs(len(sims), rows, sims[rows, cols], ids[rows, cols], k)
-
-
-def merge_topk(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k: int):
-    """The top-k of two (sim, id) lists of the same queries over disjoint rows, by (sim desc, id asc)."""
-    return topk_rows(np.concatenate([a[0], b[0]], axis=1), np.concatenate([a[1], b[1]], axis=1), k)
-
-
-def _max_norm(b32: np.ndarray) -> float:
-    """An upper bound of the largest row norm of a float32 block (a relative margin above its rounding)."""
-    if not len(b32):
-        return 0.0
-    return float(np.sqrt(np.einsum("ij,ij->i", b32, b32).max()) * (1 + b32.shape[1] * 2.0**-22))
-
-
-def _exact_sims(query: np.ndarray, block: np.ndarray, free: bool) -> np.ndarray:
-    """Exact float64 (len(query), len(block)) similarities, a float64 copy of a few block rows at a time."""
-    out = np.empty((len(query), len(block)))
-    step = max(1, (1 << 22) // max(1, block.shape[1]))
-    q64 = query.astype(np.float64) if free else None
-    for c0 in range(0, len(block), step):
-        part = block[c0 : c0 + step]
-        out[:, c0 : c0 + step] = q64 @ part.astype(np.float64).T if free else similarity(query, part)
-    return out
-
-
-def _pair_sims(query: np.ndarray, rows: np.ndarray, block: np.ndarray, cols: np.ndarray, free: bool) -> np.ndarray:
-    """Exact s(query[rows[p]], block[cols[p]]) for every p, gathered a few thousand pairs at a time."""
-    out = np.empty(len(rows))
-    step = max(1, (1 << 20) // max(1, query.shape[1]))
-    for p0 in range(0, len(rows), step):
-        x, y = query[rows[p0 : p0 + step]], block[cols[p0 : p0 + step]]
-        out[p0 : p0 + step] = (
-            np.einsum("ij,ij->i", x.astype(np.float64), y.astype(np.float64)) if free else pair_similarity(x, y)
-        )
-    return out
-
-
-def _exact_topk(query, block, k: int, free: bool, temp_bytes: int):
-    """Top-k of whole-block exact similarities, a few query rows at a time (``temp_bytes`` of scores)."""
-    nb = len(block)
-    sim = np.full((len(query), k), -np.inf)
-    idx = np.full((len(query), k), -1, dtype=np.int64)
-    step = max(1, temp_bytes // max(1, 24 * nb))
-    for r0 in range(0, len(query), step):
-        s = _exact_sims(query[r0 : r0 + step], block, free)
-        if nb > k:  # keep every entry >= the k-th largest (ties included), then order those
-            kth = np.partition(s, nb - k, axis=1)[:, nb - k]
-            rr, cc = np.nonzero(s >= kth[:, None])
-        else:
-            rr, cc = np.nonzero(np.ones(s.shape, dtype=bool))
-        sim[r0 : r0 + step], idx[r0 : r0 + step] = topk_pairs(len(s), rr, s[rr, cc], cc.astype(np.int64), k)
-    return sim, idx
-
-
-def block_topk(
-    query: np.ndarray,
-    block: np.ndarray,
-    offset: int,
-    k: int,
-    *,
-    margin: int = MARGIN,
-    query_norms: np.ndarray | None = None,
-    temp_bytes: int = 64 << 20,
-):
-    """Exact top-k (sim desc, row asc) of every query row among the rows ``offset ..`` of one gallery block.
-
-    Steps 1-3 of the module docstring; returns float64 (Q, k) similarities and int64 (Q, k)
-    gallery rows (-inf / -1 where the block has fewer than k rows).
-    """
-    query, block = np.asarray(query), np.asarray(block)
-    if query.ndim != 2 or block.ndim != 2 or query.shape[1] != block.shape[1]:
-        raise StoreError(f"expected query and gallery rows of one dimension, found {query.shape} and {block.shape}")
-    if k < 1 or margin < 0:
-        raise ConfigError(f"expected k >= 1 and margin >= 0, found k={k} and margin={margin}")
-    nq, nb = len(query), len(block)
-    if nb == 0 or nq == 0:
-        return np.full((nq, k), -np.inf), np.full((nq, k), -1, dtype=np.int64)
-    qn = query_norms if query_norms is not None else check_features(query, what="query")
-    validate_rows(block, np.arange(offset, offset + nb), what="gallery")
-    b32 = np.ascontiguousarray(block, dtype=np.float32)
-    bmax = _max_norm(b32)
-    # every summation order exact for these rows (module docstring of wildreid.knn)
-    free = query.dtype == np.float16 and block.dtype == np.float16 and float(qn.max()) * bmax < 16.0
-    width = min(k + margin, nb)
-    if width == nb:  # every row of the block is a candidate
-        sim, idx = _exact_topk(query, block, k, free, temp_bytes)
-    else:
-        f32, cand = faiss.knn(np.ascontiguousarray(query, dtype=np.float32), b32, width, faiss.METRIC_INNER_PRODUCT)
-        exact = _pair_sims(query, np.repeat(np.arange(nq), width), block, cand.reshape(-1), free).reshape(nq, width)
-        sim, idx = topk_rows(exact, cand, k)
-        unsafe = np.flatnonzero(f32[:, -1].astype(np.float64) + _slack(block.shape[1], qn, bmax) >= sim[:, k - 1])
-        if len(unsafe):
-            sim[unsafe], idx[unsafe] = _exact_topk(query[unsafe], block, k, free, temp_bytes)
-    return sim, np.where(idx >= 0, idx + offset, -1)
-
-
-# --------------------------------------------------------------------------- rows of a gallery
-
-
-class ArrayRows(ArrayFeatures):
-    """The row interface of a search over an in-memory (N, D) array (tests, benchmarks): rows in their own dtype."""
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.x.dtype
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return self.x[start:stop]
-
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        return self.x[np.asarray(rows, dtype=np.int64)]
-
-    def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        for start in range(0, self.count(), rows):
-            yield start, self.x[start : start + rows]
-
-
-class StoreRows(ArrayRows):
-    """The same interface over a FeatureStore's ``features``: byte-range reads in the stored dtype."""
-
-    def __init__(self, store):
-        self.store = store
-        self.reader = store.row_reader()
-
-    def count(self) -> int:
-        return self.store.count()
-
-    def dim(self) -> int:
-        return self.store.dim()
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.reader.dtype
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return self.reader.read(start, stop)
-
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        return self.reader.gather(rows)
-
-    def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        buf = np.empty((min(rows, max(1, self.count())), self.dim()), dtype=self.dtype)  # one buffer, reused
-        for start in range(0, self.count(), rows):
-            stop = min(self.count(), start + rows)
-            yield start, self.reader.read(start, stop, buf[: stop - start])
-
-
-# --------------------------------------------------------------------------- exact and IVF search
 
 
 @dataclass(frozen=True)
@@ -273,8 +120,8 @@ def plan_search(budget: int, *, n_query: int, n_gallery: int, dim: int, k: int, 
 
 
 def exact_search(
-    query: ArrayRows,
-    gallery: ArrayRows,
+    query: Rows,
+    gallery: Rows,
     k: int,
     *,
     plan: SearchPlan,
@@ -285,16 +132,27 @@ def exact_search(
     nq, ng = query.count(), gallery.count()
     sims, ids = np.full((nq, k), -np.inf), np.full((nq, k), -1, dtype=np.int64)
     passes = -(-nq // plan.query_rows)
+
+    def blocks(dtype=None):  # knn_rows converts what it needs; the stored rows are what it is given
+        for offset, block in gallery.blocks(plan.gallery_rows):
+            validate_rows(block, np.arange(offset, offset + len(block)), what="gallery")
+            yield np.arange(offset, offset + len(block)), block
+
     for q0 in range(0, nq, plan.query_rows):
         q1 = min(nq, q0 + plan.query_rows)
-        q = np.asarray(query.read(q0, q1))
-        qn = check_features(q, np.arange(q0, q1), what="query")
-        run = (sims[q0:q1], ids[q0:q1])
-        for offset, block in gallery.blocks(plan.gallery_rows):
-            found = block_topk(q, block, offset, k, margin=margin, query_norms=qn, temp_bytes=plan.temp_bytes)
-            run = merge_topk(run, found, k)
-            progress("searching", len(block), ng * passes)
-        sims[q0:q1], ids[q0:q1] = run
+        sim, idx, _ = knn_rows(
+            np.asarray(query.read(q0, q1)),
+            np.arange(q0, q1),
+            blocks,
+            k,
+            threshold=np.inf,
+            margin=margin,
+            stored_dtype=gallery.dtype,
+            temp=max(1, plan.temp_bytes // 24),
+            self_in_base=False,
+        )
+        sims[q0:q1], ids[q0:q1] = sim, idx
+        progress("searching", ng, ng * passes)
     return sims, ids
 
 
@@ -309,7 +167,7 @@ def ivf_bytes(n: int, dim: int, nlist: int) -> int:
 
 
 def build_ivf(
-    gallery: ArrayRows,
+    gallery: Rows,
     *,
     nlist: int,
     block_rows: int,
@@ -336,7 +194,7 @@ def build_ivf(
     return index
 
 
-def ivf_search(index, query: ArrayRows, k: int, *, nprobe: int, query_rows: int):
+def ivf_search(index, query: Rows, k: int, *, nprobe: int, query_rows: int):
     """Top-k of every query row from the IVF index, ordered by (similarity desc, row asc)."""
     if not 1 <= nprobe <= index.nlist:
         raise ConfigError(f"expected --nprobe between 1 and --nlist ({index.nlist}), found {nprobe}")
@@ -353,27 +211,6 @@ def ivf_search(index, query: ArrayRows, k: int, *, nprobe: int, query_rows: int)
 # --------------------------------------------------------------------------- groups and images
 
 
-def open_group(path, what: str):
-    """A feature group to search, checked whole: it exists, has rows, and its embedding finished."""
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(
-            f"{what} group {path} does not exist; make it with 'wildreid embed SRC --checkpoint CKPT --output {path}'"
-        )
-    store = FeatureStore.open(path)
-    if store.count() == 0:
-        raise StoreError(f"{what} group {path} has 0 rows; expected the features of at least one image")
-    state = store.meta("extraction")
-    if state is None and store.meta("source") is not None:
-        state = {"rows_done": 0}  # embedding began (keys, source written) and was stopped before its first chunk
-    if state is not None and int(state.get("rows_done", 0)) < store.count():
-        raise StoreError(
-            f"{what} group {path} is embedded up to row {int(state.get('rows_done', 0)):,} of {store.count():,}; "
-            "run the same 'wildreid embed' command again to finish it"
-        )
-    return store
-
-
 def _model_of(store) -> tuple[str | None, str]:
     """(checkpoint label, feature) that made a group's rows, when recorded."""
     meta = (store.meta("extraction") or {}).get("meta") or {}
@@ -382,7 +219,7 @@ def _model_of(store) -> tuple[str | None, str]:
 
 @dataclass
 class Queries:
-    rows: ArrayRows
+    rows: Rows
     keys: list[str]
     store: object | None  # the query group, or None for an image
     image: Path | None
@@ -405,7 +242,7 @@ def load_queries(query, gallery_store, *, checkpoint=None, device: str = "cpu") 
                 f"query group {query} was embedded by checkpoint {label} ({feature}) but gallery "
                 f"{gallery_store.path} by {g_label} ({g_feature}); embed both with one checkpoint"
             )
-        return Queries(StoreRows(store), [str(key) for key in store.keys()], store, None)
+        return Queries(store, [str(key) for key in store.keys()], store, None)
     if not query.is_file():
         raise StoreError(f"query {query} does not exist; expected an image file or a feature group (wildreid embed)")
     if checkpoint is None:
@@ -429,7 +266,7 @@ def load_queries(query, gallery_store, *, checkpoint=None, device: str = "cpu") 
     with torch.no_grad():
         x = extract_features(model.eval(), image[None], device, feature)
     # stored as the gallery stores its rows, so an image searches as its embedded row would
-    return Queries(ArrayRows(x.astype(StoreRows(gallery_store).dtype)), [str(query)], None, query)
+    return Queries(ArrayRows(x.astype(gallery_store.dtype)), [str(query)], None, query)
 
 
 @dataclass
@@ -464,7 +301,7 @@ def search(
     gstore = open_group(gallery, "gallery")
     queries = load_queries(query, gstore, checkpoint=checkpoint, device=device)
     budget = memory_budget if memory_budget is not None else default_budget()
-    rows = StoreRows(gstore)
+    rows = gstore
     k_eff = min(k, rows.count())
     n, dim, itemsize = rows.count(), rows.dim(), rows.dtype.itemsize
     reserved = 0  # the IVF index and its training sample, beside the blocks

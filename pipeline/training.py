@@ -1282,7 +1282,7 @@ def _mine_batch(cache: PageCache, rows: np.ndarray, config: Config, labels, mine
     """DPLM positives of ``rows`` against the live dictionary; adds their quality sums to ``mined``."""
     m = config.mining
     found = dplm_rows(
-        cache.read_range(0, cache.n),
+        cache.read(0, cache.n),
         rows,
         threshold=m.threshold,
         min_candidates=m.min_candidates,

@@ -47,10 +47,12 @@ BLOCKWISE_CHILD = (
 from wildreid.evaluation import evaluate_blockwise
 q, g, budget, nq = FeatureStore.open(sys.argv[1]), FeatureStore.open(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 q_ids, q_cams, g_ids, g_cams = q.ids()[:nq], q.camids()[:nq], g.ids(), g.camids()
-class Head:  # the first nq query rows of the store
+from wildreid.stores.rows import Rows
+class Head(Rows):  # the first nq query rows of the store
+    dtype = q.dtype
     def count(self): return nq
     def dim(self): return q.dim()
-    def read_rows(self, a, b): return q.read_rows(a, b)
+    def read(self, a, b, out=None): return q.read(a, b, out)
 idle = rss()
 began = time.perf_counter()
 out = evaluate_blockwise(Head(), g, q_ids, q_cams, g_ids, g_cams, memory_budget=budget)

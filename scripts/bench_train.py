@@ -99,7 +99,7 @@ def resident_cache(store: FeatureStore) -> PageCache:
     """A cache holding the whole dictionary, warmed so no timed step reads the store."""
     page = store.chunk_rows * store.dim() * store.features.dtype.itemsize
     cache = PageCache(store.features, host_budget=store.count() * store.dim() * 2 + page, dtype=store.features.dtype)
-    cache.read_range(0, store.count())
+    cache.read(0, store.count())
     return cache
 
 

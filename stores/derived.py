@@ -114,7 +114,7 @@ def graph_reader(store: FeatureStore, k: int, host_budget: int):
             "mine this store again"
         )
     cache = PageCache(array, host_budget=max(host_budget, array.chunks[0] * k * 8), dtype=array.dtype)
-    return cache.get_rows
+    return cache.gather
 
 
 # --------------------------------------------------------------------------- positives

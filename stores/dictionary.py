@@ -32,7 +32,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from wildreid.core.durable import DurableLocalStore, fsync_dir, fsync_tree, remove_tree
 from wildreid.core.errors import DamagedDataError, StoreError, WildreidError
 from wildreid.stores.lock import LOCK_NAME
-from wildreid.stores.rows import RowReader, damage_remedy, damaged_chunk_error
+from wildreid.stores.rows import RowReader, Rows, damage_remedy, damaged_chunk_error
 
 __all__ = ["CHUNK_BYTES", "CheckedArray", "FeatureStore", "create_checked_array", "rows_per_chunk"]
 
@@ -105,8 +105,11 @@ class CheckedArray:
         return None
 
 
-class FeatureStore:
-    """The only door to a store's Zarr group; ``read_only`` is checked in one place."""
+class FeatureStore(Rows):
+    """The only door to a store's Zarr group; ``read_only`` is checked in one place.
+
+    Its ``features`` are :class:`~wildreid.stores.rows.Rows`, read by byte range (``RowReader``).
+    """
 
     def __init__(self, path: str | Path, group: zarr.Group, read_only: bool, meta_writer: bool = True):
         self.path = Path(path)
@@ -121,6 +124,7 @@ class FeatureStore:
                 "any Zarr group with features (N, D)"
             )
         self.features = self.array("features")
+        self._reader: RowReader | None = None
         n = self.features.shape[0]
         for name in ("ids", "camids", "keys"):
             if self.has(name) and self._node(name).shape != (n,):
@@ -263,19 +267,36 @@ class FeatureStore:
             create_checked_array(self.group, "keys", shape=(n,), chunks=(max(min(n, 1 << 18), 1),), dtype=str)
         self.group["keys"][:] = keys
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as float32."""
-        return np.asarray(self.features[start:stop], dtype=np.float32)
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.features.dtype)
 
-    def iter_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        for start in range(0, self.count(), block_rows):
-            yield start, self.read_rows(start, min(start + block_rows, self.count()))
+    def _rows(self) -> RowReader:
+        if self._reader is None:  # one reader: each chunk file's crc32c is checked once, at its first read
+            self._reader = self.row_reader()
+        return self._reader
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) of ``features`` in the stored dtype."""
+        return self._rows().read(start, stop, out)
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        return self._rows().gather(ids)
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        if rows < 1:
+            raise StoreError(f"expected blocks of at least 1 row, found {rows}")
+        buf = np.empty((max(1, min(rows, self.count())), self.dim()), dtype=self.dtype)  # one buffer, reused
+        for start in range(0, self.count(), rows):
+            stop = min(self.count(), start + rows)
+            yield start, self.read(start, stop, buf[: stop - start])
 
     def write_rows(self, start: int, block: np.ndarray) -> None:
         self._check_writable()
         if block.ndim != 2 or block.shape[1] != self.dim():
             raise StoreError(f"expected rows of dimension {self.dim()}, found shape {block.shape}")
         self.features[start : start + len(block)] = block.astype(self.features.dtype)
+        self._reader = None  # the chunks written are checked again at their next read
 
     def write_labels(self, start: int, ids: np.ndarray, camids: np.ndarray) -> None:
         self._check_writable()
@@ -346,6 +367,7 @@ class FeatureStore:
         remove_tree(outgoing)
         self.group = zarr.open_group(store=DurableLocalStore(str(self.path)), mode="r+")
         self.features = self.array("features")
+        self._reader = None
 
     def remove(self, name: str) -> None:
         """Remove a derived group or array (``knn``, ``positives``, ``positives/parts``), durably."""
@@ -353,6 +375,7 @@ class FeatureStore:
         remove_tree(self.path / name)
         self.group = zarr.open_group(store=DurableLocalStore(str(self.path)), mode="r+")
         self.features = self.array("features")
+        self._reader = None
 
 
 def _finish_features_swap(path: Path) -> None:

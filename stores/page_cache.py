@@ -5,9 +5,9 @@ used evicted first) and, when ``device_budget`` > 0, "device" pages held as
 torch tensors on ``device`` (the pages used most often; on a CUDA machine they
 live on the GPU, on the CPU the same code runs with CPU tensors so the tests
 cover it). A page lives in exactly one tier. Writes mark a page dirty; dirty
-pages are written back when evicted and on :meth:`flush`. Full scans read
+pages are written back when evicted and on :meth:`flush`. :meth:`blocks` reads
 pages that are not resident straight from the store without caching them, so a
-scan does not flush the hot set.
+full pass does not flush the hot set.
 
 Readers that want tensors (:meth:`get_rows_tensor`, :meth:`scan_tensors`) take
 device pages as they are, on the device, with no host copy; when the whole array
@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from wildreid.core.errors import ConfigError
+from wildreid.stores.rows import Rows
 
 __all__ = ["PageCache"]
 
@@ -43,7 +44,10 @@ def _torch_dtype(dtype: np.dtype):
     return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[np.dtype(dtype)]
 
 
-class PageCache:
+class PageCache(Rows):
+    """Pages of a row-chunked array held in a host budget (and hot pages on the device): the row interface
+    (``wildreid.stores.rows.Rows``) over the rows it may touch, ``span``."""
+
     def __init__(
         self,
         array,
@@ -176,7 +180,13 @@ class PageCache:
 
     # ------------------------------------------------------------------ rows
 
-    def get_rows(self, idx: np.ndarray) -> np.ndarray:
+    def count(self) -> int:
+        return self.n
+
+    def dim(self) -> int:
+        return self.width
+
+    def gather(self, idx: np.ndarray) -> np.ndarray:
         """Rows ``idx`` (any order, repeats allowed) as a (len(idx), width) array."""
         idx = np.asarray(idx, dtype=np.int64)
         self._check_rows(idx)
@@ -188,7 +198,7 @@ class PageCache:
                 out[sel] = self._page(int(page))[idx[sel] - page * self.rows_per_page]
         return out
 
-    def read_range(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) through the cache (pages stay resident while the budget allows).
 
         ``out`` (stop - start, width), of any dtype, receives them (converted while copied)
@@ -218,7 +228,7 @@ class PageCache:
         idx = np.asarray(idx, dtype=np.int64)
         self._check_rows(idx)
         if not self.on_device and not self.device_capacity:
-            return torch.from_numpy(self.get_rows(idx)).to(device)
+            return torch.from_numpy(self.gather(idx)).to(device)
         out = torch.empty((len(idx), self.width), dtype=_torch_dtype(self.dtype), device=device)
         with self.lock:
             pages = idx // self.rows_per_page
@@ -253,11 +263,11 @@ class PageCache:
                     self.host[page][local] = values[sel]
                 self.dirty.add(page)
 
-    def scan(self, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def blocks(self, block_rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(start, rows) over the span in order, resident (possibly dirty) pages included."""
         block_rows = block_rows or self.rows_per_page
         if block_rows % self.rows_per_page:
-            raise ConfigError(f"scan blocks must be whole pages of {self.rows_per_page} rows, found {block_rows}")
+            raise ConfigError(f"blocks must be whole pages of {self.rows_per_page} rows, found {block_rows}")
         for start in range(self.span[0], self.span[1], block_rows):
             stop = min(start + block_rows, self.span[1])
             with self.lock:
@@ -271,7 +281,7 @@ class PageCache:
             yield start, block
 
     def scan_tensors(self, device) -> Iterator[tuple[int, object]]:
-        """(start, float32 tensor on ``device``) page by page, as :meth:`scan`; device pages are used in place."""
+        """(start, float32 tensor on ``device``) page by page, as :meth:`blocks`; device pages are used in place."""
         torch = _torch()
 
         device = torch.device(device)

@@ -15,6 +15,12 @@ read gives. A missing chunk file holds the fill value, as in Zarr. The store's
 writer lock keeps other writers out while a reader is in use. Any other layout
 (compressed, another codec chain, another byte order) falls back to Zarr's own
 whole-chunk reads, one at a time (``partial`` is then false).
+
+:class:`Rows` is the one row interface of wildreid: a row count, a dimension, a dtype,
+a row range, ids, and blocks in order. The feature store (a training store or a
+feature group), the page cache, the mining dictionary and :class:`ArrayRows` (an
+in-memory array) implement it, and evaluation, search, mining, re-ranking and the
+camera means read rows only through it.
 """
 
 from __future__ import annotations
@@ -22,18 +28,87 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
 from zarr.codecs import BytesCodec, Crc32cCodec
 
-from wildreid.core.errors import DamagedDataError
+from wildreid.core.errors import ConfigError, DamagedDataError
 
-__all__ = ["RowReader", "damage_remedy", "damaged_chunk_error"]
+__all__ = ["ArrayRows", "RowReader", "Rows", "as_rows", "damage_remedy", "damaged_chunk_error"]
 
 _VERIFY_PIECE = 1 << 20  # bytes read at a time while checking a chunk's crc32c
 GATHER_WINDOW_BYTES = 256 << 10  # ids within this span of rows are fetched with one read
+
+
+class Rows:
+    """Rows of features: ``count()``, ``dim()``, ``dtype`` and ``read(start, stop, out=None)`` (rows in
+    ``dtype``) are what an implementation gives; ``read_rows`` (float32), ``gather`` and ``blocks`` follow."""
+
+    dtype: np.dtype
+
+    def count(self) -> int:
+        raise NotImplementedError
+
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32 (the distances of wildreid.distances are float32)."""
+        return np.ascontiguousarray(self.read(start, stop), dtype=np.float32)
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` (any order, repeats allowed) as a new array: one range read per run of ids."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        rows = np.empty((len(uniq), self.dim()), dtype=self.dtype)
+        runs = np.r_[0, np.flatnonzero(np.diff(uniq) != 1) + 1, len(uniq)]
+        for a, b in zip(runs[:-1], runs[1:]):
+            self.read(int(uniq[a]), int(uniq[b - 1]) + 1, rows[a:b])
+        return rows[inverse.reshape(-1)]
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, rows [start, start + rows))`` over all rows in order; a block is valid until the next one is
+        asked for (a store reads every block into one buffer)."""
+        if rows < 1:
+            raise ConfigError(f"expected blocks of at least 1 row, found {rows}")
+        for start in range(0, self.count(), rows):
+            yield start, self.read(start, min(self.count(), start + rows))
+
+
+class ArrayRows(Rows):
+    """The row interface over an in-memory (N, D) array: its rows in its own dtype."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = np.asarray(x)
+        if self.x.ndim != 2:
+            raise ConfigError(f"expected features of shape (N, D), found shape {self.x.shape}")
+        self.dtype = self.x.dtype
+
+    def count(self) -> int:
+        return len(self.x)
+
+    def dim(self) -> int:
+        return self.x.shape[1]
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            return self.x[start:stop]
+        out[...] = self.x[start:stop]
+        return out
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        return self.x[np.asarray(ids, dtype=np.int64)]
+
+
+def as_rows(x) -> Rows:
+    """``x`` itself when it is :class:`Rows` (a store, a feature group, a page cache), else ArrayRows over it."""
+    return x if isinstance(x, Rows) else ArrayRows(x)
 
 
 def _layout(array) -> bool | None:

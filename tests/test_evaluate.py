@@ -34,6 +34,7 @@ from wildreid.plots import (
     training_curves,
 )
 from wildreid.stores import FeatureStore
+from wildreid.stores.rows import ArrayRows
 
 # --------------------------------------------------------------------------- against the dense reference
 
@@ -71,23 +72,12 @@ def test_camera_normalised_blockwise_equals_dense_and_a_plain_reference(tile, qu
     # the same metrics from features normalised by hand: mean of each camera over query and gallery rows
     rows, cams = np.concatenate([qf, gf]).astype(np.float64), np.concatenate([q_cams, g_cams])
     means = {c: rows[cams == c].mean(axis=0) for c in np.unique(cams)}
-    streamed = camera_means([(_Rows(qf), q_cams), (_Rows(gf), g_cams)], block_rows=10)
+    streamed = camera_means([(ArrayRows(qf), q_cams), (ArrayRows(gf), g_cams)], block_rows=10)
     assert sorted(streamed) == sorted(means) and all(np.allclose(means[c], streamed[c]) for c in means)
     by_hand = [(x - np.stack([means[c] for c in cam])) for x, cam in ((qf, q_cams), (gf, g_cams))]
     by_hand = [(x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32) for x in by_hand]
     np.testing.assert_array_equal(by_hand[0], camera_normalise(qf, q_cams, means))
     assert_same_metrics(dense, evaluate_dense(by_hand[0], q_ids, q_cams, by_hand[1], g_ids, g_cams, tile=tile))
-
-
-class _Rows:
-    def __init__(self, x):
-        self.x = x
-
-    def count(self):
-        return len(self.x)
-
-    def read_rows(self, start, stop):
-        return self.x[start:stop]
 
 
 def test_camera_normalisation_removes_a_per_camera_offset():
@@ -356,8 +346,8 @@ def _without(path, name):
     ("case", "match"),
     [
         ("dims", "dimension 8 but gallery features .* have 6"),
-        ("empty-query", "query store .* has 0 rows"),
-        ("empty-gallery", "gallery store .* has 0 rows"),
+        ("empty-query", "query group .* has 0 rows"),
+        ("empty-gallery", "gallery group .* has 0 rows"),
         ("no-ids", "has no 'ids' array"),
         ("no-camids", "has no 'camids' array"),
         ("unknown-ids", "only unknown ids"),

@@ -16,6 +16,7 @@ from wildreid.rerank import (
     rerank_dense,
     segment_sums,
 )
+from wildreid.stores.rows import ArrayRows
 
 
 def sparse_matrix(ranker: ReRanker, query_rows: int) -> np.ndarray:
@@ -71,9 +72,8 @@ def test_lambda_one_keeps_the_plain_ranking():
 def test_knn_lists_against_stable_argsort():
     qf, _, _, gf, _, _ = make_set(1, 15, 60, ints=True)
     x = np.concatenate([qf, gf])
-    from wildreid.distances import ArrayFeatures
 
-    idx, dist, row_max = knn_lists(ArrayFeatures(x), 9, budget=1 << 20, tile=(2, 8))
+    idx, dist, row_max = knn_lists(ArrayRows(x), 9, budget=1 << 20, tile=(2, 8))
     d = grid_distances(x, 0, x, 0, tile=(2, 8))
     want = np.argsort(d, axis=1, kind="stable")[:, :9]
     np.testing.assert_array_equal(idx, want)

@@ -15,17 +15,15 @@ from typer.testing import CliRunner
 from wildreid.cli import app
 from wildreid.core.errors import ConfigError
 from wildreid.retrieval import (
-    ArrayRows,
     SearchPlan,
-    block_topk,
     build_ivf,
     exact_search,
     ivf_search,
-    merge_topk,
     plan_search,
     topk_rows,
 )
 from wildreid.stores import FeatureStore
+from wildreid.stores.rows import ArrayRows
 
 runner = CliRunner()
 
@@ -38,20 +36,6 @@ def dense_topk(q: np.ndarray, g: np.ndarray, k: int):
 
 
 # --------------------------------------------------------------------------- pure top-k
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_merge_topk_equals_a_sort_of_both_lists(seed):
-    rng = np.random.default_rng(seed)
-    k = 7
-    sims = rng.integers(0, 5, (6, 30)).astype(np.float64)  # many ties
-    ids = np.tile(rng.permutation(30), (6, 1))
-    a = topk_rows(sims[:, :12], ids[:, :12], k)
-    b = topk_rows(sims[:, 12:], ids[:, 12:], k)
-    sim, idx = merge_topk(a, b, k)
-    order = np.lexsort((ids, -sims), axis=-1)[:, :k]
-    assert np.array_equal(idx, np.take_along_axis(ids, order, axis=1))
-    assert np.array_equal(sim, np.take_along_axis(sims, order, axis=1))
 
 
 def test_topk_rows_pads_short_rows_and_skips_padding_ids():
@@ -86,10 +70,12 @@ def test_blockwise_search_equals_the_dense_reference(dtype, margin, gallery_rows
     assert (idx[:25, 0] != -1).all() and (sim[:25, 0] >= sim[:25, 1]).all()
 
 
-def test_block_topk_with_fewer_rows_than_k_pads():
+def test_exact_search_with_fewer_gallery_rows_than_k_pads():
     g = clustered(3, dim=8)[:4]
-    sim, idx = block_topk(g[:2], g, 100, 6)
-    assert (idx[:, :4] >= 100).all() and (idx[:, 4:] == -1).all() and np.isneginf(sim[:, 4:]).all()
+    plan = SearchPlan(query_rows=2, gallery_rows=3, temp_bytes=1 << 16)
+    sim, idx = exact_search(ArrayRows(g[:2]), ArrayRows(g), 6, plan=plan)
+    assert (idx[:, :4] >= 0).all() and (idx[:, 4:] == -1).all() and np.isneginf(sim[:, 4:]).all()
+    assert sorted(idx[0, :4].tolist()) == [0, 1, 2, 3] and idx[0, 0] == 0  # a query equal to a row finds it first
 
 
 def test_plan_search_refuses_a_budget_too_small_with_the_smallest_that_works():

@@ -80,7 +80,7 @@ def test_page_cache_matches_a_dense_mirror(tmp_path, device_pages):
             cache.set_rows(idx, new)
             mirror[idx] = new  # last write wins for repeated indices, as in numpy
         elif rng.random() < 0.5:
-            assert np.array_equal(cache.get_rows(idx), mirror[idx])
+            assert np.array_equal(cache.gather(idx), mirror[idx])
         else:  # the tensor path gathers device pages on the device
             assert np.array_equal(cache.get_rows_tensor(idx, "cpu").numpy(), mirror[idx])
         assert cache.resident_bytes <= (3 + device_pages) * page_bytes
@@ -92,7 +92,7 @@ def test_page_cache_matches_a_dense_mirror(tmp_path, device_pages):
     else:
         assert cache.stats["device_hits"] == cache.stats["promotions"] == 0
     # a scan sees dirty rows before they are written back, host or device pages alike
-    assert np.array_equal(np.concatenate([b for _, b in cache.scan(20)]), mirror)
+    assert np.array_equal(np.concatenate([b for _, b in cache.blocks(20)]), mirror)
     assert np.array_equal(np.concatenate([b.numpy() for _, b in cache.scan_tensors("cpu")]), mirror)
     cache.flush()
     assert not cache.dirty
@@ -120,12 +120,12 @@ def test_a_rank_s_cache_touches_only_the_rows_it_owns(tmp_path):
     page_bytes = 10 * 8 * 4
     cache = PageCache(store.features, host_budget=2 * page_bytes, device_budget=3 * page_bytes, span=(30, 60))
     assert [start for start, _ in cache.scan_tensors("cpu")] == [30, 40, 50]
-    assert np.array_equal(np.concatenate([b for _, b in cache.scan()]), values[30:60])
+    assert np.array_equal(np.concatenate([b for _, b in cache.blocks()]), values[30:60])
     assert cache.load_all_to_device() and sorted(cache.on_device) == [3, 4, 5]
     cache.set_rows(np.array([59, 30]), np.full((2, 8), 2, np.float32))
     for outside in ([29], [60], [0, 45]):
         with pytest.raises(ConfigError, match="span 30..59"):
-            cache.get_rows(np.array(outside))
+            cache.gather(np.array(outside))
         with pytest.raises(ConfigError, match="span 30..59"):
             cache.set_rows(np.array(outside), np.zeros((len(outside), 8), np.float32))
     cache.flush()
@@ -141,15 +141,15 @@ def test_page_cache_budget_too_small(tmp_path):
         PageCache(store.features, host_budget=100)
 
 
-def test_read_range_into_a_buffer_of_another_dtype(tmp_path):
+def test_read_into_a_buffer_of_another_dtype(tmp_path):
     rng = np.random.default_rng(5)
     rows = rng.standard_normal((50, 6)).astype(np.float16)
     arr = zarr.open_array(tmp_path / "a.zarr", mode="w", shape=rows.shape, chunks=(8, 6), dtype="float16")
     arr[:] = rows
     cache = PageCache(arr, host_budget=1 << 20, dtype=np.float16)
     out = np.full((45, 6), np.nan)  # float64: converted while copied, values exact
-    assert cache.read_range(3, 48, out=out) is out
+    assert cache.read(3, 48, out=out) is out
     np.testing.assert_array_equal(out, rows[3:48].astype(np.float64))
-    np.testing.assert_array_equal(cache.read_range(3, 48), rows[3:48])
+    np.testing.assert_array_equal(cache.read(3, 48), rows[3:48])
     with pytest.raises(ConfigError, match="out array of shape"):
-        cache.read_range(0, 10, out=np.empty((9, 6)))
+        cache.read(0, 10, out=np.empty((9, 6)))
