@@ -197,19 +197,21 @@ class DictionaryConfig:
 
 @dataclass(frozen=True)
 class CameraConfig:
-    """Camera-aware SSML-FD (``wildreid.camera``); off (``aware: false``) trains exactly as without it."""
+    """Camera-aware SSML-FD (``wildreid.camera``); off (``aware: false``) trains exactly as without it.
 
-    aware: bool = False
+    On by default with every piece: together they won the study of docs/camera.md."""
+
+    aware: bool = True
     # DPLM on camera-normalised dictionary rows: each camera's mean removed, then L2-normalised again
     normalise: bool = True
     # share of each row's hard negatives taken among its own camera's rows (the same-camera confusers), on top
     # of the usual top r of all negatives; 0 leaves the negatives as they are
-    own_negatives: float = 0.0
+    own_negatives: float = 0.5
     # weight of the inter-camera term: mean (1 - z)^2 over the positives seen by other cameras than the anchor's
-    inter_weight: float = 0.0
+    inter_weight: float = 0.5
     # camera-aware candidate lists: DPLM ranks a row's own-camera neighbours by s - intra_penalty against the
     # other cameras' by s (the two lists merged by that rule); 0 ranks every row by s alone
-    intra_penalty: float = 0.0
+    intra_penalty: float = 0.25
 
     def __post_init__(self):
         _need(0 <= self.own_negatives < 1, "camera.own_negatives", "a float in [0, 1)", self.own_negatives)
@@ -395,7 +397,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 _OPERATIONAL = {"train": ("decode_on_device",)}
 # keys added after stores were written: left out of the digest while at these values (what every run before
 # them did), so a run started before they existed still resumes
-_ADDED = {"mining": {"oracle": False}, "camera": dataclasses.asdict(CameraConfig())}
+_ADDED = {
+    "mining": {"oracle": False},
+    "camera": {"aware": False, "normalise": True, "own_negatives": 0.0, "inter_weight": 0.0, "intra_penalty": 0.0},
+}
 
 
 def config_digest(config: Config) -> str:

@@ -16,7 +16,7 @@ wildreid shard --verify "$OUT/shards"
 wildreid inspect "$OUT/shards" --workers 2
 
 resume() { [ -d "$1/train" ] && echo --resume || true; }
-# the untrained baseline, then SSML-FD training with the demo config (a few minutes on 2 cores)
+# the untrained baseline, then camera-aware SSML-FD training with the demo config (a few minutes on 2 cores)
 wildreid train --shards "$OUT/shards" --store "$OUT/baseline" --config configs/demo.yaml --epochs 0 \
   --memory-budget "$BUDGET" $(resume "$OUT/baseline")
 wildreid train --shards "$OUT/shards" --store "$OUT/run" --config configs/demo.yaml \
@@ -36,7 +36,7 @@ print("|---|---|---|---:|---:|---:|---:|---:|---:|")
 for tag, protocol in (("", "standard"), ("-camnorm", "camera-normalised")):
     base, run = (json.load(open(f"{out}/{name}-eval{tag}.json")) for name in ("baseline", "run"))
     for split in run:
-        for name, res in (("untrained (--epochs 0)", base[split]), ("SSML-FD, configs/demo.yaml", run[split])):
+        for name, res in (("untrained (--epochs 0)", base[split]), ("camera-aware SSML-FD, configs/demo.yaml", run[split])):
             print(f"| {split} | {protocol} | {name} | {res['mAP']:.3f} | {res['mINP']:.3f} | {res['rank1']:.3f} "
                   f"| {res['rank5']:.3f} | {res['rank10']:.3f} | {res['valid_queries']} |")
 PYEOF

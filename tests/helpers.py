@@ -37,6 +37,7 @@ SMALL = [
     "mining.k=11",
     "mining.adjacency=10",
     "mining.min_candidates=5",
+    "camera.aware=false",  # the tests of the loop, resume and safety train camera-agnostic; test_camera turns it on
 ]
 
 

@@ -27,7 +27,10 @@ def test_defaults_are_the_published_schedule():
     assert (c.mining.k, c.mining.threshold, c.mining.min_candidates, c.mining.adjacency) == (101, 0.6, 10, 100)
     assert [e for e in range(10) if c.train.is_warmup(e)] == [0, 1, 2, 3, 4, 5]
     assert c.train.lr_at(39) == 0.1 and c.train.lr_at(40) == pytest.approx(0.01)
-    assert c.train.mining == "epoch" and load_config(None, ["train.mining=batch"]).train.mining == "batch"
+    batch = load_config(None, ["train.mining=batch", "camera.aware=false"])
+    assert c.train.mining == "epoch" and batch.train.mining == "batch"
+    assert c.camera.pieces == dict.fromkeys(("normalise", "candidates", "own_negatives", "inter"), True)
+    assert (c.camera.own_negatives, c.camera.inter_weight, c.camera.intra_penalty) == (0.5, 0.5, 0.25)
 
 
 @pytest.mark.parametrize(
