@@ -320,8 +320,10 @@ EVAL_SPLITS = {
     "all": ["small", "medium", "large"],
     "veri776": ["veri776"],
 }
-_EVAL_PAIRS = {name: (f"query-{name}", f"gallery-{name}") for name in ("small", "medium", "large")}
-_EVAL_PAIRS["veri776"] = ("query", "gallery")
+_EVAL_PAIRS = {
+    **{name: (f"query-{name}", f"gallery-{name}") for name in ("small", "medium", "large")},
+    "veri776": ("query", "gallery"),
+}
 
 
 def evaluate(

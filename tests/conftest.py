@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import final_json, train_cli
+from helpers import SYNTH, final_json, train_cli
 
 from wildreid.shards import pack_dataset, read_dataset
 from wildreid.shards.layouts import read_veriwild
 from wildreid.shards.synth import write_synthetic
-
-SYNTH = dict(train_vehicles=16, test_vehicles=10, images_per_vehicle=5, cameras=6, image_size=(64, 64), seed=3)
 
 
 @pytest.fixture(scope="session")
@@ -102,29 +98,3 @@ def flat_root(veriwild_root, tmp_path_factory) -> Path:
         folders,
         lambda r, n: f"{r.vid:05d}_c{r.camid}_{n:06d}.jpg",
     )
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every file below root, by relative path: equal dicts mean byte-identical trees."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def clustered(seed: int, *, dtype=np.float16, clusters: int = 40, dim: int = 32, noise: float = 0.5, dups: int = 0):
-    """L2-normalised rows around random centres (mixed cluster sizes, one singleton), shuffled.
-
-    ``dups`` extra rows are exact copies of random rows, plus a block of copies of row 0.
-    """
-    rng = np.random.default_rng(seed)
-    sizes = rng.integers(1, 25, clusters)
-    sizes[0] = 1
-    x = np.repeat(rng.standard_normal((clusters, dim)), sizes, axis=0)
-    x += noise * rng.standard_normal(x.shape)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    x = x.astype(dtype)
-    if dups:
-        x = np.concatenate([x, x[rng.integers(0, len(x), dups)], np.repeat(x[:1], 30, axis=0)])
-    return x[rng.permutation(len(x))]

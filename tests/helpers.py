@@ -3,6 +3,7 @@ evaluation sets, and small references; test modules import from here, never from
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -21,6 +22,9 @@ from wildreid.dtl import tensor_blocks
 from wildreid.stores import FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# the session's synthetic VeRi-Wild set (conftest.veriwild_root)
+SYNTH = dict(train_vehicles=16, test_vehicles=10, images_per_vehicle=5, cameras=6, image_size=(64, 64), seed=3)
 
 
 # --memory-budget covers the whole process tree: the interpreter and torch alone are ~700 MiB of it
@@ -218,3 +222,31 @@ def assert_picture(path, *, size: tuple[int, int] | None = None, min_colours: in
         pixels = np.asarray(picture.convert("RGB")).reshape(-1, 3)
     assert len(np.unique(pixels, axis=0)) >= min_colours
     assert (pixels != 255).any(axis=1).mean() > 0.01
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file below root, by relative path: equal dicts mean byte-identical trees."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def shuffled_clusters(
+    seed: int, *, dtype=np.float16, clusters: int = 40, dim: int = 32, noise: float = 0.5, dups: int = 0
+):
+    """L2-normalised rows around random centres (mixed cluster sizes, one singleton), shuffled.
+
+    ``dups`` extra rows are exact copies of random rows, plus a block of copies of row 0.
+    """
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 25, clusters)
+    sizes[0] = 1
+    x = np.repeat(rng.standard_normal((clusters, dim)), sizes, axis=0)
+    x += noise * rng.standard_normal(x.shape)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = x.astype(dtype)
+    if dups:
+        x = np.concatenate([x, x[rng.integers(0, len(x), dups)], np.repeat(x[:1], 30, axis=0)])
+    return x[rng.permutation(len(x))]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import tree_digest
+from helpers import tree_digest
 from typer.testing import CliRunner
 
 from wildreid.cli import app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import clustered
+from helpers import shuffled_clusters
 
 from wildreid.core.errors import ConfigError, StoreError
 from wildreid.dplm import (
@@ -43,7 +43,7 @@ REGIMES = {
 @pytest.mark.parametrize("dups", [0, 40])
 def test_blockwise_equals_dense(dtype, regime, dups):
     threshold, adjacency, k, noise, pending = REGIMES[regime]
-    x = clustered(10, dtype=dtype, noise=noise, dups=dups)
+    x = shuffled_clusters(10, dtype=dtype, noise=noise, dups=dups)
     args = {"threshold": threshold, "min_candidates": 10, "adjacency": adjacency}
     dense = dplm_dense(x, **args)
     assert_rows_match(x, dense, args, seed=21)
@@ -76,7 +76,7 @@ def assert_rows_match(x, dense, args, seed: int):
 
 
 def test_rows_of_a_small_dictionary_and_bad_rows():
-    x = clustered(22, clusters=6, dups=10)[:6]
+    x = shuffled_clusters(22, clusters=6, dups=10)[:6]
     args = {"threshold": 0.6, "min_candidates": 10, "adjacency": 100}
     assert_same(dplm_rows(x, [5, 0, 3], **args), rows_of(dplm_dense(x, **args), [5, 0, 3]))
     with pytest.raises(ConfigError, match="expected rows in 0..5"):
@@ -90,7 +90,7 @@ def test_rows_of_a_small_dictionary_and_bad_rows():
     [(30, 100, 10, None), (6, 100, 10, 6), (6, 3, 10, 4), (1, 5, 10, None), (40, 5, 50, 6)],
 )
 def test_small_dictionaries(n, adjacency, min_candidates, k):
-    x = clustered(11, clusters=6, dups=10)[:n]
+    x = shuffled_clusters(11, clusters=6, dups=10)[:n]
     args = {"threshold": 0.6, "min_candidates": min_candidates, "adjacency": adjacency}
     dense = dplm_dense(x, **args)
     assert_same(dplm_blockwise(x, k=k, block_rows=4, block_base=7, **args), dense)
@@ -108,7 +108,7 @@ def test_isolated_row_keeps_only_itself():
 
 
 def test_finish_rows_checks_the_exact_ranks():
-    x = clustered(13, noise=0.15)
+    x = shuffled_clusters(13, noise=0.15)
     sim, idx, counts = knn_graph(x, 11, threshold=0.6)
     plan = plan_rows(
         np.arange(len(x)),
@@ -133,7 +133,7 @@ def test_finish_rows_checks_the_exact_ranks():
 def test_a_reverse_index_answers_rule_6_like_the_neighbour_rows(order):
     """Rows 0-39 of a dense neighbourhood (pending pairs), planned in blocks of 13 from neighbour rows and from
     a reverse index built over graph blocks of 17 rows: the same plan, field by field, once concatenated."""
-    x = clustered(90, noise=0.3)
+    x = shuffled_clusters(90, noise=0.3)
     sim, idx, counts = knn_graph(x, 11, threshold=0.3)
     n, rows = len(x), np.arange(40)
     args = dict(n=n, threshold=0.3, min_candidates=5, adjacency=10, order=order)
@@ -155,7 +155,7 @@ def test_a_reverse_index_answers_rule_6_like_the_neighbour_rows(order):
 
 @pytest.mark.parametrize(("row", "value", "match"), [(4, np.nan, "row 4 has NaN"), (7, 0.0, "row 7 is all zeros")])
 def test_bad_rows(row, value, match):
-    x = clustered(14, dtype=np.float32).copy()
+    x = shuffled_clusters(14, dtype=np.float32).copy()
     x[row] = value
     with pytest.raises(StoreError, match=match):
         dplm_blockwise(x)
@@ -176,11 +176,11 @@ def test_bad_rows(row, value, match):
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        dplm_blockwise(clustered(15), **kwargs)
+        dplm_blockwise(shuffled_clusters(15), **kwargs)
 
 
 def test_bad_order_everywhere():
-    x = clustered(15)
+    x = shuffled_clusters(15)
     sim, idx, counts = knn_graph(x, 101, threshold=0.6)
     calls = [
         lambda: dplm_dense(x, order="Published"),
@@ -225,7 +225,7 @@ PUBLISHED_REGIMES = {
 @pytest.mark.parametrize("dups", [0, 40])
 def test_published_blockwise_equals_the_transcription(dtype, regime, dups):
     threshold, adjacency, k, min_candidates, noise, pending = PUBLISHED_REGIMES[regime]
-    x = clustered(10, dtype=dtype, noise=noise, dups=dups)
+    x = shuffled_clusters(10, dtype=dtype, noise=noise, dups=dups)
     args = {"threshold": threshold, "min_candidates": min_candidates, "adjacency": adjacency}
     published = dplm_published_dense(x, **args)
     assert_same(dplm_dense(x, order="published", **args), published)
@@ -250,7 +250,7 @@ def test_published_blockwise_equals_the_transcription(dtype, regime, dups):
     [(30, 100, 10, None), (6, 100, 2, 6), (6, 3, 2, 4), (1, 5, 10, None), (40, 5, 3, 6), (40, 20, 5, 21)],
 )
 def test_published_small_dictionaries(n, adjacency, min_candidates, k):
-    x = clustered(11, clusters=6, dups=10)[:n]
+    x = shuffled_clusters(11, clusters=6, dups=10)[:n]
     args = {"threshold": 0.6, "min_candidates": min_candidates, "adjacency": adjacency}
     published = dplm_published_dense(x, **args)
     assert_same(dplm_dense(x, order="published", **args), published)
@@ -267,9 +267,9 @@ def blobs(seed: int):
 
 
 def test_published_aliasing_matters():
-    """Quirk (a): removed candidates check row N-1, which changes step on clustered rows; quirk (b): it also makes
-    N-1 a positive of rows that without the aliasing do not get it. The blockwise path follows both."""
-    x = clustered(10, noise=0.5)
+    """Quirk (a): removed candidates check row N-1, which changes step on clustered rows; quirk (b): it also
+    makes N-1 a positive of rows that without the aliasing do not get it. The blockwise path follows both."""
+    x = shuffled_clusters(10, noise=0.5)
     args = {"threshold": 0.6, "min_candidates": 10, "adjacency": 100}
     published = dplm_published_dense(x, **args)
     unaliased = _dense(x, order="published", alias=False, **args)
@@ -301,7 +301,7 @@ def test_published_aliasing_matters():
 def test_published_pending_pairs_carry_their_exact_similarity():
     """With l >= K, rows with C_i < a are filled past C_i with ids the graph row does not hold, and their checks
     may be pending: each pair carries s_ji of its own (j, i), as the counting pass needs."""
-    x = clustered(13, noise=0.5)
+    x = shuffled_clusters(13, noise=0.5)
     args = {"threshold": 0.6, "min_candidates": 16, "adjacency": 10}
     sim, idx, counts = knn_graph(x, 11, threshold=0.6)
     plan = plan_rows(

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import clustered
+from helpers import shuffled_clusters
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -166,7 +166,7 @@ def test_eval_veri776_layout(veri776_shards, model_file, tmp_path):
 
 
 def _groups(tmp_path: Path, *, dim_gallery: int = 32, ids: bool = True) -> tuple[Path, Path]:
-    x = clustered(5, dtype=np.float32, clusters=12, dim=32)
+    x = shuffled_clusters(5, dtype=np.float32, clusters=12, dim=32)
     rng = np.random.default_rng(5)
     vid = rng.integers(0, 12, len(x))
     cam = rng.integers(0, 4, len(x))

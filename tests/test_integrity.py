@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import SMALL, clustered, final_json, make_store, train_cli, train_command
+from helpers import SMALL, clustered, final_json, make_store, train_cli, train_command, tree_digest
 from typer.testing import CliRunner
 
 from wildreid.checkpoint import latest_checkpoint, load_model
@@ -126,8 +126,6 @@ def test_shard_and_mine_refuse_a_folder_being_written(veriwild_root, tmp_path):
 @pytest.mark.slow
 def test_two_shard_commands_on_one_folder(veriwild_root, shard_root, tmp_path):
     """The first is frozen (SIGSTOP) while it holds the lock; the second exits 8; the first then ends as if alone."""
-    from conftest import tree_digest
-
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "wildreid.cli", "shard", str(veriwild_root), str(out), "--max-samples", "12"]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as first:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import clustered
+from helpers import shuffled_clusters
 
 from wildreid.core.errors import ConfigError, StoreError
 from wildreid.knn import (
@@ -40,7 +40,7 @@ def dense_graph(x: np.ndarray, k: int, threshold: float):
     ],
 )
 def test_graph_matches_dense(dtype, k, block_rows, block_base, dups, threshold):
-    x = clustered(1, dtype=dtype, dups=dups)
+    x = shuffled_clusters(1, dtype=dtype, dups=dups)
     sim, idx, counts = knn_graph(x, k, threshold=threshold, block_rows=block_rows, block_base=block_base)
     ref_sim, ref_idx, ref_counts = dense_graph(x, k, threshold)
     w = min(k, len(x))
@@ -68,7 +68,7 @@ def test_duplicates_beyond_margin_take_the_exact_path(dtype):
 
 def test_similarity_does_not_depend_on_blocking():
     # BLAS dgemm rounds float32 data differently for different shapes; the exact kernel must not
-    x = clustered(3, dtype=np.float32, dim=96)
+    x = shuffled_clusters(3, dtype=np.float32, dim=96)
     full = similarity(x, x)
     for rows, cols in [(slice(0, 1), slice(0, 17)), (slice(5, 300), slice(7, 400)), (slice(3, 4), slice(9, 10))]:
         np.testing.assert_array_equal(similarity(x[rows], x[cols]), full[rows, cols])
@@ -78,7 +78,7 @@ def test_similarity_does_not_depend_on_blocking():
 
 
 def test_exact_ranks_sum_to_the_rank_in_sigma():
-    x = clustered(4, dtype=np.float32, dups=20)
+    x = shuffled_clusters(4, dtype=np.float32, dups=20)
     n = len(x)
     _, sigma, _ = dense_graph(x, n, 0.6)
     rank = np.argsort(sigma, axis=1)  # rank[j, i]: position of i in sigma_j
@@ -103,7 +103,7 @@ def test_self_first():
 
 
 def test_block_smaller_than_k_is_padded():
-    x = clustered(5)[:4]
+    x = shuffled_clusters(5)[:4]
     sim, idx, _count = knn_rows(x, [10, 11, 12, 13], [(np.array([10, 11]), x[:2])], 4, threshold=0.6)
     assert list(idx[:, 0]) == [10, 11, 12, 13]  # self first
     assert (idx[:2, 2:] == -1).all() and np.isneginf(sim[:2, 2:]).all()  # one other row each
@@ -116,7 +116,7 @@ def test_block_smaller_than_k_is_padded():
     [(3, np.nan, "row 13 has NaN"), (5, np.inf, "row 15 has NaN or inf"), (2, 0.0, "row 12 is all zeros")],
 )
 def test_bad_rows_are_named(row, value, match):
-    x = clustered(6, dtype=np.float32)[:8].copy()
+    x = shuffled_clusters(6, dtype=np.float32)[:8].copy()
     x[row] = value
     with pytest.raises(StoreError, match=match):
         check_features(x, np.arange(10, 18))
@@ -125,7 +125,7 @@ def test_bad_rows_are_named(row, value, match):
 
 
 def test_bad_arguments():
-    x = clustered(7)[:8]
+    x = shuffled_clusters(7)[:8]
     with pytest.raises(StoreError, match="same D"):
         knn_rows(x, np.arange(8), [(np.arange(8), x[:, :5])], 3, threshold=0.6)
     with pytest.raises(ConfigError, match="query_ids"):

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import SYNTH
+from helpers import SYNTH
 
 from wildreid.core.errors import ConfigError, LayoutError
 from wildreid.shards import detect_layout, read_dataset

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import clustered
+from helpers import shuffled_clusters
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -53,8 +53,8 @@ def test_topk_rows_pads_short_rows_and_skips_padding_ids():
 )
 def test_blockwise_search_equals_the_dense_reference(dtype, margin, gallery_rows):
     """Several gallery blocks (one when 5000), ties from duplicated rows; margin 0 forces the exact fallback."""
-    g = clustered(1, dtype=dtype, dim=24, dups=40)
-    q = np.concatenate([g[:25], clustered(2, dtype=dtype, dim=24, clusters=6)])
+    g = shuffled_clusters(1, dtype=dtype, dim=24, dups=40)
+    q = np.concatenate([g[:25], shuffled_clusters(2, dtype=dtype, dim=24, clusters=6)])
     k = 12
     plan = SearchPlan(query_rows=16, gallery_rows=gallery_rows, temp_bytes=1 << 16)
     sim, idx = exact_search(ArrayRows(q), ArrayRows(g), k, plan=plan, margin=margin)
@@ -71,7 +71,7 @@ def test_blockwise_search_equals_the_dense_reference(dtype, margin, gallery_rows
 
 
 def test_exact_search_with_fewer_gallery_rows_than_k_pads():
-    g = clustered(3, dim=8)[:4]
+    g = shuffled_clusters(3, dim=8)[:4]
     plan = SearchPlan(query_rows=2, gallery_rows=3, temp_bytes=1 << 16)
     sim, idx = exact_search(ArrayRows(g[:2]), ArrayRows(g), 6, plan=plan)
     assert (idx[:, :4] >= 0).all() and (idx[:, 4:] == -1).all() and np.isneginf(sim[:, 4:]).all()
@@ -89,8 +89,8 @@ def test_plan_search_refuses_a_budget_too_small_with_the_smallest_that_works():
 
 
 def test_ivf_recall_on_clustered_features_is_high_and_grows_with_nprobe():
-    g = clustered(5, dim=32, clusters=200, noise=0.3)
-    q = clustered(6, dim=32, clusters=200, noise=0.3)[:200]
+    g = shuffled_clusters(5, dim=32, clusters=200, noise=0.3)
+    q = shuffled_clusters(6, dim=32, clusters=200, noise=0.3)[:200]
     k = 10
     exact = dense_topk(q, g, k)[1]
     index = build_ivf(ArrayRows(g), nlist=32, block_rows=500)
@@ -116,7 +116,7 @@ def _invoke(args):
 
 
 def test_search_cli_json_and_table_on_two_groups(tmp_path):
-    g, q = clustered(7, dim=16), clustered(8, dim=16)[:3]
+    g, q = shuffled_clusters(7, dim=16), shuffled_clusters(8, dim=16)[:3]
     gallery = _group(tmp_path / "g", g, [f"cars/{i:04d}.jpg" for i in range(len(g))])
     query = _group(tmp_path / "q", q, ["a.jpg", "b.jpg", "c.jpg"])
     args = ["--gallery", gallery, "--query", query, "--top-k", 5, "--memory-budget", "256MiB"]
@@ -140,7 +140,7 @@ def test_search_cli_json_and_table_on_two_groups(tmp_path):
 def test_search_of_stored_groups_under_a_tight_budget_streams_blocks_and_equals_the_reference(tmp_path):
     from wildreid.retrieval import FIXED_BYTES, search
 
-    g, q = clustered(9, dim=16, dups=20), clustered(10, dim=16)[:30]
+    g, q = shuffled_clusters(9, dim=16, dups=20), shuffled_clusters(10, dim=16)[:30]
     gallery = _group(tmp_path / "g", g, [f"g{i}" for i in range(len(g))])
     query = _group(tmp_path / "q", q, [f"q{i}" for i in range(len(q))])
     found = search(gallery, query, k=8, memory_budget=FIXED_BYTES + 51_200)
@@ -152,8 +152,10 @@ def test_search_of_stored_groups_under_a_tight_budget_streams_blocks_and_equals_
 
 
 def test_search_cli_errors_are_one_line(tmp_path):
-    gallery = _group(tmp_path / "g", clustered(7, dim=16), [str(i) for i in range(len(clustered(7, dim=16)))])
-    other = _group(tmp_path / "q8", clustered(8, dim=8)[:2], ["a", "b"])
+    gallery = _group(
+        tmp_path / "g", shuffled_clusters(7, dim=16), [str(i) for i in range(len(shuffled_clusters(7, dim=16)))]
+    )
+    other = _group(tmp_path / "q8", shuffled_clusters(8, dim=8)[:2], ["a", "b"])
     image = tmp_path / "car.png"
     Image.new("RGB", (32, 64), "red").save(image)
     cases = [

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tree_digest
-from helpers import clustered, final_json, graph, make_store, positives, train_cli, train_command
+from helpers import clustered, final_json, graph, make_store, positives, train_cli, train_command, tree_digest
 
 from wildreid.core.errors import Stopped
 from wildreid.stores import LOCK_NAME

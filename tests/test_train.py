@@ -228,8 +228,10 @@ def test_dictionary_steps_stay_within_the_cache_budget(tmp_path):
 
 @pytest.mark.slow
 def test_training_beats_the_untrained_baseline(tmp_path):
-    """configs/demo.yaml on a synthetic set: the trained model beats --epochs 0 on VeRi-Wild-style evaluation,
-    and DPLM's pseudo-labels get more precise as the model learns (about a minute and a half on 2 cores)."""
+    """configs/demo.yaml (camera-aware) on a synthetic set: the trained model beats --epochs 0 on VeRi-Wild-style
+    evaluation, and DPLM mines beyond the images themselves with precise pseudo-labels at every epoch (about two
+    minutes on 2 cores). Camera-agnostic, precision instead starts low and rises (docs/benchmarks.md, the demo);
+    on camera-normalised rows it is above 0.9 from the first mined epoch (0.915 at its lowest on this set)."""
     from wildreid.shards import pack_dataset, read_dataset
     from wildreid.shards.synth import write_synthetic
 
@@ -266,11 +268,9 @@ def test_training_beats_the_untrained_baseline(tmp_path):
     assert trained["rank5"] >= base["rank5"]
     history = trained["history"]
     assert all(h["precision"] == 1.0 and h["mean_positives"] == 1.0 for h in history if h["warmup"])
-    # the first DPLM epoch that mined beyond the images themselves, against the last one
-    first = next(h for h in history if not h["warmup"] and h["mean_positives"] > 1.5)
-    assert history[-1]["precision"] > first["precision"] + 0.05, [
-        (h["precision"], h["mean_positives"]) for h in history
-    ]
+    mined = [(round(h["precision"], 3), round(h["mean_positives"], 3)) for h in history if not h["warmup"]]
+    assert any(positives > 1.5 for _, positives in mined), mined
+    assert all(precision >= 0.9 for precision, _ in mined), mined
 
 
 @pytest.mark.slow

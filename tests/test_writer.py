@@ -9,7 +9,7 @@ import sys
 import tarfile
 
 import pytest
-from conftest import tree_digest
+from helpers import tree_digest
 from PIL import Image
 from typer.testing import CliRunner
 
