@@ -24,12 +24,9 @@ from rich.progress import (
 from rich.table import Table
 
 from wildreid import api
-from wildreid.config import load_config
 from wildreid.core.errors import ConfigError, Stopped, StoreError, WildreidError
 from wildreid.core.signals import GracefulStop
 from wildreid.core.units import format_bytes
-from wildreid.launch import launch, without_option
-from wildreid.world import check_world_size
 
 app = typer.Typer(
     add_completion=False,
@@ -79,6 +76,11 @@ def _rank() -> str:
 
 def _say(message: str) -> None:
     console.print(message, highlight=False, soft_wrap=True)
+
+
+def _echo(line: str) -> None:
+    """A line of another process's output, as it is (no markup)."""
+    console.print(escape(line), highlight=False)
 
 
 class RichProgress:
@@ -348,22 +350,14 @@ def train(
     if nproc_per_node < 1:
         raise ConfigError(f"expected --nproc-per-node >= 1, found {nproc_per_node}")
     if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
-        raise typer.Exit(_launch_ranks(nproc_per_node, options))
+        # each rank runs this very command line without --nproc-per-node
+        raise typer.Exit(api.launch_ranks(nproc_per_node, options, sys.argv[1:], _echo))
     with RichProgress() as bar, GracefulStop() as stop:
         report = api.train(**options, progress=bar, should_stop=stop, log=_say)
     if report is not None:  # rank 0 (or the only process) reports
         _print_training(report, store)
         if as_json:
             print(json.dumps(report, sort_keys=True))
-
-
-def _launch_ranks(nproc_per_node: int, options: dict) -> int:
-    """Start ``nproc_per_node`` ranks, each running this very command line without --nproc-per-node."""
-    shortcuts = ("epochs", "checkpoint_every", "pretrained", "transductive", "decode_on_device")
-    overrides = api.train_overrides(options["overrides"], **{name: options[name] for name in shortcuts})
-    check_world_size(load_config(options["config"], overrides).train.batch_size, nproc_per_node)  # one line, not N
-    argv = without_option(sys.argv[1:], "--nproc-per-node")
-    return launch(nproc_per_node, argv, lambda line: console.print(escape(line), highlight=False))
 
 
 def _print_training(report: dict, store: Path) -> None:

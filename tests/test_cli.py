@@ -10,6 +10,7 @@ import typer
 from helpers import tree_digest
 from typer.testing import CliRunner
 
+import wildreid.api
 from wildreid.cli import app
 
 runner = CliRunner()
@@ -109,6 +110,8 @@ def test_non_editable_wheel_installs_the_namespaced_packages(tmp_path):
         "wildreid/cli.py",
         "wildreid/errors.py",
         "wildreid/core/errors.py",
+        "wildreid/api/data.py",
+        "wildreid/api/model.py",
         "wildreid/shards/writer.py",
         "wildreid/shards/synth.py",
         "wildreid/stores/__init__.py",
@@ -119,7 +122,21 @@ def test_non_editable_wheel_installs_the_namespaced_packages(tmp_path):
     site = tmp_path / "site"
     probe = (
         "import sys; sys.path.insert(0, sys.argv[1]); import wildreid, wildreid.shards.writer, wildreid.cli;"
-        "assert wildreid.__file__.startswith(sys.argv[1]), wildreid.__file__; print('ok')"
+        "assert wildreid.__file__.startswith(sys.argv[1]), wildreid.__file__; wildreid.shard, wildreid.train;"
+        "print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", probe, str(site)], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_data_commands_start_without_torch():
+    """`wildreid shard` and `wildreid synth` load neither torch nor faiss: the API loads a command's module on
+    first use."""
+    probe = (
+        "import sys, wildreid.cli, wildreid.api as api; api.shard, api.synth;"
+        "print(sorted(m for m in ('torch', 'torchvision', 'faiss') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        wildreid.api.nothing  # noqa: B018 - the attribute access is the test

@@ -1,88 +1,50 @@
-"""wildreid's Python API: the functions every ``wildreid`` command calls, importable as ``wildreid.<name>``.
-
-Keyword arguments are named like the command's options (``--memory-budget`` is ``memory_budget``, which takes
-bytes or a size such as ``"2GiB"``); each function returns what the command's ``--json`` line carries and
-raises the :class:`~wildreid.core.errors.WildreidError` subclasses that the command turns into its exit codes
-(``wildreid.core.errors``). Long stages take three optional callbacks: ``progress(phase, advance, total)``,
-``log(message)`` and ``should_stop()`` (polled between blocks; a stage asked to stop raises
-:class:`~wildreid.core.errors.Stopped` after its finished work, and the same call resumes it).
-
-docs/api.md shows a sweep over seeds.
-"""
+"""The API's commands that read images into tensors or run the network: inspect, train, evaluate, visualize,
+embed, search and export."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from wildreid.api.common import Log, Progress, StopAsked, as_bytes, as_size, never, no_log, no_progress
 from wildreid.budget import default_budget
 from wildreid.checkpoint import load_model
 from wildreid.config import load_config
-from wildreid.core.errors import ConfigError, ShardError
-from wildreid.core.units import parse_bytes, parse_size
+from wildreid.core.errors import ConfigError
 from wildreid.embedding import checkpoint_digest
 from wildreid.embedding import embed as embed_source
 from wildreid.evaluation import evaluate_groups, require_vehicle_ids, write_results
 from wildreid.exporting import export_checkpoint
 from wildreid.extract import extract_split
-from wildreid.mining import MineParams
-from wildreid.mining import mine as mine_store
+from wildreid.launch import launch, without_option
 from wildreid.plots import cmc_curve, render_ranked_lists, training_curves
 from wildreid.retrieval import check_pictures, render_search
 from wildreid.retrieval import search as search_gallery
 from wildreid.run_budget import run_within
-from wildreid.shards import load_manifest, pack_dataset, read_dataset, verify_shards
-from wildreid.shards.layouts import layout_description
-from wildreid.shards.preview import identity_grid
+from wildreid.shards import load_manifest
 from wildreid.shards.reader import read_back, split_entry
-from wildreid.shards.synth import write_synthetic
 from wildreid.stores import FeatureStore, WriterLock, writable_group
 from wildreid.training import TrainOptions
 from wildreid.training import train as train_store
-from wildreid.world import join_world, leave_world
+from wildreid.world import check_world_size, join_world, leave_world
 
 __all__ = [
     "EVAL_SPLITS",
+    "check_device",
     "embed",
     "evaluate",
     "export",
     "inspect",
-    "mine",
+    "launch_ranks",
     "search",
-    "shard",
-    "synth",
     "train",
+    "train_overrides",
     "visualize",
 ]
-
-Progress = Callable[[str, int, int], None]
-Log = Callable[[str], None]
-StopAsked = Callable[[], bool]
-
-
-def _no_progress(phase: str, advance: int, total: int) -> None:
-    pass
-
-
-def _no_log(message: str) -> None:
-    pass
-
-
-def _never() -> bool:
-    return False
-
-
-def _bytes(size: int | str | None) -> int | None:
-    """A byte count from an int or a size such as "2GiB" (None stays None)."""
-    return size if size is None or isinstance(size, int) else parse_bytes(size)
-
-
-def _size(size: str | Sequence[int]) -> tuple[int, int]:
-    return parse_size(size) if isinstance(size, str) else (int(size[0]), int(size[1]))
 
 
 def check_device(device: str) -> None:
@@ -93,131 +55,11 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device {device} asked for but CUDA is not available here; use --device cpu")
 
 
-# --------------------------------------------------------------------------- data
-
-
-def synth(
-    out: str | Path,
-    *,
-    train_vehicles: int = 120,
-    test_vehicles: int = 40,
-    images_per_vehicle: int = 8,
-    cameras: int = 12,
-    image_size: str | Sequence[int] = "96x96",
-    seed: int = 0,
-    workers: int = 1,
-    preview: str | Path | None = None,
-    progress: Progress = _no_progress,
-) -> dict:
-    """A synthetic data set in the VeRi-Wild layout at ``out``; returns its summary (and ``preview``'s path)."""
-    total = (train_vehicles + test_vehicles) * images_per_vehicle
-    summary = write_synthetic(
-        out,
-        train_vehicles=train_vehicles,
-        test_vehicles=test_vehicles,
-        images_per_vehicle=images_per_vehicle,
-        cameras=cameras,
-        image_size=_size(image_size),
-        seed=seed,
-        workers=workers,
-        progress=lambda n: progress("drawing images", n, total),
-    )
-    if preview is not None:
-        summary = {**summary, "preview": str(identity_grid(out, preview))}
-    return summary
-
-
-def shard(
-    src: str | Path,
-    out: str | Path | None = None,
-    *,
-    layout: str = "auto",
-    camera_from: str | None = None,
-    max_samples: int = 10_000,
-    max_bytes: int | str = "1GiB",
-    workers: int = 1,
-    strict: bool = False,
-    verify: bool = False,
-    progress: Progress = _no_progress,
-    should_stop: StopAsked = _never,
-    log: Log = _no_log,
-) -> dict:
-    """Pack ``src`` into WebDataset shards at ``out``; returns the manifest.
-
-    ``verify``: re-check the shards at ``src`` against their manifest instead (each bad shard is logged,
-    then ShardError); returns ``{"shards": src, "problems": []}``.
-    """
-    if verify:
-        problems = verify_shards(src, progress=progress)
-        for problem in problems:
-            log(f"bad shard: {problem}")
-        if problems:
-            raise ShardError(f"{len(problems)} shard(s) in {src} do not match the manifest; re-run 'wildreid shard'")
-        return {"shards": str(src), "problems": []}
-    if out is None:
-        raise ConfigError("expected the shard folder OUT (only --verify goes without one)")
-    shard_bytes = _bytes(max_bytes)  # a bad size fails before the data set is read
-    index = read_dataset(src, layout, camera_from)
-    how = "auto-detected" if layout == "auto" else "as asked"
-    log(f"layout: {layout_description(index.layout)} ({how}), {index.count()} images listed")
-    return pack_dataset(
-        index,
-        out,
-        max_samples=max_samples,
-        max_bytes=shard_bytes,
-        workers=workers,
-        strict=strict,
-        progress=progress,
-        should_stop=should_stop,
-        log=log,
-    )
-
-
 def inspect(shards: str | Path, *, image_size: str | Sequence[int] = "256x128", workers: int = 0) -> dict:
     """Read every split of ``shards`` back and check it: split -> samples, vehicles, cameras, images/s."""
     manifest = load_manifest(shards)
-    size = _size(image_size)
+    size = as_size(image_size)
     return {split: read_back(shards, split, image_size=size, workers=workers) for split in manifest["splits"]}
-
-
-# --------------------------------------------------------------------------- mining and training
-
-
-def mine(
-    store: str | Path,
-    *,
-    k: int = 101,
-    threshold: float = 0.6,
-    min_candidates: int = 10,
-    adjacency: int = 100,
-    order: str = "similarity",
-    camera_penalty: float = 0.0,
-    memory_budget: int | str | None = None,
-    workers: int = 2,
-    scheduler: str | None = None,
-    progress: Progress = _no_progress,
-    should_stop: StopAsked = _never,
-    log: Log = _no_log,
-) -> dict:
-    """The k-NN graph and DPLM positives of the feature store at ``store``, out of core; returns the report."""
-    params = MineParams(
-        k=k,
-        threshold=threshold,
-        min_candidates=min_candidates,
-        adjacency=adjacency,
-        order=order,
-        camera_penalty=camera_penalty,
-    )
-    return mine_store(
-        str(store),
-        params,
-        memory_budget=_bytes(memory_budget),
-        workers=workers,
-        scheduler=scheduler,
-        progress=progress,
-        should_stop=should_stop,
-        log=log,
-    )
 
 
 def train_overrides(
@@ -263,9 +105,9 @@ def train(
     decode_on_device: bool = False,
     tensorboard: str | Path | None = None,
     collective_timeout: float = 600.0,
-    progress: Progress = _no_progress,
-    should_stop: StopAsked = _never,
-    log: Log = _no_log,
+    progress: Progress = no_progress,
+    should_stop: StopAsked = never,
+    log: Log = no_log,
 ) -> dict | None:
     """Train (or ``resume``) SSML-FD on the train split of ``shards`` into the run folder ``store``.
 
@@ -287,10 +129,10 @@ def train(
         raise ConfigError(f"expected --max-steps >= 1, found {max_steps}")
     options = TrainOptions(
         resume=resume,
-        memory_budget=_bytes(memory_budget),
+        memory_budget=as_bytes(memory_budget),
         device=device,
         deterministic=deterministic,
-        device_budget=_bytes(device_budget),
+        device_budget=as_bytes(device_budget),
         max_steps=max_steps,
         tensorboard=None if tensorboard is None else str(tensorboard),
     )
@@ -301,14 +143,23 @@ def train(
             store,
             cfg,
             options,
-            progress=progress if world.main else _no_progress,
+            progress=progress if world.main else no_progress,
             should_stop=should_stop,
-            log=log if world.main else _no_log,
+            log=log if world.main else no_log,
             world=world,
         )
     finally:
         leave_world(world)
     return report if world.main else None
+
+
+def launch_ranks(nproc_per_node: int, options: dict, argv: Sequence[str], log: Log) -> int:
+    """Start ``nproc_per_node`` ranks, each running ``train``'s command line ``argv`` without its
+    --nproc-per-node; ``options``: ``train``'s keyword arguments. Returns the exit code of the ranks."""
+    shortcuts = ("epochs", "checkpoint_every", "pretrained", "transductive", "decode_on_device")
+    overrides = train_overrides(options["overrides"], **{name: options[name] for name in shortcuts})
+    check_world_size(load_config(options["config"], overrides).train.batch_size, nproc_per_node)  # one line, not N
+    return launch(nproc_per_node, without_option(argv, "--nproc-per-node"), log)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -340,9 +191,9 @@ def evaluate(
     device: str = "cpu",
     output: str | Path | None = None,
     feature: str | None = None,
-    progress: Progress = _no_progress,
-    should_stop: StopAsked = _never,
-    log: Log = _no_log,
+    progress: Progress = no_progress,
+    should_stop: StopAsked = never,
+    log: Log = no_log,
 ) -> dict:
     """mAP, mINP and CMC, blockwise: of the feature groups ``query`` against ``gallery`` (one result), or of a
     ``checkpoint`` on the query/gallery splits of ``shards`` named by ``split`` (split -> result, extracted to
@@ -358,7 +209,7 @@ def evaluate(
     if split not in EVAL_SPLITS:
         raise ConfigError(f"expected --split to be one of {', '.join(EVAL_SPLITS)}, found {split!r}")
     check_device(device)
-    budget = _bytes(memory_budget) or default_budget()
+    budget = as_bytes(memory_budget) or default_budget()
 
     def score(q: Path, g: Path) -> dict:
         return run_within(
@@ -474,7 +325,7 @@ def visualize(
         chosen,
         out,
         k=k,
-        memory_budget=_bytes(memory_budget),
+        memory_budget=as_bytes(memory_budget),
         device=device,
         rerank=rerank,
     )
@@ -527,9 +378,9 @@ def embed(
     device: str = "cpu",
     chunk_rows: int | None = None,
     feature: str | None = None,
-    progress: Progress = _no_progress,
-    should_stop: StopAsked = _never,
-    log: Log = _no_log,
+    progress: Progress = no_progress,
+    should_stop: StopAsked = never,
+    log: Log = no_log,
 ) -> dict:
     """Embed every image of ``src`` (shards with ``split``, an image folder or a list) into the feature group
     ``output`` (resumable); returns the report."""
@@ -540,7 +391,7 @@ def embed(
         output,
         split=split,
         camera_from=camera_from,
-        memory_budget=_bytes(memory_budget),
+        memory_budget=as_bytes(memory_budget),
         device=device,
         chunk_rows=chunk_rows,
         feature=feature,
@@ -562,8 +413,8 @@ def search(
     memory_budget: int | str | None = None,
     device: str = "cpu",
     picture: str | Path | None = None,
-    progress: Progress = _no_progress,
-    log: Log = _no_log,
+    progress: Progress = no_progress,
+    log: Log = no_log,
 ) -> list[dict]:
     """Ranked gallery images of a query image (with ``checkpoint``) or of every row of a query group: one dict
     per query (``query``, ``results``: rank, similarity, key, row); ``picture``: also a PNG of the first 8."""
@@ -578,7 +429,7 @@ def search(
         index=index,
         nlist=nlist,
         nprobe=nprobe,
-        memory_budget=_bytes(memory_budget),
+        memory_budget=as_bytes(memory_budget),
         device=device,
         progress=progress,
     )
