@@ -87,6 +87,13 @@ def train_cli(shards, store, *args, overrides=SMALL, env=None, file_limit=None) 
     )
 
 
+def run_cli(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """``wildreid *argv`` (``argv`` without the program) in a forked process (``forked_cli``), with this
+    process's environment and ``env``'s fault-injection variables (WILDREID_*) on top."""
+    assert all(key.startswith("WILDREID_") for key in env or {}), "other variables need a plain subprocess"
+    return forked_cli(list(argv), {**os.environ, **(env or {})})
+
+
 def forked_cli(argv: list[str], env: dict, file_limit: int | None = None) -> subprocess.CompletedProcess:
     """``python -m wildreid.cli *argv`` as a process forked from a server that imported the CLI and the model
     code once (multiprocessing's forkserver): a training command line then starts at once instead of spending

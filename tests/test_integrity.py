@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import SMALL, clustered, final_json, make_store, train_cli, train_command, tree_digest
+from helpers import SMALL, clustered, final_json, make_store, run_cli, train_cli, train_command, tree_digest
 from typer.testing import CliRunner
 
 from wildreid.checkpoint import latest_checkpoint, load_model
@@ -255,16 +255,16 @@ def test_mine_reports_damaged_features_and_graph_in_one_line(tmp_path):
     assert "chunk 2 of features" in _one_error_line(result.output)
 
     store = make_store(tmp_path / "t.zarr", x, labels)
-    cmd = [sys.executable, "-m", "wildreid.cli", "mine", "--store", str(store), *MINE]
-    crashed = subprocess.run(cmd, env={**os.environ, "WILDREID_KILL_AT": "knn-complete"}, capture_output=True)
+    cmd = ["mine", "--store", str(store), *MINE]
+    crashed = run_cli(cmd, {"WILDREID_KILL_AT": "knn-complete"})
     assert crashed.returncode == -signal.SIGKILL
     _damage(_chunk_file(store, "knn/indices", 0), "truncate")
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    run = run_cli(cmd)
     assert run.returncode == StoreError.exit_code
     line = _one_error_line(run.stderr)
     assert "chunk 0 of knn/indices" in line and f"remove {store / 'knn'}" in line
     shutil.rmtree(store / "knn")  # what the message says to do
-    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert run_cli(cmd).returncode == 0
     clean = make_store(tmp_path / "clean.zarr", x, labels)
     mine(str(clean), params_from(MINE), memory_budget=200 << 20, workers=1)
     assert np.array_equal(read_positives(FeatureStore.open(clean))[1], read_positives(FeatureStore.open(store))[1])

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import zarr
-from helpers import SMALL_BLOCKS, clustered, graph, make_store, positives
+from helpers import SMALL_BLOCKS, clustered, graph, make_store, positives, run_cli
 from typer.testing import CliRunner
 
 from wildreid.cli import app
@@ -184,10 +184,10 @@ def test_kill_9_then_rerun_is_identical(tmp_path, crash_at):
     crashed = make_store(tmp_path / "crashed.zarr", x, labels)
     args = ["--k", "11", "--adjacency", "10", "--memory-budget", "200MiB", "--workers", "1"]
     assert runner.invoke(app, ["mine", "--store", str(clean), *args]).exit_code == 0
-    cmd = [sys.executable, "-m", "wildreid.cli", "mine", "--store", str(crashed), *args]
-    run = subprocess.run(cmd, env={**os.environ, "WILDREID_KILL_AT": crash_at}, capture_output=True, text=True)
+    cmd = ["mine", "--store", str(crashed), *args]
+    run = run_cli(cmd, {"WILDREID_KILL_AT": crash_at})
     assert run.returncode == -9, run.stderr
-    run = subprocess.run(cmd + ["--json"], capture_output=True, text=True)
+    run = run_cli([*cmd, "--json"])
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout.strip().splitlines()[-1])
     if crash_at != "knn-complete":

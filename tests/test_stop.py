@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import clustered, final_json, graph, make_store, positives, train_cli, train_command, tree_digest
+from helpers import clustered, final_json, graph, make_store, positives, run_cli, train_cli, train_command, tree_digest
 
 from wildreid.core.errors import Stopped
 from wildreid.stores import LOCK_NAME
@@ -111,9 +111,6 @@ def test_a_second_signal_stops_at_once(tmp_path):
 
 def _mine_cmd(store) -> list[str]:
     return [
-        sys.executable,
-        "-m",
-        "wildreid.cli",
         "mine",
         "--store",
         str(store),
@@ -133,16 +130,14 @@ def _mine_cmd(store) -> list[str]:
 def test_mining_stops_after_the_block_and_resumes_identically(tmp_path, point):
     x, labels = clustered(2500, 16, clusters=40, noise=0.5)
     clean, stopped = make_store(tmp_path / "clean.zarr", x, labels), make_store(tmp_path / "stopped.zarr", x, labels)
-    assert subprocess.run(_mine_cmd(clean), capture_output=True).returncode == 0
-    run = subprocess.run(
-        _mine_cmd(stopped), env={**os.environ, "WILDREID_SIGNAL_AT": point}, capture_output=True, text=True
-    )
+    assert run_cli(_mine_cmd(clean)).returncode == 0
+    run = run_cli(_mine_cmd(stopped), {"WILDREID_SIGNAL_AT": point})
     assert run.returncode == STOPPED, run.stderr
     assert "mining stopped during the" in run.stderr and "Traceback" not in run.stderr
     if point.startswith("knn"):
         # stopped after its block, before the stage's end
         assert json.loads((stopped / "knn" / "zarr.json").read_text())["attributes"]["complete"] is False
-    run = subprocess.run(_mine_cmd(stopped), capture_output=True, text=True)
+    run = run_cli(_mine_cmd(stopped))
     assert run.returncode == 0, run.stderr
     for a, b in zip(graph(clean) + positives(clean), graph(stopped) + positives(stopped)):
         assert np.array_equal(a, b)

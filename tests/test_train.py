@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, SMALL, assert_picture, final_json, train_cli, train_command
+from helpers import ROOT, SMALL, assert_picture, final_json, run_cli, train_cli, train_command
 
 from wildreid.checkpoint import latest_checkpoint, load_model
 from wildreid.scalars import read_scalars
@@ -143,11 +143,8 @@ def test_transductive_trains_on_the_gallery_too_and_says_so(veri776_shards, shar
     assert store.ids().min() >= 0
     _, config = load_model(report["checkpoint"])
     assert config["train"]["transductive"] is True
-    evaluated = subprocess.run(
+    evaluated = run_cli(
         [
-            sys.executable,
-            "-m",
-            "wildreid.cli",
             "eval",
             "--shards",
             str(veri776_shards),
@@ -158,10 +155,7 @@ def test_transductive_trains_on_the_gallery_too_and_says_so(veri776_shards, shar
             "--memory-budget",
             "2GiB",  # the whole eval process: interpreter, torch and the model included
             "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+        ]
     )
     assert final_json(evaluated)["veri776"]["transductive"] is True and "TRANSDUCTIVE" in evaluated.stdout
     inductive = final_json(train_cli(veri776_shards, tmp_path / "inductive", "--epochs", "0"))
@@ -240,11 +234,8 @@ def test_training_beats_the_untrained_baseline(tmp_path):
     results = {}
     for name, extra in (("baseline", ["--epochs", "0"]), ("trained", [])):
         report = final_json(train_cli(tmp_path / "shards", tmp_path / name, *extra, overrides=["train.workers=0"]))
-        run = subprocess.run(
+        run = run_cli(
             [
-                sys.executable,
-                "-m",
-                "wildreid.cli",
                 "eval",
                 "--shards",
                 str(tmp_path / "shards"),
@@ -255,10 +246,7 @@ def test_training_beats_the_untrained_baseline(tmp_path):
                 "--memory-budget",
                 "2GiB",  # the whole eval process: interpreter, torch and the model included
                 "--json",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
+            ]
         )
         results[name] = final_json(run)["large"]
         results[name]["history"] = report["history"]
