@@ -9,8 +9,9 @@ raises the :class:`~wildreid.core.errors.WildreidError` subclasses that the comm
 
 docs/api.md shows a sweep over seeds.
 
-The functions live in three modules by what they load: ``data`` (synth, shard: no torch), ``store`` (mine:
-torch without the model code) and ``model`` (everything that reads images into tensors or runs the network).
+The functions live in modules by what they load: ``data`` (synth, shard: no torch), ``store`` (mine: torch
+without the model code), ``launching`` (train's overrides and its ranks' launch: torch without the model code)
+and ``model`` (everything that reads images into tensors or runs the network).
 ``wildreid.api.<name>`` loads only the module of ``name``, so ``wildreid shard`` and ``wildreid synth`` start
 without torch (about 6 s less per command on 2 cores).
 """
@@ -35,12 +36,14 @@ __all__ = [
     "visualize",
 ]
 
-_HOMES = {
+_LIGHT = {
     "synth": "data",
     "shard": "data",
     "mine": "store",
-    **{name: "model" for name in __all__ if name not in ("synth", "shard", "mine")},
+    "launch_ranks": "launching",
+    "train_overrides": "launching",
 }
+_HOMES = {**{name: "model" for name in __all__}, **_LIGHT}
 
 
 def __getattr__(name: str):

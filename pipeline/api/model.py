@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from wildreid.api.common import Log, Progress, StopAsked, as_bytes, as_size, never, no_log, no_progress
+from wildreid.api.launching import train_overrides
 from wildreid.budget import default_budget
 from wildreid.checkpoint import load_model
 from wildreid.config import load_config
@@ -20,7 +21,6 @@ from wildreid.embedding import embed as embed_source
 from wildreid.evaluation import evaluate_groups, require_vehicle_ids, write_results
 from wildreid.exporting import export_checkpoint
 from wildreid.extract import extract_split
-from wildreid.launch import launch, without_option
 from wildreid.plots import cmc_curve, render_ranked_lists, training_curves
 from wildreid.retrieval import check_pictures, render_search
 from wildreid.retrieval import search as search_gallery
@@ -30,7 +30,7 @@ from wildreid.shards.reader import read_back, split_entry
 from wildreid.stores import FeatureStore, WriterLock, writable_group
 from wildreid.training import TrainOptions
 from wildreid.training import train as train_store
-from wildreid.world import check_world_size, join_world, leave_world
+from wildreid.world import join_world, leave_world
 
 __all__ = [
     "EVAL_SPLITS",
@@ -39,10 +39,8 @@ __all__ = [
     "evaluate",
     "export",
     "inspect",
-    "launch_ranks",
     "search",
     "train",
-    "train_overrides",
     "visualize",
 ]
 
@@ -60,30 +58,6 @@ def inspect(shards: str | Path, *, image_size: str | Sequence[int] = "256x128", 
     manifest = load_manifest(shards)
     size = as_size(image_size)
     return {split: read_back(shards, split, image_size=size, workers=workers) for split in manifest["splits"]}
-
-
-def train_overrides(
-    overrides: Sequence[str] = (),
-    *,
-    epochs: int | None = None,
-    checkpoint_every: int | None = None,
-    pretrained: str | None = None,
-    transductive: bool = False,
-    decode_on_device: bool = False,
-) -> list[str]:
-    """The config overrides that ``train``'s shortcut options stand for, after ``overrides``."""
-    extra = list(overrides)
-    if epochs is not None:
-        extra.append(f"train.epochs={epochs}")
-    if checkpoint_every is not None:
-        extra.append(f"train.checkpoint_every_steps={checkpoint_every}")
-    if pretrained is not None:
-        extra.append(f"model.pretrained={json.dumps(pretrained)}")
-    if transductive:
-        extra.append("train.transductive=true")
-    if decode_on_device:
-        extra.append("train.decode_on_device=true")
-    return extra
 
 
 def train(
@@ -151,15 +125,6 @@ def train(
     finally:
         leave_world(world)
     return report if world.main else None
-
-
-def launch_ranks(nproc_per_node: int, options: dict, argv: Sequence[str], log: Log) -> int:
-    """Start ``nproc_per_node`` ranks, each running ``train``'s command line ``argv`` without its
-    --nproc-per-node; ``options``: ``train``'s keyword arguments. Returns the exit code of the ranks."""
-    shortcuts = ("epochs", "checkpoint_every", "pretrained", "transductive", "decode_on_device")
-    overrides = train_overrides(options["overrides"], **{name: options[name] for name in shortcuts})
-    check_world_size(load_config(options["config"], overrides).train.batch_size, nproc_per_node)  # one line, not N
-    return launch(nproc_per_node, without_option(argv, "--nproc-per-node"), log)
 
 
 # --------------------------------------------------------------------------- evaluation
