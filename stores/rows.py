@@ -25,6 +25,7 @@ camera means read rows only through it.
 
 from __future__ import annotations
 
+import abc
 import os
 import sys
 import threading
@@ -43,20 +44,23 @@ _VERIFY_PIECE = 1 << 20  # bytes read at a time while checking a chunk's crc32c
 GATHER_WINDOW_BYTES = 256 << 10  # ids within this span of rows are fetched with one read
 
 
-class Rows:
+class Rows(abc.ABC):
     """Rows of features: ``count()``, ``dim()``, ``dtype`` and ``read(start, stop, out=None)`` (rows in
     ``dtype``) are what an implementation gives; ``read_rows`` (float32), ``gather`` and ``blocks`` follow."""
 
     dtype: np.dtype
 
+    @abc.abstractmethod
     def count(self) -> int:
-        raise NotImplementedError
+        """The number of rows."""
 
+    @abc.abstractmethod
     def dim(self) -> int:
-        raise NotImplementedError
+        """The length of a row."""
 
+    @abc.abstractmethod
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        raise NotImplementedError
+        """Rows [start, stop) in ``dtype``, into ``out`` when given."""
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32 (the distances of wildreid.distances are float32)."""

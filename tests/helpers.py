@@ -3,7 +3,6 @@ evaluation sets, and small references; test modules import from here, never from
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -101,21 +100,16 @@ def forked_cli(argv: list[str], env: dict, file_limit: int | None = None) -> sub
     signal handlers, exit code, file descriptors); only its pages are shared with the server, so tests that
     measure a process's memory from outside run plain subprocesses instead."""
     context = multiprocessing.get_context("forkserver")
+    # read when the server starts (the first call); later calls reuse that server
     context.set_forkserver_preload(["helpers", "wildreid.cli", "wildreid.api.model"])
-    folder = Path(env.get("TMPDIR", "/tmp"))
-    with tempfile_pair(folder) as (out, err):
+    with tempfile.TemporaryDirectory(prefix="wildreid-cli-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         child = context.Process(target=_run_cli, args=(argv, env, str(out), str(err), file_limit))
         child.start()
         child.join()
         return subprocess.CompletedProcess(
             [sys.executable, "-m", "wildreid.cli", *argv], child.exitcode, out.read_text(), err.read_text()
         )
-
-
-@contextlib.contextmanager
-def tempfile_pair(folder: Path):
-    with tempfile.TemporaryDirectory(dir=folder, prefix="wildreid-cli-") as tmp:
-        yield Path(tmp) / "stdout", Path(tmp) / "stderr"
 
 
 def _run_cli(argv: list[str], env: dict, out: str, err: str, file_limit: int | None) -> None:
